@@ -1,0 +1,327 @@
+//! The policy: what each request costs, who may do it, where it goes.
+//!
+//! Two layers, as in River and Pingora's own config: `raw` mirrors the TOML file
+//! and refuses unknown keys; `validate` turns it into a [`Policy`] that cannot be
+//! invalid — amounts in millicredits, patterns compiled, references resolved. The
+//! CLI's `check` runs exactly this validation. Nothing here does IO except reading
+//! the file in [`Policy::load`]; the environment is passed in as a function.
+
+mod raw;
+mod units;
+mod validate;
+
+use std::fmt;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use crate::ledger::Credits;
+
+pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
+
+/// One error in a policy file, located as `FILE:LINE:COL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+    }
+}
+
+/// Every error found in one policy file, in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// A validated policy.
+#[derive(Debug)]
+pub struct Policy {
+    pub gateway: GatewayConfig,
+    pub store: StoreConfig,
+    pub upstreams: Vec<Upstream>,
+    pub plans: Vec<Plan>,
+    pub operations: Vec<Operation>,
+    pub accounts: Vec<SeedAccount>,
+    /// Path pattern → operations sharing it, in file order.
+    routes: matchit::Router<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unmatched {
+    Deny,
+    /// Forward unmatched requests, free, to this upstream (an index into `upstreams`).
+    Allow { upstream: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub unmatched: Unmatched,
+    pub max_body_bytes: usize,
+    pub hold_ttl_ms: u64,
+    pub upgrade_url: Option<String>,
+    pub max_holds_per_account: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnUnavailable {
+    Reject,
+    Allow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    Memory,
+    Redis {
+        url: String,
+        cluster: bool,
+        on_unavailable: OnUnavailable,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub connect_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    pub monthly_credits: Credits,
+    pub features: Vec<String>,
+    pub quotas: Vec<(String, u64)>,
+    pub seats: u32,
+    pub signup_credits: Option<Credits>,
+}
+
+/// Where a request value comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An RFC 6901 JSON pointer into the request body.
+    Body(String),
+    Query(String),
+    Header(HeaderName),
+    Path(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Body(p) => write!(f, "body:{p}"),
+            Source::Query(n) => write!(f, "query:{n}"),
+            Source::Header(n) => write!(f, "header:{n}"),
+            Source::Path(n) => write!(f, "path:{n}"),
+        }
+    }
+}
+
+/// A `when` predicate: the value at `source` is one of `any_of` (compared as text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Predicate {
+    pub source: Source,
+    pub any_of: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Price {
+    Fixed(Credits),
+}
+
+/// What happens when the client leaves after the backend answered with a
+/// charging status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnClientAbort {
+    Settle,
+    Release,
+}
+
+/// Which upstream statuses settle the hold; everything else releases it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeRule {
+    /// Bit `n` set = status `n` settles. Statuses are 100..=599.
+    statuses: [u64; 10],
+    pub on_client_abort: OnClientAbort,
+}
+
+impl ChargeRule {
+    /// The default: every 2xx settles; the client leaving still settles, since the
+    /// backend did the work.
+    pub fn default_rule() -> Self {
+        let mut rule = ChargeRule {
+            statuses: [0; 10],
+            on_client_abort: OnClientAbort::Settle,
+        };
+        rule.add_range(200, 299);
+        rule
+    }
+
+    fn add_range(&mut self, from: u16, to: u16) {
+        for s in from..=to {
+            self.statuses[s as usize / 64] |= 1 << (s % 64);
+        }
+    }
+
+    pub fn charges(&self, status: u16) -> bool {
+        (100..=599).contains(&status) && self.statuses[status as usize / 64] & (1 << (status % 64)) != 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Operation {
+    pub name: String,
+    pub method: Option<Method>,
+    pub path: String,
+    pub when: Vec<Predicate>,
+    pub upstream: usize,
+    pub requires: Vec<String>,
+    pub quota: Option<String>,
+    pub price: Price,
+    pub charge: ChargeRule,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeedGrant {
+    pub kind: String,
+    pub credits: Credits,
+    pub expires_at_ms: Option<u64>,
+    pub priority: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeedKey {
+    pub member: String,
+    pub key_sha256: [u8; 32],
+}
+
+#[derive(Clone, Debug)]
+pub struct SeedAccount {
+    pub id: String,
+    pub plan: String,
+    pub billing_anchor_day: Option<u8>,
+    pub grants: Vec<SeedGrant>,
+    pub keys: Vec<SeedKey>,
+}
+
+/// What the gateway can tell the matcher about a request.
+pub trait RequestValues {
+    fn method(&self) -> &Method;
+    fn header(&self, name: &HeaderName) -> Option<&str>;
+    fn query(&self, name: &str) -> Option<String>;
+}
+
+/// A matched operation and the path parameters it captured.
+#[derive(Debug)]
+pub struct Matched<'p> {
+    pub index: usize,
+    pub operation: &'p Operation,
+    pub path_params: Vec<(String, String)>,
+}
+
+impl Policy {
+    /// Reads and validates a policy file; `${VAR}` references are read from the
+    /// process environment.
+    pub fn load(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            PolicyErrors(vec![PolicyError {
+                file: file.clone(),
+                line: 1,
+                col: 1,
+                message: format!("cannot read the policy file: {e}"),
+            }])
+        })?;
+        Policy::parse(&source, &file, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates policy text. `env` answers `${VAR}` and `key_env` look-ups.
+    pub fn parse(
+        source: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Policy, PolicyErrors> {
+        validate::validate(source, file, env)
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    /// Plans that have a feature, for `plan_required` errors.
+    pub fn plans_with_feature(&self, feature: &str) -> Vec<&str> {
+        self.plans
+            .iter()
+            .filter(|p| p.features.iter().any(|f| f == feature))
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+
+    /// Finds the operation for a request: the most specific path pattern wins,
+    /// then the first operation in file order whose method and `when` match.
+    pub fn match_request(&self, path: &str, request: &dyn RequestValues) -> Option<Matched<'_>> {
+        let found = self.routes.at(path).ok()?;
+        let path_params: Vec<(String, String)> = found
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let index = found.value.iter().copied().find(|&i| {
+            let op = &self.operations[i];
+            op.method.as_ref().is_none_or(|m| m == request.method())
+                && op
+                    .when
+                    .iter()
+                    .all(|p| predicate_holds(p, request, &path_params))
+        })?;
+        Some(Matched {
+            index,
+            operation: &self.operations[index],
+            path_params,
+        })
+    }
+}
+
+fn predicate_holds(
+    predicate: &Predicate,
+    request: &dyn RequestValues,
+    path_params: &[(String, String)],
+) -> bool {
+    let value = match &predicate.source {
+        Source::Header(name) => request.header(name).map(str::to_string),
+        Source::Query(name) => request.query(name),
+        Source::Path(name) => path_params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone()),
+        // Validation refuses body sources until bodies are read before matching.
+        Source::Body(_) => None,
+    };
+    value.is_some_and(|v| predicate.any_of.iter().any(|want| *want == v))
+}
+
+#[cfg(test)]
+mod tests;
