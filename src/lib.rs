@@ -10,3 +10,6 @@
 
 pub mod ledger;
 pub mod policy;
+pub mod store;
+pub mod gateway;
+pub mod demo;

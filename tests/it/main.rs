@@ -1,1 +1,6 @@
+//! One integration test binary (matklad: builds once, runs fast). Every test
+//! starts its own gateway on `127.0.0.1:0` in front of its own mock backend.
 
+mod cli;
+mod harness;
+mod proxy;

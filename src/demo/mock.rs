@@ -1,0 +1,226 @@
+//! A mock generation backend, steered per request by headers, for the demo and
+//! the end-to-end tests:
+//!
+//! - `x-mock-status: 503`: answer with this status (default 200);
+//! - `x-mock-delay-ms: 2000`: wait this long before answering;
+//! - `x-mock-body: TEXT`: answer with this body (default: a small JSON result);
+//! - `x-mock-fail: reset-before`: reset the connection without answering;
+//! - `x-mock-fail: reset-mid-body`: send the headers and half the body, then reset.
+//!
+//! It records every request it receives (method, path, headers, body), so tests
+//! can check what reached the backend. HTTP/1.1 with keep-alive; request bodies
+//! with Content-Length or chunked. Small and strict, not a general server.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Largest request head and body the mock accepts.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request as the backend received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct MockBackend {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl MockBackend {
+    /// Serves on `listener` until dropped.
+    pub fn start(listener: TcpListener) -> std::io::Result<MockBackend> {
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = watch::channel(false);
+        let log = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped.changed() => return,
+                };
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(serve_connection(stream, log.clone()));
+                }
+            }
+        });
+        Ok(MockBackend { addr, received, stop })
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for MockBackend {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, log: Arc<Mutex<Vec<Received>>>) {
+    let mut buffer = Vec::with_capacity(4096);
+    loop {
+        let Some(request) = read_request(&mut stream, &mut buffer).await else {
+            return;
+        };
+        if let Ok(mut log) = log.lock() {
+            log.push(request.clone());
+        }
+        if !respond(&mut stream, &request).await {
+            return;
+        }
+    }
+}
+
+/// Reads one request; `None` on EOF or anything malformed.
+async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Received> {
+    let head_len = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if buffer.len() > MAX_HEAD_BYTES || !fill(stream, buffer).await {
+            return None;
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    parsed.parse(&buffer[..head_len]).ok()?;
+    let method = parsed.method?.to_string();
+    let path = parsed.path?.to_string();
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .collect();
+    buffer.drain(..head_len);
+    let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let body = if find("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        read_chunked(stream, buffer).await?
+    } else {
+        let length: usize = find("content-length").map_or(Some(0), |v| v.trim().parse().ok())?;
+        if length > MAX_BODY_BYTES {
+            return None;
+        }
+        while buffer.len() < length {
+            if !fill(stream, buffer).await {
+                return None;
+            }
+        }
+        buffer.drain(..length).collect()
+    };
+    Some(Received { method, path, headers, body })
+}
+
+async fn read_chunked(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                break at;
+            }
+            if !fill(stream, buffer).await {
+                return None;
+            }
+        };
+        let size_text = std::str::from_utf8(&buffer[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        buffer.drain(..line_end + 2);
+        if body.len() + size > MAX_BODY_BYTES {
+            return None;
+        }
+        // The chunk, then its CRLF (for the last chunk: the CRLF ending the trailers).
+        while buffer.len() < size + 2 {
+            if !fill(stream, buffer).await {
+                return None;
+            }
+        }
+        body.extend(buffer.drain(..size));
+        buffer.drain(..2);
+        if size == 0 {
+            return Some(body);
+        }
+    }
+}
+
+async fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16 * 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buffer.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// Answers as the request's `x-mock-*` headers say; false when the connection is done.
+async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
+    if let Some(ms) = request.header("x-mock-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
+    }
+    let fail = request.header("x-mock-fail").unwrap_or("");
+    if fail == "reset-before" {
+        reset(stream);
+        return false;
+    }
+    let status: u16 = request
+        .header("x-mock-status")
+        .and_then(|v| v.parse().ok())
+        .filter(|s| (200..=599).contains(s))
+        .unwrap_or(200);
+    let body = match request.header("x-mock-body") {
+        Some(body) => body.to_string(),
+        None if status < 300 => format!(
+            "{{\"id\":\"gen_{:016x}\",\"status\":\"succeeded\",\"path\":{:?}}}",
+            rand::random::<u64>(),
+            request.path
+        ),
+        None => format!("{{\"error\":\"mock backend failure\",\"status\":{status}}}"),
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Status"),
+        body.len()
+    );
+    if fail == "reset-mid-body" {
+        let half = &body.as_bytes()[..body.len() / 2];
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(half).await;
+        let _ = stream.flush().await;
+        // Give the proxy a moment to read the partial body before the reset.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reset(stream);
+        return false;
+    }
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    stream.write_all(&out).await.is_ok()
+}
+
+/// Closes with RST instead of FIN.
+fn reset(stream: &mut TcpStream) {
+    let _ = stream.set_zero_linger();
+}

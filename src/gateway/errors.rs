@@ -1,0 +1,140 @@
+//! Errors the gateway writes itself: one enum, one JSON shape (§5).
+//!
+//! Bodies name the operation, amounts and plan of the caller's own account, never
+//! another account, a key, an internal address or a stack trace.
+
+use serde_json::{json, Map, Value};
+
+use crate::ledger::Credits;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiError {
+    MissingApiKey,
+    InvalidApiKey,
+    UnknownOperation,
+    PlanRequired {
+        operation: String,
+        feature: String,
+        plans: Vec<String>,
+    },
+    InsufficientCredits {
+        operation: String,
+        required: Credits,
+        available: Credits,
+        held: Credits,
+        plan: String,
+        upgrade_url: Option<String>,
+    },
+    TooManyHolds {
+        limit: usize,
+    },
+    StoreUnavailable,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey => 401,
+            ApiError::InsufficientCredits { .. } => 402,
+            ApiError::PlanRequired { .. } => 403,
+            ApiError::UnknownOperation => 404,
+            ApiError::TooManyHolds { .. } => 429,
+            ApiError::UpstreamUnavailable => 502,
+            ApiError::StoreUnavailable => 503,
+            ApiError::UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::MissingApiKey => "missing_api_key",
+            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::UnknownOperation => "unknown_operation",
+            ApiError::PlanRequired { .. } => "plan_required",
+            ApiError::InsufficientCredits { .. } => "insufficient_credits",
+            ApiError::TooManyHolds { .. } => "too_many_holds",
+            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::UpstreamUnavailable => "upstream_unavailable",
+            ApiError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::MissingApiKey => "Send your API key as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into(),
+            ApiError::InvalidApiKey => "The API key is not valid.".into(),
+            ApiError::UnknownOperation => "No operation matches this method and path.".into(),
+            ApiError::PlanRequired { operation, feature, plans } if plans.is_empty() => {
+                format!("{operation} needs the {feature} feature, which no plan includes.")
+            }
+            ApiError::PlanRequired { operation, feature, plans } => {
+                format!("{operation} needs the {feature} feature, included in: {}.", plans.join(", "))
+            }
+            ApiError::InsufficientCredits { operation, required, available, .. } => {
+                format!("{operation} needs {required} credits; {available} are available.")
+            }
+            ApiError::TooManyHolds { limit } => {
+                format!("This account already has {limit} requests in flight; retry when one finishes.")
+            }
+            ApiError::StoreUnavailable => "The credit store is unavailable; nothing was charged. Retry shortly.".into(),
+            ApiError::UpstreamUnavailable => "The backend could not be reached or failed; nothing was charged.".into(),
+            ApiError::UpstreamTimeout => "The backend did not answer in time; nothing was charged.".into(),
+        }
+    }
+
+    /// The JSON body, `{"error": {...}}`.
+    pub fn body(&self, request_id: &str) -> Value {
+        let mut error = Map::new();
+        error.insert("type".into(), json!(self.kind()));
+        error.insert("message".into(), json!(self.message()));
+        match self {
+            ApiError::PlanRequired { operation, feature, plans } => {
+                error.insert("operation".into(), json!(operation));
+                error.insert("feature".into(), json!(feature));
+                error.insert("plans".into(), json!(plans));
+            }
+            ApiError::InsufficientCredits { operation, required, available, held, plan, upgrade_url } => {
+                error.insert("operation".into(), json!(operation));
+                error.insert("required".into(), required.to_json());
+                error.insert("available".into(), available.to_json());
+                error.insert("held".into(), held.to_json());
+                error.insert("plan".into(), json!(plan));
+                error.insert("upgrade_url".into(), json!(upgrade_url));
+            }
+            ApiError::TooManyHolds { limit } => {
+                error.insert("limit".into(), json!(limit));
+            }
+            _ => {}
+        }
+        error.insert("request_id".into(), json!(request_id));
+        json!({ "error": error })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insufficient_credits_has_every_field() {
+        let e = ApiError::InsufficientCredits {
+            operation: "image.generate".into(),
+            required: "30".parse().unwrap(),
+            available: "12.5".parse().unwrap(),
+            held: "2".parse().unwrap(),
+            plan: "free".into(),
+            upgrade_url: Some("https://example.com/billing".into()),
+        };
+        assert_eq!(e.status(), 402);
+        let body = e.body("r1");
+        assert_eq!(
+            body,
+            json!({"error": {"type": "insufficient_credits",
+                "message": "image.generate needs 30 credits; 12.5 are available.",
+                "operation": "image.generate", "required": 30, "available": 12.5, "held": 2,
+                "plan": "free", "upgrade_url": "https://example.com/billing", "request_id": "r1"}})
+        );
+    }
+}

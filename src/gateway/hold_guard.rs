@@ -1,0 +1,71 @@
+//! `HoldGuard`: a hold that ends exactly once.
+//!
+//! The gateway ends holds in `logging`, which Pingora runs once per request — but
+//! not after a panic in a hook, nor for requests cut off at shutdown. The guard's
+//! `Drop` is the backstop: a hold nobody ended is released in a background task
+//! (and if even that cannot run, the store expires it after `hold_ttl`).
+
+use std::sync::Arc;
+
+use crate::ledger::{Credits, EndRejected};
+use crate::store::{EndOutcome, Store, StoreError};
+
+use super::now_ms;
+
+pub(super) struct HoldGuard {
+    store: Arc<dyn Store>,
+    account: String,
+    hold_id: u64,
+    amount: Credits,
+    ended: bool,
+}
+
+impl HoldGuard {
+    pub(super) fn new(store: Arc<dyn Store>, account: String, hold_id: u64, amount: Credits) -> Self {
+        HoldGuard { store, account, hold_id, amount, ended: false }
+    }
+
+    /// Charges the full hold.
+    pub(super) async fn settle(mut self, request_id: &str) {
+        self.ended = true;
+        let outcome = self.store.settle(&self.account, self.hold_id, self.amount, now_ms()).await;
+        self.report("settle", request_id, outcome);
+    }
+
+    /// Charges nothing; returns the available balance afterwards when known.
+    pub(super) async fn release(mut self, request_id: &str) -> Option<Credits> {
+        self.ended = true;
+        let outcome = self.store.release(&self.account, self.hold_id, now_ms()).await;
+        self.report("release", request_id, outcome);
+        self.store.totals(&self.account, now_ms()).await.ok().map(|t| t.available)
+    }
+
+    fn report(&self, what: &str, request_id: &str, outcome: Result<EndOutcome, StoreError>) {
+        match outcome {
+            Ok(Ok(ended)) => tracing::debug!(%request_id, hold = self.hold_id, charged = %ended.charged, "{what}"),
+            // The hold's TTL passed first: the store already released it.
+            Ok(Err(EndRejected::AlreadyEnded(how))) => {
+                tracing::warn!(%request_id, hold = self.hold_id, "{what}: hold had already ended ({how:?})")
+            }
+            Ok(Err(EndRejected::UnknownHold)) => tracing::error!(%request_id, hold = self.hold_id, "{what}: unknown hold"),
+            Err(e) => tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}"),
+        }
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let (store, account, hold_id) = (self.store.clone(), std::mem::take(&mut self.account), self.hold_id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = store.release(&account, hold_id, now_ms()).await;
+                });
+            }
+            Err(_) => tracing::error!(hold = hold_id, "hold dropped outside a runtime; it will expire after hold_ttl"),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The gateway: Pingora's `ProxyHttp`, reading as the request's story —
+//! authenticate, match, entitle, price, hold, forward, then settle or release.
+//!
+//! This module (with `main.rs`) is the only one that knows Pingora. It turns HTTP
+//! into the core's types and the core's outcomes back into HTTP; it never does
+//! ledger arithmetic itself.
+
+pub mod decision;
+pub mod errors;
+mod hold_guard;
+mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use sha2::{Digest, Sha256};
+
+use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
+use crate::policy::{Policy, Price, RequestValues, Unmatched};
+use crate::store::{Identity, Store, StoreError};
+use decision::{decide, Decision, Ended};
+use errors::ApiError;
+use hold_guard::HoldGuard;
+
+pub use server::{run_server, serve, spawn_sweeper, SWEEP_INTERVAL};
+
+const HEADER_OPERATION: &str = "x-credits-operation";
+const HEADER_HELD: &str = "x-credits-held";
+const HEADER_REMAINING: &str = "x-credits-remaining";
+
+/// The wall clock in Unix milliseconds; the only place the gateway reads time.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// The metering proxy. Cheap to share: everything is behind `Arc`.
+pub struct Gateway {
+    policy: Arc<Policy>,
+    store: Arc<dyn Store>,
+    /// One ready-made peer per upstream, in the policy's order.
+    peers: Vec<HttpPeer>,
+}
+
+impl Gateway {
+    /// Resolves every upstream once, so the hot path never does DNS.
+    pub fn new(policy: Arc<Policy>, store: Arc<dyn Store>) -> std::result::Result<Self, String> {
+        let mut peers = Vec::with_capacity(policy.upstreams.len());
+        for u in &policy.upstreams {
+            let address = std::net::ToSocketAddrs::to_socket_addrs(&(u.host.as_str(), u.port))
+                .map_err(|e| format!("upstream {}: cannot resolve {}:{}: {e}", u.name, u.host, u.port))?
+                .next()
+                .ok_or_else(|| format!("upstream {}: {} has no address", u.name, u.host))?;
+            let mut peer = HttpPeer::new(address, u.tls, u.host.clone());
+            peer.options.connection_timeout = Some(Duration::from_millis(u.connect_timeout_ms));
+            peer.options.read_timeout = Some(Duration::from_millis(u.read_timeout_ms));
+            peer.options.write_timeout = Some(Duration::from_millis(u.read_timeout_ms));
+            peers.push(peer);
+        }
+        Ok(Gateway { policy, store, peers })
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Creates the policy's seeded accounts (once) and registers their keys.
+    pub async fn seed_accounts(&self) -> std::result::Result<(), StoreError> {
+        for seed in &self.policy.accounts {
+            // Validation resolved every account's plan, so the look-up succeeds.
+            if let Some(plan) = self.policy.plan(&seed.plan) {
+                self.store.seed(seed, plan, now_ms()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one request carries between Pingora's phases.
+pub struct RequestCtx {
+    request_id: String,
+    identity: Option<Identity>,
+    /// Index of the matched operation; `None` for an unmatched pass-through.
+    operation: Option<usize>,
+    upstream: usize,
+    held: Credits,
+    remaining: Option<Credits>,
+    /// Ends the hold exactly once; releases it on drop if nothing else did.
+    hold: Option<HoldGuard>,
+    /// The upstream's status as sent to the client.
+    status: Option<u16>,
+    /// True once the gateway answered by itself (401, 402, ...).
+    answered: bool,
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// A view of the request for the policy's matcher.
+struct RequestView<'a>(&'a RequestHeader);
+
+impl RequestValues for RequestView<'_> {
+    fn method(&self) -> &Method {
+        &self.0.method
+    }
+
+    fn header(&self, name: &HeaderName) -> Option<&str> {
+        self.0.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn query(&self, name: &str) -> Option<String> {
+        let query = self.0.uri.query()?;
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// The key from `Authorization: Bearer KEY` or `x-api-key: KEY`.
+fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
+    if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
+        let auth = auth.as_bytes();
+        let scheme = b"bearer ";
+        if auth.len() > scheme.len() && auth[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            let key = auth[scheme.len()..].trim_ascii();
+            return (!key.is_empty()).then_some(key);
+        }
+    }
+    req.headers
+        .get("x-api-key")
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|k| !k.is_empty())
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    // Our own values are ids, amounts and policy names, all valid header text;
+    // an invalid one degrades to empty rather than failing the request.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+impl Gateway {
+    /// Writes one of the gateway's own JSON errors, with the credit headers.
+    async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx, error: ApiError) -> Result<()> {
+        ctx.answered = true;
+        let body = Bytes::from(error.body(&ctx.request_id).to_string());
+        let mut resp = ResponseHeader::build(error.status(), Some(6))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        self.add_credit_headers(&mut resp, ctx)?;
+        // The request body (if any) was not read; do not reuse the connection.
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    fn add_credit_headers(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+        resp.insert_header("x-request-id", header_value(&ctx.request_id))?;
+        if ctx.identity.is_none() {
+            return Ok(());
+        }
+        if let Some(op) = ctx.operation {
+            resp.insert_header(HEADER_OPERATION, header_value(&self.policy.operations[op].name))?;
+        }
+        resp.insert_header(HEADER_HELD, header_value(&ctx.held.to_string()))?;
+        if let Some(remaining) = ctx.remaining {
+            resp.insert_header(HEADER_REMAINING, header_value(&remaining.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Authenticate → match → entitle → price → hold. `Err(answer)` stops the request.
+    async fn admit(&self, req: &RequestHeader, ctx: &mut RequestCtx) -> std::result::Result<(), ApiError> {
+        let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
+        let key_sha256: [u8; 32] = Sha256::digest(key).into();
+        let identity = match self.store.identify(&key_sha256).await {
+            Ok(Some(identity)) => identity,
+            Ok(None) | Err(StoreError::UnknownAccount(_)) => return Err(ApiError::InvalidApiKey),
+            Err(StoreError::Unavailable(_)) => return Err(ApiError::StoreUnavailable),
+        };
+        let account = identity.account.clone();
+        let plan_name = identity.plan.clone();
+        ctx.identity = Some(identity);
+
+        let Some(matched) = self.policy.match_request(req.uri.path(), &RequestView(req)) else {
+            return match self.policy.gateway.unmatched {
+                Unmatched::Deny => Err(ApiError::UnknownOperation),
+                Unmatched::Allow { upstream } => {
+                    ctx.upstream = upstream;
+                    ctx.remaining = self.available(&account).await?;
+                    Ok(())
+                }
+            };
+        };
+        let op = matched.operation;
+        ctx.operation = Some(matched.index);
+        ctx.upstream = op.upstream;
+
+        let plan = self.policy.plan(&plan_name);
+        for feature in &op.requires {
+            if !plan.is_some_and(|p| p.features.contains(feature)) {
+                return Err(ApiError::PlanRequired {
+                    operation: op.name.clone(),
+                    feature: feature.clone(),
+                    plans: self.policy.plans_with_feature(feature).into_iter().map(String::from).collect(),
+                });
+            }
+        }
+
+        let Price::Fixed(price) = op.price;
+        if price.is_zero() {
+            ctx.remaining = self.available(&account).await?;
+            return Ok(());
+        }
+        let request = HoldRequest {
+            operation: op.name.clone(),
+            request_id: ctx.request_id.clone(),
+            amount: price,
+            ttl_ms: self.policy.gateway.hold_ttl_ms,
+            max_holds: self.policy.gateway.max_holds_per_account,
+        };
+        match self.store.hold(&account, &request, now_ms()).await {
+            Ok(Ok(placed)) => {
+                ctx.held = price;
+                ctx.remaining = Some(placed.available);
+                ctx.hold = Some(HoldGuard::new(self.store.clone(), account, placed.hold_id, price));
+                Ok(())
+            }
+            Ok(Err(HoldRejected::InsufficientCredits { required, available, held })) => {
+                ctx.remaining = Some(available);
+                Err(ApiError::InsufficientCredits {
+                    operation: op.name.clone(),
+                    required,
+                    available,
+                    held,
+                    plan: plan_name,
+                    upgrade_url: self.policy.gateway.upgrade_url.clone(),
+                })
+            }
+            Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
+            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+        }
+    }
+
+    async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
+        match self.store.totals(account, now_ms()).await {
+            Ok(totals) => Ok(Some(totals.available)),
+            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+        }
+    }
+
+    /// Ends the request's hold, if any, as the decision says. Runs at most once:
+    /// the guard is taken out of the context.
+    async fn end_hold(&self, ctx: &mut RequestCtx, ended: Ended) {
+        let Some(guard) = ctx.hold.take() else { return };
+        // Only matched operations hold, so an unmatched request has no guard.
+        let decision = match ctx.operation {
+            Some(op) => decide(&self.policy.operations[op].charge, ctx.status, ended),
+            None => Decision::Release,
+        };
+        match decision {
+            Decision::Settle => guard.settle(&ctx.request_id).await,
+            Decision::Release => {
+                ctx.held = Credits::ZERO;
+                if let Some(available) = guard.release(&ctx.request_id).await {
+                    ctx.remaining = Some(available);
+                }
+            }
+        }
+    }
+}
+
+/// Which side a Pingora error came from, for the decision.
+fn ended_by(error: Option<&Error>) -> Ended {
+    match error.map(|e| e.esource()) {
+        None => Ended::Complete,
+        Some(ErrorSource::Upstream) => Ended::UpstreamFailed,
+        Some(ErrorSource::Downstream) => Ended::ClientAborted,
+        Some(ErrorSource::Internal) | Some(ErrorSource::Unset) => Ended::GatewayFailed,
+    }
+}
+
+fn is_timeout(error: &Error) -> bool {
+    matches!(
+        error.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+/// Headers a client must not be able to send to the backend: its own key, and
+/// anything that pretends to come from the gateway.
+const STRIPPED_REQUEST_HEADERS: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "x-creditgate-account",
+    "x-creditgate-plan",
+    "x-creditgate-features",
+    "x-request-id",
+];
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: new_request_id(),
+            identity: None,
+            operation: None,
+            upstream: 0,
+            held: Credits::ZERO,
+            remaining: None,
+            hold: None,
+            status: None,
+            answered: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.admit(session.req_header(), ctx).await {
+            Ok(()) => Ok(false),
+            Err(error) => {
+                self.answer(session, ctx, error).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        // `admit` set a valid index: the policy resolved every upstream reference.
+        match self.peers.get(ctx.upstream) {
+            Some(peer) => Ok(Box::new(peer.clone())),
+            None => Error::e_explain(ErrorType::InternalError, "no upstream for this operation"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        for name in STRIPPED_REQUEST_HEADERS {
+            upstream_request.remove_header(name);
+        }
+        for (name, value) in &self.policy.upstreams[ctx.upstream].set_headers {
+            upstream_request.insert_header(name.clone(), value.clone())?;
+        }
+        upstream_request.insert_header("x-request-id", header_value(&ctx.request_id))?;
+        if let Some(identity) = &ctx.identity {
+            let features = self
+                .policy
+                .plan(&identity.plan)
+                .map(|p| p.features.join(","))
+                .unwrap_or_default();
+            upstream_request.insert_header("x-creditgate-account", header_value(&identity.account))?;
+            upstream_request.insert_header("x-creditgate-plan", header_value(&identity.plan))?;
+            upstream_request.insert_header("x-creditgate-features", header_value(&features))?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.status = Some(status);
+        // A status that does not charge releases whatever happens next, so release
+        // now: the credits return sooner and the headers report the true balance.
+        let charges = ctx
+            .operation
+            .is_some_and(|op| self.policy.operations[op].charge.charges(status));
+        if !charges && ctx.hold.is_some() {
+            self.end_hold(ctx, Ended::Complete).await;
+        }
+        self.add_credit_headers(upstream_response, ctx)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let error_code = match e.esource() {
+            // Nothing reached the client yet: answer in JSON, after releasing so the
+            // remaining balance we report is true.
+            ErrorSource::Upstream if ctx.status.is_none() && !ctx.answered => {
+                self.end_hold(ctx, Ended::UpstreamFailed).await;
+                let error = if is_timeout(e) { ApiError::UpstreamTimeout } else { ApiError::UpstreamUnavailable };
+                let code = error.status();
+                if let Err(write_error) = self.answer(session, ctx, error).await {
+                    tracing::debug!(request_id = %ctx.request_id, "could not write the error response: {write_error}");
+                }
+                code
+            }
+            _ => 0,
+        };
+        FailToProxy { error_code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.end_hold(ctx, ended_by(e)).await;
+        if let Some(e) = e {
+            tracing::info!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Starting the gateway: under Pingora's `Server` (`creditgate run`), or on a
+//! listener the caller already bound (tests and the demo bind `127.0.0.1:0`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::{now_ms, Gateway};
+use crate::store::Store;
+
+/// How often expired holds are swept. Holds are also expired lazily on access.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn sweep_until(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                match store.sweep(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "released holds past their TTL"),
+                    Err(e) => tracing::warn!("hold sweep failed: {e}"),
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Runs the expired-hold sweep in the background until `shutdown` turns true.
+pub fn spawn_sweeper(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(sweep_until(store, shutdown))
+}
+
+struct Sweeper(Arc<dyn Store>);
+
+#[async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        sweep_until(self.0.clone(), shutdown).await
+    }
+}
+
+fn server_conf() -> ServerConf {
+    ServerConf {
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        // Let in-flight generations finish (and end their holds) on SIGTERM.
+        grace_period_seconds: Some(30),
+        graceful_shutdown_timeout_seconds: Some(30),
+        ..ServerConf::default()
+    }
+}
+
+/// Serves the gateway on an already-bound listener until `shutdown` turns true.
+/// Each connection runs the same Pingora HTTP proxy app as `run_server`.
+pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
+    let store = gateway.store().clone();
+    let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(server_conf()), gateway));
+    let sweeper = spawn_sweeper(store, shutdown.clone());
+    let mut stop = shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut stream: pingora::protocols::Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+            while let Some(reused) = app.process_new(stream, &shutdown).await {
+                stream = reused;
+            }
+        });
+    }
+    sweeper.abort();
+}
+
+/// Runs the gateway under Pingora's server (signals, graceful shutdown) on the
+/// policy's `listen` address. Never returns.
+pub fn run_server(gateway: Gateway) -> ! {
+    let listen = gateway.policy().gateway.listen.clone();
+    let store = gateway.store().clone();
+    let mut server = Server::new_with_opt_and_conf(None, server_conf());
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    proxy.add_tcp(&listen);
+    server.add_service(proxy);
+    server.add_service(background_service("hold sweeper", Sweeper(store)));
+    tracing::info!(%listen, "creditgate is listening");
+    server.run_forever()
+}

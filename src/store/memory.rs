@@ -1,0 +1,120 @@
+//! The memory store: accounts in a `DashMap`, one process, lost on restart.
+//!
+//! Every transition locks one account's shard entry, applies the ledger core and
+//! unlocks — no guard is ever held across an `.await` (the methods never await).
+//! Expired holds are released lazily on every access (the core applies time
+//! first) and by [`Store::sweep`], which the gateway runs in the background.
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{EndOutcome, HoldOutcome, Identity, Store, StoreError};
+use crate::ledger::{default_priority, Account, Credits, HoldRequest, Millis, Totals};
+use crate::policy::{Plan, SeedAccount};
+
+#[derive(Clone, Debug)]
+struct KeyEntry {
+    account: String,
+    member: String,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    accounts: DashMap<String, Account>,
+    keys: DashMap<[u8; 32], KeyEntry>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks the §1 invariant of every account; for tests and debugging.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.accounts.iter().try_for_each(|a| a.check_invariant())
+    }
+
+    fn with_account<T>(&self, account: &str, apply: impl FnOnce(&mut Account) -> T) -> Result<T, StoreError> {
+        let mut entry = self
+            .accounts
+            .get_mut(account)
+            .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+        Ok(apply(entry.value_mut()))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn identify(&self, key_sha256: &[u8; 32]) -> Result<Option<Identity>, StoreError> {
+        let Some(key) = self.keys.get(key_sha256).map(|k| k.value().clone()) else {
+            return Ok(None);
+        };
+        let plan = self.with_account(&key.account, |a| a.plan.clone())?;
+        Ok(Some(Identity {
+            account: key.account,
+            member: key.member,
+            plan,
+        }))
+    }
+
+    async fn hold(&self, account: &str, request: &HoldRequest, now_ms: Millis) -> Result<HoldOutcome, StoreError> {
+        self.with_account(account, |a| a.hold(request, now_ms))
+    }
+
+    async fn settle(&self, account: &str, hold_id: u64, charge: Credits, now_ms: Millis) -> Result<EndOutcome, StoreError> {
+        self.with_account(account, |a| a.settle(hold_id, charge, now_ms))
+    }
+
+    async fn release(&self, account: &str, hold_id: u64, now_ms: Millis) -> Result<EndOutcome, StoreError> {
+        self.with_account(account, |a| a.release(hold_id, now_ms))
+    }
+
+    async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError> {
+        self.with_account(account, |a| {
+            a.tick(now_ms);
+            a.totals()
+        })
+    }
+
+    async fn seed(&self, seed: &SeedAccount, plan: &Plan, now_ms: Millis) -> Result<bool, StoreError> {
+        let mut created = false;
+        self.accounts.entry(seed.id.clone()).or_insert_with(|| {
+            created = true;
+            seeded_account(seed, plan, now_ms)
+        });
+        for key in &seed.keys {
+            self.keys.insert(
+                key.key_sha256,
+                KeyEntry {
+                    account: seed.id.clone(),
+                    member: key.member.clone(),
+                },
+            );
+        }
+        Ok(created)
+    }
+
+    async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for mut account in self.accounts.iter_mut() {
+            ended += account.tick(now_ms).len();
+        }
+        Ok(ended)
+    }
+}
+
+/// A new account as the policy seeds it: plan allowance, signup bonus, listed grants.
+/// Grants that would overflow are skipped; validation bounds amounts far below that.
+pub fn seeded_account(seed: &SeedAccount, plan: &Plan, now_ms: Millis) -> Account {
+    let mut account = Account::new(seed.id.clone(), seed.plan.clone());
+    if !plan.monthly_credits.is_zero() {
+        let _ = account.grant("plan", plan.monthly_credits, default_priority("plan"), None, now_ms);
+    }
+    if let Some(signup) = plan.signup_credits {
+        let _ = account.grant("bonus", signup, default_priority("bonus"), None, now_ms);
+    }
+    for g in &seed.grants {
+        let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
+    }
+    account
+}

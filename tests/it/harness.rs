@@ -1,0 +1,236 @@
+//! Starts a real gateway (the same Pingora app `creditgate run` serves) and a
+//! real mock backend, both on `127.0.0.1:0`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use creditgate::demo::mock::MockBackend;
+use creditgate::gateway::{now_ms, serve, Gateway};
+use creditgate::ledger::{Credits, Totals};
+use creditgate::policy::Policy;
+use creditgate::store::memory::MemoryStore;
+use creditgate::store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub const ALICE_KEY: &str = "sk-alice-0123456789";
+pub const PRO_KEY: &str = "sk-pro-0123456789";
+pub const BACKEND_SECRET: &str = "Bearer backend-secret";
+
+/// The test policy; `{CREDITS}` is alice's top-up, `{READ_TIMEOUT}` the main upstream's.
+pub const POLICY: &str = r#"
+version = 1
+
+[gateway]
+upgrade_url = "https://example.com/billing"
+hold_ttl = "10m"
+
+[upstreams.main]
+url = "${BACKEND_URL}"
+connect_timeout = "1s"
+read_timeout = "{READ_TIMEOUT}"
+set_headers = { authorization = "Bearer backend-secret" }
+
+[upstreams.refused]
+url = "${REFUSED_URL}"
+connect_timeout = "1s"
+
+[upstreams.full]
+url = "${FULL_URL}"
+connect_timeout = "300ms"
+
+[plans.free]
+monthly_credits = 0
+features = []
+
+[plans.pro]
+monthly_credits = 100
+features = ["premium"]
+
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+
+[[operations]]
+name = "chat.edit"
+method = "POST"
+path = "/v1/sites/{site}/edits"
+upstream = "main"
+price = 0.5
+
+[[operations]]
+name = "models.list"
+method = "GET"
+path = "/v1/models"
+upstream = "main"
+price = 0
+
+[[operations]]
+name = "image.premium"
+method = "POST"
+path = "/v1/images/premium"
+upstream = "main"
+requires = ["premium"]
+price = 20
+
+[[operations]]
+name = "refused.op"
+path = "/v1/refused"
+upstream = "refused"
+price = 1
+
+[[operations]]
+name = "full.op"
+path = "/v1/full"
+upstream = "full"
+price = 1
+
+[[operations]]
+name = "lenient.op"
+path = "/v1/lenient"
+upstream = "main"
+price = 1
+charge = { on = ["2xx", 404] }
+
+[[accounts]]
+id = "alice"
+plan = "free"
+grants = [ { kind = "topup", credits = "{CREDITS}" } ]
+keys = [ { member = "alice", key_env = "ALICE_KEY" } ]
+
+[[accounts]]
+id = "prox"
+plan = "pro"
+keys = [ { member = "p", key_env = "PRO_KEY" } ]
+"#;
+
+pub struct TestGateway {
+    pub url: String,
+    pub backend: MockBackend,
+    pub store: Arc<MemoryStore>,
+    pub client: reqwest::Client,
+    stop: watch::Sender<bool>,
+    /// Keeps the "full" upstream's listener and its queued connections alive.
+    _full: (tokio::net::TcpListener, Vec<tokio::net::TcpStream>),
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A port nobody listens on: bound, then closed.
+async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A listener whose accept queue is full, so new connections time out: the
+/// kernel drops SYNs to a listener with a full backlog.
+async fn full_listener() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    (listener, queued)
+}
+
+pub async fn start(credits: &str) -> TestGateway {
+    start_with(credits, "2s").await
+}
+
+pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
+    let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+    let full = full_listener().await;
+    let backend_url = format!("http://{}", backend.addr);
+    let refused_url = format!("http://{}", refused_addr().await);
+    let full_url = format!("http://{}", full.0.local_addr().unwrap());
+    let env = move |name: &str| match name {
+        "BACKEND_URL" => Some(backend_url.clone()),
+        "REFUSED_URL" => Some(refused_url.clone()),
+        "FULL_URL" => Some(full_url.clone()),
+        "ALICE_KEY" => Some(ALICE_KEY.to_string()),
+        "PRO_KEY" => Some(PRO_KEY.to_string()),
+        _ => None,
+    };
+    let text = POLICY.replace("{CREDITS}", credits).replace("{READ_TIMEOUT}", read_timeout);
+    let policy = Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+    let store = Arc::new(MemoryStore::new());
+    let gateway = Gateway::new(Arc::new(policy), store.clone()).unwrap();
+    gateway.seed_accounts().await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(serve(listener, gateway, shutdown));
+    TestGateway {
+        url,
+        backend,
+        store,
+        client: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+        stop,
+        _full: full,
+    }
+}
+
+impl TestGateway {
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.url)).bearer_auth(ALICE_KEY)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.url)).bearer_auth(ALICE_KEY)
+    }
+
+    pub async fn totals(&self, account: &str) -> Totals {
+        self.store.totals(account, now_ms()).await.unwrap()
+    }
+
+    /// Waits until no hold of `account` is open (holds end in `logging`, after
+    /// the client has its response), then checks the invariant of every account.
+    pub async fn settled(&self, account: &str) -> Totals {
+        let store = self.store.clone();
+        let id = account.to_string();
+        eventually(move || {
+            let store = store.clone();
+            let id = id.clone();
+            async move { store.totals(&id, now_ms()).await.unwrap().held.is_zero() }
+        })
+        .await;
+        self.store.check_invariants().unwrap();
+        self.totals(account).await
+    }
+}
+
+/// Polls `condition` until it holds; fails the test after 10 s.
+pub async fn eventually<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn credits(text: &str) -> Credits {
+    text.parse().unwrap()
+}
+
+pub fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("<missing>")
+}
