@@ -8,8 +8,8 @@
 //! - [`gateway`]: the Pingora proxy — the only module besides `main.rs` that knows Pingora.
 //! - [`demo`]: the built-in mock generation backend used by `creditgate demo` and the tests.
 
+pub mod demo;
+pub mod gateway;
 pub mod ledger;
 pub mod policy;
 pub mod store;
-pub mod gateway;
-pub mod demo;

@@ -11,7 +11,11 @@ use creditgate::policy::{format_duration, Policy, Price, StoreConfig};
 use creditgate::store::memory::MemoryStore;
 
 #[derive(Parser)]
-#[command(name = "creditgate", version, about = "A credit-metering reverse proxy for AI generation APIs")]
+#[command(
+    name = "creditgate",
+    version,
+    about = "A credit-metering reverse proxy for AI generation APIs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,13 +35,19 @@ enum Command {
     },
     /// Start the gateway, a mock generation backend and a demo account on the memory store.
     Demo,
+    /// Serve only the built-in mock generation backend (for docker-compose and load tests).
+    MockBackend {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+    },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
         Command::Check { policy } => check(&policy),
         Command::Run { policy } => run(&policy),
         Command::Demo => demo(),
+        Command::MockBackend { listen } => mock_backend(&listen),
     }
 }
 
@@ -77,9 +88,23 @@ fn check(path: &std::path::Path) -> ExitCode {
         } else {
             format!("  requires {}", op.requires.join(", "))
         };
-        let when: Vec<String> = op.when.iter().map(|p| format!("{} in [{}]", p.source, p.any_of.join("|"))).collect();
-        let when = if when.is_empty() { String::new() } else { format!("  when {}", when.join(", ")) };
-        println!("  {:<24} {:<6} {:<36} {:>10} credits{requires}{when}", op.name, method, op.path, price.to_string());
+        let when: Vec<String> = op
+            .when
+            .iter()
+            .map(|p| format!("{} in [{}]", p.source, p.any_of.join("|")))
+            .collect();
+        let when = if when.is_empty() {
+            String::new()
+        } else {
+            format!("  when {}", when.join(", "))
+        };
+        println!(
+            "  {:<24} {:<6} {:<36} {:>10} credits{requires}{when}",
+            op.name,
+            method,
+            op.path,
+            price.to_string()
+        );
     }
     ExitCode::SUCCESS
 }
@@ -90,7 +115,10 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     if policy.store != StoreConfig::Memory {
-        eprintln!("{}: the redis store is not available in this version; use kind = \"memory\"", path.display());
+        eprintln!(
+            "{}: the redis store is not available in this version; use kind = \"memory\"",
+            path.display()
+        );
         return ExitCode::FAILURE;
     }
     let gateway = match Gateway::new(Arc::new(policy), Arc::new(MemoryStore::new())) {
@@ -104,7 +132,10 @@ fn run(path: &std::path::Path) -> ExitCode {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
-        .and_then(|rt| rt.block_on(gateway.seed_accounts()).map_err(|e| e.to_string()));
+        .and_then(|rt| {
+            rt.block_on(gateway.seed_accounts())
+                .map_err(|e| e.to_string())
+        });
     if let Err(e) = seeded {
         eprintln!("cannot seed accounts: {e}");
         return ExitCode::FAILURE;
@@ -112,19 +143,33 @@ fn run(path: &std::path::Path) -> ExitCode {
     run_server(gateway)
 }
 
-fn demo() -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(creditgate::demo::run()) {
+/// Runs `task` on a multi-threaded runtime; prints its error and fails if it fails.
+fn block_on(what: &str, task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(task));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo: {e}");
+            eprintln!("{what}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn demo() -> ExitCode {
+    block_on("demo", creditgate::demo::run())
+}
+
+fn mock_backend(listen: &str) -> ExitCode {
+    block_on("mock-backend", async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot bind {listen}: {e}"))?;
+        let backend =
+            creditgate::demo::mock::MockBackend::start(listener).map_err(|e| e.to_string())?;
+        println!("mock backend listening on http://{}", backend.addr);
+        let _ = tokio::signal::ctrl_c().await;
+        Ok(())
+    })
 }

@@ -65,7 +65,11 @@ impl MockBackend {
                 }
             }
         });
-        Ok(MockBackend { addr, received, stop })
+        Ok(MockBackend {
+            addr,
+            received,
+            stop,
+        })
     }
 
     /// Every request received so far.
@@ -113,10 +117,20 @@ async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Re
     let headers: Vec<(String, String)> = parsed
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
     buffer.drain(..head_len);
-    let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     let body = if find("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
         read_chunked(stream, buffer).await?
     } else {
@@ -131,7 +145,12 @@ async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Re
         }
         buffer.drain(..length).collect()
     };
-    Some(Received { method, path, headers, body })
+    Some(Received {
+        method,
+        path,
+        headers,
+        body,
+    })
 }
 
 async fn read_chunked(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
@@ -178,7 +197,10 @@ async fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
 
 /// Answers as the request's `x-mock-*` headers say; false when the connection is done.
 async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
-    if let Some(ms) = request.header("x-mock-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = request
+        .header("x-mock-delay-ms")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
     }
     let fail = request.header("x-mock-fail").unwrap_or("");
@@ -202,7 +224,10 @@ async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
     };
     let head = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Status"),
+        http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Status"),
         body.len()
     );
     if fail == "reset-mid-body" {

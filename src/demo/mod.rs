@@ -23,7 +23,9 @@ async fn bind(preferred: &str) -> std::io::Result<TcpListener> {
 }
 
 pub async fn run() -> Result<(), String> {
-    let backend_listener = bind("127.0.0.1:9090").await.map_err(|e| format!("cannot bind the mock backend: {e}"))?;
+    let backend_listener = bind("127.0.0.1:9090")
+        .await
+        .map_err(|e| format!("cannot bind the mock backend: {e}"))?;
     let backend = mock::MockBackend::start(backend_listener).map_err(|e| e.to_string())?;
     let key = format!("cg_demo_{:032x}", rand::random::<u128>());
     let backend_url = format!("http://{}", backend.addr);
@@ -32,10 +34,13 @@ pub async fn run() -> Result<(), String> {
         "DEMO_KEY" => Some(key.clone()),
         _ => None,
     };
-    let policy = Policy::parse(DEMO_POLICY, "policies/demo.toml", &env).map_err(|e| e.to_string())?;
+    let policy =
+        Policy::parse(DEMO_POLICY, "policies/demo.toml", &env).map_err(|e| e.to_string())?;
     let gateway = Gateway::new(Arc::new(policy), Arc::new(MemoryStore::new()))?;
     gateway.seed_accounts().await.map_err(|e| e.to_string())?;
-    let listener = bind("127.0.0.1:8080").await.map_err(|e| format!("cannot bind the gateway: {e}"))?;
+    let listener = bind("127.0.0.1:8080")
+        .await
+        .map_err(|e| format!("cannot bind the gateway: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(serve(listener, gateway, shutdown));

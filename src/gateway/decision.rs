@@ -62,7 +62,11 @@ mod tests {
                 } else {
                     Decision::Release
                 };
-                assert_eq!(decide(&rule, Some(status), ended), expected, "{status} {ended:?}");
+                assert_eq!(
+                    decide(&rule, Some(status), ended),
+                    expected,
+                    "{status} {ended:?}"
+                );
             }
         }
     }
@@ -70,7 +74,10 @@ mod tests {
     #[test]
     fn no_response_always_releases() {
         for ended in ALL_ENDINGS {
-            assert_eq!(decide(&ChargeRule::default_rule(), None, ended), Decision::Release);
+            assert_eq!(
+                decide(&ChargeRule::default_rule(), None, ended),
+                Decision::Release
+            );
         }
     }
 }

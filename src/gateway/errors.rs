@@ -63,24 +63,50 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::MissingApiKey => "Send your API key as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into(),
+            ApiError::MissingApiKey => {
+                "Send your API key as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
+            }
             ApiError::InvalidApiKey => "The API key is not valid.".into(),
             ApiError::UnknownOperation => "No operation matches this method and path.".into(),
-            ApiError::PlanRequired { operation, feature, plans } if plans.is_empty() => {
+            ApiError::PlanRequired {
+                operation,
+                feature,
+                plans,
+            } if plans.is_empty() => {
                 format!("{operation} needs the {feature} feature, which no plan includes.")
             }
-            ApiError::PlanRequired { operation, feature, plans } => {
-                format!("{operation} needs the {feature} feature, included in: {}.", plans.join(", "))
+            ApiError::PlanRequired {
+                operation,
+                feature,
+                plans,
+            } => {
+                format!(
+                    "{operation} needs the {feature} feature, included in: {}.",
+                    plans.join(", ")
+                )
             }
-            ApiError::InsufficientCredits { operation, required, available, .. } => {
+            ApiError::InsufficientCredits {
+                operation,
+                required,
+                available,
+                ..
+            } => {
                 format!("{operation} needs {required} credits; {available} are available.")
             }
             ApiError::TooManyHolds { limit } => {
-                format!("This account already has {limit} requests in flight; retry when one finishes.")
+                format!(
+                    "This account already has {limit} requests in flight; retry when one finishes."
+                )
             }
-            ApiError::StoreUnavailable => "The credit store is unavailable; nothing was charged. Retry shortly.".into(),
-            ApiError::UpstreamUnavailable => "The backend could not be reached or failed; nothing was charged.".into(),
-            ApiError::UpstreamTimeout => "The backend did not answer in time; nothing was charged.".into(),
+            ApiError::StoreUnavailable => {
+                "The credit store is unavailable; nothing was charged. Retry shortly.".into()
+            }
+            ApiError::UpstreamUnavailable => {
+                "The backend could not be reached or failed; nothing was charged.".into()
+            }
+            ApiError::UpstreamTimeout => {
+                "The backend did not answer in time; nothing was charged.".into()
+            }
         }
     }
 
@@ -90,12 +116,23 @@ impl ApiError {
         error.insert("type".into(), json!(self.kind()));
         error.insert("message".into(), json!(self.message()));
         match self {
-            ApiError::PlanRequired { operation, feature, plans } => {
+            ApiError::PlanRequired {
+                operation,
+                feature,
+                plans,
+            } => {
                 error.insert("operation".into(), json!(operation));
                 error.insert("feature".into(), json!(feature));
                 error.insert("plans".into(), json!(plans));
             }
-            ApiError::InsufficientCredits { operation, required, available, held, plan, upgrade_url } => {
+            ApiError::InsufficientCredits {
+                operation,
+                required,
+                available,
+                held,
+                plan,
+                upgrade_url,
+            } => {
                 error.insert("operation".into(), json!(operation));
                 error.insert("required".into(), required.to_json());
                 error.insert("available".into(), available.to_json());

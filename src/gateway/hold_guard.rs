@@ -21,34 +21,61 @@ pub(super) struct HoldGuard {
 }
 
 impl HoldGuard {
-    pub(super) fn new(store: Arc<dyn Store>, account: String, hold_id: u64, amount: Credits) -> Self {
-        HoldGuard { store, account, hold_id, amount, ended: false }
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        account: String,
+        hold_id: u64,
+        amount: Credits,
+    ) -> Self {
+        HoldGuard {
+            store,
+            account,
+            hold_id,
+            amount,
+            ended: false,
+        }
     }
 
     /// Charges the full hold.
     pub(super) async fn settle(mut self, request_id: &str) {
         self.ended = true;
-        let outcome = self.store.settle(&self.account, self.hold_id, self.amount, now_ms()).await;
+        let outcome = self
+            .store
+            .settle(&self.account, self.hold_id, self.amount, now_ms())
+            .await;
         self.report("settle", request_id, outcome);
     }
 
     /// Charges nothing; returns the available balance afterwards when known.
     pub(super) async fn release(mut self, request_id: &str) -> Option<Credits> {
         self.ended = true;
-        let outcome = self.store.release(&self.account, self.hold_id, now_ms()).await;
+        let outcome = self
+            .store
+            .release(&self.account, self.hold_id, now_ms())
+            .await;
         self.report("release", request_id, outcome);
-        self.store.totals(&self.account, now_ms()).await.ok().map(|t| t.available)
+        self.store
+            .totals(&self.account, now_ms())
+            .await
+            .ok()
+            .map(|t| t.available)
     }
 
     fn report(&self, what: &str, request_id: &str, outcome: Result<EndOutcome, StoreError>) {
         match outcome {
-            Ok(Ok(ended)) => tracing::debug!(%request_id, hold = self.hold_id, charged = %ended.charged, "{what}"),
+            Ok(Ok(ended)) => {
+                tracing::debug!(%request_id, hold = self.hold_id, charged = %ended.charged, "{what}")
+            }
             // The hold's TTL passed first: the store already released it.
             Ok(Err(EndRejected::AlreadyEnded(how))) => {
                 tracing::warn!(%request_id, hold = self.hold_id, "{what}: hold had already ended ({how:?})")
             }
-            Ok(Err(EndRejected::UnknownHold)) => tracing::error!(%request_id, hold = self.hold_id, "{what}: unknown hold"),
-            Err(e) => tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}"),
+            Ok(Err(EndRejected::UnknownHold)) => {
+                tracing::error!(%request_id, hold = self.hold_id, "{what}: unknown hold")
+            }
+            Err(e) => {
+                tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}")
+            }
         }
     }
 }
@@ -58,14 +85,117 @@ impl Drop for HoldGuard {
         if self.ended {
             return;
         }
-        let (store, account, hold_id) = (self.store.clone(), std::mem::take(&mut self.account), self.hold_id);
+        let (store, account, hold_id) = (
+            self.store.clone(),
+            std::mem::take(&mut self.account),
+            self.hold_id,
+        );
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     let _ = store.release(&account, hold_id, now_ms()).await;
                 });
             }
-            Err(_) => tracing::error!(hold = hold_id, "hold dropped outside a runtime; it will expire after hold_ttl"),
+            Err(_) => tracing::error!(
+                hold = hold_id,
+                "hold dropped outside a runtime; it will expire after hold_ttl"
+            ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::HoldRequest;
+    use crate::policy::{Plan, SeedAccount, SeedGrant};
+    use crate::store::memory::MemoryStore;
+
+    async fn store_with_hold() -> (Arc<dyn Store>, u64) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let plan = Plan {
+            name: "p".into(),
+            monthly_credits: Credits::ZERO,
+            features: vec![],
+            quotas: vec![],
+            seats: 1,
+            signup_credits: None,
+        };
+        let grant = SeedGrant {
+            kind: "topup".into(),
+            credits: Credits::from_whole(10).unwrap(),
+            expires_at_ms: None,
+            priority: 30,
+        };
+        let seed = SeedAccount {
+            id: "a".into(),
+            plan: "p".into(),
+            billing_anchor_day: None,
+            grants: vec![grant],
+            keys: vec![],
+        };
+        store.seed(&seed, &plan, now_ms()).await.unwrap();
+        let request = HoldRequest {
+            operation: "op".into(),
+            request_id: "r".into(),
+            amount: Credits::from_whole(4).unwrap(),
+            ttl_ms: 600_000,
+            max_holds: 8,
+        };
+        let placed = store.hold("a", &request, now_ms()).await.unwrap().unwrap();
+        (store, placed.hold_id)
+    }
+
+    /// A request that ends where `logging` never runs (a panic in a hook, a
+    /// shutdown cut-off) drops its context: the guard must release the hold.
+    #[tokio::test]
+    async fn a_dropped_guard_releases_its_hold() {
+        let (store, hold_id) = store_with_hold().await;
+        assert_eq!(
+            store.totals("a", now_ms()).await.unwrap().held,
+            Credits::from_whole(4).unwrap()
+        );
+        drop(HoldGuard::new(
+            store.clone(),
+            "a".into(),
+            hold_id,
+            Credits::from_whole(4).unwrap(),
+        ));
+        for _ in 0..1_000 {
+            if store.totals("a", now_ms()).await.unwrap().held.is_zero() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let totals = store.totals("a", now_ms()).await.unwrap();
+        assert_eq!(
+            (totals.held, totals.charged, totals.available),
+            (
+                Credits::ZERO,
+                Credits::ZERO,
+                Credits::from_whole(10).unwrap()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_guard_does_not_release_again() {
+        let (store, hold_id) = store_with_hold().await;
+        HoldGuard::new(
+            store.clone(),
+            "a".into(),
+            hold_id,
+            Credits::from_whole(4).unwrap(),
+        )
+        .settle("r")
+        .await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let totals = store.totals("a", now_ms()).await.unwrap();
+        assert_eq!(
+            (totals.held, totals.charged),
+            (Credits::ZERO, Credits::from_whole(4).unwrap())
+        );
     }
 }

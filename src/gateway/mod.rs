@@ -56,7 +56,12 @@ impl Gateway {
         let mut peers = Vec::with_capacity(policy.upstreams.len());
         for u in &policy.upstreams {
             let address = std::net::ToSocketAddrs::to_socket_addrs(&(u.host.as_str(), u.port))
-                .map_err(|e| format!("upstream {}: cannot resolve {}:{}: {e}", u.name, u.host, u.port))?
+                .map_err(|e| {
+                    format!(
+                        "upstream {}: cannot resolve {}:{}: {e}",
+                        u.name, u.host, u.port
+                    )
+                })?
                 .next()
                 .ok_or_else(|| format!("upstream {}: {} has no address", u.name, u.host))?;
             let mut peer = HttpPeer::new(address, u.tls, u.host.clone());
@@ -65,7 +70,11 @@ impl Gateway {
             peer.options.write_timeout = Some(Duration::from_millis(u.read_timeout_ms));
             peers.push(peer);
         }
-        Ok(Gateway { policy, store, peers })
+        Ok(Gateway {
+            policy,
+            store,
+            peers,
+        })
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -153,7 +162,12 @@ fn header_value(text: &str) -> HeaderValue {
 
 impl Gateway {
     /// Writes one of the gateway's own JSON errors, with the credit headers.
-    async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx, error: ApiError) -> Result<()> {
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        error: ApiError,
+    ) -> Result<()> {
         ctx.answered = true;
         let body = Bytes::from(error.body(&ctx.request_id).to_string());
         let mut resp = ResponseHeader::build(error.status(), Some(6))?;
@@ -172,7 +186,10 @@ impl Gateway {
             return Ok(());
         }
         if let Some(op) = ctx.operation {
-            resp.insert_header(HEADER_OPERATION, header_value(&self.policy.operations[op].name))?;
+            resp.insert_header(
+                HEADER_OPERATION,
+                header_value(&self.policy.operations[op].name),
+            )?;
         }
         resp.insert_header(HEADER_HELD, header_value(&ctx.held.to_string()))?;
         if let Some(remaining) = ctx.remaining {
@@ -182,7 +199,11 @@ impl Gateway {
     }
 
     /// Authenticate → match → entitle → price → hold. `Err(answer)` stops the request.
-    async fn admit(&self, req: &RequestHeader, ctx: &mut RequestCtx) -> std::result::Result<(), ApiError> {
+    async fn admit(
+        &self,
+        req: &RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), ApiError> {
         let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
         let key_sha256: [u8; 32] = Sha256::digest(key).into();
         let identity = match self.store.identify(&key_sha256).await {
@@ -214,7 +235,12 @@ impl Gateway {
                 return Err(ApiError::PlanRequired {
                     operation: op.name.clone(),
                     feature: feature.clone(),
-                    plans: self.policy.plans_with_feature(feature).into_iter().map(String::from).collect(),
+                    plans: self
+                        .policy
+                        .plans_with_feature(feature)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
                 });
             }
         }
@@ -235,10 +261,19 @@ impl Gateway {
             Ok(Ok(placed)) => {
                 ctx.held = price;
                 ctx.remaining = Some(placed.available);
-                ctx.hold = Some(HoldGuard::new(self.store.clone(), account, placed.hold_id, price));
+                ctx.hold = Some(HoldGuard::new(
+                    self.store.clone(),
+                    account,
+                    placed.hold_id,
+                    price,
+                ));
                 Ok(())
             }
-            Ok(Err(HoldRejected::InsufficientCredits { required, available, held })) => {
+            Ok(Err(HoldRejected::InsufficientCredits {
+                required,
+                available,
+                held,
+            })) => {
                 ctx.remaining = Some(available);
                 Err(ApiError::InsufficientCredits {
                     operation: op.name.clone(),
@@ -340,7 +375,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         // `admit` set a valid index: the policy resolved every upstream reference.
         match self.peers.get(ctx.upstream) {
             Some(peer) => Ok(Box::new(peer.clone())),
@@ -367,7 +406,8 @@ impl ProxyHttp for Gateway {
                 .plan(&identity.plan)
                 .map(|p| p.features.join(","))
                 .unwrap_or_default();
-            upstream_request.insert_header("x-creditgate-account", header_value(&identity.account))?;
+            upstream_request
+                .insert_header("x-creditgate-account", header_value(&identity.account))?;
             upstream_request.insert_header("x-creditgate-plan", header_value(&identity.plan))?;
             upstream_request.insert_header("x-creditgate-features", header_value(&features))?;
         }
@@ -393,13 +433,22 @@ impl ProxyHttp for Gateway {
         self.add_credit_headers(upstream_response, ctx)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let error_code = match e.esource() {
             // Nothing reached the client yet: answer in JSON, after releasing so the
             // remaining balance we report is true.
             ErrorSource::Upstream if ctx.status.is_none() && !ctx.answered => {
                 self.end_hold(ctx, Ended::UpstreamFailed).await;
-                let error = if is_timeout(e) { ApiError::UpstreamTimeout } else { ApiError::UpstreamUnavailable };
+                let error = if is_timeout(e) {
+                    ApiError::UpstreamTimeout
+                } else {
+                    ApiError::UpstreamUnavailable
+                };
                 let code = error.status();
                 if let Err(write_error) = self.answer(session, ctx, error).await {
                     tracing::debug!(request_id = %ctx.request_id, "could not write the error response: {write_error}");
@@ -408,7 +457,10 @@ impl ProxyHttp for Gateway {
             }
             _ => 0,
         };
-        FailToProxy { error_code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -35,7 +35,10 @@ async fn sweep_until(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>)
 }
 
 /// Runs the expired-hold sweep in the background until `shutdown` turns true.
-pub fn spawn_sweeper(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sweeper(
+    store: Arc<dyn Store>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(sweep_until(store, shutdown))
 }
 
@@ -62,7 +65,10 @@ fn server_conf() -> ServerConf {
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
     let store = gateway.store().clone();
-    let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(server_conf()), gateway));
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &Arc::new(server_conf()),
+        gateway,
+    ));
     let sweeper = spawn_sweeper(store, shutdown.clone());
     let mut stop = shutdown.clone();
     loop {
@@ -75,7 +81,8 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Rec
         let app = app.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut stream: pingora::protocols::Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+            let mut stream: pingora::protocols::Stream =
+                Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
             while let Some(reused) = app.process_new(stream, &shutdown).await {
                 stream = reused;
             }

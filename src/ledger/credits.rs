@@ -135,7 +135,10 @@ mod tests {
 
     #[test]
     fn refuses_bad_amounts() {
-        assert_eq!("0.0005".parse::<Credits>(), Err(ParseCreditsError::TooPrecise));
+        assert_eq!(
+            "0.0005".parse::<Credits>(),
+            Err(ParseCreditsError::TooPrecise)
+        );
         assert_eq!("-1".parse::<Credits>(), Err(ParseCreditsError::Negative));
         assert_eq!("1e3".parse::<Credits>(), Err(ParseCreditsError::NotDecimal));
         assert_eq!("".parse::<Credits>(), Err(ParseCreditsError::NotDecimal));

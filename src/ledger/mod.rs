@@ -49,7 +49,11 @@ pub struct Grant {
 impl Grant {
     /// Spend order: lower priority first, then earliest expiry (none = last), then oldest.
     fn spend_key(&self) -> (u32, Millis, u64) {
-        (self.priority, self.expires_at_ms.unwrap_or(Millis::MAX), self.id)
+        (
+            self.priority,
+            self.expires_at_ms.unwrap_or(Millis::MAX),
+            self.id,
+        )
     }
 }
 
@@ -251,10 +255,7 @@ impl Account {
         for grant in &mut self.grants {
             if !grant.expired && grant.expires_at_ms.is_some_and(|at| at <= now_ms) {
                 grant.expired = true;
-                self.expired = self
-                    .expired
-                    .checked_add(grant.left)
-                    .unwrap_or(self.expired);
+                self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);
                 grant.left = Credits::ZERO;
             }
         }

@@ -26,12 +26,21 @@ fn spends_bonus_before_plan_before_topup() {
     assert_eq!(
         hold.draws,
         vec![
-            Draw { grant_id: bonus, amount: c("10") },
-            Draw { grant_id: plan, amount: c("5") },
+            Draw {
+                grant_id: bonus,
+                amount: c("10")
+            },
+            Draw {
+                grant_id: plan,
+                amount: c("5")
+            },
         ]
     );
     assert_eq!(placed.available, c("15"));
-    assert!(a.grants().iter().any(|g| g.id == topup && g.left == c("10")));
+    assert!(a
+        .grants()
+        .iter()
+        .any(|g| g.id == topup && g.left == c("10")));
 }
 
 #[test]
@@ -65,12 +74,21 @@ fn a_hold_ends_exactly_once() {
     a.grant("plan", c("10"), 20, None, 0).unwrap();
     let h = a.hold(&request("3"), 0).unwrap().hold_id;
     a.settle(h, c("3"), 1).unwrap();
-    assert_eq!(a.settle(h, c("3"), 2), Err(EndRejected::AlreadyEnded(Ending::Settled)));
-    assert_eq!(a.release(h, 2), Err(EndRejected::AlreadyEnded(Ending::Settled)));
+    assert_eq!(
+        a.settle(h, c("3"), 2),
+        Err(EndRejected::AlreadyEnded(Ending::Settled))
+    );
+    assert_eq!(
+        a.release(h, 2),
+        Err(EndRejected::AlreadyEnded(Ending::Settled))
+    );
     assert_eq!(a.totals().charged, c("3"));
     let h = a.hold(&request("3"), 3).unwrap().hold_id;
     a.release(h, 4).unwrap();
-    assert_eq!(a.settle(h, c("3"), 5), Err(EndRejected::AlreadyEnded(Ending::Released)));
+    assert_eq!(
+        a.settle(h, c("3"), 5),
+        Err(EndRejected::AlreadyEnded(Ending::Released))
+    );
     assert_eq!(a.release(999, 5), Err(EndRejected::UnknownHold));
     assert_eq!(a.available(), c("7"));
 }
@@ -111,7 +129,10 @@ fn hold_past_ttl_expires_and_cannot_be_settled() {
     let expired = a.tick(1_000);
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].1.ending, Ending::Expired);
-    assert_eq!(a.settle(h, c("4"), 1_001), Err(EndRejected::AlreadyEnded(Ending::Expired)));
+    assert_eq!(
+        a.settle(h, c("4"), 1_001),
+        Err(EndRejected::AlreadyEnded(Ending::Expired))
+    );
     assert_eq!(a.available(), c("10"));
 }
 
@@ -144,17 +165,36 @@ fn refuses_grants_that_would_overflow() {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Grant { kind: u8, milli: u64, expires_in: Option<u64> },
-    Hold { milli: u64, ttl: u64 },
-    Settle { nth: usize, milli: u64 },
-    Release { nth: usize },
-    Advance { ms: u64 },
+    Grant {
+        kind: u8,
+        milli: u64,
+        expires_in: Option<u64>,
+    },
+    Hold {
+        milli: u64,
+        ttl: u64,
+    },
+    Settle {
+        nth: usize,
+        milli: u64,
+    },
+    Release {
+        nth: usize,
+    },
+    Advance {
+        ms: u64,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        (0u8..3, 0u64..20_000, proptest::option::of(0u64..5_000))
-            .prop_map(|(kind, milli, expires_in)| Step::Grant { kind, milli, expires_in }),
+        (0u8..3, 0u64..20_000, proptest::option::of(0u64..5_000)).prop_map(
+            |(kind, milli, expires_in)| Step::Grant {
+                kind,
+                milli,
+                expires_in
+            }
+        ),
         (0u64..15_000, 1u64..4_000).prop_map(|(milli, ttl)| Step::Hold { milli, ttl }),
         (0usize..8, 0u64..20_000).prop_map(|(nth, milli)| Step::Settle { nth, milli }),
         (0usize..8).prop_map(|nth| Step::Release { nth }),

@@ -29,7 +29,11 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
     }
 }
 
@@ -68,7 +72,9 @@ pub struct Policy {
 pub enum Unmatched {
     Deny,
     /// Forward unmatched requests, free, to this upstream (an index into `upstreams`).
-    Allow { upstream: usize },
+    Allow {
+        upstream: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -187,7 +193,8 @@ impl ChargeRule {
     }
 
     pub fn charges(&self, status: u16) -> bool {
-        (100..=599).contains(&status) && self.statuses[status as usize / 64] & (1 << (status % 64)) != 0
+        (100..=599).contains(&status)
+            && self.statuses[status as usize / 64] & (1 << (status % 64)) != 0
     }
 }
 

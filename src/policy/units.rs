@@ -16,7 +16,11 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("duration {text:?} has an unknown unit {unit:?}: use ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "duration {text:?} has an unknown unit {unit:?}: use ms, s, m, h or d"
+            ))
+        }
     };
     number
         .checked_mul(scale)
@@ -25,7 +29,12 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
 
 /// Formats milliseconds the way a policy would write them.
 pub fn format_duration(ms: u64) -> String {
-    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms >= scale && ms % scale == 0 {
             return format!("{}{unit}", ms / scale);
         }
@@ -36,7 +45,9 @@ pub fn format_duration(ms: u64) -> String {
 /// Parses `"512"`, `"64KiB"`, `"8MiB"`, `"1GiB"` (and `KB`/`MB`/`GB` as powers of ten).
 pub fn parse_size_bytes(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -49,7 +60,11 @@ pub fn parse_size_bytes(text: &str) -> Result<usize, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("size {text:?} has an unknown unit: use B, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "size {text:?} has an unknown unit: use B, KiB, MiB or GiB"
+            ))
+        }
     };
     number
         .checked_mul(scale)

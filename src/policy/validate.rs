@@ -106,7 +106,10 @@ impl Validator<'_> {
             other => {
                 self.error(
                     span,
-                    format!("{what} must be a number of credits, not a {}", other.type_str()),
+                    format!(
+                        "{what} must be a number of credits, not a {}",
+                        other.type_str()
+                    ),
                 );
                 return None;
             }
@@ -117,7 +120,9 @@ impl Validator<'_> {
     }
 
     fn duration_ms(&mut self, value: &Option<Spanned<String>>, default_ms: u64, what: &str) -> u64 {
-        let Some(value) = value else { return default_ms };
+        let Some(value) = value else {
+            return default_ms;
+        };
         match parse_duration_ms(value.get_ref()) {
             Ok(0) => {
                 self.error(value.span(), format!("{what} must be longer than 0"));
@@ -133,14 +138,23 @@ impl Validator<'_> {
 
     fn policy(&mut self, raw: RawPolicy) -> Option<Policy> {
         if *raw.version.get_ref() != 1 {
-            self.error(raw.version.span(), "unsupported policy version: only `version = 1` exists");
+            self.error(
+                raw.version.span(),
+                "unsupported policy version: only `version = 1` exists",
+            );
         }
         let upstreams = self.upstreams(&raw.upstreams);
         let plans = self.plans(&raw.plans);
         let gateway = self.gateway(&raw.gateway, &upstreams);
         let store = self.store(&raw.store);
-        let features: HashSet<&str> = plans.iter().flat_map(|p| p.features.iter().map(String::as_str)).collect();
-        let quotas: HashSet<&str> = plans.iter().flat_map(|p| p.quotas.iter().map(|(q, _)| q.as_str())).collect();
+        let features: HashSet<&str> = plans
+            .iter()
+            .flat_map(|p| p.features.iter().map(String::as_str))
+            .collect();
+        let quotas: HashSet<&str> = plans
+            .iter()
+            .flat_map(|p| p.quotas.iter().map(|(q, _)| q.as_str()))
+            .collect();
         let default_upstream = raw
             .gateway
             .default_upstream
@@ -150,9 +164,18 @@ impl Validator<'_> {
         let mut names = HashSet::new();
         for op in &raw.operations {
             if !names.insert(op.get_ref().name.get_ref().clone()) {
-                self.error(op.get_ref().name.span(), format!("duplicate operation name {:?}", op.get_ref().name.get_ref()));
+                self.error(
+                    op.get_ref().name.span(),
+                    format!("duplicate operation name {:?}", op.get_ref().name.get_ref()),
+                );
             }
-            if let Some(op) = self.operation(op.get_ref(), &upstreams, default_upstream, &features, &quotas) {
+            if let Some(op) = self.operation(
+                op.get_ref(),
+                &upstreams,
+                default_upstream,
+                &features,
+                &quotas,
+            ) {
                 operations.push(op);
             }
         }
@@ -181,12 +204,22 @@ impl Validator<'_> {
         let upstream_index = |name: &Spanned<String>, v: &mut Self| {
             let found = upstreams.iter().position(|u| u.name == *name.get_ref());
             if found.is_none() {
-                v.error(name.span(), format!("unknown upstream {:?}", name.get_ref()));
+                v.error(
+                    name.span(),
+                    format!("unknown upstream {:?}", name.get_ref()),
+                );
             }
             found
         };
-        let default_upstream = raw.default_upstream.as_ref().and_then(|n| upstream_index(n, self));
-        let unmatched = match raw.unmatched.as_ref().map(|u| (u.get_ref().as_str(), u.span())) {
+        let default_upstream = raw
+            .default_upstream
+            .as_ref()
+            .and_then(|n| upstream_index(n, self));
+        let unmatched = match raw
+            .unmatched
+            .as_ref()
+            .map(|u| (u.get_ref().as_str(), u.span()))
+        {
             None | Some(("deny", _)) => Unmatched::Deny,
             Some(("allow", span)) => match default_upstream {
                 Some(upstream) => Unmatched::Allow { upstream },
@@ -196,7 +229,10 @@ impl Validator<'_> {
                 }
             },
             Some((other, span)) => {
-                self.error(span, format!("unmatched must be \"deny\" or \"allow\", not {other:?}"));
+                self.error(
+                    span,
+                    format!("unmatched must be \"deny\" or \"allow\", not {other:?}"),
+                );
                 Unmatched::Deny
             }
         };
@@ -211,7 +247,10 @@ impl Validator<'_> {
             None => DEFAULT_MAX_HOLDS_PER_ACCOUNT,
             Some(n) if (1..=1_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
             Some(n) => {
-                self.error(n.span(), "max_holds_per_account must be between 1 and 1000000");
+                self.error(
+                    n.span(),
+                    "max_holds_per_account must be between 1 and 1000000",
+                );
                 DEFAULT_MAX_HOLDS_PER_ACCOUNT
             }
         };
@@ -250,11 +289,20 @@ impl Validator<'_> {
                         String::new()
                     }
                 };
-                let on_unavailable = match raw.on_unavailable.as_ref().map(|o| (o.get_ref().as_str(), o.span())) {
+                let on_unavailable = match raw
+                    .on_unavailable
+                    .as_ref()
+                    .map(|o| (o.get_ref().as_str(), o.span()))
+                {
                     None | Some(("reject", _)) => OnUnavailable::Reject,
                     Some(("allow", _)) => OnUnavailable::Allow,
                     Some((other, span)) => {
-                        self.error(span, format!("on_unavailable must be \"reject\" or \"allow\", not {other:?}"));
+                        self.error(
+                            span,
+                            format!(
+                                "on_unavailable must be \"reject\" or \"allow\", not {other:?}"
+                            ),
+                        );
                         OnUnavailable::Reject
                     }
                 };
@@ -265,7 +313,10 @@ impl Validator<'_> {
                 }
             }
             Some((other, span)) => {
-                self.error(span, format!("store kind must be \"memory\" or \"redis\", not {other:?}"));
+                self.error(
+                    span,
+                    format!("store kind must be \"memory\" or \"redis\", not {other:?}"),
+                );
                 StoreConfig::Memory
             }
         }
@@ -286,10 +337,19 @@ impl Validator<'_> {
             let mut set_headers = Vec::new();
             for (header, value) in &upstream.set_headers {
                 let value_text = self.expand(value);
-                match (HeaderName::try_from(header.as_str()), HeaderValue::try_from(value_text)) {
+                match (
+                    HeaderName::try_from(header.as_str()),
+                    HeaderValue::try_from(value_text),
+                ) {
                     (Ok(h), Ok(v)) => set_headers.push((h, v)),
-                    (Err(_), _) => self.error(value.span(), format!("{header:?} is not a valid header name")),
-                    (_, Err(_)) => self.error(value.span(), format!("the value of {header} is not a valid header value")),
+                    (Err(_), _) => self.error(
+                        value.span(),
+                        format!("{header:?} is not a valid header name"),
+                    ),
+                    (_, Err(_)) => self.error(
+                        value.span(),
+                        format!("the value of {header} is not a valid header value"),
+                    ),
                 }
             }
             let _ = span;
@@ -298,8 +358,16 @@ impl Validator<'_> {
                 host,
                 port,
                 tls,
-                connect_timeout_ms: self.duration_ms(&upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT_MS, "connect_timeout"),
-                read_timeout_ms: self.duration_ms(&upstream.read_timeout, DEFAULT_READ_TIMEOUT_MS, "read_timeout"),
+                connect_timeout_ms: self.duration_ms(
+                    &upstream.connect_timeout,
+                    DEFAULT_CONNECT_TIMEOUT_MS,
+                    "connect_timeout",
+                ),
+                read_timeout_ms: self.duration_ms(
+                    &upstream.read_timeout,
+                    DEFAULT_READ_TIMEOUT_MS,
+                    "read_timeout",
+                ),
                 set_headers,
             });
         }
@@ -310,21 +378,31 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (name, plan) in raw {
             let plan = plan.get_ref();
-            let monthly_credits = self.amount(&plan.monthly_credits, "monthly_credits").unwrap_or_default();
-            let signup_credits = plan.signup_credits.as_ref().and_then(|s| self.amount(s, "signup_credits"));
+            let monthly_credits = self
+                .amount(&plan.monthly_credits, "monthly_credits")
+                .unwrap_or_default();
+            let signup_credits = plan
+                .signup_credits
+                .as_ref()
+                .and_then(|s| self.amount(s, "signup_credits"));
             let mut quotas = Vec::new();
             for (quota, count) in &plan.quotas {
                 match u64::try_from(*count.get_ref()) {
                     Ok(n) => quotas.push((quota.clone(), n)),
-                    Err(_) => self.error(count.span(), format!("quota {quota} must not be negative")),
+                    Err(_) => {
+                        self.error(count.span(), format!("quota {quota} must not be negative"))
+                    }
                 }
             }
             let seats = match &plan.seats {
                 None => 1,
-                Some(s) => u32::try_from(*s.get_ref()).ok().filter(|n| *n >= 1).unwrap_or_else(|| {
-                    self.error(s.span(), "seats must be at least 1");
-                    1
-                }),
+                Some(s) => u32::try_from(*s.get_ref())
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .unwrap_or_else(|| {
+                        self.error(s.span(), "seats must be at least 1");
+                        1
+                    }),
             };
             out.push(Plan {
                 name: name.clone(),
@@ -348,14 +426,23 @@ impl Validator<'_> {
     ) -> Option<Operation> {
         let name = raw.name.get_ref().clone();
         if name.is_empty() || name.contains(char::is_whitespace) {
-            self.error(raw.name.span(), "operation names must be non-empty and have no spaces");
+            self.error(
+                raw.name.span(),
+                "operation names must be non-empty and have no spaces",
+            );
         }
         let method = match &raw.method {
             None => None,
             Some(m) => match Method::from_bytes(m.get_ref().as_bytes()) {
                 Ok(method) if m.get_ref().chars().all(|c| c.is_ascii_uppercase()) => Some(method),
                 _ => {
-                    self.error(m.span(), format!("{:?} is not an HTTP method (write it in capitals, like \"POST\")", m.get_ref()));
+                    self.error(
+                        m.span(),
+                        format!(
+                            "{:?} is not an HTTP method (write it in capitals, like \"POST\")",
+                            m.get_ref()
+                        ),
+                    );
                     None
                 }
             },
@@ -370,19 +457,30 @@ impl Validator<'_> {
             }
             None => {
                 if default_upstream.is_none() {
-                    self.error(raw.name.span(), format!("operation {name} has no upstream and there is no default_upstream"));
+                    self.error(
+                        raw.name.span(),
+                        format!(
+                            "operation {name} has no upstream and there is no default_upstream"
+                        ),
+                    );
                 }
                 default_upstream
             }
         };
         for feature in &raw.requires {
             if !features.contains(feature.get_ref().as_str()) {
-                self.error(feature.span(), format!("unknown feature {:?}: no plan has it", feature.get_ref()));
+                self.error(
+                    feature.span(),
+                    format!("unknown feature {:?}: no plan has it", feature.get_ref()),
+                );
             }
         }
         if let Some(quota) = &raw.quota {
             if !quotas.contains(quota.get_ref().as_str()) {
-                self.error(quota.span(), format!("unknown quota {:?}: no plan has it", quota.get_ref()));
+                self.error(
+                    quota.span(),
+                    format!("unknown quota {:?}: no plan has it", quota.get_ref()),
+                );
             }
         }
         let mut when = Vec::new();
@@ -399,7 +497,10 @@ impl Validator<'_> {
             _ => self.amount(&raw.price, "price").map(Price::Fixed),
         };
         if let Some(settle) = &raw.settle {
-            self.error(settle.span(), "[operations.settle] (charging actual usage) is not supported yet");
+            self.error(
+                settle.span(),
+                "[operations.settle] (charging actual usage) is not supported yet",
+            );
         }
         let charge = self.charge(raw.charge.as_ref());
         Some(Operation {
@@ -424,7 +525,10 @@ impl Validator<'_> {
             }
         };
         if let Source::Body(_) = source {
-            self.error(value.span(), "`when` on body values is not supported yet: use path, query or header");
+            self.error(
+                value.span(),
+                "`when` on body values is not supported yet: use path, query or header",
+            );
             return None;
         }
         let values: Vec<&Value> = match value.get_ref() {
@@ -438,7 +542,13 @@ impl Validator<'_> {
                 Value::Integer(i) => any_of.push(i.to_string()),
                 Value::Boolean(b) => any_of.push(b.to_string()),
                 other => {
-                    self.error(value.span(), format!("`when` values must be strings, integers or booleans, not a {}", other.type_str()));
+                    self.error(
+                        value.span(),
+                        format!(
+                            "`when` values must be strings, integers or booleans, not a {}",
+                            other.type_str()
+                        ),
+                    );
                     return None;
                 }
             }
@@ -482,7 +592,10 @@ impl Validator<'_> {
                 };
                 match status_range(&text) {
                     Some((from, to)) => rule.add_range(from, to),
-                    None => self.error(item.span(), format!("{text:?} is not a status class (\"2xx\") or code (100..599)")),
+                    None => self.error(
+                        item.span(),
+                        format!("{text:?} is not a status class (\"2xx\") or code (100..599)"),
+                    ),
                 }
             }
         }
@@ -491,7 +604,10 @@ impl Validator<'_> {
                 "settle" => OnClientAbort::Settle,
                 "release" => OnClientAbort::Release,
                 other => {
-                    self.error(abort.span(), format!("on_client_abort must be \"settle\" or \"release\", not {other:?}"));
+                    self.error(
+                        abort.span(),
+                        format!("on_client_abort must be \"settle\" or \"release\", not {other:?}"),
+                    );
                     OnClientAbort::Settle
                 }
             };
@@ -500,7 +616,11 @@ impl Validator<'_> {
     }
 
     /// Compiles path patterns; operations sharing a pattern share a route, in file order.
-    fn routes(&mut self, raw: &[Spanned<RawOperation>], ops: &[Operation]) -> matchit::Router<Vec<usize>> {
+    fn routes(
+        &mut self,
+        raw: &[Spanned<RawOperation>],
+        ops: &[Operation],
+    ) -> matchit::Router<Vec<usize>> {
         let mut by_pattern: Vec<(String, Range<usize>, Vec<usize>)> = Vec::new();
         // `ops` lines up with `raw` only when every operation validated.
         if ops.len() != raw.len() {
@@ -533,17 +653,30 @@ impl Validator<'_> {
         for account in raw {
             let account = account.get_ref();
             let id = account.id.get_ref().clone();
-            if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                self.error(account.id.span(), "account ids are 1 to 128 letters, digits, '-', '_' or '.'");
+            if id.is_empty()
+                || id.len() > 128
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                self.error(
+                    account.id.span(),
+                    "account ids are 1 to 128 letters, digits, '-', '_' or '.'",
+                );
             }
             if !ids.insert(id.clone()) {
                 self.error(account.id.span(), format!("duplicate account {id:?}"));
             }
             if !plans.iter().any(|p| p.name == *account.plan.get_ref()) {
-                self.error(account.plan.span(), format!("unknown plan {:?}", account.plan.get_ref()));
+                self.error(
+                    account.plan.span(),
+                    format!("unknown plan {:?}", account.plan.get_ref()),
+                );
             }
             let billing_anchor_day = account.billing_anchor_day.as_ref().and_then(|d| {
-                let day = u8::try_from(*d.get_ref()).ok().filter(|d| (1..=31).contains(d));
+                let day = u8::try_from(*d.get_ref())
+                    .ok()
+                    .filter(|d| (1..=31).contains(d));
                 if day.is_none() {
                     self.error(d.span(), "billing_anchor_day must be between 1 and 31");
                 }
@@ -557,23 +690,38 @@ impl Validator<'_> {
                     self.error(g.kind.span(), "grant kind must not be empty");
                 }
                 let credits = self.amount(&g.credits, "credits").unwrap_or_default();
-                let expires_at_ms = g.expires_at.as_ref().and_then(|at| {
-                    match chrono::DateTime::parse_from_rfc3339(at.get_ref()) {
-                        Ok(t) if t.timestamp_millis() >= 0 => Some(t.timestamp_millis() as u64),
-                        _ => {
-                            self.error(at.span(), format!("{:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z", at.get_ref()));
-                            None
-                        }
-                    }
-                });
+                let expires_at_ms =
+                    g.expires_at.as_ref().and_then(
+                        |at| match chrono::DateTime::parse_from_rfc3339(at.get_ref()) {
+                            Ok(t) if t.timestamp_millis() >= 0 => Some(t.timestamp_millis() as u64),
+                            _ => {
+                                self.error(
+                                    at.span(),
+                                    format!(
+                                        "{:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z",
+                                        at.get_ref()
+                                    ),
+                                );
+                                None
+                            }
+                        },
+                    );
                 let priority = match &g.priority {
                     None => default_priority(&kind),
-                    Some(p) => u32::try_from(*p.get_ref()).ok().filter(|p| *p <= 1_000).unwrap_or_else(|| {
-                        self.error(p.span(), "priority must be between 0 and 1000");
-                        0
-                    }),
+                    Some(p) => u32::try_from(*p.get_ref())
+                        .ok()
+                        .filter(|p| *p <= 1_000)
+                        .unwrap_or_else(|| {
+                            self.error(p.span(), "priority must be between 0 and 1000");
+                            0
+                        }),
                 };
-                grants.push(SeedGrant { kind, credits, expires_at_ms, priority });
+                grants.push(SeedGrant {
+                    kind,
+                    credits,
+                    expires_at_ms,
+                    priority,
+                });
             }
             let mut keys = Vec::new();
             for key in &account.keys {
@@ -582,7 +730,10 @@ impl Validator<'_> {
                     (Some(var), None) => match (self.env)(var.get_ref()) {
                         Some(key) if !key.is_empty() => Some(Sha256::digest(key.as_bytes()).into()),
                         _ => {
-                            self.error(var.span(), format!("environment variable {} is not set", var.get_ref()));
+                            self.error(
+                                var.span(),
+                                format!("environment variable {} is not set", var.get_ref()),
+                            );
                             None
                         }
                     },
@@ -591,13 +742,19 @@ impl Validator<'_> {
                         match hex::decode_to_slice(hex_hash.get_ref(), &mut hash) {
                             Ok(()) => Some(hash),
                             Err(_) => {
-                                self.error(hex_hash.span(), "key_sha256 must be 64 hex digits (the SHA-256 of the key)");
+                                self.error(
+                                    hex_hash.span(),
+                                    "key_sha256 must be 64 hex digits (the SHA-256 of the key)",
+                                );
                                 None
                             }
                         }
                     }
                     _ => {
-                        self.error(key.span(), "a key needs exactly one of key_env or key_sha256");
+                        self.error(
+                            key.span(),
+                            "a key needs exactly one of key_env or key_sha256",
+                        );
                         None
                     }
                 };
@@ -605,7 +762,10 @@ impl Validator<'_> {
                     if !key_hashes.insert(hash) {
                         self.error(key.span(), "this key is already used by another member");
                     }
-                    keys.push(SeedKey { member: k.member.get_ref().clone(), key_sha256: hash });
+                    keys.push(SeedKey {
+                        member: k.member.get_ref().clone(),
+                        key_sha256: hash,
+                    });
                 }
             }
             out.push(SeedAccount {
@@ -643,8 +803,14 @@ fn parse_upstream_url(url: &str) -> Result<(String, u16, bool), String> {
     };
     let host = uri.host().ok_or_else(|| format!("{url:?} has no host"))?;
     if uri.path() != "/" && !uri.path().is_empty() {
-        return Err(format!("{url:?}: an upstream URL has no path; requests keep their own"));
+        return Err(format!(
+            "{url:?}: an upstream URL has no path; requests keep their own"
+        ));
     }
     let port = uri.port_u16().unwrap_or(80);
-    Ok((host.trim_matches(|c| c == '[' || c == ']').to_string(), port, tls))
+    Ok((
+        host.trim_matches(|c| c == '[' || c == ']').to_string(),
+        port,
+        tls,
+    ))
 }

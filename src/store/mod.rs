@@ -9,7 +9,9 @@ pub mod memory;
 
 use async_trait::async_trait;
 
-use crate::ledger::{Credits, EndRejected, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Millis, Totals};
+use crate::ledger::{
+    Credits, EndRejected, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Millis, Totals,
+};
 use crate::policy::{Plan, SeedAccount};
 
 /// Who a key belongs to.
@@ -37,11 +39,27 @@ pub trait Store: Send + Sync + 'static {
     /// The account and member of a key, by the SHA-256 of the key.
     async fn identify(&self, key_sha256: &[u8; 32]) -> Result<Option<Identity>, StoreError>;
 
-    async fn hold(&self, account: &str, request: &HoldRequest, now_ms: Millis) -> Result<HoldOutcome, StoreError>;
+    async fn hold(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<HoldOutcome, StoreError>;
 
-    async fn settle(&self, account: &str, hold_id: u64, charge: Credits, now_ms: Millis) -> Result<EndOutcome, StoreError>;
+    async fn settle(
+        &self,
+        account: &str,
+        hold_id: u64,
+        charge: Credits,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError>;
 
-    async fn release(&self, account: &str, hold_id: u64, now_ms: Millis) -> Result<EndOutcome, StoreError>;
+    async fn release(
+        &self,
+        account: &str,
+        hold_id: u64,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError>;
 
     /// The account's totals, after applying time.
     async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError>;
@@ -49,7 +67,12 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a seeded account if it does not exist yet (with its plan grant,
     /// signup credits and listed grants, once) and registers its keys.
     /// Returns whether the account was created.
-    async fn seed(&self, seed: &SeedAccount, plan: &Plan, now_ms: Millis) -> Result<bool, StoreError>;
+    async fn seed(
+        &self,
+        seed: &SeedAccount,
+        plan: &Plan,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError>;
 
     /// Releases every hold past its TTL; returns how many ended.
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError>;

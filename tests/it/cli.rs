@@ -20,7 +20,12 @@ fn check_passes_on_every_shipped_policy() {
                 .env("DEMO_KEY", "k")
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             checked += 1;
         }
     }
@@ -38,8 +43,16 @@ fn check_prints_operations_and_prices() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("chat.edit"), "{text}");
-    assert!(text.lines().any(|l| l.contains("chat.edit") && l.contains("0.5 credits")), "{text}");
-    assert!(text.lines().any(|l| l.contains("models.list") && l.contains(" 0 credits")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("chat.edit") && l.contains("0.5 credits")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("models.list") && l.contains(" 0 credits")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -52,13 +65,214 @@ fn check_refuses_a_bad_policy_with_file_line_col() {
         "version = 1\n[upstreams.main]\nurl = \"http://127.0.0.1:1\"\n[[operations]]\nname = \"a\"\npath = \"/a\"\nupstream = \"nope\"\nprice = 0.0001\n",
     )
     .unwrap();
-    let out = creditgate().args(["check", "--policy"]).arg(&path).output().unwrap();
+    let out = creditgate()
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
-    assert!(err.contains(&format!("{file}:7:12: unknown upstream \"nope\"")), "{err}");
-    assert!(err.contains(&format!("{file}:8:9: price: more than 3 decimal places")), "{err}");
-    let out = creditgate().args(["check", "--policy", "/nonexistent.toml"]).output().unwrap();
+    assert!(
+        err.contains(&format!("{file}:7:12: unknown upstream \"nope\"")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:8:9: price: more than 3 decimal places")),
+        "{err}"
+    );
+    let out = creditgate()
+        .args(["check", "--policy", "/nonexistent.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the policy file"));
+}
+
+/// Kills the child when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(addr: &str) {
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr} after 30 s");
+}
+
+/// A port free right now. `creditgate run` binds the policy's address itself, so
+/// this one test cannot hand it a bound listener.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is needed by this test: apt-get install curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn run_serves_the_policy_on_its_listen_address() {
+    let backend_port = free_port();
+    let gateway_port = free_port();
+    let mut backend = Child(
+        creditgate()
+            .args([
+                "mock-backend",
+                "--listen",
+                &format!("127.0.0.1:{backend_port}"),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("creditgate-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("run.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\n[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\n[upstreams.main]\nurl = \"http://127.0.0.1:{backend_port}\"\n\
+             [plans.free]\nmonthly_credits = 5\n[[operations]]\nname = \"image.generate\"\nmethod = \"POST\"\npath = \"/v1/images\"\nupstream = \"main\"\nprice = 2\n\
+             [[accounts]]\nid = \"acme\"\nplan = \"free\"\nkeys = [ {{ member = \"a\", key_env = \"RUN_TEST_KEY\" }} ]\n"
+        ),
+    )
+    .unwrap();
+    let _gateway = Child(
+        creditgate()
+            .args(["run", "--policy"])
+            .arg(&policy)
+            .env("RUN_TEST_KEY", "sk-run")
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(&format!("127.0.0.1:{backend_port}"));
+    wait_for_port(&format!("127.0.0.1:{gateway_port}"));
+    let url = format!("http://127.0.0.1:{gateway_port}/v1/images");
+    let first = curl(&["-X", "POST", &url, "-H", "Authorization: Bearer sk-run"]);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(
+        first
+            .to_ascii_lowercase()
+            .contains("x-credits-remaining: 3"),
+        "{first}"
+    );
+    curl(&["-X", "POST", &url, "-H", "Authorization: Bearer sk-run"]);
+    let third = curl(&["-X", "POST", &url, "-H", "Authorization: Bearer sk-run"]);
+    assert!(third.starts_with("HTTP/1.1 402"), "{third}");
+    assert!(third.contains("\"available\":1"), "{third}");
+    backend.0.kill().unwrap();
+}
+
+/// The demo as a newcomer meets it: start it, paste its curl lines, see what
+/// each line's comment promised.
+#[test]
+fn the_demo_curl_lines_behave_as_printed() {
+    use std::io::{BufRead, BufReader};
+    let mut demo = Child(
+        creditgate()
+            .arg("demo")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = demo.0.stdout.take().unwrap();
+    let mut printed = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Press Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let key = printed
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export KEY="))
+        .expect("the demo prints a key")
+        .to_string();
+    let mut tried = 0;
+    for pair in printed.windows(2) {
+        let (comment, command) = (&pair[0], &pair[1]);
+        let Some(command) = command.strip_prefix("curl ") else {
+            continue;
+        };
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("curl --max-time 10 {command}"))
+            .env("KEY", &key)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        // "-> 200, x-credits-remaining: 7": the status, then any header the line names.
+        let promise = comment
+            .split("-> ")
+            .nth(1)
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if let Some(status) = promise
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .filter(|s| s.len() == 3)
+        {
+            assert!(
+                out.starts_with(&format!("http/1.1 {status}")),
+                "{comment}\n{out}"
+            );
+        }
+        for header in ["x-credits-remaining", "x-credits-held"] {
+            if let Some(value) = promise.split(&format!("{header}: ")).nth(1) {
+                let value = value.split([' ', ',']).next().unwrap();
+                assert!(
+                    out.contains(&format!("{header}: {value}\r\n")),
+                    "{comment}\n{out}"
+                );
+            }
+        }
+        if comment.contains("stays") {
+            let value = comment.rsplit(' ').next().unwrap();
+            assert!(
+                out.contains(&format!("x-credits-remaining: {value}\r\n")),
+                "{comment}\n{out}"
+            );
+        }
+        tried += 1;
+    }
+    assert_eq!(tried, 7, "{printed:#?}");
+    // The last line cut the response mid-body; it must have charged nothing:
+    // 10 - 3 (image) - 0.5 (edit) = 6.5 remain.
+    let g = printed
+        .iter()
+        .find_map(|l| l.split("gateway on ").nth(1))
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = curl(&[
+        &format!("{g}/v1/models"),
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+    ]);
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-credits-remaining: 6.5\r\n"),
+        "{out}"
+    );
 }

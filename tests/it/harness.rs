@@ -140,7 +140,12 @@ async fn full_listener() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>
     let addr = listener.local_addr().unwrap();
     let mut queued = Vec::new();
     for _ in 0..4 {
-        match tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(addr)).await {
+        match tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
             Ok(Ok(stream)) => queued.push(stream),
             _ => break,
         }
@@ -166,7 +171,9 @@ pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
         "PRO_KEY" => Some(PRO_KEY.to_string()),
         _ => None,
     };
-    let text = POLICY.replace("{CREDITS}", credits).replace("{READ_TIMEOUT}", read_timeout);
+    let text = POLICY
+        .replace("{CREDITS}", credits)
+        .replace("{READ_TIMEOUT}", read_timeout);
     let policy = Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}"));
     let store = Arc::new(MemoryStore::new());
     let gateway = Gateway::new(Arc::new(policy), store.clone()).unwrap();
@@ -179,7 +186,10 @@ pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
         url,
         backend,
         store,
-        client: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
         stop,
         _full: full,
     }
@@ -187,11 +197,15 @@ pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
 
 impl TestGateway {
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.post(format!("{}{path}", self.url)).bearer_auth(ALICE_KEY)
+        self.client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(ALICE_KEY)
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(format!("{}{path}", self.url)).bearer_auth(ALICE_KEY)
+        self.client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(ALICE_KEY)
     }
 
     pub async fn totals(&self, account: &str) -> Totals {
@@ -222,7 +236,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 10 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -232,5 +249,8 @@ pub fn credits(text: &str) -> Credits {
 }
 
 pub fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("<missing>")
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("<missing>")
 }

@@ -27,8 +27,15 @@ async fn a_2xx_charges_exactly_the_price() {
 async fn every_sampled_status_charges_only_when_2xx() {
     let gw = start("100").await;
     let mut expected_charge = credits("0");
-    for status in [200u16, 201, 202, 204, 299, 301, 304, 400, 401, 404, 409, 422, 429, 500, 502, 503, 504, 599] {
-        let resp = gw.post("/v1/images").header("x-mock-status", status.to_string()).send().await.unwrap();
+    for status in [
+        200u16, 201, 202, 204, 299, 301, 304, 400, 401, 404, 409, 422, 429, 500, 502, 503, 504, 599,
+    ] {
+        let resp = gw
+            .post("/v1/images")
+            .header("x-mock-status", status.to_string())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), status);
         assert_eq!(header(&resp, "x-credits-operation"), "image.generate");
         if (200..300).contains(&status) {
@@ -47,7 +54,12 @@ async fn every_sampled_status_charges_only_when_2xx() {
 async fn server_errors_charge_nothing() {
     let gw = start("10").await;
     for status in ["500", "503"] {
-        let resp = gw.post("/v1/images").header("x-mock-status", status).send().await.unwrap();
+        let resp = gw
+            .post("/v1/images")
+            .header("x-mock-status", status)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_str(), status);
         assert_eq!(header(&resp, "x-credits-remaining"), "10");
     }
@@ -58,9 +70,19 @@ async fn server_errors_charge_nothing() {
 #[tokio::test]
 async fn a_configured_4xx_settles() {
     let gw = start("10").await;
-    let resp = gw.post("/v1/lenient").header("x-mock-status", "404").send().await.unwrap();
+    let resp = gw
+        .post("/v1/lenient")
+        .header("x-mock-status", "404")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = gw.post("/v1/lenient").header("x-mock-status", "400").send().await.unwrap();
+    let resp = gw
+        .post("/v1/lenient")
+        .header("x-mock-status", "400")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let t = gw.settled("alice").await;
     assert_eq!(t.charged, credits("1"));
@@ -73,7 +95,9 @@ async fn assert_gateway_error(resp: reqwest::Response, status: u16, kind: &str) 
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], kind, "{body}");
     assert_eq!(body["error"]["request_id"], request_id.as_str());
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     body
 }
 
@@ -93,7 +117,10 @@ async fn connect_timeout_is_a_504_and_charges_nothing() {
     let gw = start("10").await;
     let resp = gw.post("/v1/full").send().await.unwrap();
     let body = assert_gateway_error(resp, 504, "upstream_timeout").await;
-    assert!(!body.to_string().contains("127.0.0.1"), "no internal address in errors: {body}");
+    assert!(
+        !body.to_string().contains("127.0.0.1"),
+        "no internal address in errors: {body}"
+    );
     let t = gw.settled("alice").await;
     assert_eq!((t.charged, t.available), (credits("0"), credits("10")));
 }
@@ -101,7 +128,12 @@ async fn connect_timeout_is_a_504_and_charges_nothing() {
 #[tokio::test]
 async fn read_timeout_is_a_504_and_charges_nothing() {
     let gw = start_with("10", "300ms").await;
-    let resp = gw.post("/v1/images").header("x-mock-delay-ms", "3000").send().await.unwrap();
+    let resp = gw
+        .post("/v1/images")
+        .header("x-mock-delay-ms", "3000")
+        .send()
+        .await
+        .unwrap();
     assert_gateway_error(resp, 504, "upstream_timeout").await;
     let t = gw.settled("alice").await;
     assert_eq!((t.charged, t.available), (credits("0"), credits("10")));
@@ -110,7 +142,12 @@ async fn read_timeout_is_a_504_and_charges_nothing() {
 #[tokio::test]
 async fn reset_before_the_response_charges_nothing() {
     let gw = start("10").await;
-    let resp = gw.post("/v1/images").header("x-mock-fail", "reset-before").send().await.unwrap();
+    let resp = gw
+        .post("/v1/images")
+        .header("x-mock-fail", "reset-before")
+        .send()
+        .await
+        .unwrap();
     assert_gateway_error(resp, 502, "upstream_unavailable").await;
     let t = gw.settled("alice").await;
     assert_eq!((t.charged, t.available), (credits("0"), credits("10")));
@@ -119,10 +156,18 @@ async fn reset_before_the_response_charges_nothing() {
 #[tokio::test]
 async fn reset_during_the_body_charges_nothing() {
     let gw = start("10").await;
-    let resp = gw.post("/v1/images").header("x-mock-fail", "reset-mid-body").send().await.unwrap();
+    let resp = gw
+        .post("/v1/images")
+        .header("x-mock-fail", "reset-mid-body")
+        .send()
+        .await
+        .unwrap();
     // The 200 headers were already on their way; the body cannot complete.
     assert_eq!(resp.status(), 200);
-    assert!(resp.bytes().await.is_err(), "a cut body must not look complete");
+    assert!(
+        resp.bytes().await.is_err(),
+        "a cut body must not look complete"
+    );
     let t = gw.settled("alice").await;
     assert_eq!((t.charged, t.available), (credits("0"), credits("10")));
 }
@@ -141,8 +186,14 @@ async fn insufficient_credits_is_a_402_with_every_field_and_nothing_is_forwarded
     assert_eq!(e["held"], 0);
     assert_eq!(e["plan"], "free");
     assert_eq!(e["upgrade_url"], "https://example.com/billing");
-    assert_eq!(e["message"], "image.generate needs 3 credits; 2.5 are available.");
-    assert!(gw.backend.received().is_empty(), "nothing may be forwarded on a 402");
+    assert_eq!(
+        e["message"],
+        "image.generate needs 3 credits; 2.5 are available."
+    );
+    assert!(
+        gw.backend.received().is_empty(),
+        "nothing may be forwarded on a 402"
+    );
     let t = gw.settled("alice").await;
     assert_eq!((t.charged, t.available), (credits("0"), credits("2.5")));
 }
@@ -167,7 +218,13 @@ async fn a_locked_operation_is_a_403_naming_the_feature_and_plans() {
     assert_eq!(body["error"]["plans"], serde_json::json!(["pro"]));
     assert!(gw.backend.received().is_empty());
     // The pro account has the feature.
-    let resp = gw.client.post(format!("{}/v1/images/premium", gw.url)).bearer_auth(PRO_KEY).send().await.unwrap();
+    let resp = gw
+        .client
+        .post(format!("{}/v1/images/premium", gw.url))
+        .bearer_auth(PRO_KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(header(&resp, "x-credits-remaining"), "80");
 }
@@ -186,12 +243,32 @@ async fn an_unknown_route_is_a_404() {
 #[tokio::test]
 async fn missing_and_invalid_keys_are_401() {
     let gw = start("10").await;
-    let resp = gw.client.post(format!("{}/v1/images", gw.url)).send().await.unwrap();
+    let resp = gw
+        .client
+        .post(format!("{}/v1/images", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_gateway_error(resp, 401, "missing_api_key").await;
-    let resp = gw.client.post(format!("{}/v1/images", gw.url)).bearer_auth("sk-wrong").send().await.unwrap();
+    let resp = gw
+        .client
+        .post(format!("{}/v1/images", gw.url))
+        .bearer_auth("sk-wrong")
+        .send()
+        .await
+        .unwrap();
     let body = assert_gateway_error(resp, 401, "invalid_api_key").await;
-    assert!(!body.to_string().contains("sk-wrong"), "errors never echo a key");
-    let resp = gw.client.post(format!("{}/v1/images", gw.url)).header("x-api-key", ALICE_KEY).send().await.unwrap();
+    assert!(
+        !body.to_string().contains("sk-wrong"),
+        "errors never echo a key"
+    );
+    let resp = gw
+        .client
+        .post(format!("{}/v1/images", gw.url))
+        .header("x-api-key", ALICE_KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200, "x-api-key works as well as Bearer");
     assert!(gw.backend.received().len() == 1);
 }
@@ -221,7 +298,10 @@ async fn the_client_key_never_reaches_the_backend() {
         assert_eq!(r.header("x-creditgate-features"), Some(""));
         assert_eq!(r.header("x-request-id").map(str::len), Some(32));
         let all = format!("{:?}", r.headers);
-        assert!(!all.contains(ALICE_KEY), "the client's key reached the backend: {all}");
+        assert!(
+            !all.contains(ALICE_KEY),
+            "the client's key reached the backend: {all}"
+        );
     }
 }
 
@@ -232,7 +312,9 @@ async fn concurrent_requests_never_overspend() {
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let request = gw.post("/v1/images").header("x-mock-delay-ms", "20");
-        tasks.push(tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) }));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status().as_u16())
+        }));
     }
     let mut ok = 0;
     let mut payment_required = 0;
@@ -244,7 +326,11 @@ async fn concurrent_requests_never_overspend() {
         }
     }
     assert_eq!((ok, payment_required), (50, 150));
-    assert_eq!(gw.backend.received().len(), 50, "exactly the paid requests were forwarded");
+    assert_eq!(
+        gw.backend.received().len(),
+        50,
+        "exactly the paid requests were forwarded"
+    );
     let t = gw.settled("alice").await;
     assert_eq!(t.available, credits("0"));
     assert_eq!(t.charged, credits("150"));

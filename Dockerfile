@@ -1,0 +1,14 @@
+# Builds the release binary and ships it on a slim Debian image.
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bin creditgate
+
+FROM debian:bookworm-slim
+RUN useradd --system --no-create-home creditgate
+COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
+COPY policies /etc/creditgate/policies
+USER creditgate
+EXPOSE 8080 8081
+CMD ["creditgate", "run", "--policy", "/etc/creditgate/policies/compose.toml"]

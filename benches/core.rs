@@ -1,0 +1,114 @@
+//! Core benches: the work metering adds to each request, without IO.
+//! `cargo bench --bench core`. The whole-proxy load bench comes with BENCHMARKS.md.
+
+use std::sync::Arc;
+
+use creditgate::ledger::{Account, Credits, HoldRequest};
+use creditgate::policy::{Policy, RequestValues};
+use creditgate::store::memory::MemoryStore;
+use creditgate::store::Store;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderName, Method};
+
+/// A policy with `n` operations on distinct paths, half of them parameterised.
+fn policy_with(n: usize) -> Policy {
+    let mut text = String::from("version = 1\n[upstreams.main]\nurl = \"http://127.0.0.1:9\"\n[plans.free]\nmonthly_credits = 10\n");
+    for i in 0..n {
+        let path = if i % 2 == 0 {
+            format!("/v1/op{i}/generate")
+        } else {
+            format!("/v1/op{i}/{{id}}/edit")
+        };
+        text.push_str(&format!("[[operations]]\nname = \"op{i}\"\nmethod = \"POST\"\npath = \"{path}\"\nupstream = \"main\"\nprice = 1.5\n"));
+    }
+    Policy::parse(&text, "bench.toml", &|_| None).expect("bench policy is valid")
+}
+
+struct Post;
+
+impl RequestValues for Post {
+    fn method(&self) -> &Method {
+        &Method::POST
+    }
+    fn header(&self, _: &HeaderName) -> Option<&str> {
+        None
+    }
+    fn query(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+fn request() -> HoldRequest {
+    HoldRequest {
+        operation: "op".into(),
+        request_id: "r".into(),
+        amount: Credits::from_millicredits(1_500),
+        ttl_ms: 600_000,
+        max_holds: 1_024,
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let policy = policy_with(200);
+    c.bench_function("match 200-operation policy", |b| {
+        b.iter(|| {
+            policy
+                .match_request(std::hint::black_box("/v1/op151/abc/edit"), &Post)
+                .map(|m| m.index)
+        })
+    });
+
+    let mut account = Account::new("a", "free");
+    account
+        .grant(
+            "topup",
+            Credits::from_whole(1_000_000_000).unwrap(),
+            30,
+            None,
+            0,
+        )
+        .unwrap();
+    let req = request();
+    c.bench_function("ledger hold + settle", |b| {
+        b.iter(|| {
+            let placed = account.hold(&req, 1).unwrap();
+            account.settle(placed.hold_id, req.amount, 1).unwrap()
+        })
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let plan = creditgate::policy::Plan {
+        name: "free".into(),
+        monthly_credits: Credits::from_whole(1_000_000_000).unwrap(),
+        features: vec![],
+        quotas: vec![],
+        seats: 1,
+        signup_credits: None,
+    };
+    let seed = creditgate::policy::SeedAccount {
+        id: "a".into(),
+        plan: "free".into(),
+        billing_anchor_day: None,
+        grants: vec![],
+        keys: vec![],
+    };
+    runtime.block_on(store.seed(&seed, &plan, 0)).unwrap();
+    c.bench_function("memory store hold + settle", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let placed = store.hold("a", &req, 1).await.unwrap().unwrap();
+                store
+                    .settle("a", placed.hold_id, req.amount, 1)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+    });
+}
+
+criterion_group!(core, benches);
+criterion_main!(core);
