@@ -24,20 +24,6 @@ fn policy_with(n: usize) -> Policy {
     Policy::parse(&text, "bench.toml", &|_| None).expect("bench policy is valid")
 }
 
-struct Post;
-
-impl RequestValues for Post {
-    fn method(&self) -> &Method {
-        &Method::POST
-    }
-    fn header(&self, _: &HeaderName) -> Option<&str> {
-        None
-    }
-    fn query(&self, _: &str) -> Option<String> {
-        None
-    }
-}
-
 fn request() -> HoldRequest {
     HoldRequest {
         operation: "op".into(),
@@ -50,7 +36,7 @@ fn request() -> HoldRequest {
 
 fn benches(c: &mut Criterion) {
     let policy = policy_with(200);
-    c.bench_function("match 200-operation policy", |b| {
+    c.bench_function("match + price, 200-operation policy", |b| {
         b.iter(|| {
             policy
                 .match_request(std::hint::black_box("/v1/op151/abc/edit"), &Post)

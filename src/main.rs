@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use creditgate::gateway::{run_server, Gateway};
-use creditgate::policy::{format_duration, Policy, Price, StoreConfig};
+use creditgate::policy::{format_duration, Policy, RequestFacts, StoreConfig};
 use creditgate::store::memory::MemoryStore;
 
 #[derive(Parser)]
@@ -33,6 +33,16 @@ enum Command {
         #[arg(long)]
         policy: PathBuf,
     },
+    /// Price a request offline, as the gateway would (without an account:
+    /// plan features and balance are not checked).
+    Quote {
+        #[arg(long)]
+        policy: PathBuf,
+        method: String,
+        path: String,
+        /// The request body, as JSON text.
+        body: Option<String>,
+    },
     /// Start the gateway, a mock generation backend and a demo account on the memory store.
     Demo,
     /// Serve only the built-in mock generation backend (for docker-compose and load tests).
@@ -54,6 +64,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { policy } => check(&policy),
         Command::Run { policy } => run(&policy),
+        Command::Quote { policy, method, path, body } => quote(&policy, &method, &path, body.as_deref()),
         Command::Demo => demo(),
         Command::MockBackend { listen } => mock_backend(&listen),
     }
@@ -81,32 +92,71 @@ fn check(path: &std::path::Path) -> ExitCode {
         format_duration(policy.gateway.hold_ttl_ms)
     );
     for op in &policy.operations {
-        let Price::Fixed(price) = op.price;
         let method = op.method.as_ref().map_or("*", |m| m.as_str());
-        let requires = if op.requires.is_empty() {
-            String::new()
-        } else {
-            format!("  requires {}", op.requires.join(", "))
-        };
-        let when: Vec<String> = op
-            .when
-            .iter()
-            .map(|p| format!("{} in [{}]", p.source, p.any_of.join("|")))
-            .collect();
-        let when = if when.is_empty() {
-            String::new()
-        } else {
-            format!("  when {}", when.join(", "))
-        };
-        println!(
-            "  {:<24} {:<6} {:<36} {:>10} credits{requires}{when}",
-            op.name,
-            method,
-            op.path,
-            price.to_string()
-        );
+        let mut notes = Vec::new();
+        if !op.when.is_empty() {
+            let when: Vec<String> = op.when.iter().map(|p| p.to_string()).collect();
+            notes.push(format!("when {}", when.join(" and ")));
+        }
+        if !op.requires.is_empty() {
+            notes.push(format!("requires {}", op.requires.join(", ")));
+        }
+        if let Some(settle) = &op.settle {
+            notes.push(format!("settles {} × {} credits", settle.usage, settle.credits_per_unit));
+        }
+        println!("  {:<28} {:<6} {:<32} {} credits", op.name, method, op.path, op.price);
+        for note in notes {
+            println!("  {:<28} {note}", "");
+        }
     }
     ExitCode::SUCCESS
+}
+
+fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>) -> ExitCode {
+    let policy = match load(path) {
+        Ok(policy) => policy,
+        Err(code) => return code,
+    };
+    let answer = |json: serde_json::Value, code: ExitCode| {
+        println!("{json}");
+        code
+    };
+    let error = |kind: &str, message: String, source: Option<&str>| {
+        let mut e = serde_json::json!({"type": kind, "message": message});
+        if let Some(source) = source {
+            e["source"] = source.into();
+        }
+        answer(serde_json::json!({ "error": e }), ExitCode::FAILURE)
+    };
+    let (Ok(method), Ok(uri)) = (http::Method::from_bytes(method.as_bytes()), target.parse::<http::Uri>()) else {
+        return error("invalid_request", format!("{method} {target} is not a method and a path"), None);
+    };
+    let Some(route) = policy.route(uri.path()) else {
+        return error("unknown_operation", "No operation matches this method and path.".into(), None);
+    };
+    let json = match body {
+        Some(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
+        None => Err("the request has no body".to_string()),
+    };
+    let headers = http::HeaderMap::new();
+    let facts = RequestFacts {
+        method: &method,
+        headers: &headers,
+        query: uri.query(),
+        path_params: &route.path_params,
+        body: route.needs_body.then_some(&json),
+    };
+    let Some(index) = policy.select(&route, &facts) else {
+        return error("unknown_operation", "No operation matches this method and path.".into(), None);
+    };
+    let op = &policy.operations[index];
+    match op.price.hold_amount(&facts) {
+        Ok(credits) => answer(
+            serde_json::json!({"operation": op.name, "credits": credits.to_json(), "requires": op.requires}),
+            ExitCode::SUCCESS,
+        ),
+        Err(e) => error("invalid_request", format!("{} {}.", e.source, e.message), Some(&e.source)),
+    }
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

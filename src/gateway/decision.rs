@@ -2,7 +2,7 @@
 //!
 //! Pure, so it can be tested for every status and every way a request can end.
 
-use crate::policy::{ChargeRule, OnClientAbort};
+use crate::policy::{ChargeRule, OnClientAbort, OnUpstreamCut};
 
 /// How the request ended, as far as the hold is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,6 +10,7 @@ pub enum Ended {
     /// The response was delivered completely.
     Complete,
     /// The upstream failed: refused, timed out, reset before or during the body.
+    /// With no status that is "no response"; with one, the body was cut.
     UpstreamFailed,
     /// The client went away while the response was being delivered.
     ClientAborted,
@@ -32,10 +33,16 @@ pub fn decide(rule: &ChargeRule, status: Option<u16>, ended: Ended) -> Decision 
     if !rule.charges(status) {
         return Decision::Release;
     }
-    match ended {
-        Ended::Complete => Decision::Settle,
-        Ended::ClientAborted if rule.on_client_abort == OnClientAbort::Settle => Decision::Settle,
-        Ended::ClientAborted | Ended::UpstreamFailed | Ended::GatewayFailed => Decision::Release,
+    let settles = match ended {
+        Ended::Complete => true,
+        Ended::ClientAborted => rule.on_client_abort == OnClientAbort::Settle,
+        Ended::UpstreamFailed => rule.on_upstream_cut == OnUpstreamCut::Settle,
+        Ended::GatewayFailed => false,
+    };
+    if settles {
+        Decision::Settle
+    } else {
+        Decision::Release
     }
 }
 
@@ -69,6 +76,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn configured_rules_change_only_what_they_name() {
+        let policy = crate::policy::Policy::parse(
+            "version = 1\n[upstreams.u]\nurl = \"http://127.0.0.1:1\"\n[[operations]]\nname = \"o\"\npath = \"/o\"\nupstream = \"u\"\nprice = 1\n\
+             charge = { on = [\"2xx\", 404, \"3xx\"], on_client_abort = \"release\", on_upstream_cut = \"settle\" }\n",
+            "p.toml",
+            &|_| None,
+        )
+        .unwrap();
+        let rule = &policy.operations[0].charge;
+        for status in 100..=599u16 {
+            let charging = (200..=399).contains(&status) || status == 404;
+            let expect = |settles: bool| if charging && settles { Decision::Settle } else { Decision::Release };
+            assert_eq!(decide(rule, Some(status), Ended::Complete), expect(true), "{status}");
+            assert_eq!(decide(rule, Some(status), Ended::ClientAborted), expect(false), "{status}");
+            assert_eq!(decide(rule, Some(status), Ended::UpstreamFailed), expect(true), "{status}");
+            assert_eq!(decide(rule, Some(status), Ended::GatewayFailed), Decision::Release, "{status}");
+        }
+        assert_eq!(decide(rule, None, Ended::UpstreamFailed), Decision::Release);
     }
 
     #[test]

@@ -9,6 +9,13 @@ use crate::ledger::Credits;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {
+    InvalidRequest {
+        source: String,
+        message: String,
+    },
+    RequestTooLarge {
+        limit: usize,
+    },
     MissingApiKey,
     InvalidApiKey,
     UnknownOperation,
@@ -31,11 +38,15 @@ pub enum ApiError {
     StoreUnavailable,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// A bug in the gateway; the body says nothing more.
+    Internal,
 }
 
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
+            ApiError::InvalidRequest { .. } => 400,
+            ApiError::RequestTooLarge { .. } => 413,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => 401,
             ApiError::InsufficientCredits { .. } => 402,
             ApiError::PlanRequired { .. } => 403,
@@ -44,11 +55,14 @@ impl ApiError {
             ApiError::UpstreamUnavailable => 502,
             ApiError::StoreUnavailable => 503,
             ApiError::UpstreamTimeout => 504,
+            ApiError::Internal => 500,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::RequestTooLarge { .. } => "request_too_large",
             ApiError::MissingApiKey => "missing_api_key",
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::UnknownOperation => "unknown_operation",
@@ -58,11 +72,17 @@ impl ApiError {
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamTimeout => "upstream_timeout",
+            ApiError::Internal => "internal_error",
         }
     }
 
     fn message(&self) -> String {
         match self {
+            ApiError::InvalidRequest { source, message } => format!("{source} {message}."),
+            ApiError::RequestTooLarge { limit } => {
+                format!("The request body is larger than {limit} bytes.")
+            }
+            ApiError::Internal => "The gateway failed; nothing was charged.".into(),
             ApiError::MissingApiKey => {
                 "Send your API key as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
             }
@@ -140,8 +160,11 @@ impl ApiError {
                 error.insert("plan".into(), json!(plan));
                 error.insert("upgrade_url".into(), json!(upgrade_url));
             }
-            ApiError::TooManyHolds { limit } => {
+            ApiError::TooManyHolds { limit } | ApiError::RequestTooLarge { limit } => {
                 error.insert("limit".into(), json!(limit));
+            }
+            ApiError::InvalidRequest { source, .. } => {
+                error.insert("source".into(), json!(source));
             }
             _ => {}
         }

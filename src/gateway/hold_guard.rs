@@ -16,32 +16,25 @@ pub(super) struct HoldGuard {
     store: Arc<dyn Store>,
     account: String,
     hold_id: u64,
-    amount: Credits,
     ended: bool,
 }
 
 impl HoldGuard {
-    pub(super) fn new(
-        store: Arc<dyn Store>,
-        account: String,
-        hold_id: u64,
-        amount: Credits,
-    ) -> Self {
+    pub(super) fn new(store: Arc<dyn Store>, account: String, hold_id: u64) -> Self {
         HoldGuard {
             store,
             account,
             hold_id,
-            amount,
             ended: false,
         }
     }
 
-    /// Charges the full hold.
-    pub(super) async fn settle(mut self, request_id: &str) {
+    /// Charges `min(charge, held)`; the rest returns to the account.
+    pub(super) async fn settle(mut self, charge: Credits, request_id: &str) {
         self.ended = true;
         let outcome = self
             .store
-            .settle(&self.account, self.hold_id, self.amount, now_ms())
+            .settle(&self.account, self.hold_id, charge, now_ms())
             .await;
         self.report("settle", request_id, outcome);
     }
@@ -159,7 +152,6 @@ mod tests {
             store.clone(),
             "a".into(),
             hold_id,
-            Credits::from_whole(4).unwrap(),
         ));
         for _ in 0..1_000 {
             if store.totals("a", now_ms()).await.unwrap().held.is_zero() {
@@ -185,9 +177,8 @@ mod tests {
             store.clone(),
             "a".into(),
             hold_id,
-            Credits::from_whole(4).unwrap(),
         )
-        .settle("r")
+        .settle(Credits::from_whole(4).unwrap(), "r")
         .await;
         for _ in 0..100 {
             tokio::task::yield_now().await;

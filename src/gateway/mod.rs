@@ -5,17 +5,20 @@
 //! into the core's types and the core's outcomes back into HTTP; it never does
 //! ledger arithmetic itself.
 
+mod body;
+mod client_api;
 pub mod decision;
 pub mod errors;
 mod hold_guard;
 mod server;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method};
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -23,11 +26,13 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
 
 use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
-use crate::policy::{Policy, Price, RequestValues, Unmatched};
+use crate::policy::{usage_charge, OnMissing, Policy, RequestFacts, RouteMatch, Unmatched};
 use crate::store::{Identity, Store, StoreError};
+use body::BodyError;
 use decision::{decide, Decision, Ended};
 use errors::ApiError;
 use hold_guard::HoldGuard;
+use usage::UsageMeter;
 
 pub use server::{run_server, serve, spawn_sweeper, SWEEP_INTERVAL};
 
@@ -112,30 +117,22 @@ pub struct RequestCtx {
     status: Option<u16>,
     /// True once the gateway answered by itself (401, 402, ...).
     answered: bool,
+    /// A body read to price the request, forwarded in place of Pingora's own read.
+    body: Option<Bytes>,
+    /// Reads actual usage from the response of a metered operation.
+    usage: Option<UsageMeter>,
+}
+
+/// What `admit` decided.
+enum Admitted {
+    /// Forward to the upstream.
+    Forward,
+    /// The gateway answered itself (the client APIs).
+    Answered,
 }
 
 fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
-}
-
-/// A view of the request for the policy's matcher.
-struct RequestView<'a>(&'a RequestHeader);
-
-impl RequestValues for RequestView<'_> {
-    fn method(&self) -> &Method {
-        &self.0.method
-    }
-
-    fn header(&self, name: &HeaderName) -> Option<&str> {
-        self.0.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn query(&self, name: &str) -> Option<String> {
-        let query = self.0.uri.query()?;
-        form_urlencoded::parse(query.as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    }
 }
 
 /// The key from `Authorization: Bearer KEY` or `x-api-key: KEY`.
@@ -162,20 +159,23 @@ fn header_value(text: &str) -> HeaderValue {
 
 impl Gateway {
     /// Writes one of the gateway's own JSON errors, with the credit headers.
-    async fn answer(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        error: ApiError,
-    ) -> Result<()> {
+    async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx, error: ApiError) -> Result<()> {
         ctx.answered = true;
-        let body = Bytes::from(error.body(&ctx.request_id).to_string());
-        let mut resp = ResponseHeader::build(error.status(), Some(6))?;
+        let body = error.body(&ctx.request_id);
+        self.write_json(session, ctx, error.status(), body).await
+    }
+
+    /// Writes a JSON response the gateway makes itself, with the credit headers.
+    async fn write_json(&self, session: &mut Session, ctx: &RequestCtx, status: u16, json: serde_json::Value) -> Result<()> {
+        let body = Bytes::from(json.to_string());
+        let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         self.add_credit_headers(&mut resp, ctx)?;
-        // The request body (if any) was not read; do not reuse the connection.
-        session.set_keepalive(None);
+        if !session.is_body_done() {
+            // The request body was not read: the connection cannot be reused.
+            session.set_keepalive(None);
+        }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
     }
@@ -198,58 +198,124 @@ impl Gateway {
         Ok(())
     }
 
-    /// Authenticate → match → entitle → price → hold. `Err(answer)` stops the request.
-    async fn admit(
-        &self,
-        req: &RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> std::result::Result<(), ApiError> {
+    async fn authenticate(&self, req: &RequestHeader) -> std::result::Result<Identity, ApiError> {
         let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
         let key_sha256: [u8; 32] = Sha256::digest(key).into();
-        let identity = match self.store.identify(&key_sha256).await {
-            Ok(Some(identity)) => identity,
-            Ok(None) | Err(StoreError::UnknownAccount(_)) => return Err(ApiError::InvalidApiKey),
-            Err(StoreError::Unavailable(_)) => return Err(ApiError::StoreUnavailable),
-        };
-        let account = identity.account.clone();
-        let plan_name = identity.plan.clone();
-        ctx.identity = Some(identity);
+        match self.store.identify(&key_sha256).await {
+            Ok(Some(identity)) => Ok(identity),
+            Ok(None) | Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+        }
+    }
 
-        let Some(matched) = self.policy.match_request(req.uri.path(), &RequestView(req)) else {
-            return match self.policy.gateway.unmatched {
-                Unmatched::Deny => Err(ApiError::UnknownOperation),
-                Unmatched::Allow { upstream } => {
-                    ctx.upstream = upstream;
-                    ctx.remaining = self.available(&account).await?;
-                    Ok(())
-                }
-            };
-        };
-        let op = matched.operation;
-        ctx.operation = Some(matched.index);
-        ctx.upstream = op.upstream;
-
-        let plan = self.policy.plan(&plan_name);
+    /// Match → entitle → price, exactly as for a real request. Shared by the
+    /// proxy and by quotes, so a quote is what the request will be held.
+    fn evaluate(
+        &self,
+        plan_name: &str,
+        route: &RouteMatch<'_>,
+        facts: &RequestFacts<'_>,
+    ) -> std::result::Result<(usize, Credits), ApiError> {
+        let index = self.policy.select(route, facts).ok_or(ApiError::UnknownOperation)?;
+        let op = &self.policy.operations[index];
+        let plan = self.policy.plan(plan_name);
         for feature in &op.requires {
             if !plan.is_some_and(|p| p.features.contains(feature)) {
                 return Err(ApiError::PlanRequired {
                     operation: op.name.clone(),
                     feature: feature.clone(),
-                    plans: self
-                        .policy
-                        .plans_with_feature(feature)
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
+                    plans: self.policy.plans_with_feature(feature).into_iter().map(String::from).collect(),
                 });
             }
         }
+        let price = op.price.hold_amount(facts).map_err(|e| ApiError::InvalidRequest { source: e.source, message: e.message })?;
+        Ok((index, price))
+    }
 
-        let Price::Fixed(price) = op.price;
+    /// Authenticate → match → (read the body) → entitle → price → hold.
+    /// `Err(answer)` stops the request.
+    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> std::result::Result<Admitted, ApiError> {
+        let identity = self.authenticate(session.req_header()).await?;
+        let account = identity.account.clone();
+        let plan_name = identity.plan.clone();
+        ctx.identity = Some(identity);
+
+        let path = session.req_header().uri.path().to_string();
+        if path.starts_with(client_api::PREFIX) {
+            return self.client_api(session, ctx, &path).await.map(|()| Admitted::Answered);
+        }
+        let Some(route) = self.policy.route(&path) else {
+            return self.unmatched(ctx, &account).await;
+        };
+        let body = if route.needs_body {
+            Some(body::read_all(session, self.policy.gateway.max_body_bytes).await.map_err(|e| match e {
+                BodyError::TooLarge => ApiError::RequestTooLarge { limit: self.policy.gateway.max_body_bytes },
+                BodyError::NotHttp1 => ApiError::InvalidRequest {
+                    source: "body".into(),
+                    message: "can only be priced over HTTP/1.1".into(),
+                },
+                BodyError::Read(e) => ApiError::InvalidRequest { source: "body".into(), message: format!("could not be read: {e}") },
+            })?)
+        } else {
+            None
+        };
+        let json = body.as_ref().map(|b| parse_json(b));
+        let req = session.req_header();
+        let facts = RequestFacts {
+            method: &req.method,
+            headers: &req.headers,
+            query: req.uri.query(),
+            path_params: &route.path_params,
+            body: json.as_ref(),
+        };
+        let (index, price) = match self.evaluate(&plan_name, &route, &facts) {
+            Err(ApiError::UnknownOperation) => return self.unmatched(ctx, &account).await,
+            other => other?,
+        };
+        let op = &self.policy.operations[index];
+        ctx.operation = Some(index);
+        ctx.upstream = op.upstream;
+        if let Some(rule) = &op.settle {
+            ctx.usage = Some(UsageMeter::new(&rule.usage, self.policy.gateway.max_body_bytes));
+        }
+
         if price.is_zero() {
             ctx.remaining = self.available(&account).await?;
-            return Ok(());
+        } else {
+            self.hold(ctx, &account, &plan_name, index, price).await?;
         }
+        if let Some(body) = body {
+            // The hold (if any) is in the context: if re-arming fails, its guard releases it.
+            body::rearm(session).await.map_err(|e| {
+                tracing::error!(request_id = %ctx.request_id, "could not re-arm the request body: {e}");
+                ApiError::Internal
+            })?;
+            ctx.body = Some(body);
+        }
+        Ok(Admitted::Forward)
+    }
+
+    /// No operation matched: 404, or a free pass-through with `unmatched = "allow"`.
+    async fn unmatched(&self, ctx: &mut RequestCtx, account: &str) -> std::result::Result<Admitted, ApiError> {
+        match self.policy.gateway.unmatched {
+            Unmatched::Deny => Err(ApiError::UnknownOperation),
+            Unmatched::Allow { upstream } => {
+                ctx.upstream = upstream;
+                ctx.remaining = self.available(account).await?;
+                Ok(Admitted::Forward)
+            }
+        }
+    }
+
+    async fn hold(
+        &self,
+        ctx: &mut RequestCtx,
+        account: &str,
+        plan_name: &str,
+        index: usize,
+        price: Credits,
+    ) -> std::result::Result<(), ApiError> {
+        let op = &self.policy.operations[index];
         let request = HoldRequest {
             operation: op.name.clone(),
             request_id: ctx.request_id.clone(),
@@ -257,30 +323,21 @@ impl Gateway {
             ttl_ms: self.policy.gateway.hold_ttl_ms,
             max_holds: self.policy.gateway.max_holds_per_account,
         };
-        match self.store.hold(&account, &request, now_ms()).await {
+        match self.store.hold(account, &request, now_ms()).await {
             Ok(Ok(placed)) => {
                 ctx.held = price;
                 ctx.remaining = Some(placed.available);
-                ctx.hold = Some(HoldGuard::new(
-                    self.store.clone(),
-                    account,
-                    placed.hold_id,
-                    price,
-                ));
+                ctx.hold = Some(HoldGuard::new(self.store.clone(), account.to_string(), placed.hold_id));
                 Ok(())
             }
-            Ok(Err(HoldRejected::InsufficientCredits {
-                required,
-                available,
-                held,
-            })) => {
+            Ok(Err(HoldRejected::InsufficientCredits { required, available, held })) => {
                 ctx.remaining = Some(available);
                 Err(ApiError::InsufficientCredits {
                     operation: op.name.clone(),
                     required,
                     available,
                     held,
-                    plan: plan_name,
+                    plan: plan_name.to_string(),
                     upgrade_url: self.policy.gateway.upgrade_url.clone(),
                 })
             }
@@ -303,20 +360,39 @@ impl Gateway {
     async fn end_hold(&self, ctx: &mut RequestCtx, ended: Ended) {
         let Some(guard) = ctx.hold.take() else { return };
         // Only matched operations hold, so an unmatched request has no guard.
-        let decision = match ctx.operation {
-            Some(op) => decide(&self.policy.operations[op].charge, ctx.status, ended),
-            None => Decision::Release,
+        let Some(op) = ctx.operation.map(|i| &self.policy.operations[i]) else {
+            return self.release(guard, ctx).await;
         };
-        match decision {
-            Decision::Settle => guard.settle(&ctx.request_id).await,
-            Decision::Release => {
-                ctx.held = Credits::ZERO;
-                if let Some(available) = guard.release(&ctx.request_id).await {
-                    ctx.remaining = Some(available);
-                }
+        if decide(&op.charge, ctx.status, ended) == Decision::Release {
+            return self.release(guard, ctx).await;
+        }
+        let charge = match (&op.settle, ctx.usage.as_ref().and_then(UsageMeter::usage)) {
+            (None, _) => ctx.held,
+            // An absurd usage overflows the product: it is capped at the hold like any other.
+            (Some(rule), Some(usage)) => usage_charge(usage, rule.credits_per_unit).unwrap_or(ctx.held).min(ctx.held),
+            (Some(rule), None) if rule.on_missing == OnMissing::ChargeHold => ctx.held,
+            (Some(_), None) => {
+                tracing::info!(request_id = %ctx.request_id, "no usage in the response; releasing as on_missing says");
+                return self.release(guard, ctx).await;
             }
+        };
+        guard.settle(charge, &ctx.request_id).await;
+    }
+
+    async fn release(&self, guard: HoldGuard, ctx: &mut RequestCtx) {
+        ctx.held = Credits::ZERO;
+        if let Some(available) = guard.release(&ctx.request_id).await {
+            ctx.remaining = Some(available);
         }
     }
+}
+
+/// The request body as JSON, or why it is not.
+fn parse_json(body: &[u8]) -> std::result::Result<serde_json::Value, String> {
+    if body.is_empty() {
+        return Err("the request has no body".into());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 /// Which side a Pingora error came from, for the decision.
@@ -362,12 +438,15 @@ impl ProxyHttp for Gateway {
             hold: None,
             status: None,
             answered: false,
+            body: None,
+            usage: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        match self.admit(session.req_header(), ctx).await {
-            Ok(()) => Ok(false),
+        match self.admit(session, ctx).await {
+            Ok(Admitted::Forward) => Ok(false),
+            Ok(Admitted::Answered) => Ok(true),
             Err(error) => {
                 self.answer(session, ctx, error).await?;
                 Ok(true)
@@ -387,6 +466,19 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(saved) = &ctx.body {
+            body::swap_in(saved, body, end_of_stream);
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -395,6 +487,12 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         for name in STRIPPED_REQUEST_HEADERS {
             upstream_request.remove_header(name);
+        }
+        if let Some(body) = &ctx.body {
+            // We answered `Expect` and forward the body whole, with its real length.
+            upstream_request.remove_header(&http::header::EXPECT);
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         for (name, value) in &self.policy.upstreams[ctx.upstream].set_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
@@ -422,6 +520,11 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.status = Some(status);
+        if let (Some(meter), Some(op)) = (ctx.usage.as_mut(), ctx.operation) {
+            if let Some(rule) = &self.policy.operations[op].settle {
+                meter.on_headers(&rule.usage, upstream_response);
+            }
+        }
         // A status that does not charge releases whatever happens next, so release
         // now: the credits return sooner and the headers report the true balance.
         let charges = ctx
@@ -431,6 +534,19 @@ impl ProxyHttp for Gateway {
             self.end_hold(ctx, Ended::Complete).await;
         }
         self.add_credit_headers(upstream_response, ctx)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(meter), Some(chunk)) = (ctx.usage.as_mut(), body.as_ref()) {
+            meter.on_body(chunk);
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(

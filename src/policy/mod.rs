@@ -6,6 +6,7 @@
 //! CLI's `check` runs exactly this validation. Nothing here does IO except reading
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
+mod price;
 mod raw;
 mod units;
 mod validate;
@@ -16,6 +17,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::ledger::Credits;
 
+pub use price::{usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts};
 pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
 
 /// One error in a policy file, located as `FILE:LINE:COL`.
@@ -64,8 +66,15 @@ pub struct Policy {
     pub plans: Vec<Plan>,
     pub operations: Vec<Operation>,
     pub accounts: Vec<SeedAccount>,
-    /// Path pattern → operations sharing it, in file order.
-    routes: matchit::Router<Vec<usize>>,
+    routes: matchit::Router<Route>,
+}
+
+/// The operations sharing one path pattern, in file order.
+#[derive(Clone, Debug)]
+struct Route {
+    operations: Vec<usize>,
+    /// Some operation here reads the body to match or to price.
+    needs_body: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,16 +155,63 @@ impl fmt::Display for Source {
     }
 }
 
-/// A `when` predicate: the value at `source` is one of `any_of` (compared as text).
+/// A value a predicate compares with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scalar {
+    Text(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Text(s) => f.write_str(s),
+            Scalar::Int(i) => write!(f, "{i}"),
+            Scalar::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// A `when` predicate: the value at `source` is one of `any_of`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Predicate {
     pub source: Source,
-    pub any_of: Vec<String>,
+    pub any_of: Vec<Scalar>,
 }
 
+/// Where the actual usage of a metered operation is read from the response.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Price {
-    Fixed(Credits),
+pub enum UsageSource {
+    /// A JSON pointer into the (buffered copy of the) response body.
+    Json(String),
+    Header(HeaderName),
+    /// A JSON pointer into the data of the last server-sent event that has it.
+    Sse(String),
+}
+
+impl fmt::Display for UsageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageSource::Json(p) => write!(f, "json:{p}"),
+            UsageSource::Header(h) => write!(f, "header:{h}"),
+            UsageSource::Sse(p) => write!(f, "sse:{p}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMissing {
+    ChargeHold,
+    Release,
+}
+
+/// Charge actual usage instead of the held price (capped at the hold).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleRule {
+    pub usage: UsageSource,
+    pub credits_per_unit: Micros,
+    pub on_missing: OnMissing,
 }
 
 /// What happens when the client leaves after the backend answered with a
@@ -166,12 +222,21 @@ pub enum OnClientAbort {
     Release,
 }
 
+/// What happens when the backend cuts a response it started with a charging status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUpstreamCut {
+    Release,
+    /// Settle (with the usage seen so far when the operation is metered).
+    Settle,
+}
+
 /// Which upstream statuses settle the hold; everything else releases it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeRule {
     /// Bit `n` set = status `n` settles. Statuses are 100..=599.
     statuses: [u64; 10],
     pub on_client_abort: OnClientAbort,
+    pub on_upstream_cut: OnUpstreamCut,
 }
 
 impl ChargeRule {
@@ -181,6 +246,7 @@ impl ChargeRule {
         let mut rule = ChargeRule {
             statuses: [0; 10],
             on_client_abort: OnClientAbort::Settle,
+            on_upstream_cut: OnUpstreamCut::Release,
         };
         rule.add_range(200, 299);
         rule
@@ -208,7 +274,10 @@ pub struct Operation {
     pub requires: Vec<String>,
     pub quota: Option<String>,
     pub price: Price,
+    pub settle: Option<SettleRule>,
     pub charge: ChargeRule,
+    /// `when` or the price reads the request body.
+    pub needs_body: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -234,19 +303,13 @@ pub struct SeedAccount {
     pub keys: Vec<SeedKey>,
 }
 
-/// What the gateway can tell the matcher about a request.
-pub trait RequestValues {
-    fn method(&self) -> &Method;
-    fn header(&self, name: &HeaderName) -> Option<&str>;
-    fn query(&self, name: &str) -> Option<String>;
-}
-
-/// A matched operation and the path parameters it captured.
+/// The operations a path can be, before method, `when` and body are looked at.
 #[derive(Debug)]
-pub struct Matched<'p> {
-    pub index: usize,
-    pub operation: &'p Operation,
+pub struct RouteMatch<'p> {
+    operations: &'p [usize],
     pub path_params: Vec<(String, String)>,
+    /// The body must be read before an operation can be chosen or priced.
+    pub needs_body: bool,
 }
 
 impl Policy {
@@ -287,47 +350,23 @@ impl Policy {
             .collect()
     }
 
-    /// Finds the operation for a request: the most specific path pattern wins,
-    /// then the first operation in file order whose method and `when` match.
-    pub fn match_request(&self, path: &str, request: &dyn RequestValues) -> Option<Matched<'_>> {
+    /// The most specific path pattern matching `path`, if any.
+    pub fn route(&self, path: &str) -> Option<RouteMatch<'_>> {
         let found = self.routes.at(path).ok()?;
-        let path_params: Vec<(String, String)> = found
-            .params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let index = found.value.iter().copied().find(|&i| {
-            let op = &self.operations[i];
-            op.method.as_ref().is_none_or(|m| m == request.method())
-                && op
-                    .when
-                    .iter()
-                    .all(|p| predicate_holds(p, request, &path_params))
-        })?;
-        Some(Matched {
-            index,
-            operation: &self.operations[index],
-            path_params,
+        Some(RouteMatch {
+            operations: &found.value.operations,
+            path_params: found.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            needs_body: found.value.needs_body,
         })
     }
-}
 
-fn predicate_holds(
-    predicate: &Predicate,
-    request: &dyn RequestValues,
-    path_params: &[(String, String)],
-) -> bool {
-    let value = match &predicate.source {
-        Source::Header(name) => request.header(name).map(str::to_string),
-        Source::Query(name) => request.query(name),
-        Source::Path(name) => path_params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone()),
-        // Validation refuses body sources until bodies are read before matching.
-        Source::Body(_) => None,
-    };
-    value.is_some_and(|v| predicate.any_of.iter().any(|want| *want == v))
+    /// The first operation of the route, in file order, whose method and `when` match.
+    pub fn select(&self, route: &RouteMatch<'_>, facts: &RequestFacts<'_>) -> Option<usize> {
+        route.operations.iter().copied().find(|&i| {
+            let op = &self.operations[i];
+            op.method.as_ref().is_none_or(|m| m == facts.method) && facts.all_hold(&op.when)
+        })
+    }
 }
 
 #[cfg(test)]

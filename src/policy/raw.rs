@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use toml::{Spanned, Value};
 
 #[derive(Debug, Deserialize)]
@@ -83,9 +84,92 @@ pub struct RawOperation {
     #[serde(default)]
     pub requires: Vec<Spanned<String>>,
     pub quota: Option<Spanned<String>>,
-    pub price: Spanned<Value>,
-    pub settle: Option<Spanned<Value>>,
+    pub price: Spanned<OrTable<RawPriceTable>>,
+    pub settle: Option<Spanned<RawSettle>>,
     pub charge: Option<RawCharge>,
+}
+
+/// A scalar (number, string, boolean) or a table of a given shape — e.g. `price = 3`
+/// or `[operations.price] credits = ...`.
+#[derive(Debug)]
+pub enum OrTable<T> {
+    Scalar(Value),
+    Table(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrTable<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarOrTable<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ScalarOrTable<T> {
+            type Value = OrTable<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, a string or a table")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(OrTable::Scalar(Value::Boolean(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(OrTable::Scalar(Value::Integer(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                i64::try_from(v).map(|v| OrTable::Scalar(Value::Integer(v))).map_err(|_| E::custom("number too large"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(OrTable::Scalar(Value::Float(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OrTable::Scalar(Value::String(v.to_string())))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(OrTable::Table)
+            }
+        }
+
+        deserializer.deserialize_any(ScalarOrTable(std::marker::PhantomData))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPriceTable {
+    pub credits: Spanned<OrTable<RawLookupTable>>,
+    pub per: Option<Spanned<RawPer>>,
+    pub multiplier: Option<Spanned<OrTable<RawLookupTable>>>,
+    #[serde(default)]
+    pub addons: Vec<Spanned<RawAddon>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookupTable {
+    pub from: Spanned<String>,
+    pub table: BTreeMap<String, Spanned<Value>>,
+    pub default: Option<Spanned<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPer {
+    pub from: Spanned<String>,
+    pub min: Option<Spanned<Value>>,
+    pub max: Option<Spanned<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAddon {
+    pub when: BTreeMap<String, Spanned<Value>>,
+    pub credits: Spanned<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettle {
+    pub usage: Spanned<String>,
+    pub credits_per_unit: Spanned<Value>,
+    pub on_missing: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +177,7 @@ pub struct RawOperation {
 pub struct RawCharge {
     pub on: Option<Vec<Spanned<Value>>>,
     pub on_client_abort: Option<Spanned<String>>,
+    pub on_upstream_cut: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

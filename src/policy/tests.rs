@@ -76,34 +76,25 @@ fn errors(text: &str) -> Vec<String> {
         .collect()
 }
 
-struct Req {
-    method: Method,
-    query: Vec<(String, String)>,
-}
-
-impl RequestValues for Req {
-    fn method(&self) -> &Method {
-        &self.method
-    }
-    fn header(&self, _name: &HeaderName) -> Option<&str> {
-        None
-    }
-    fn query(&self, name: &str) -> Option<String> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    }
-}
-
-fn post(query: &[(&str, &str)]) -> Req {
-    Req {
-        method: Method::POST,
-        query: query
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
+/// Matches and prices a request against `policy`.
+fn quote(policy: &Policy, method: Method, target: &str, body: Option<&str>) -> Result<(String, Credits), String> {
+    let uri: http::Uri = target.parse().unwrap();
+    let route = policy.route(uri.path()).ok_or("no route")?;
+    let json = body.map(|b| serde_json::from_str(b).map_err(|e: serde_json::Error| e.to_string()));
+    let headers = http::HeaderMap::new();
+    let facts = RequestFacts {
+        method: &method,
+        headers: &headers,
+        query: uri.query(),
+        path_params: &route.path_params,
+        body: json.as_ref(),
+    };
+    let index = policy.select(&route, &facts).ok_or("no operation")?;
+    let op = &policy.operations[index];
+    op.price
+        .hold_amount(&facts)
+        .map(|c| (op.name.clone(), c))
+        .map_err(|e| format!("{}: {}", e.source, e.message))
 }
 
 #[test]
@@ -132,23 +123,14 @@ fn a_good_policy_validates_with_exact_prices() {
 #[test]
 fn matching_prefers_file_order_within_a_path_and_checks_when() {
     let p = parse(GOOD).unwrap();
-    let m = p
-        .match_request("/v1/images", &post(&[("tier", "4k")]))
-        .unwrap();
-    assert_eq!(m.operation.name, "image.premium");
-    let m = p
-        .match_request("/v1/images", &post(&[("tier", "sd")]))
-        .unwrap();
-    assert_eq!(m.operation.name, "image.generate");
-    let m = p.match_request("/v1/sites/s1/edits", &post(&[])).unwrap();
-    assert_eq!(m.path_params, vec![("site".to_string(), "s1".to_string())]);
-    let get = Req {
-        method: Method::GET,
-        query: vec![],
-    };
-    assert!(p.match_request("/v1/sites/s1/edits", &get).is_none());
-    assert!(p.match_request("/v1/files/a/b/c", &get).is_some());
-    assert!(p.match_request("/nope", &get).is_none());
+    let name = |m: Method, t: &str| quote(&p, m, t, None).map(|(n, _)| n);
+    assert_eq!(name(Method::POST, "/v1/images?tier=4k"), Ok("image.premium".into()));
+    assert_eq!(name(Method::POST, "/v1/images?tier=sd"), Ok("image.generate".into()));
+    assert_eq!(name(Method::POST, "/v1/sites/s1/edits"), Ok("chat.edit".into()));
+    assert_eq!(p.route("/v1/sites/s1/edits").unwrap().path_params, vec![("site".to_string(), "s1".to_string())]);
+    assert!(name(Method::GET, "/v1/sites/s1/edits").is_err());
+    assert!(name(Method::GET, "/v1/files/a/b/c").is_ok());
+    assert!(p.route("/nope").is_none());
 }
 
 #[test]
@@ -251,4 +233,149 @@ fn every_status_outside_the_charge_rule_releases() {
             "{status}"
         );
     }
+}
+
+const PRICED: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[plans.free]
+monthly_credits = 50
+
+[[operations]]
+name = "video"
+path = "/v1/video"
+upstream = "main"
+[operations.price]
+credits = 32
+per = { from = "body:/duration_seconds", min = 1, max = 60 }
+multiplier = { from = "body:/resolution", table = { "720p" = 1, "1080p" = 1, "2k" = 2, "4k" = 4 }, default = 1 }
+
+[[operations]]
+name = "image"
+path = "/v1/images"
+upstream = "main"
+[operations.price]
+credits = { from = "body:/model", table = { "flux-pro" = 16, "gemini-2.5-flash" = 8 }, default = 18 }
+addons = [ { when = { "body:/cover_image" = true }, credits = 1 }, { when = { "body:/hd" = [true, "yes"] }, credits = 0.5 } ]
+
+[[operations]]
+name = "chat.tokens"
+path = "/v1/chat/{model}"
+upstream = "main"
+[operations.price]
+credits = 0.000125
+per = { from = "query:max_tokens", max = 100000 }
+multiplier = { from = "path:model", table = { "big" = 1.5, "small" = 1 } }
+
+[[operations]]
+name = "strict"
+path = "/v1/strict"
+upstream = "main"
+[operations.price]
+credits = { from = "header:x-tier", table = { "a" = 1, "b" = 2 } }
+"#;
+
+#[test]
+fn price_tables_compute_exactly() {
+    let p = parse(PRICED).unwrap();
+    let q = |t: &str, b: Option<&str>| quote(&p, Method::POST, t, b).map(|(_, c)| c.to_string());
+    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8}"#)), Ok("256".into()));
+    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8, "resolution": "4k"}"#)), Ok("1024".into()));
+    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 2.5, "resolution": "2k"}"#)), Ok("160".into()));
+    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8, "resolution": "8k"}"#)), Ok("256".into()), "table default");
+    assert_eq!(q("/v1/images", Some(r#"{"model": "flux-pro"}"#)), Ok("16".into()));
+    assert_eq!(q("/v1/images", Some(r#"{}"#)), Ok("18".into()), "credits default");
+    assert_eq!(q("/v1/images", Some(r#"{"model": "gemini-2.5-flash", "cover_image": true}"#)), Ok("9".into()));
+    assert_eq!(q("/v1/images", Some(r#"{"cover_image": true, "hd": "yes"}"#)), Ok("19.5".into()));
+    assert_eq!(q("/v1/images", Some(r#"{"cover_image": "true"}"#)), Ok("18".into()), "JSON types compare strictly");
+    // 0.000125 × 1000 × 1.5 = 0.1875 → rounded up to 0.188.
+    assert_eq!(q("/v1/chat/big?max_tokens=1000", None), Ok("0.188".into()));
+    assert_eq!(q("/v1/chat/small?max_tokens=8", None), Ok("0.001".into()));
+    assert_eq!(q("/v1/chat/small?max_tokens=0", None), Ok("0".into()));
+}
+
+#[test]
+fn bad_request_values_are_400s_naming_the_source() {
+    let p = parse(PRICED).unwrap();
+    let q = |t: &str, b: Option<&str>| quote(&p, Method::POST, t, b);
+    let err = |t: &str, b: Option<&str>| q(t, b).unwrap_err();
+    assert!(err("/v1/video", Some("{}")).starts_with("body:/duration_seconds: is required"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 61}"#)).contains("outside the allowed range 1..60"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 0.5}"#)).contains("outside the allowed range"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": -8}"#)).contains("non-negative"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": "8"}"#)).contains("must be a number, not a string"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 1e300}"#)).starts_with("body:/duration_seconds"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 8.0000001}"#)).contains("6 decimal"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": [8]}"#)).contains("not an array"));
+    assert!(err("/v1/video", None).contains("is required"), "no body at all");
+    assert!(err("/v1/images", Some(r#"{"model": {"a": 1}}"#)).contains("not an object"));
+    assert!(err("/v1/chat/huge?max_tokens=5", None).starts_with("path:model: \"huge\" is not one of: big, small"));
+    assert!(err("/v1/chat/big?max_tokens=100001", None).starts_with("query:max_tokens"));
+    assert!(err("/v1/chat/big?max_tokens=ten", None).contains("not a decimal"));
+    assert!(err("/v1/strict", None).starts_with("header:x-tier: is required"));
+}
+
+#[test]
+fn a_body_that_is_not_json_is_named() {
+    let p = parse(PRICED).unwrap();
+    let uri = "/v1/video";
+    let route = p.route(uri).unwrap();
+    assert!(route.needs_body);
+    let json: Result<serde_json::Value, String> = Err("expected value at line 1 column 1".into());
+    let headers = http::HeaderMap::new();
+    let facts = RequestFacts { method: &Method::POST, headers: &headers, query: None, path_params: &[], body: Some(&json) };
+    let index = p.select(&route, &facts).unwrap();
+    let e = p.operations[index].price.hold_amount(&facts).unwrap_err();
+    assert_eq!(e.source, "body:/duration_seconds");
+    assert!(e.message.contains("not JSON"));
+}
+
+#[test]
+fn price_overflow_is_refused_not_wrapped() {
+    let text = PRICED.replace("credits = 32\n", "credits = 18446744073709\n").replace("max = 60 }", "max = 18446744073709 }");
+    let p = parse(&text).unwrap();
+    let e = quote(&p, Method::POST, "/v1/video", Some(r#"{"duration_seconds": 18446744073709, "resolution": "4k"}"#)).unwrap_err();
+    assert!(e.contains("too large"), "{e}");
+}
+
+#[test]
+fn price_table_errors_are_located() {
+    let errs = errors(&PRICED.replace("credits = 0.000125", "credits = 0.0000001"));
+    assert!(errs[0].contains(":30:11: credits: 0.0000001 has more than 6 decimal places"), "{errs:?}");
+    let errs = errors(&PRICED.replace("credits = 32\n", "credits = 32.0001\n"));
+    assert!(errs[0].contains("credits: 32.0001 has more than 6"), "per-unit rates take 6 decimals: {errs:?}");
+    let errs = errors(&PRICED.replace(", credits = 0.5 }", ", credits = 0.0005 }"));
+    assert!(errs[0].contains("addon credits: more than 3 decimal places"), "{errs:?}");
+    let errs = errors(&PRICED.replace("body:/model", "model"));
+    assert!(errs[0].contains("is not a value source"), "{errs:?}");
+    let errs = errors(&PRICED.replace("per = { from", "per = { form"));
+    assert!(errs[0].contains("unknown field `form`"), "{errs:?}");
+    let errs = errors(&PRICED.replace("min = 1, max = 60", "min = 60, max = 1"));
+    assert!(errs[0].contains("min is larger than max"), "{errs:?}");
+    let errs = errors(&PRICED.replace("credits = { from = \"header:x-tier\", table = { \"a\" = 1, \"b\" = 2 } }", "credits = { from = \"header:x-tier\", table = { \"a\" = 0.0001 } }"));
+    assert!(errs[0].contains("more than 3 decimal places"), "a table without per holds amounts: {errs:?}");
+}
+
+#[test]
+fn settle_rules_validate() {
+    let with = |settle: &str| PRICED.replace("[[operations]]\nname = \"strict\"", &format!("[operations.settle]\n{settle}\n\n[[operations]]\nname = \"strict\""));
+    let p = parse(&with("usage = \"sse:/usage/total_tokens\"\ncredits_per_unit = 0.002\non_missing = \"release\"")).unwrap();
+    let settle = p.operations[2].settle.clone().unwrap();
+    assert_eq!(settle.usage, UsageSource::Sse("/usage/total_tokens".into()));
+    assert_eq!(settle.credits_per_unit, Micros::parse("0.002").unwrap());
+    assert_eq!(settle.on_missing, OnMissing::Release);
+    let errs = errors(&with("usage = \"body:/x\"\ncredits_per_unit = 1"));
+    assert!(errs[0].contains("is not a usage source"), "{errs:?}");
+    let errs = errors(&with("usage = \"json:/x\"\ncredits_per_unit = 1\non_missing = \"free\""));
+    assert!(errs[0].contains("on_missing must be"), "{errs:?}");
+}
+
+#[test]
+fn usage_charges_round_up() {
+    let rate = Micros::parse("0.002").unwrap();
+    assert_eq!(usage_charge(Micros::parse("1234").unwrap(), rate), Some(Credits::from_millicredits(2_468)));
+    assert_eq!(usage_charge(Micros::parse("1").unwrap(), Micros::parse("0.0001").unwrap()), Some(Credits::from_millicredits(1)));
+    assert_eq!(usage_charge(Micros::parse("0").unwrap(), rate), Some(Credits::ZERO));
+    assert_eq!(usage_charge(Micros::from_micros(u64::MAX), Micros::from_micros(u64::MAX)), None);
 }

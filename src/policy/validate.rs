@@ -12,7 +12,7 @@ use toml::{Spanned, Value};
 use super::raw::*;
 use super::units::{parse_duration_ms, parse_size_bytes};
 use super::*;
-use crate::ledger::{default_priority, Credits, ParseCreditsError};
+use crate::ledger::{default_priority, Credits};
 
 const DEFAULT_MAX_HOLDS_PER_ACCOUNT: usize = 1_024;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -94,29 +94,40 @@ impl Validator<'_> {
         out
     }
 
+    /// The decimal text of a number as written: integers as they are, floats as
+    /// their source text (so `0.1` is exactly 0.1), strings as they are.
+    fn number_text(&mut self, span: Range<usize>, value: &Value, what: &str) -> Option<String> {
+        match value {
+            Value::Integer(i) => Some(i.to_string()),
+            Value::Float(_) => Some(self.source[span].trim().replace('_', "")),
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.error(span, format!("{what} must be a number, not a {}", other.type_str()));
+                None
+            }
+        }
+    }
+
     /// An amount of credits: integer, decimal or string, at most 3 decimals.
     fn amount(&mut self, value: &Spanned<Value>, what: &str) -> Option<Credits> {
-        let span = value.span();
-        let parsed = match value.get_ref() {
-            Value::Integer(i) if *i < 0 => Err(ParseCreditsError::Negative),
-            Value::Integer(i) => Credits::from_whole(*i as u64).ok_or(ParseCreditsError::TooLarge),
-            // The float's own source text, so `0.1` is exactly 100 millicredits.
-            Value::Float(_) => self.source[span.clone()].parse::<Credits>(),
-            Value::String(s) => s.parse::<Credits>(),
-            other => {
-                self.error(
-                    span,
-                    format!(
-                        "{what} must be a number of credits, not a {}",
-                        other.type_str()
-                    ),
-                );
-                return None;
-            }
-        };
-        parsed
-            .map_err(|e| self.error(value.span(), format!("{what}: {e}")))
+        self.amount_at(value.span(), value.get_ref(), what)
+    }
+
+    fn amount_at(&mut self, span: Range<usize>, value: &Value, what: &str) -> Option<Credits> {
+        let text = self.number_text(span.clone(), value, what)?;
+        text.parse::<Credits>()
+            .map_err(|e| self.error(span, format!("{what}: {e}")))
             .ok()
+    }
+
+    /// A rate, quantity or multiplier: at most 6 decimals.
+    fn micros_at(&mut self, span: Range<usize>, value: &Value, what: &str) -> Option<Micros> {
+        let text = self.number_text(span.clone(), value, what)?;
+        Micros::parse(&text).map_err(|e| self.error(span, format!("{what}: {e}"))).ok()
+    }
+
+    fn micros(&mut self, value: &Spanned<Value>, what: &str) -> Option<Micros> {
+        self.micros_at(value.span(), value.get_ref(), what)
     }
 
     fn duration_ms(&mut self, value: &Option<Spanned<String>>, default_ms: u64, what: &str) -> u64 {
@@ -483,26 +494,12 @@ impl Validator<'_> {
                 );
             }
         }
-        let mut when = Vec::new();
-        for (source, value) in &raw.when {
-            if let Some(p) = self.predicate(source, value) {
-                when.push(p);
-            }
-        }
-        let price = match raw.price.get_ref() {
-            Value::Table(_) => {
-                self.error(raw.price.span(), "price tables (credits from a request value, per, multiplier, addons) are not supported yet: use a fixed amount");
-                None
-            }
-            _ => self.amount(&raw.price, "price").map(Price::Fixed),
-        };
-        if let Some(settle) = &raw.settle {
-            self.error(
-                settle.span(),
-                "[operations.settle] (charging actual usage) is not supported yet",
-            );
-        }
+        let when = self.predicates(&raw.when);
+        let price = self.price(&raw.price);
+        let settle = raw.settle.as_ref().and_then(|s| self.settle(s));
         let charge = self.charge(raw.charge.as_ref());
+        let price = price?;
+        let needs_body = when.iter().map(|p| &p.source).chain(price.sources()).any(|s| matches!(s, Source::Body(_)));
         Some(Operation {
             name,
             method,
@@ -511,8 +508,10 @@ impl Validator<'_> {
             upstream: upstream?,
             requires: raw.requires.iter().map(|f| f.get_ref().clone()).collect(),
             quota: raw.quota.as_ref().map(|q| q.get_ref().clone()),
-            price: price?,
+            price,
+            settle,
             charge,
+            needs_body,
         })
     }
 
@@ -524,13 +523,6 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if let Source::Body(_) = source {
-            self.error(
-                value.span(),
-                "`when` on body values is not supported yet: use path, query or header",
-            );
-            return None;
-        }
         let values: Vec<&Value> = match value.get_ref() {
             Value::Array(items) => items.iter().collect(),
             single => vec![single],
@@ -538,17 +530,11 @@ impl Validator<'_> {
         let mut any_of = Vec::new();
         for v in values {
             match v {
-                Value::String(s) => any_of.push(s.clone()),
-                Value::Integer(i) => any_of.push(i.to_string()),
-                Value::Boolean(b) => any_of.push(b.to_string()),
+                Value::String(s) => any_of.push(Scalar::Text(s.clone())),
+                Value::Integer(i) => any_of.push(Scalar::Int(*i)),
+                Value::Boolean(b) => any_of.push(Scalar::Bool(*b)),
                 other => {
-                    self.error(
-                        value.span(),
-                        format!(
-                            "`when` values must be strings, integers or booleans, not a {}",
-                            other.type_str()
-                        ),
-                    );
+                    self.error(value.span(), format!("`when` values must be strings, integers or booleans, not a {}", other.type_str()));
                     return None;
                 }
             }
@@ -558,6 +544,103 @@ impl Validator<'_> {
             return None;
         }
         Some(Predicate { source, any_of })
+    }
+
+    fn predicates(&mut self, raw: &BTreeMap<String, Spanned<Value>>) -> Vec<Predicate> {
+        raw.iter().filter_map(|(source, value)| self.predicate(source, value)).collect()
+    }
+
+    fn source_at(&mut self, text: &Spanned<String>) -> Option<Source> {
+        self.source_of(text.get_ref()).map_err(|e| self.error(text.span(), e)).ok()
+    }
+
+    /// A `credits` or `multiplier` value: fixed, or a table on a request value.
+    fn lookup(&mut self, raw: &Spanned<OrTable<RawLookupTable>>, decimals: usize, what: &str) -> Option<Lookup> {
+        let value = |v: &mut Self, span: Range<usize>, value: &Value| -> Option<Micros> {
+            if decimals == 3 {
+                v.amount_at(span, value, what).map(|c| Micros::from_micros(c.millicredits() * 1_000))
+            } else {
+                v.micros_at(span, value, what)
+            }
+        };
+        match raw.get_ref() {
+            OrTable::Scalar(v) => value(self, raw.span(), v).map(Lookup::Fixed),
+            OrTable::Table(t) => {
+                let source = self.source_at(&t.from);
+                let mut table = Vec::new();
+                for (key, v) in &t.table {
+                    if let Some(v) = value(self, v.span(), v.get_ref()) {
+                        table.push((key.clone(), v));
+                    }
+                }
+                let default = t.default.as_ref().and_then(|d| value(self, d.span(), d.get_ref()));
+                if t.table.is_empty() {
+                    self.error(t.from.span(), format!("{what}: the table is empty"));
+                }
+                Some(Lookup::Table { source: source?, table, default })
+            }
+        }
+    }
+
+    fn price(&mut self, raw: &Spanned<OrTable<RawPriceTable>>) -> Option<Price> {
+        let table = match raw.get_ref() {
+            OrTable::Scalar(value) => return self.amount_at(raw.span(), value, "price").map(Price::Fixed),
+            OrTable::Table(table) => table,
+        };
+        // With `per`, `credits` is a per-unit rate (6 decimals); without, an amount (3).
+        let credits = self.lookup(&table.credits, if table.per.is_some() { 6 } else { 3 }, "credits");
+        let per = table.per.as_ref().and_then(|per| {
+            let p = per.get_ref();
+            let source = self.source_at(&p.from)?;
+            let min = p.min.as_ref().and_then(|m| self.micros(m, "min"));
+            let max = p.max.as_ref().and_then(|m| self.micros(m, "max"));
+            if let (Some(lo), Some(hi)) = (min, max) {
+                if lo > hi {
+                    self.error(per.span(), "per: min is larger than max");
+                }
+            }
+            Some(Per { source, min, max })
+        });
+        let multiplier = table.multiplier.as_ref().and_then(|m| self.lookup(m, 6, "multiplier"));
+        let mut addons = Vec::new();
+        for addon in &table.addons {
+            let a = addon.get_ref();
+            let when = self.predicates(&a.when);
+            if a.when.is_empty() {
+                self.error(addon.span(), "an addon needs `when`: otherwise add its credits to the price");
+            }
+            if let Some(credits) = self.amount(&a.credits, "addon credits") {
+                addons.push(Addon { when, credits });
+            }
+        }
+        if table.per.is_some() && per.is_none() || table.multiplier.is_some() && multiplier.is_none() {
+            return None;
+        }
+        Some(Price::Rule(PriceRule { credits: credits?, per, multiplier, addons }))
+    }
+
+    fn settle(&mut self, raw: &Spanned<RawSettle>) -> Option<SettleRule> {
+        let s = raw.get_ref();
+        let text = s.usage.get_ref();
+        let usage = match text.split_once(':') {
+            Some(("json", p)) if p.is_empty() || p.starts_with('/') => Some(UsageSource::Json(p.to_string())),
+            Some(("sse", p)) if p.is_empty() || p.starts_with('/') => Some(UsageSource::Sse(p.to_string())),
+            Some(("header", h)) => HeaderName::try_from(h).ok().map(UsageSource::Header),
+            _ => None,
+        };
+        if usage.is_none() {
+            self.error(s.usage.span(), format!("{text:?} is not a usage source: use json:/pointer, header:name or sse:/pointer"));
+        }
+        let credits_per_unit = self.micros(&s.credits_per_unit, "credits_per_unit");
+        let on_missing = match s.on_missing.as_ref().map(|o| (o.get_ref().as_str(), o.span())) {
+            None | Some(("charge_hold", _)) => OnMissing::ChargeHold,
+            Some(("release", _)) => OnMissing::Release,
+            Some((other, span)) => {
+                self.error(span, format!("on_missing must be \"charge_hold\" or \"release\", not {other:?}"));
+                OnMissing::ChargeHold
+            }
+        };
+        Some(SettleRule { usage: usage?, credits_per_unit: credits_per_unit?, on_missing })
     }
 
     fn source_of(&self, text: &str) -> Result<Source, String> {
@@ -580,10 +663,7 @@ impl Validator<'_> {
         let mut rule = ChargeRule::default_rule();
         let Some(raw) = raw else { return rule };
         if let Some(on) = &raw.on {
-            rule = ChargeRule {
-                statuses: [0; 10],
-                on_client_abort: rule.on_client_abort,
-            };
+            rule.statuses = [0; 10];
             for item in on {
                 let text = match item.get_ref() {
                     Value::String(s) => s.clone(),
@@ -612,6 +692,16 @@ impl Validator<'_> {
                 }
             };
         }
+        if let Some(cut) = &raw.on_upstream_cut {
+            rule.on_upstream_cut = match cut.get_ref().as_str() {
+                "release" => OnUpstreamCut::Release,
+                "settle" => OnUpstreamCut::Settle,
+                other => {
+                    self.error(cut.span(), format!("on_upstream_cut must be \"release\" or \"settle\", not {other:?}"));
+                    OnUpstreamCut::Release
+                }
+            };
+        }
         rule
     }
 
@@ -620,7 +710,7 @@ impl Validator<'_> {
         &mut self,
         raw: &[Spanned<RawOperation>],
         ops: &[Operation],
-    ) -> matchit::Router<Vec<usize>> {
+    ) -> matchit::Router<Route> {
         let mut by_pattern: Vec<(String, Range<usize>, Vec<usize>)> = Vec::new();
         // `ops` lines up with `raw` only when every operation validated.
         if ops.len() != raw.len() {
@@ -639,7 +729,8 @@ impl Validator<'_> {
                 self.error(span, format!("path {pattern:?} must start with /"));
                 continue;
             }
-            if let Err(e) = router.insert(pattern.clone(), indexes) {
+            let needs_body = indexes.iter().any(|&i| ops[i].needs_body);
+            if let Err(e) = router.insert(pattern.clone(), Route { operations: indexes, needs_body }) {
                 self.error(span, format!("invalid path pattern {pattern:?}: {e}"));
             }
         }

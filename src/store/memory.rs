@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{EndOutcome, HoldOutcome, Identity, Store, StoreError};
+use super::{Balance, EndOutcome, HoldOutcome, Identity, Store, StoreError};
 use crate::ledger::{default_priority, Account, Credits, HoldRequest, Millis, Totals};
 use crate::policy::{Plan, SeedAccount};
 
@@ -93,6 +93,17 @@ impl Store for MemoryStore {
         self.with_account(account, |a| {
             a.tick(now_ms);
             a.totals()
+        })
+    }
+
+    async fn balance(&self, account: &str, now_ms: Millis) -> Result<Balance, StoreError> {
+        self.with_account(account, |a| {
+            a.tick(now_ms);
+            Balance {
+                plan: a.plan.clone(),
+                grants: a.grants().iter().filter(|g| !g.left.is_zero()).cloned().collect(),
+                totals: a.totals(),
+            }
         })
     }
 

@@ -10,7 +10,7 @@ pub mod memory;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Credits, EndRejected, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Millis, Totals,
+    Credits, EndRejected, Grant, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Millis, Totals,
 };
 use crate::policy::{Plan, SeedAccount};
 
@@ -20,6 +20,15 @@ pub struct Identity {
     pub account: String,
     pub member: String,
     pub plan: String,
+}
+
+/// What an account's owner may see of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub plan: String,
+    /// Live grants in spend order.
+    pub grants: Vec<Grant>,
+    pub totals: Totals,
 }
 
 /// A failure of the store itself (not an outcome of the ledger).
@@ -63,6 +72,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The account's totals, after applying time.
     async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError>;
+
+    /// The account's plan, grants and totals, after applying time.
+    async fn balance(&self, account: &str, now_ms: Millis) -> Result<Balance, StoreError>;
 
     /// Creates a seeded account if it does not exist yet (with its plan grant,
     /// signup credits and listed grants, once) and registers its keys.

@@ -1,0 +1,111 @@
+//! Reading a request body before the hold, and forwarding it intact afterwards.
+//!
+//! Pingora 0.9 forwards a request body from what it reads off the client socket,
+//! or from its retry buffer — which holds only 64 KiB (`BODY_BUF_LIMIT`) and,
+//! past that, silently sends nothing. A body we read completely to price it is
+//! therefore handed back this way (verified in `shared/notes/pingora-request-bodies.md`):
+//!
+//! 1. [`read_all`] answers `Expect: 100-continue`, reads the whole body (decoding
+//!    chunked framing) up to the limit.
+//! 2. [`rearm`] re-parses the request head from memory with a one-byte
+//!    `Content-Length: 1` placeholder body, reads that byte into the retry buffer,
+//!    and restores keep-alive — so Pingora believes there is a small, buffered body.
+//! 3. [`swap_in`], called from `request_body_filter`, replaces the placeholder with
+//!    the real body on the last call of each upstream attempt (so retries work),
+//!    and `upstream_request_filter` sets the real `Content-Length`.
+//!
+//! The end-to-end test that sends multi-MiB Content-Length, chunked and `Expect`
+//! bodies and compares what the backend got byte for byte guards these internals
+//! across Pingora upgrades. HTTP/2 clients cannot be re-armed; the gateway refuses
+//! body-priced requests from them with a clear error (the listener speaks HTTP/1).
+
+use bytes::{Bytes, BytesMut};
+use pingora::protocols::http::ServerSession;
+use pingora::proxy::Session;
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub(super) enum BodyError {
+    TooLarge,
+    /// The client is not HTTP/1 (bodies cannot be re-armed there).
+    NotHttp1,
+    /// The client sent a broken body or went away.
+    Read(String),
+}
+
+/// Reads the complete request body, refusing more than `limit` bytes.
+pub(super) async fn read_all(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+    if !matches!(session.as_downstream(), ServerSession::H1(_)) {
+        return Err(BodyError::NotHttp1);
+    }
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // Pingora never answers it itself; without this the client waits ~1 s.
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await
+            .map_err(|e| BodyError::Read(e.to_string()))?;
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(chunk) = session.read_request_body().await.map_err(|e| BodyError::Read(e.to_string()))? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Makes Pingora forward a body that [`read_all`] already consumed (see the module docs).
+pub(super) async fn rearm(session: &mut Session) -> Result<(), String> {
+    let keepalive = session.get_keepalive();
+    let ServerSession::H1(h1) = session.as_downstream_mut() else {
+        return Err("not an HTTP/1 session".into());
+    };
+    let raw = h1.get_headers_raw_bytes();
+    let mut head = BytesMut::with_capacity(raw.len() + 24);
+    for line in raw.split(|&b| b == b'\n') {
+        let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
+        if trimmed.is_empty() {
+            continue;
+        }
+        let name = trimmed.split(|&b| b == b':').next().unwrap_or_default();
+        let framing = [&b"content-length"[..], b"transfer-encoding", b"expect"];
+        if framing.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+            continue;
+        }
+        head.extend_from_slice(trimmed);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"Content-Length: 1\r\n\r\n\0");
+    h1.set_pipelined_prefix(head);
+    match h1.read_request().await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err("the re-armed request did not parse".into()),
+        Err(e) => return Err(format!("the re-armed request did not parse: {e}")),
+    }
+    session.enable_retry_buffering();
+    while session.read_request_body().await.map_err(|e| e.to_string())?.is_some() {}
+    session.set_keepalive(keepalive);
+    Ok(())
+}
+
+/// In `request_body_filter`: the real body goes out on the last call of each
+/// upstream attempt; the placeholder byte never does.
+pub(super) fn swap_in(saved: &Bytes, body: &mut Option<Bytes>, end_of_stream: bool) {
+    *body = end_of_stream.then(|| saved.clone());
+}

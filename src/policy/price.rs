@@ -1,0 +1,355 @@
+//! Prices from the request: `credits × per × multiplier + addons`, and charges
+//! from actual usage. Exact: rates, quantities and multipliers are decimals with
+//! at most 6 places ([`Micros`]), products are computed in `u128`, and every
+//! result is rounded *up* to a whole millicredit. Overflow is refused, never wrapped.
+//!
+//! A value the price needs that is missing (with no default), of the wrong type
+//! or out of range is a [`PriceError`] naming its source: never a clamp, never free.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::{HeaderMap, Method};
+use serde_json::Value;
+
+use super::{Predicate, Scalar, Source};
+use crate::ledger::Credits;
+
+/// A non-negative decimal with at most 6 fractional digits, as integer millionths.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Micros(u64);
+
+impl Micros {
+    pub const ONE: Micros = Micros(1_000_000);
+
+    pub const fn from_micros(micros: u64) -> Self {
+        Micros(micros)
+    }
+
+    pub const fn micros(self) -> u64 {
+        self.0
+    }
+
+    /// Parses `8`, `8.5`, `0.000125`; refuses signs, exponents, > 6 decimals.
+    pub fn parse(text: &str) -> Result<Micros, String> {
+        let text = text.trim();
+        if text.starts_with('-') {
+            return Err(format!("{text} is negative"));
+        }
+        let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !(frac.is_empty() || digits(frac)) {
+            return Err(format!("{text:?} is not a decimal number"));
+        }
+        let frac = frac.trim_end_matches('0');
+        if frac.len() > 6 {
+            return Err(format!("{text} has more than 6 decimal places"));
+        }
+        let whole: u64 = whole.parse().map_err(|_| format!("{text} is too large"))?;
+        let frac: u64 = format!("{frac:0<6}").parse().map_err(|_| format!("{text:?} is not a decimal number"))?;
+        whole
+            .checked_mul(1_000_000)
+            .and_then(|w| w.checked_add(frac))
+            .map(Micros)
+            .ok_or_else(|| format!("{text} is too large"))
+    }
+}
+
+impl fmt::Display for Micros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (whole, frac) = (self.0 / 1_000_000, self.0 % 1_000_000);
+        if frac == 0 {
+            return write!(f, "{whole}");
+        }
+        write!(f, "{whole}.{}", format!("{frac:06}").trim_end_matches('0'))
+    }
+}
+
+/// A value chosen by a request value through a table, or fixed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Fixed(Micros),
+    Table {
+        source: Source,
+        table: Vec<(String, Micros)>,
+        default: Option<Micros>,
+    },
+}
+
+/// Multiply by a quantity read from the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Per {
+    pub source: Source,
+    pub min: Option<Micros>,
+    pub max: Option<Micros>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addon {
+    pub when: Vec<Predicate>,
+    pub credits: Credits,
+}
+
+/// A price table: `credits × per × multiplier + addons`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceRule {
+    /// An amount (3 decimals) without `per`; a per-unit rate (6 decimals) with it.
+    pub credits: Lookup,
+    pub per: Option<Per>,
+    pub multiplier: Option<Lookup>,
+    pub addons: Vec<Addon>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Price {
+    Fixed(Credits),
+    Rule(PriceRule),
+}
+
+/// Why a request cannot be priced: a `400 invalid_request` naming `source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceError {
+    pub source: String,
+    pub message: String,
+}
+
+impl PriceError {
+    fn new(source: &Source, message: impl Into<String>) -> Self {
+        PriceError { source: source.to_string(), message: message.into() }
+    }
+}
+
+/// Everything about a request that prices and predicates may read.
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+    pub path_params: &'a [(String, String)],
+    /// The parsed JSON body: `None` when not read, `Some(Err)` when not JSON.
+    pub body: Option<&'a Result<Value, String>>,
+}
+
+/// A value found in the request.
+pub enum Found<'a> {
+    Text(Cow<'a, str>),
+    Json(&'a Value),
+}
+
+impl RequestFacts<'_> {
+    /// The value at `source`; `Ok(None)` when absent.
+    pub fn find(&self, source: &Source) -> Result<Option<Found<'_>>, PriceError> {
+        Ok(match source {
+            Source::Header(name) => self.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| Found::Text(Cow::Borrowed(v))),
+            Source::Query(name) => self.query.and_then(|q| {
+                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| Found::Text(v))
+            }),
+            Source::Path(name) => self.path_params.iter().find(|(k, _)| k == name).map(|(_, v)| Found::Text(Cow::Borrowed(v.as_str()))),
+            Source::Body(pointer) => match self.body {
+                None => None,
+                Some(Err(e)) => return Err(PriceError::new(source, format!("the request body is not JSON: {e}"))),
+                Some(Ok(json)) => json.pointer(pointer).filter(|v| !v.is_null()).map(Found::Json),
+            },
+        })
+    }
+
+    /// Whether every predicate holds. A value that is absent, or a body that is
+    /// not JSON, makes a predicate false.
+    pub fn all_hold(&self, predicates: &[Predicate]) -> bool {
+        predicates.iter().all(|p| match self.find(&p.source) {
+            Ok(Some(found)) => p.any_of.iter().any(|want| want.matches(&found)),
+            _ => false,
+        })
+    }
+}
+
+impl Scalar {
+    /// Text from a query, header or path compares as text; a JSON value compares
+    /// by type (a JSON string never equals an integer predicate).
+    pub fn matches(&self, found: &Found<'_>) -> bool {
+        match (self, found) {
+            (_, Found::Text(text)) => self.to_string() == *text,
+            (Scalar::Text(want), Found::Json(Value::String(s))) => want == s,
+            (Scalar::Int(want), Found::Json(Value::Number(n))) => {
+                n.as_i64() == Some(*want) || (*want >= 0 && n.as_u64() == Some(*want as u64))
+            }
+            (Scalar::Bool(want), Found::Json(Value::Bool(b))) => want == b,
+            _ => false,
+        }
+    }
+}
+
+/// The text a table is keyed by: strings as they are, numbers and booleans as written.
+fn table_key<'a>(found: &'a Found<'a>, source: &Source) -> Result<Cow<'a, str>, PriceError> {
+    match found {
+        Found::Text(text) => Ok(Cow::Borrowed(text.as_ref())),
+        Found::Json(Value::String(s)) => Ok(Cow::Borrowed(s.as_str())),
+        Found::Json(Value::Number(n)) => Ok(Cow::Owned(n.to_string())),
+        Found::Json(Value::Bool(b)) => Ok(Cow::Owned(b.to_string())),
+        Found::Json(other) => Err(PriceError::new(source, format!("must be a string, number or boolean, not {}", json_type(other)))),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A quantity: a JSON number, or text holding a decimal.
+fn quantity(found: &Found<'_>, source: &Source) -> Result<Micros, PriceError> {
+    let text = match found {
+        Found::Text(text) => text.to_string(),
+        Found::Json(Value::Number(n)) => n.to_string(),
+        Found::Json(other) => return Err(PriceError::new(source, format!("must be a number, not {}", json_type(other)))),
+    };
+    Micros::parse(&text).map_err(|e| PriceError::new(source, format!("must be a non-negative number with at most 6 decimals: {e}")))
+}
+
+impl Lookup {
+    fn value(&self, facts: &RequestFacts<'_>) -> Result<Micros, PriceError> {
+        let (source, table, default) = match self {
+            Lookup::Fixed(value) => return Ok(*value),
+            Lookup::Table { source, table, default } => (source, table, default),
+        };
+        let Some(found) = facts.find(source)? else {
+            return default.ok_or_else(|| PriceError::new(source, "is required to price this request"));
+        };
+        let key = table_key(&found, source)?;
+        table
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .or(*default)
+            .ok_or_else(|| {
+                let known: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
+                PriceError::new(source, format!("{key:?} is not one of: {}", known.join(", ")))
+            })
+    }
+}
+
+/// `a × b × c` (each in millionths) in whole millicredits, rounded up.
+fn product_millicredits(factors: [Micros; 3], source: &str) -> Result<u64, PriceError> {
+    let overflow = || PriceError { source: source.to_string(), message: "makes the price too large".into() };
+    let product = factors
+        .iter()
+        .try_fold(1u128, |acc, f| acc.checked_mul(f.0 as u128))
+        .ok_or_else(overflow)?;
+    // millionths³ = 1e-18 credits; a millicredit is 1e-3 credits.
+    let scale = 1_000_000_000_000_000u128;
+    u64::try_from(product.div_ceil(scale)).map_err(|_| overflow())
+}
+
+impl Price {
+    /// The amount to hold for this request.
+    pub fn hold_amount(&self, facts: &RequestFacts<'_>) -> Result<Credits, PriceError> {
+        let rule = match self {
+            Price::Fixed(credits) => return Ok(*credits),
+            Price::Rule(rule) => rule,
+        };
+        let credits = rule.credits.value(facts)?;
+        let (quantity, blame) = match &rule.per {
+            None => (Micros::ONE, "price".to_string()),
+            Some(per) => {
+                let found = facts.find(&per.source)?.ok_or_else(|| PriceError::new(&per.source, "is required to price this request"))?;
+                let q = quantity(&found, &per.source)?;
+                if per.min.is_some_and(|min| q < min) || per.max.is_some_and(|max| q > max) {
+                    let range = format!(
+                        "{}..{}",
+                        per.min.map_or(String::new(), |m| m.to_string()),
+                        per.max.map_or(String::new(), |m| m.to_string())
+                    );
+                    return Err(PriceError::new(&per.source, format!("{q} is outside the allowed range {range}")));
+                }
+                (q, per.source.to_string())
+            }
+        };
+        let multiplier = match &rule.multiplier {
+            None => Micros::ONE,
+            Some(m) => m.value(facts)?,
+        };
+        let mut total = Credits::from_millicredits(product_millicredits([credits, quantity, multiplier], &blame)?);
+        for addon in &rule.addons {
+            if facts.all_hold(&addon.when) {
+                total = total.checked_add(addon.credits).ok_or_else(|| PriceError { source: blame.clone(), message: "makes the price too large".into() })?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The sources this price reads, for `check` and for deciding whether the body
+    /// must be read before the hold.
+    pub fn sources(&self) -> Vec<&Source> {
+        let Price::Rule(rule) = self else { return Vec::new() };
+        let mut sources = Vec::new();
+        for lookup in [Some(&rule.credits), rule.multiplier.as_ref()].into_iter().flatten() {
+            if let Lookup::Table { source, .. } = lookup {
+                sources.push(source);
+            }
+        }
+        if let Some(per) = &rule.per {
+            sources.push(&per.source);
+        }
+        for addon in &rule.addons {
+            sources.extend(addon.when.iter().map(|p| &p.source));
+        }
+        sources
+    }
+}
+
+/// Usage × a per-unit rate, in millicredits rounded up; `None` on overflow.
+pub fn usage_charge(usage: Micros, credits_per_unit: Micros) -> Option<Credits> {
+    let product = (usage.0 as u128).checked_mul(credits_per_unit.0 as u128)?;
+    // millionths² = 1e-12 credits; a millicredit is 1e-3 credits.
+    u64::try_from(product.div_ceil(1_000_000_000)).ok().map(Credits::from_millicredits)
+}
+
+impl fmt::Display for Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Lookup::Fixed(v) => write!(f, "{v}"),
+            Lookup::Table { source, table, default } => {
+                let entries: Vec<String> = table.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                write!(f, "{source}{{{}", entries.join(", "))?;
+                if let Some(d) = default {
+                    write!(f, "; default {d}")?;
+                }
+                write!(f, "}}")
+            }
+        }
+    }
+}
+
+/// How `check` shows a price: `32 × body:/seconds[1..60] × body:/res{2k: 2; default 1} + 1 if …`.
+impl fmt::Display for Price {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rule = match self {
+            Price::Fixed(credits) => return write!(f, "{credits}"),
+            Price::Rule(rule) => rule,
+        };
+        write!(f, "{}", rule.credits)?;
+        if let Some(per) = &rule.per {
+            let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
+            write!(f, " × {}[{}..{}]", per.source, bound(per.min), bound(per.max))?;
+        }
+        if let Some(m) = &rule.multiplier {
+            write!(f, " × {m}")?;
+        }
+        for addon in &rule.addons {
+            let when: Vec<String> = addon.when.iter().map(|p| p.to_string()).collect();
+            write!(f, " + {} if {}", addon.credits, when.join(" and "))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Predicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let values: Vec<String> = self.any_of.iter().map(|v| v.to_string()).collect();
+        write!(f, "{} = {}", self.source, values.join("|"))
+    }
+}
