@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use creditgate::ledger::{Account, Credits, HoldRequest};
-use creditgate::policy::{Policy, RequestValues};
+use creditgate::policy::{Policy, RequestFacts};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::Store;
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderName, Method};
+use http::{HeaderMap, Method};
 
 /// A policy with `n` operations on distinct paths, half of them parameterised.
 fn policy_with(n: usize) -> Policy {
@@ -36,11 +36,21 @@ fn request() -> HoldRequest {
 
 fn benches(c: &mut Criterion) {
     let policy = policy_with(200);
+    let headers = HeaderMap::new();
     c.bench_function("match + price, 200-operation policy", |b| {
         b.iter(|| {
-            policy
-                .match_request(std::hint::black_box("/v1/op151/abc/edit"), &Post)
-                .map(|m| m.index)
+            let route = policy
+                .route(std::hint::black_box("/v1/op151/abc/edit"))
+                .unwrap();
+            let facts = RequestFacts {
+                method: &Method::POST,
+                headers: &headers,
+                query: None,
+                path_params: &route.path_params,
+                body: None,
+            };
+            let index = policy.select(&route, &facts).unwrap();
+            policy.operations[index].price.hold_amount(&facts).unwrap()
         })
     });
 

@@ -64,7 +64,12 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { policy } => check(&policy),
         Command::Run { policy } => run(&policy),
-        Command::Quote { policy, method, path, body } => quote(&policy, &method, &path, body.as_deref()),
+        Command::Quote {
+            policy,
+            method,
+            path,
+            body,
+        } => quote(&policy, &method, &path, body.as_deref()),
         Command::Demo => demo(),
         Command::MockBackend { listen } => mock_backend(&listen),
     }
@@ -102,9 +107,15 @@ fn check(path: &std::path::Path) -> ExitCode {
             notes.push(format!("requires {}", op.requires.join(", ")));
         }
         if let Some(settle) = &op.settle {
-            notes.push(format!("settles {} × {} credits", settle.usage, settle.credits_per_unit));
+            notes.push(format!(
+                "settles {} × {} credits",
+                settle.usage, settle.credits_per_unit
+            ));
         }
-        println!("  {:<28} {:<6} {:<32} {} credits", op.name, method, op.path, op.price);
+        println!(
+            "  {:<28} {:<6} {:<32} {} credits",
+            op.name, method, op.path, op.price
+        );
         for note in notes {
             println!("  {:<28} {note}", "");
         }
@@ -128,11 +139,22 @@ fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>)
         }
         answer(serde_json::json!({ "error": e }), ExitCode::FAILURE)
     };
-    let (Ok(method), Ok(uri)) = (http::Method::from_bytes(method.as_bytes()), target.parse::<http::Uri>()) else {
-        return error("invalid_request", format!("{method} {target} is not a method and a path"), None);
+    let (Ok(method), Ok(uri)) = (
+        http::Method::from_bytes(method.as_bytes()),
+        target.parse::<http::Uri>(),
+    ) else {
+        return error(
+            "invalid_request",
+            format!("{method} {target} is not a method and a path"),
+            None,
+        );
     };
     let Some(route) = policy.route(uri.path()) else {
-        return error("unknown_operation", "No operation matches this method and path.".into(), None);
+        return error(
+            "unknown_operation",
+            "No operation matches this method and path.".into(),
+            None,
+        );
     };
     let json = match body {
         Some(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
@@ -147,7 +169,11 @@ fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>)
         body: route.needs_body.then_some(&json),
     };
     let Some(index) = policy.select(&route, &facts) else {
-        return error("unknown_operation", "No operation matches this method and path.".into(), None);
+        return error(
+            "unknown_operation",
+            "No operation matches this method and path.".into(),
+            None,
+        );
     };
     let op = &policy.operations[index];
     match op.price.hold_amount(&facts) {
@@ -155,7 +181,11 @@ fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>)
             serde_json::json!({"operation": op.name, "credits": credits.to_json(), "requires": op.requires}),
             ExitCode::SUCCESS,
         ),
-        Err(e) => error("invalid_request", format!("{} {}.", e.source, e.message), Some(&e.source)),
+        Err(e) => error(
+            "invalid_request",
+            format!("{} {}.", e.source, e.message),
+            Some(&e.source),
+        ),
     }
 }
 

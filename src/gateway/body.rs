@@ -61,7 +61,11 @@ pub(super) async fn read_all(session: &mut Session, limit: usize) -> Result<Byte
             .map_err(|e| BodyError::Read(e.to_string()))?;
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    while let Some(chunk) = session.read_request_body().await.map_err(|e| BodyError::Read(e.to_string()))? {
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| BodyError::Read(e.to_string()))?
+    {
         if body.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge);
         }
@@ -99,7 +103,12 @@ pub(super) async fn rearm(session: &mut Session) -> Result<(), String> {
         Err(e) => return Err(format!("the re-armed request did not parse: {e}")),
     }
     session.enable_retry_buffering();
-    while session.read_request_body().await.map_err(|e| e.to_string())?.is_some() {}
+    while session
+        .read_request_body()
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {}
     session.set_keepalive(keepalive);
     Ok(())
 }

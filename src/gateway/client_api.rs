@@ -27,7 +27,10 @@ struct QuoteRequest {
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::InvalidRequest { source: "quote".into(), message: message.into() }
+    ApiError::InvalidRequest {
+        source: "quote".into(),
+        message: message.into(),
+    }
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -38,7 +41,12 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 impl Gateway {
-    pub(super) async fn client_api(&self, session: &mut Session, ctx: &mut RequestCtx, path: &str) -> Result<(), ApiError> {
+    pub(super) async fn client_api(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        path: &str,
+    ) -> Result<(), ApiError> {
         let method = session.req_header().method.clone();
         let answer = match (method, path) {
             (Method::GET, "/credits/v1/balance") => self.balance_json(ctx).await?,
@@ -48,8 +56,11 @@ impl Gateway {
                     body::BodyError::TooLarge => ApiError::RequestTooLarge { limit },
                     _ => invalid("body could not be read"),
                 })?;
-                let quote: QuoteRequest = serde_json::from_slice(&bytes)
-                    .map_err(|e| invalid(format!("body must be {{\"method\", \"path\", \"headers\"?, \"body\"?}}: {e}")))?;
+                let quote: QuoteRequest = serde_json::from_slice(&bytes).map_err(|e| {
+                    invalid(format!(
+                        "body must be {{\"method\", \"path\", \"headers\"?, \"body\"?}}: {e}"
+                    ))
+                })?;
                 self.quote_json(ctx, quote).await?
             }
             _ => return Err(ApiError::UnknownOperation),
@@ -61,8 +72,14 @@ impl Gateway {
     }
 
     async fn balance_json(&self, ctx: &RequestCtx) -> Result<Value, ApiError> {
-        let Some(identity) = &ctx.identity else { return Err(ApiError::MissingApiKey) };
-        let balance = self.store.balance(&identity.account, now_ms()).await.map_err(store_error)?;
+        let Some(identity) = &ctx.identity else {
+            return Err(ApiError::MissingApiKey);
+        };
+        let balance = self
+            .store
+            .balance(&identity.account, now_ms())
+            .await
+            .map_err(store_error)?;
         let grants: Vec<Value> = balance
             .grants
             .iter()
@@ -84,17 +101,31 @@ impl Gateway {
     }
 
     async fn quote_json(&self, ctx: &RequestCtx, quote: QuoteRequest) -> Result<Value, ApiError> {
-        let Some(identity) = &ctx.identity else { return Err(ApiError::MissingApiKey) };
-        let method = Method::from_bytes(quote.method.as_bytes()).map_err(|_| invalid(format!("{:?} is not an HTTP method", quote.method)))?;
-        let uri: http::Uri = quote.path.parse().map_err(|_| invalid(format!("{:?} is not a path", quote.path)))?;
+        let Some(identity) = &ctx.identity else {
+            return Err(ApiError::MissingApiKey);
+        };
+        let method = Method::from_bytes(quote.method.as_bytes())
+            .map_err(|_| invalid(format!("{:?} is not an HTTP method", quote.method)))?;
+        let uri: http::Uri = quote
+            .path
+            .parse()
+            .map_err(|_| invalid(format!("{:?} is not a path", quote.path)))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &quote.headers {
-            let name = HeaderName::try_from(name.as_str()).map_err(|_| invalid(format!("{name:?} is not a header name")))?;
-            let value = HeaderValue::try_from(value.as_str()).map_err(|_| invalid(format!("the value of {name} is not a header value")))?;
+            let name = HeaderName::try_from(name.as_str())
+                .map_err(|_| invalid(format!("{name:?} is not a header name")))?;
+            let value = HeaderValue::try_from(value.as_str())
+                .map_err(|_| invalid(format!("the value of {name} is not a header value")))?;
             headers.insert(name, value);
         }
-        let json_body = quote.body.ok_or_else(|| "the request has no body".to_string());
-        let totals = self.store.totals(&identity.account, now_ms()).await.map_err(store_error)?;
+        let json_body = quote
+            .body
+            .ok_or_else(|| "the request has no body".to_string());
+        let totals = self
+            .store
+            .totals(&identity.account, now_ms())
+            .await
+            .map_err(store_error)?;
         let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
             json!({"allowed": false, "operation": operation, "credits": credits,
                    "available": totals.available.to_json(), "error": error.body(&ctx.request_id)["error"]})
@@ -112,7 +143,10 @@ impl Gateway {
         let (index, price) = match self.evaluate(&identity.plan, &route, &facts) {
             Ok(priced) => priced,
             Err(error) => {
-                let operation = self.policy.select(&route, &facts).map(|i| self.policy.operations[i].name.as_str());
+                let operation = self
+                    .policy
+                    .select(&route, &facts)
+                    .map(|i| self.policy.operations[i].name.as_str());
                 return Ok(refused(error, operation, None));
             }
         };
@@ -128,6 +162,8 @@ impl Gateway {
             };
             return Ok(refused(error, Some(operation), Some(price.to_json())));
         }
-        Ok(json!({"allowed": true, "operation": operation, "credits": price.to_json(), "available": totals.available.to_json()}))
+        Ok(
+            json!({"allowed": true, "operation": operation, "credits": price.to_json(), "available": totals.available.to_json()}),
+        )
     }
 }

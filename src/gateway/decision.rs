@@ -90,11 +90,33 @@ mod tests {
         let rule = &policy.operations[0].charge;
         for status in 100..=599u16 {
             let charging = (200..=399).contains(&status) || status == 404;
-            let expect = |settles: bool| if charging && settles { Decision::Settle } else { Decision::Release };
-            assert_eq!(decide(rule, Some(status), Ended::Complete), expect(true), "{status}");
-            assert_eq!(decide(rule, Some(status), Ended::ClientAborted), expect(false), "{status}");
-            assert_eq!(decide(rule, Some(status), Ended::UpstreamFailed), expect(true), "{status}");
-            assert_eq!(decide(rule, Some(status), Ended::GatewayFailed), Decision::Release, "{status}");
+            let expect = |settles: bool| {
+                if charging && settles {
+                    Decision::Settle
+                } else {
+                    Decision::Release
+                }
+            };
+            assert_eq!(
+                decide(rule, Some(status), Ended::Complete),
+                expect(true),
+                "{status}"
+            );
+            assert_eq!(
+                decide(rule, Some(status), Ended::ClientAborted),
+                expect(false),
+                "{status}"
+            );
+            assert_eq!(
+                decide(rule, Some(status), Ended::UpstreamFailed),
+                expect(true),
+                "{status}"
+            );
+            assert_eq!(
+                decide(rule, Some(status), Ended::GatewayFailed),
+                Decision::Release,
+                "{status}"
+            );
         }
         assert_eq!(decide(rule, None, Ended::UpstreamFailed), Decision::Release);
     }

@@ -148,11 +148,7 @@ mod tests {
             store.totals("a", now_ms()).await.unwrap().held,
             Credits::from_whole(4).unwrap()
         );
-        drop(HoldGuard::new(
-            store.clone(),
-            "a".into(),
-            hold_id,
-        ));
+        drop(HoldGuard::new(store.clone(), "a".into(), hold_id));
         for _ in 0..1_000 {
             if store.totals("a", now_ms()).await.unwrap().held.is_zero() {
                 break;
@@ -173,13 +169,9 @@ mod tests {
     #[tokio::test]
     async fn an_ended_guard_does_not_release_again() {
         let (store, hold_id) = store_with_hold().await;
-        HoldGuard::new(
-            store.clone(),
-            "a".into(),
-            hold_id,
-        )
-        .settle(Credits::from_whole(4).unwrap(), "r")
-        .await;
+        HoldGuard::new(store.clone(), "a".into(), hold_id)
+            .settle(Credits::from_whole(4).unwrap(), "r")
+            .await;
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }

@@ -159,14 +159,25 @@ fn header_value(text: &str) -> HeaderValue {
 
 impl Gateway {
     /// Writes one of the gateway's own JSON errors, with the credit headers.
-    async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx, error: ApiError) -> Result<()> {
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        error: ApiError,
+    ) -> Result<()> {
         ctx.answered = true;
         let body = error.body(&ctx.request_id);
         self.write_json(session, ctx, error.status(), body).await
     }
 
     /// Writes a JSON response the gateway makes itself, with the credit headers.
-    async fn write_json(&self, session: &mut Session, ctx: &RequestCtx, status: u16, json: serde_json::Value) -> Result<()> {
+    async fn write_json(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        status: u16,
+        json: serde_json::Value,
+    ) -> Result<()> {
         let body = Bytes::from(json.to_string());
         let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -216,7 +227,10 @@ impl Gateway {
         route: &RouteMatch<'_>,
         facts: &RequestFacts<'_>,
     ) -> std::result::Result<(usize, Credits), ApiError> {
-        let index = self.policy.select(route, facts).ok_or(ApiError::UnknownOperation)?;
+        let index = self
+            .policy
+            .select(route, facts)
+            .ok_or(ApiError::UnknownOperation)?;
         let op = &self.policy.operations[index];
         let plan = self.policy.plan(plan_name);
         for feature in &op.requires {
@@ -224,17 +238,32 @@ impl Gateway {
                 return Err(ApiError::PlanRequired {
                     operation: op.name.clone(),
                     feature: feature.clone(),
-                    plans: self.policy.plans_with_feature(feature).into_iter().map(String::from).collect(),
+                    plans: self
+                        .policy
+                        .plans_with_feature(feature)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
                 });
             }
         }
-        let price = op.price.hold_amount(facts).map_err(|e| ApiError::InvalidRequest { source: e.source, message: e.message })?;
+        let price = op
+            .price
+            .hold_amount(facts)
+            .map_err(|e| ApiError::InvalidRequest {
+                source: e.source,
+                message: e.message,
+            })?;
         Ok((index, price))
     }
 
     /// Authenticate → match → (read the body) → entitle → price → hold.
     /// `Err(answer)` stops the request.
-    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> std::result::Result<Admitted, ApiError> {
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<Admitted, ApiError> {
         let identity = self.authenticate(session.req_header()).await?;
         let account = identity.account.clone();
         let plan_name = identity.plan.clone();
@@ -242,20 +271,32 @@ impl Gateway {
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
-            return self.client_api(session, ctx, &path).await.map(|()| Admitted::Answered);
+            return self
+                .client_api(session, ctx, &path)
+                .await
+                .map(|()| Admitted::Answered);
         }
         let Some(route) = self.policy.route(&path) else {
             return self.unmatched(ctx, &account).await;
         };
         let body = if route.needs_body {
-            Some(body::read_all(session, self.policy.gateway.max_body_bytes).await.map_err(|e| match e {
-                BodyError::TooLarge => ApiError::RequestTooLarge { limit: self.policy.gateway.max_body_bytes },
-                BodyError::NotHttp1 => ApiError::InvalidRequest {
-                    source: "body".into(),
-                    message: "can only be priced over HTTP/1.1".into(),
-                },
-                BodyError::Read(e) => ApiError::InvalidRequest { source: "body".into(), message: format!("could not be read: {e}") },
-            })?)
+            Some(
+                body::read_all(session, self.policy.gateway.max_body_bytes)
+                    .await
+                    .map_err(|e| match e {
+                        BodyError::TooLarge => ApiError::RequestTooLarge {
+                            limit: self.policy.gateway.max_body_bytes,
+                        },
+                        BodyError::NotHttp1 => ApiError::InvalidRequest {
+                            source: "body".into(),
+                            message: "can only be priced over HTTP/1.1".into(),
+                        },
+                        BodyError::Read(e) => ApiError::InvalidRequest {
+                            source: "body".into(),
+                            message: format!("could not be read: {e}"),
+                        },
+                    })?,
+            )
         } else {
             None
         };
@@ -276,7 +317,10 @@ impl Gateway {
         ctx.operation = Some(index);
         ctx.upstream = op.upstream;
         if let Some(rule) = &op.settle {
-            ctx.usage = Some(UsageMeter::new(&rule.usage, self.policy.gateway.max_body_bytes));
+            ctx.usage = Some(UsageMeter::new(
+                &rule.usage,
+                self.policy.gateway.max_body_bytes,
+            ));
         }
 
         if price.is_zero() {
@@ -296,7 +340,11 @@ impl Gateway {
     }
 
     /// No operation matched: 404, or a free pass-through with `unmatched = "allow"`.
-    async fn unmatched(&self, ctx: &mut RequestCtx, account: &str) -> std::result::Result<Admitted, ApiError> {
+    async fn unmatched(
+        &self,
+        ctx: &mut RequestCtx,
+        account: &str,
+    ) -> std::result::Result<Admitted, ApiError> {
         match self.policy.gateway.unmatched {
             Unmatched::Deny => Err(ApiError::UnknownOperation),
             Unmatched::Allow { upstream } => {
@@ -327,10 +375,18 @@ impl Gateway {
             Ok(Ok(placed)) => {
                 ctx.held = price;
                 ctx.remaining = Some(placed.available);
-                ctx.hold = Some(HoldGuard::new(self.store.clone(), account.to_string(), placed.hold_id));
+                ctx.hold = Some(HoldGuard::new(
+                    self.store.clone(),
+                    account.to_string(),
+                    placed.hold_id,
+                ));
                 Ok(())
             }
-            Ok(Err(HoldRejected::InsufficientCredits { required, available, held })) => {
+            Ok(Err(HoldRejected::InsufficientCredits {
+                required,
+                available,
+                held,
+            })) => {
                 ctx.remaining = Some(available);
                 Err(ApiError::InsufficientCredits {
                     operation: op.name.clone(),
@@ -369,7 +425,9 @@ impl Gateway {
         let charge = match (&op.settle, ctx.usage.as_ref().and_then(UsageMeter::usage)) {
             (None, _) => ctx.held,
             // An absurd usage overflows the product: it is capped at the hold like any other.
-            (Some(rule), Some(usage)) => usage_charge(usage, rule.credits_per_unit).unwrap_or(ctx.held).min(ctx.held),
+            (Some(rule), Some(usage)) => usage_charge(usage, rule.credits_per_unit)
+                .unwrap_or(ctx.held)
+                .min(ctx.held),
             (Some(rule), None) if rule.on_missing == OnMissing::ChargeHold => ctx.held,
             (Some(_), None) => {
                 tracing::info!(request_id = %ctx.request_id, "no usage in the response; releasing as on_missing says");

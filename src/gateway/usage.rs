@@ -21,9 +21,19 @@ pub(super) struct UsageMeter {
 }
 
 enum Kind {
-    Json { pointer: String, copy: Vec<u8>, limit: usize, overflowed: bool },
+    Json {
+        pointer: String,
+        copy: Vec<u8>,
+        limit: usize,
+        overflowed: bool,
+    },
     Header,
-    Sse { pointer: String, line: Vec<u8>, skipping: bool, data: Vec<u8> },
+    Sse {
+        pointer: String,
+        line: Vec<u8>,
+        skipping: bool,
+        data: Vec<u8>,
+    },
 }
 
 /// A usage value: a non-negative JSON number (or numeric string) with ≤ 6 decimals.
@@ -38,9 +48,19 @@ fn usage_of(value: &Value) -> Option<Micros> {
 impl UsageMeter {
     pub(super) fn new(source: &UsageSource, json_limit: usize) -> Self {
         let kind = match source {
-            UsageSource::Json(pointer) => Kind::Json { pointer: pointer.clone(), copy: Vec::new(), limit: json_limit, overflowed: false },
+            UsageSource::Json(pointer) => Kind::Json {
+                pointer: pointer.clone(),
+                copy: Vec::new(),
+                limit: json_limit,
+                overflowed: false,
+            },
             UsageSource::Header(_) => Kind::Header,
-            UsageSource::Sse(pointer) => Kind::Sse { pointer: pointer.clone(), line: Vec::new(), skipping: false, data: Vec::new() },
+            UsageSource::Sse(pointer) => Kind::Sse {
+                pointer: pointer.clone(),
+                line: Vec::new(),
+                skipping: false,
+                data: Vec::new(),
+            },
         };
         UsageMeter { kind, usage: None }
     }
@@ -58,7 +78,12 @@ impl UsageMeter {
     pub(super) fn on_body(&mut self, chunk: &[u8]) {
         match &mut self.kind {
             Kind::Header => {}
-            Kind::Json { copy, limit, overflowed, .. } => {
+            Kind::Json {
+                copy,
+                limit,
+                overflowed,
+                ..
+            } => {
                 if copy.len() + chunk.len() > *limit {
                     *overflowed = true;
                     copy.clear();
@@ -66,7 +91,12 @@ impl UsageMeter {
                     copy.extend_from_slice(chunk);
                 }
             }
-            Kind::Sse { pointer, line, skipping, data } => {
+            Kind::Sse {
+                pointer,
+                line,
+                skipping,
+                data,
+            } => {
                 for piece in chunk.split_inclusive(|&b| b == b'\n') {
                     let complete = piece.ends_with(b"\n");
                     if !*skipping {
@@ -95,7 +125,12 @@ impl UsageMeter {
     /// The usage, once the response has ended; `None` when missing or unreadable.
     pub(super) fn usage(&self) -> Option<Micros> {
         match &self.kind {
-            Kind::Json { pointer, copy, overflowed: false, .. } => {
+            Kind::Json {
+                pointer,
+                copy,
+                overflowed: false,
+                ..
+            } => {
                 let json: Value = serde_json::from_slice(copy).ok()?;
                 json.pointer(pointer).and_then(usage_of)
             }
@@ -141,7 +176,11 @@ mod tests {
             for piece in stream.chunks(split) {
                 meter.on_body(piece);
             }
-            assert_eq!(meter.usage(), Some(Micros::parse("1234").unwrap()), "split {split}");
+            assert_eq!(
+                meter.usage(),
+                Some(Micros::parse("1234").unwrap()),
+                "split {split}"
+            );
         }
     }
 

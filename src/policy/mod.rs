@@ -17,7 +17,9 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::ledger::Credits;
 
-pub use price::{usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts};
+pub use price::{
+    usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
+};
 pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
 
 /// One error in a policy file, located as `FILE:LINE:COL`.
@@ -355,7 +357,11 @@ impl Policy {
         let found = self.routes.at(path).ok()?;
         Some(RouteMatch {
             operations: &found.value.operations,
-            path_params: found.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            path_params: found
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             needs_body: found.value.needs_body,
         })
     }

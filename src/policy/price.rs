@@ -46,7 +46,9 @@ impl Micros {
             return Err(format!("{text} has more than 6 decimal places"));
         }
         let whole: u64 = whole.parse().map_err(|_| format!("{text} is too large"))?;
-        let frac: u64 = format!("{frac:0<6}").parse().map_err(|_| format!("{text:?} is not a decimal number"))?;
+        let frac: u64 = format!("{frac:0<6}")
+            .parse()
+            .map_err(|_| format!("{text:?} is not a decimal number"))?;
         whole
             .checked_mul(1_000_000)
             .and_then(|w| w.checked_add(frac))
@@ -115,7 +117,10 @@ pub struct PriceError {
 
 impl PriceError {
     fn new(source: &Source, message: impl Into<String>) -> Self {
-        PriceError { source: source.to_string(), message: message.into() }
+        PriceError {
+            source: source.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -139,15 +144,33 @@ impl RequestFacts<'_> {
     /// The value at `source`; `Ok(None)` when absent.
     pub fn find(&self, source: &Source) -> Result<Option<Found<'_>>, PriceError> {
         Ok(match source {
-            Source::Header(name) => self.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| Found::Text(Cow::Borrowed(v))),
+            Source::Header(name) => self
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| Found::Text(Cow::Borrowed(v))),
             Source::Query(name) => self.query.and_then(|q| {
-                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| Found::Text(v))
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| Found::Text(v))
             }),
-            Source::Path(name) => self.path_params.iter().find(|(k, _)| k == name).map(|(_, v)| Found::Text(Cow::Borrowed(v.as_str()))),
+            Source::Path(name) => self
+                .path_params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Found::Text(Cow::Borrowed(v.as_str()))),
             Source::Body(pointer) => match self.body {
                 None => None,
-                Some(Err(e)) => return Err(PriceError::new(source, format!("the request body is not JSON: {e}"))),
-                Some(Ok(json)) => json.pointer(pointer).filter(|v| !v.is_null()).map(Found::Json),
+                Some(Err(e)) => {
+                    return Err(PriceError::new(
+                        source,
+                        format!("the request body is not JSON: {e}"),
+                    ))
+                }
+                Some(Ok(json)) => json
+                    .pointer(pointer)
+                    .filter(|v| !v.is_null())
+                    .map(Found::Json),
             },
         })
     }
@@ -185,7 +208,13 @@ fn table_key<'a>(found: &'a Found<'a>, source: &Source) -> Result<Cow<'a, str>, 
         Found::Json(Value::String(s)) => Ok(Cow::Borrowed(s.as_str())),
         Found::Json(Value::Number(n)) => Ok(Cow::Owned(n.to_string())),
         Found::Json(Value::Bool(b)) => Ok(Cow::Owned(b.to_string())),
-        Found::Json(other) => Err(PriceError::new(source, format!("must be a string, number or boolean, not {}", json_type(other)))),
+        Found::Json(other) => Err(PriceError::new(
+            source,
+            format!(
+                "must be a string, number or boolean, not {}",
+                json_type(other)
+            ),
+        )),
     }
 }
 
@@ -205,19 +234,34 @@ fn quantity(found: &Found<'_>, source: &Source) -> Result<Micros, PriceError> {
     let text = match found {
         Found::Text(text) => text.to_string(),
         Found::Json(Value::Number(n)) => n.to_string(),
-        Found::Json(other) => return Err(PriceError::new(source, format!("must be a number, not {}", json_type(other)))),
+        Found::Json(other) => {
+            return Err(PriceError::new(
+                source,
+                format!("must be a number, not {}", json_type(other)),
+            ))
+        }
     };
-    Micros::parse(&text).map_err(|e| PriceError::new(source, format!("must be a non-negative number with at most 6 decimals: {e}")))
+    Micros::parse(&text).map_err(|e| {
+        PriceError::new(
+            source,
+            format!("must be a non-negative number with at most 6 decimals: {e}"),
+        )
+    })
 }
 
 impl Lookup {
     fn value(&self, facts: &RequestFacts<'_>) -> Result<Micros, PriceError> {
         let (source, table, default) = match self {
             Lookup::Fixed(value) => return Ok(*value),
-            Lookup::Table { source, table, default } => (source, table, default),
+            Lookup::Table {
+                source,
+                table,
+                default,
+            } => (source, table, default),
         };
         let Some(found) = facts.find(source)? else {
-            return default.ok_or_else(|| PriceError::new(source, "is required to price this request"));
+            return default
+                .ok_or_else(|| PriceError::new(source, "is required to price this request"));
         };
         let key = table_key(&found, source)?;
         table
@@ -227,14 +271,20 @@ impl Lookup {
             .or(*default)
             .ok_or_else(|| {
                 let known: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
-                PriceError::new(source, format!("{key:?} is not one of: {}", known.join(", ")))
+                PriceError::new(
+                    source,
+                    format!("{key:?} is not one of: {}", known.join(", ")),
+                )
             })
     }
 }
 
 /// `a × b × c` (each in millionths) in whole millicredits, rounded up.
 fn product_millicredits(factors: [Micros; 3], source: &str) -> Result<u64, PriceError> {
-    let overflow = || PriceError { source: source.to_string(), message: "makes the price too large".into() };
+    let overflow = || PriceError {
+        source: source.to_string(),
+        message: "makes the price too large".into(),
+    };
     let product = factors
         .iter()
         .try_fold(1u128, |acc, f| acc.checked_mul(f.0 as u128))
@@ -255,7 +305,9 @@ impl Price {
         let (quantity, blame) = match &rule.per {
             None => (Micros::ONE, "price".to_string()),
             Some(per) => {
-                let found = facts.find(&per.source)?.ok_or_else(|| PriceError::new(&per.source, "is required to price this request"))?;
+                let found = facts.find(&per.source)?.ok_or_else(|| {
+                    PriceError::new(&per.source, "is required to price this request")
+                })?;
                 let q = quantity(&found, &per.source)?;
                 if per.min.is_some_and(|min| q < min) || per.max.is_some_and(|max| q > max) {
                     let range = format!(
@@ -263,7 +315,10 @@ impl Price {
                         per.min.map_or(String::new(), |m| m.to_string()),
                         per.max.map_or(String::new(), |m| m.to_string())
                     );
-                    return Err(PriceError::new(&per.source, format!("{q} is outside the allowed range {range}")));
+                    return Err(PriceError::new(
+                        &per.source,
+                        format!("{q} is outside the allowed range {range}"),
+                    ));
                 }
                 (q, per.source.to_string())
             }
@@ -272,10 +327,16 @@ impl Price {
             None => Micros::ONE,
             Some(m) => m.value(facts)?,
         };
-        let mut total = Credits::from_millicredits(product_millicredits([credits, quantity, multiplier], &blame)?);
+        let mut total = Credits::from_millicredits(product_millicredits(
+            [credits, quantity, multiplier],
+            &blame,
+        )?);
         for addon in &rule.addons {
             if facts.all_hold(&addon.when) {
-                total = total.checked_add(addon.credits).ok_or_else(|| PriceError { source: blame.clone(), message: "makes the price too large".into() })?;
+                total = total.checked_add(addon.credits).ok_or_else(|| PriceError {
+                    source: blame.clone(),
+                    message: "makes the price too large".into(),
+                })?;
             }
         }
         Ok(total)
@@ -284,9 +345,14 @@ impl Price {
     /// The sources this price reads, for `check` and for deciding whether the body
     /// must be read before the hold.
     pub fn sources(&self) -> Vec<&Source> {
-        let Price::Rule(rule) = self else { return Vec::new() };
+        let Price::Rule(rule) = self else {
+            return Vec::new();
+        };
         let mut sources = Vec::new();
-        for lookup in [Some(&rule.credits), rule.multiplier.as_ref()].into_iter().flatten() {
+        for lookup in [Some(&rule.credits), rule.multiplier.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if let Lookup::Table { source, .. } = lookup {
                 sources.push(source);
             }
@@ -305,14 +371,20 @@ impl Price {
 pub fn usage_charge(usage: Micros, credits_per_unit: Micros) -> Option<Credits> {
     let product = (usage.0 as u128).checked_mul(credits_per_unit.0 as u128)?;
     // millionths² = 1e-12 credits; a millicredit is 1e-3 credits.
-    u64::try_from(product.div_ceil(1_000_000_000)).ok().map(Credits::from_millicredits)
+    u64::try_from(product.div_ceil(1_000_000_000))
+        .ok()
+        .map(Credits::from_millicredits)
 }
 
 impl fmt::Display for Lookup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Lookup::Fixed(v) => write!(f, "{v}"),
-            Lookup::Table { source, table, default } => {
+            Lookup::Table {
+                source,
+                table,
+                default,
+            } => {
                 let entries: Vec<String> = table.iter().map(|(k, v)| format!("{k}: {v}")).collect();
                 write!(f, "{source}{{{}", entries.join(", "))?;
                 if let Some(d) = default {
@@ -334,7 +406,13 @@ impl fmt::Display for Price {
         write!(f, "{}", rule.credits)?;
         if let Some(per) = &rule.per {
             let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
-            write!(f, " × {}[{}..{}]", per.source, bound(per.min), bound(per.max))?;
+            write!(
+                f,
+                " × {}[{}..{}]",
+                per.source,
+                bound(per.min),
+                bound(per.max)
+            )?;
         }
         if let Some(m) = &rule.multiplier {
             write!(f, " × {m}")?;

@@ -114,7 +114,9 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrTable<T> {
                 Ok(OrTable::Scalar(Value::Integer(v)))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                i64::try_from(v).map(|v| OrTable::Scalar(Value::Integer(v))).map_err(|_| E::custom("number too large"))
+                i64::try_from(v)
+                    .map(|v| OrTable::Scalar(Value::Integer(v)))
+                    .map_err(|_| E::custom("number too large"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
                 Ok(OrTable::Scalar(Value::Float(v)))

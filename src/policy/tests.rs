@@ -77,7 +77,12 @@ fn errors(text: &str) -> Vec<String> {
 }
 
 /// Matches and prices a request against `policy`.
-fn quote(policy: &Policy, method: Method, target: &str, body: Option<&str>) -> Result<(String, Credits), String> {
+fn quote(
+    policy: &Policy,
+    method: Method,
+    target: &str,
+    body: Option<&str>,
+) -> Result<(String, Credits), String> {
     let uri: http::Uri = target.parse().unwrap();
     let route = policy.route(uri.path()).ok_or("no route")?;
     let json = body.map(|b| serde_json::from_str(b).map_err(|e: serde_json::Error| e.to_string()));
@@ -124,10 +129,22 @@ fn a_good_policy_validates_with_exact_prices() {
 fn matching_prefers_file_order_within_a_path_and_checks_when() {
     let p = parse(GOOD).unwrap();
     let name = |m: Method, t: &str| quote(&p, m, t, None).map(|(n, _)| n);
-    assert_eq!(name(Method::POST, "/v1/images?tier=4k"), Ok("image.premium".into()));
-    assert_eq!(name(Method::POST, "/v1/images?tier=sd"), Ok("image.generate".into()));
-    assert_eq!(name(Method::POST, "/v1/sites/s1/edits"), Ok("chat.edit".into()));
-    assert_eq!(p.route("/v1/sites/s1/edits").unwrap().path_params, vec![("site".to_string(), "s1".to_string())]);
+    assert_eq!(
+        name(Method::POST, "/v1/images?tier=4k"),
+        Ok("image.premium".into())
+    );
+    assert_eq!(
+        name(Method::POST, "/v1/images?tier=sd"),
+        Ok("image.generate".into())
+    );
+    assert_eq!(
+        name(Method::POST, "/v1/sites/s1/edits"),
+        Ok("chat.edit".into())
+    );
+    assert_eq!(
+        p.route("/v1/sites/s1/edits").unwrap().path_params,
+        vec![("site".to_string(), "s1".to_string())]
+    );
     assert!(name(Method::GET, "/v1/sites/s1/edits").is_err());
     assert!(name(Method::GET, "/v1/files/a/b/c").is_ok());
     assert!(p.route("/nope").is_none());
@@ -280,15 +297,57 @@ credits = { from = "header:x-tier", table = { "a" = 1, "b" = 2 } }
 fn price_tables_compute_exactly() {
     let p = parse(PRICED).unwrap();
     let q = |t: &str, b: Option<&str>| quote(&p, Method::POST, t, b).map(|(_, c)| c.to_string());
-    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8}"#)), Ok("256".into()));
-    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8, "resolution": "4k"}"#)), Ok("1024".into()));
-    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 2.5, "resolution": "2k"}"#)), Ok("160".into()));
-    assert_eq!(q("/v1/video", Some(r#"{"duration_seconds": 8, "resolution": "8k"}"#)), Ok("256".into()), "table default");
-    assert_eq!(q("/v1/images", Some(r#"{"model": "flux-pro"}"#)), Ok("16".into()));
-    assert_eq!(q("/v1/images", Some(r#"{}"#)), Ok("18".into()), "credits default");
-    assert_eq!(q("/v1/images", Some(r#"{"model": "gemini-2.5-flash", "cover_image": true}"#)), Ok("9".into()));
-    assert_eq!(q("/v1/images", Some(r#"{"cover_image": true, "hd": "yes"}"#)), Ok("19.5".into()));
-    assert_eq!(q("/v1/images", Some(r#"{"cover_image": "true"}"#)), Ok("18".into()), "JSON types compare strictly");
+    assert_eq!(
+        q("/v1/video", Some(r#"{"duration_seconds": 8}"#)),
+        Ok("256".into())
+    );
+    assert_eq!(
+        q(
+            "/v1/video",
+            Some(r#"{"duration_seconds": 8, "resolution": "4k"}"#)
+        ),
+        Ok("1024".into())
+    );
+    assert_eq!(
+        q(
+            "/v1/video",
+            Some(r#"{"duration_seconds": 2.5, "resolution": "2k"}"#)
+        ),
+        Ok("160".into())
+    );
+    assert_eq!(
+        q(
+            "/v1/video",
+            Some(r#"{"duration_seconds": 8, "resolution": "8k"}"#)
+        ),
+        Ok("256".into()),
+        "table default"
+    );
+    assert_eq!(
+        q("/v1/images", Some(r#"{"model": "flux-pro"}"#)),
+        Ok("16".into())
+    );
+    assert_eq!(
+        q("/v1/images", Some(r#"{}"#)),
+        Ok("18".into()),
+        "credits default"
+    );
+    assert_eq!(
+        q(
+            "/v1/images",
+            Some(r#"{"model": "gemini-2.5-flash", "cover_image": true}"#)
+        ),
+        Ok("9".into())
+    );
+    assert_eq!(
+        q("/v1/images", Some(r#"{"cover_image": true, "hd": "yes"}"#)),
+        Ok("19.5".into())
+    );
+    assert_eq!(
+        q("/v1/images", Some(r#"{"cover_image": "true"}"#)),
+        Ok("18".into()),
+        "JSON types compare strictly"
+    );
     // 0.000125 × 1000 × 1.5 = 0.1875 → rounded up to 0.188.
     assert_eq!(q("/v1/chat/big?max_tokens=1000", None), Ok("0.188".into()));
     assert_eq!(q("/v1/chat/small?max_tokens=8", None), Ok("0.001".into()));
@@ -301,16 +360,24 @@ fn bad_request_values_are_400s_naming_the_source() {
     let q = |t: &str, b: Option<&str>| quote(&p, Method::POST, t, b);
     let err = |t: &str, b: Option<&str>| q(t, b).unwrap_err();
     assert!(err("/v1/video", Some("{}")).starts_with("body:/duration_seconds: is required"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": 61}"#)).contains("outside the allowed range 1..60"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": 0.5}"#)).contains("outside the allowed range"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 61}"#))
+        .contains("outside the allowed range 1..60"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 0.5}"#))
+        .contains("outside the allowed range"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": -8}"#)).contains("non-negative"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": "8"}"#)).contains("must be a number, not a string"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": 1e300}"#)).starts_with("body:/duration_seconds"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": "8"}"#))
+        .contains("must be a number, not a string"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": 1e300}"#))
+        .starts_with("body:/duration_seconds"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": 8.0000001}"#)).contains("6 decimal"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": [8]}"#)).contains("not an array"));
-    assert!(err("/v1/video", None).contains("is required"), "no body at all");
+    assert!(
+        err("/v1/video", None).contains("is required"),
+        "no body at all"
+    );
     assert!(err("/v1/images", Some(r#"{"model": {"a": 1}}"#)).contains("not an object"));
-    assert!(err("/v1/chat/huge?max_tokens=5", None).starts_with("path:model: \"huge\" is not one of: big, small"));
+    assert!(err("/v1/chat/huge?max_tokens=5", None)
+        .starts_with("path:model: \"huge\" is not one of: big, small"));
     assert!(err("/v1/chat/big?max_tokens=100001", None).starts_with("query:max_tokens"));
     assert!(err("/v1/chat/big?max_tokens=ten", None).contains("not a decimal"));
     assert!(err("/v1/strict", None).starts_with("header:x-tier: is required"));
@@ -324,7 +391,13 @@ fn a_body_that_is_not_json_is_named() {
     assert!(route.needs_body);
     let json: Result<serde_json::Value, String> = Err("expected value at line 1 column 1".into());
     let headers = http::HeaderMap::new();
-    let facts = RequestFacts { method: &Method::POST, headers: &headers, query: None, path_params: &[], body: Some(&json) };
+    let facts = RequestFacts {
+        method: &Method::POST,
+        headers: &headers,
+        query: None,
+        path_params: &[],
+        body: Some(&json),
+    };
     let index = p.select(&route, &facts).unwrap();
     let e = p.operations[index].price.hold_amount(&facts).unwrap_err();
     assert_eq!(e.source, "body:/duration_seconds");
@@ -333,49 +406,97 @@ fn a_body_that_is_not_json_is_named() {
 
 #[test]
 fn price_overflow_is_refused_not_wrapped() {
-    let text = PRICED.replace("credits = 32\n", "credits = 18446744073709\n").replace("max = 60 }", "max = 18446744073709 }");
+    let text = PRICED
+        .replace("credits = 32\n", "credits = 18446744073709\n")
+        .replace("max = 60 }", "max = 18446744073709 }");
     let p = parse(&text).unwrap();
-    let e = quote(&p, Method::POST, "/v1/video", Some(r#"{"duration_seconds": 18446744073709, "resolution": "4k"}"#)).unwrap_err();
+    let e = quote(
+        &p,
+        Method::POST,
+        "/v1/video",
+        Some(r#"{"duration_seconds": 18446744073709, "resolution": "4k"}"#),
+    )
+    .unwrap_err();
     assert!(e.contains("too large"), "{e}");
 }
 
 #[test]
 fn price_table_errors_are_located() {
     let errs = errors(&PRICED.replace("credits = 0.000125", "credits = 0.0000001"));
-    assert!(errs[0].contains(":30:11: credits: 0.0000001 has more than 6 decimal places"), "{errs:?}");
-    let errs = errors(&PRICED.replace("credits = 32\n", "credits = 32.0001\n"));
-    assert!(errs[0].contains("credits: 32.0001 has more than 6"), "per-unit rates take 6 decimals: {errs:?}");
+    assert!(
+        errs[0].contains(":30:11: credits: 0.0000001 has more than 6 decimal places"),
+        "{errs:?}"
+    );
+    let errs = errors(&PRICED.replace("credits = 32\n", "credits = 32.0000001\n"));
+    assert!(
+        errs[0].contains("credits: 32.0000001 has more than 6"),
+        "per-unit rates take 6 decimals: {errs:?}"
+    );
     let errs = errors(&PRICED.replace(", credits = 0.5 }", ", credits = 0.0005 }"));
-    assert!(errs[0].contains("addon credits: more than 3 decimal places"), "{errs:?}");
+    assert!(
+        errs[0].contains("addon credits: more than 3 decimal places"),
+        "{errs:?}"
+    );
     let errs = errors(&PRICED.replace("body:/model", "model"));
     assert!(errs[0].contains("is not a value source"), "{errs:?}");
     let errs = errors(&PRICED.replace("per = { from", "per = { form"));
     assert!(errs[0].contains("unknown field `form`"), "{errs:?}");
     let errs = errors(&PRICED.replace("min = 1, max = 60", "min = 60, max = 1"));
     assert!(errs[0].contains("min is larger than max"), "{errs:?}");
-    let errs = errors(&PRICED.replace("credits = { from = \"header:x-tier\", table = { \"a\" = 1, \"b\" = 2 } }", "credits = { from = \"header:x-tier\", table = { \"a\" = 0.0001 } }"));
-    assert!(errs[0].contains("more than 3 decimal places"), "a table without per holds amounts: {errs:?}");
+    let errs = errors(&PRICED.replace(
+        "credits = { from = \"header:x-tier\", table = { \"a\" = 1, \"b\" = 2 } }",
+        "credits = { from = \"header:x-tier\", table = { \"a\" = 0.0001 } }",
+    ));
+    assert!(
+        errs[0].contains("more than 3 decimal places"),
+        "a table without per holds amounts: {errs:?}"
+    );
 }
 
 #[test]
 fn settle_rules_validate() {
-    let with = |settle: &str| PRICED.replace("[[operations]]\nname = \"strict\"", &format!("[operations.settle]\n{settle}\n\n[[operations]]\nname = \"strict\""));
-    let p = parse(&with("usage = \"sse:/usage/total_tokens\"\ncredits_per_unit = 0.002\non_missing = \"release\"")).unwrap();
+    let with = |settle: &str| {
+        PRICED.replace(
+            "[[operations]]\nname = \"strict\"",
+            &format!("[operations.settle]\n{settle}\n\n[[operations]]\nname = \"strict\""),
+        )
+    };
+    let p = parse(&with(
+        "usage = \"sse:/usage/total_tokens\"\ncredits_per_unit = 0.002\non_missing = \"release\"",
+    ))
+    .unwrap();
     let settle = p.operations[2].settle.clone().unwrap();
     assert_eq!(settle.usage, UsageSource::Sse("/usage/total_tokens".into()));
     assert_eq!(settle.credits_per_unit, Micros::parse("0.002").unwrap());
     assert_eq!(settle.on_missing, OnMissing::Release);
     let errs = errors(&with("usage = \"body:/x\"\ncredits_per_unit = 1"));
     assert!(errs[0].contains("is not a usage source"), "{errs:?}");
-    let errs = errors(&with("usage = \"json:/x\"\ncredits_per_unit = 1\non_missing = \"free\""));
+    let errs = errors(&with(
+        "usage = \"json:/x\"\ncredits_per_unit = 1\non_missing = \"free\"",
+    ));
     assert!(errs[0].contains("on_missing must be"), "{errs:?}");
 }
 
 #[test]
 fn usage_charges_round_up() {
     let rate = Micros::parse("0.002").unwrap();
-    assert_eq!(usage_charge(Micros::parse("1234").unwrap(), rate), Some(Credits::from_millicredits(2_468)));
-    assert_eq!(usage_charge(Micros::parse("1").unwrap(), Micros::parse("0.0001").unwrap()), Some(Credits::from_millicredits(1)));
-    assert_eq!(usage_charge(Micros::parse("0").unwrap(), rate), Some(Credits::ZERO));
-    assert_eq!(usage_charge(Micros::from_micros(u64::MAX), Micros::from_micros(u64::MAX)), None);
+    assert_eq!(
+        usage_charge(Micros::parse("1234").unwrap(), rate),
+        Some(Credits::from_millicredits(2_468))
+    );
+    assert_eq!(
+        usage_charge(
+            Micros::parse("1").unwrap(),
+            Micros::parse("0.0001").unwrap()
+        ),
+        Some(Credits::from_millicredits(1))
+    );
+    assert_eq!(
+        usage_charge(Micros::parse("0").unwrap(), rate),
+        Some(Credits::ZERO)
+    );
+    assert_eq!(
+        usage_charge(Micros::from_micros(u64::MAX), Micros::from_micros(u64::MAX)),
+        None
+    );
 }

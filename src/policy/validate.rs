@@ -102,7 +102,10 @@ impl Validator<'_> {
             Value::Float(_) => Some(self.source[span].trim().replace('_', "")),
             Value::String(s) => Some(s.clone()),
             other => {
-                self.error(span, format!("{what} must be a number, not a {}", other.type_str()));
+                self.error(
+                    span,
+                    format!("{what} must be a number, not a {}", other.type_str()),
+                );
                 None
             }
         }
@@ -123,7 +126,9 @@ impl Validator<'_> {
     /// A rate, quantity or multiplier: at most 6 decimals.
     fn micros_at(&mut self, span: Range<usize>, value: &Value, what: &str) -> Option<Micros> {
         let text = self.number_text(span.clone(), value, what)?;
-        Micros::parse(&text).map_err(|e| self.error(span, format!("{what}: {e}"))).ok()
+        Micros::parse(&text)
+            .map_err(|e| self.error(span, format!("{what}: {e}")))
+            .ok()
     }
 
     fn micros(&mut self, value: &Spanned<Value>, what: &str) -> Option<Micros> {
@@ -499,7 +504,11 @@ impl Validator<'_> {
         let settle = raw.settle.as_ref().and_then(|s| self.settle(s));
         let charge = self.charge(raw.charge.as_ref());
         let price = price?;
-        let needs_body = when.iter().map(|p| &p.source).chain(price.sources()).any(|s| matches!(s, Source::Body(_)));
+        let needs_body = when
+            .iter()
+            .map(|p| &p.source)
+            .chain(price.sources())
+            .any(|s| matches!(s, Source::Body(_)));
         Some(Operation {
             name,
             method,
@@ -534,7 +543,13 @@ impl Validator<'_> {
                 Value::Integer(i) => any_of.push(Scalar::Int(*i)),
                 Value::Boolean(b) => any_of.push(Scalar::Bool(*b)),
                 other => {
-                    self.error(value.span(), format!("`when` values must be strings, integers or booleans, not a {}", other.type_str()));
+                    self.error(
+                        value.span(),
+                        format!(
+                            "`when` values must be strings, integers or booleans, not a {}",
+                            other.type_str()
+                        ),
+                    );
                     return None;
                 }
             }
@@ -547,18 +562,28 @@ impl Validator<'_> {
     }
 
     fn predicates(&mut self, raw: &BTreeMap<String, Spanned<Value>>) -> Vec<Predicate> {
-        raw.iter().filter_map(|(source, value)| self.predicate(source, value)).collect()
+        raw.iter()
+            .filter_map(|(source, value)| self.predicate(source, value))
+            .collect()
     }
 
     fn source_at(&mut self, text: &Spanned<String>) -> Option<Source> {
-        self.source_of(text.get_ref()).map_err(|e| self.error(text.span(), e)).ok()
+        self.source_of(text.get_ref())
+            .map_err(|e| self.error(text.span(), e))
+            .ok()
     }
 
     /// A `credits` or `multiplier` value: fixed, or a table on a request value.
-    fn lookup(&mut self, raw: &Spanned<OrTable<RawLookupTable>>, decimals: usize, what: &str) -> Option<Lookup> {
+    fn lookup(
+        &mut self,
+        raw: &Spanned<OrTable<RawLookupTable>>,
+        decimals: usize,
+        what: &str,
+    ) -> Option<Lookup> {
         let value = |v: &mut Self, span: Range<usize>, value: &Value| -> Option<Micros> {
             if decimals == 3 {
-                v.amount_at(span, value, what).map(|c| Micros::from_micros(c.millicredits() * 1_000))
+                v.amount_at(span, value, what)
+                    .map(|c| Micros::from_micros(c.millicredits() * 1_000))
             } else {
                 v.micros_at(span, value, what)
             }
@@ -573,22 +598,35 @@ impl Validator<'_> {
                         table.push((key.clone(), v));
                     }
                 }
-                let default = t.default.as_ref().and_then(|d| value(self, d.span(), d.get_ref()));
+                let default = t
+                    .default
+                    .as_ref()
+                    .and_then(|d| value(self, d.span(), d.get_ref()));
                 if t.table.is_empty() {
                     self.error(t.from.span(), format!("{what}: the table is empty"));
                 }
-                Some(Lookup::Table { source: source?, table, default })
+                Some(Lookup::Table {
+                    source: source?,
+                    table,
+                    default,
+                })
             }
         }
     }
 
     fn price(&mut self, raw: &Spanned<OrTable<RawPriceTable>>) -> Option<Price> {
         let table = match raw.get_ref() {
-            OrTable::Scalar(value) => return self.amount_at(raw.span(), value, "price").map(Price::Fixed),
+            OrTable::Scalar(value) => {
+                return self.amount_at(raw.span(), value, "price").map(Price::Fixed)
+            }
             OrTable::Table(table) => table,
         };
         // With `per`, `credits` is a per-unit rate (6 decimals); without, an amount (3).
-        let credits = self.lookup(&table.credits, if table.per.is_some() { 6 } else { 3 }, "credits");
+        let credits = self.lookup(
+            &table.credits,
+            if table.per.is_some() { 6 } else { 3 },
+            "credits",
+        );
         let per = table.per.as_ref().and_then(|per| {
             let p = per.get_ref();
             let source = self.source_at(&p.from)?;
@@ -601,30 +639,47 @@ impl Validator<'_> {
             }
             Some(Per { source, min, max })
         });
-        let multiplier = table.multiplier.as_ref().and_then(|m| self.lookup(m, 6, "multiplier"));
+        let multiplier = table
+            .multiplier
+            .as_ref()
+            .and_then(|m| self.lookup(m, 6, "multiplier"));
         let mut addons = Vec::new();
         for addon in &table.addons {
             let a = addon.get_ref();
             let when = self.predicates(&a.when);
             if a.when.is_empty() {
-                self.error(addon.span(), "an addon needs `when`: otherwise add its credits to the price");
+                self.error(
+                    addon.span(),
+                    "an addon needs `when`: otherwise add its credits to the price",
+                );
             }
             if let Some(credits) = self.amount(&a.credits, "addon credits") {
                 addons.push(Addon { when, credits });
             }
         }
-        if table.per.is_some() && per.is_none() || table.multiplier.is_some() && multiplier.is_none() {
+        if table.per.is_some() && per.is_none()
+            || table.multiplier.is_some() && multiplier.is_none()
+        {
             return None;
         }
-        Some(Price::Rule(PriceRule { credits: credits?, per, multiplier, addons }))
+        Some(Price::Rule(PriceRule {
+            credits: credits?,
+            per,
+            multiplier,
+            addons,
+        }))
     }
 
     fn settle(&mut self, raw: &Spanned<RawSettle>) -> Option<SettleRule> {
         let s = raw.get_ref();
         let text = s.usage.get_ref();
         let usage = match text.split_once(':') {
-            Some(("json", p)) if p.is_empty() || p.starts_with('/') => Some(UsageSource::Json(p.to_string())),
-            Some(("sse", p)) if p.is_empty() || p.starts_with('/') => Some(UsageSource::Sse(p.to_string())),
+            Some(("json", p)) if p.is_empty() || p.starts_with('/') => {
+                Some(UsageSource::Json(p.to_string()))
+            }
+            Some(("sse", p)) if p.is_empty() || p.starts_with('/') => {
+                Some(UsageSource::Sse(p.to_string()))
+            }
             Some(("header", h)) => HeaderName::try_from(h).ok().map(UsageSource::Header),
             _ => None,
         };
@@ -632,15 +687,26 @@ impl Validator<'_> {
             self.error(s.usage.span(), format!("{text:?} is not a usage source: use json:/pointer, header:name or sse:/pointer"));
         }
         let credits_per_unit = self.micros(&s.credits_per_unit, "credits_per_unit");
-        let on_missing = match s.on_missing.as_ref().map(|o| (o.get_ref().as_str(), o.span())) {
+        let on_missing = match s
+            .on_missing
+            .as_ref()
+            .map(|o| (o.get_ref().as_str(), o.span()))
+        {
             None | Some(("charge_hold", _)) => OnMissing::ChargeHold,
             Some(("release", _)) => OnMissing::Release,
             Some((other, span)) => {
-                self.error(span, format!("on_missing must be \"charge_hold\" or \"release\", not {other:?}"));
+                self.error(
+                    span,
+                    format!("on_missing must be \"charge_hold\" or \"release\", not {other:?}"),
+                );
                 OnMissing::ChargeHold
             }
         };
-        Some(SettleRule { usage: usage?, credits_per_unit: credits_per_unit?, on_missing })
+        Some(SettleRule {
+            usage: usage?,
+            credits_per_unit: credits_per_unit?,
+            on_missing,
+        })
     }
 
     fn source_of(&self, text: &str) -> Result<Source, String> {
@@ -697,7 +763,10 @@ impl Validator<'_> {
                 "release" => OnUpstreamCut::Release,
                 "settle" => OnUpstreamCut::Settle,
                 other => {
-                    self.error(cut.span(), format!("on_upstream_cut must be \"release\" or \"settle\", not {other:?}"));
+                    self.error(
+                        cut.span(),
+                        format!("on_upstream_cut must be \"release\" or \"settle\", not {other:?}"),
+                    );
                     OnUpstreamCut::Release
                 }
             };
@@ -730,7 +799,13 @@ impl Validator<'_> {
                 continue;
             }
             let needs_body = indexes.iter().any(|&i| ops[i].needs_body);
-            if let Err(e) = router.insert(pattern.clone(), Route { operations: indexes, needs_body }) {
+            if let Err(e) = router.insert(
+                pattern.clone(),
+                Route {
+                    operations: indexes,
+                    needs_body,
+                },
+            ) {
                 self.error(span, format!("invalid path pattern {pattern:?}: {e}"));
             }
         }

@@ -101,7 +101,12 @@ impl Store for MemoryStore {
             a.tick(now_ms);
             Balance {
                 plan: a.plan.clone(),
-                grants: a.grants().iter().filter(|g| !g.left.is_zero()).cloned().collect(),
+                grants: a
+                    .grants()
+                    .iter()
+                    .filter(|g| !g.left.is_zero())
+                    .cloned()
+                    .collect(),
                 totals: a.totals(),
             }
         })
