@@ -1,5 +1,6 @@
 //! The `creditgate` command: parse arguments, load, start — nothing else.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -75,6 +76,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes to stdout, ignoring a closed pipe (`creditgate check ... | head`).
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn load(path: &std::path::Path) -> Result<Policy, ExitCode> {
     Policy::load(path).map_err(|errors| {
         eprintln!("{errors}");
@@ -87,8 +94,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(policy) => policy,
         Err(code) => return code,
     };
-    println!("{}: ok", path.display());
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", path.display());
+    let _ = writeln!(
+        out,
         "{} operations, {} plans, {} upstreams, {} seeded accounts; hold_ttl {}",
         policy.operations.len(),
         policy.plans.len(),
@@ -112,14 +121,16 @@ fn check(path: &std::path::Path) -> ExitCode {
                 settle.usage, settle.credits_per_unit
             ));
         }
-        println!(
+        let _ = writeln!(
+            out,
             "  {:<28} {:<6} {:<32} {} credits",
             op.name, method, op.path, op.price
         );
         for note in notes {
-            println!("  {:<28} {note}", "");
+            let _ = writeln!(out, "  {:<28} {note}", "");
         }
     }
+    emit(&out);
     ExitCode::SUCCESS
 }
 
@@ -129,7 +140,7 @@ fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>)
         Err(code) => return code,
     };
     let answer = |json: serde_json::Value, code: ExitCode| {
-        println!("{json}");
+        emit(&format!("{json}\n"));
         code
     };
     let error = |kind: &str, message: String, source: Option<&str>| {

@@ -5,7 +5,14 @@
 //! - `x-mock-delay-ms: 2000`: wait this long before answering;
 //! - `x-mock-body: TEXT`: answer with this body (default: a small JSON result);
 //! - `x-mock-fail: reset-before`: reset the connection without answering;
-//! - `x-mock-fail: reset-mid-body`: send the headers and half the body, then reset.
+//! - `x-mock-fail: reset-mid-body`: send the headers and half the body, then reset;
+//! - `x-mock-usage: 1234`: put `"usage": {"total_tokens": 1234}` in the JSON result
+//!   (and in the last event of a stream);
+//! - `x-mock-usage-header: 12`: answer with the header `x-usage: 12`;
+//! - `x-mock-sse: 100`: stream 100 server-sent events (chunked), each written in
+//!   pieces of `x-mock-chunk-bytes` (default 7) so events split at odd places;
+//!   with `x-mock-sse-pause-after: 50` the stream waits after 50 events until
+//!   [`MockBackend::open_gate`] is called.
 //!
 //! It records every request it receives (method, path, headers, body), so tests
 //! can check what reached the backend. HTTP/1.1 with keep-alive; request bodies
@@ -17,7 +24,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Largest request head and body the mock accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -44,6 +51,7 @@ impl Received {
 pub struct MockBackend {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    gate: Arc<Notify>,
     stop: watch::Sender<bool>,
 }
 
@@ -54,6 +62,8 @@ impl MockBackend {
         let received = Arc::new(Mutex::new(Vec::new()));
         let (stop, mut stopped) = watch::channel(false);
         let log = received.clone();
+        let gate = Arc::new(Notify::new());
+        let paused = gate.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -61,15 +71,21 @@ impl MockBackend {
                     _ = stopped.changed() => return,
                 };
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_connection(stream, log.clone()));
+                    tokio::spawn(serve_connection(stream, log.clone(), paused.clone()));
                 }
             }
         });
         Ok(MockBackend {
             addr,
             received,
+            gate,
             stop,
         })
+    }
+
+    /// Lets a stream paused by `x-mock-sse-pause-after` go on.
+    pub fn open_gate(&self) {
+        self.gate.notify_one();
     }
 
     /// Every request received so far.
@@ -84,7 +100,11 @@ impl Drop for MockBackend {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, log: Arc<Mutex<Vec<Received>>>) {
+async fn serve_connection(
+    mut stream: TcpStream,
+    log: Arc<Mutex<Vec<Received>>>,
+    gate: Arc<Notify>,
+) {
     let mut buffer = Vec::with_capacity(4096);
     loop {
         let Some(request) = read_request(&mut stream, &mut buffer).await else {
@@ -93,7 +113,7 @@ async fn serve_connection(mut stream: TcpStream, log: Arc<Mutex<Vec<Received>>>)
         if let Ok(mut log) = log.lock() {
             log.push(request.clone());
         }
-        if !respond(&mut stream, &request).await {
+        if !respond(&mut stream, &request, &gate).await {
             return;
         }
     }
@@ -196,7 +216,7 @@ async fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
 }
 
 /// Answers as the request's `x-mock-*` headers say; false when the connection is done.
-async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
+async fn respond(stream: &mut TcpStream, request: &Received, gate: &Notify) -> bool {
     if let Some(ms) = request
         .header("x-mock-delay-ms")
         .and_then(|v| v.parse::<u64>().ok())
@@ -213,21 +233,43 @@ async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
         .and_then(|v| v.parse().ok())
         .filter(|s| (200..=599).contains(s))
         .unwrap_or(200);
+    let usage = request
+        .header("x-mock-usage")
+        .and_then(|v| v.parse::<u64>().ok());
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Status");
+    if let Some(events) = request
+        .header("x-mock-sse")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let shape = Stream {
+            status,
+            reason,
+            events,
+            usage,
+            fail,
+        };
+        return stream_events(stream, request, gate, shape).await;
+    }
+    let usage_header = request
+        .header("x-mock-usage-header")
+        .map_or(String::new(), |v| format!("x-usage: {v}\r\n"));
+    let usage_json = usage.map_or(String::new(), |u| {
+        format!(",\"usage\":{{\"total_tokens\":{u}}}")
+    });
     let body = match request.header("x-mock-body") {
         Some(body) => body.to_string(),
         None if status < 300 => format!(
-            "{{\"id\":\"gen_{:016x}\",\"status\":\"succeeded\",\"path\":{:?}}}",
+            "{{\"id\":\"gen_{:016x}\",\"status\":\"succeeded\",\"path\":{:?}{usage_json}}}",
             rand::random::<u64>(),
             request.path
         ),
         None => format!("{{\"error\":\"mock backend failure\",\"status\":{status}}}"),
     };
     let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("Status"),
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{usage_header}content-length: {}\r\n\r\n",
         body.len()
     );
     if fail == "reset-mid-body" {
@@ -243,6 +285,70 @@ async fn respond(stream: &mut TcpStream, request: &Received) -> bool {
     let mut out = head.into_bytes();
     out.extend_from_slice(body.as_bytes());
     stream.write_all(&out).await.is_ok()
+}
+
+/// Streams `events` server-sent events with chunked framing, each event in small
+/// pieces; the last event carries the usage. Returns false when the connection is done.
+struct Stream<'a> {
+    status: u16,
+    reason: &'a str,
+    events: usize,
+    usage: Option<u64>,
+    fail: &'a str,
+}
+
+async fn stream_events(
+    stream: &mut TcpStream,
+    request: &Received,
+    gate: &Notify,
+    shape: Stream<'_>,
+) -> bool {
+    let Stream {
+        status,
+        reason,
+        events,
+        usage,
+        fail,
+    } = shape;
+    let piece_bytes = request
+        .header("x-mock-chunk-bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(7)
+        .max(1);
+    let pause_after = request
+        .header("x-mock-sse-pause-after")
+        .and_then(|v| v.parse::<usize>().ok());
+    let head = format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n");
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return false;
+    }
+    for i in 0..events {
+        if pause_after == Some(i) {
+            gate.notified().await;
+        }
+        if fail == "reset-mid-body" && i == events / 2 {
+            let _ = stream.flush().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            reset(stream);
+            return false;
+        }
+        let event = match usage {
+            Some(u) if i + 1 == events => {
+                format!("data: {{\"i\":{i},\"usage\":{{\"total_tokens\":{u}}}}}\n\n")
+            }
+            _ => format!("data: {{\"i\":{i},\"delta\":\"token {i}\"}}\n\n"),
+        };
+        for piece in event.as_bytes().chunks(piece_bytes) {
+            let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+            chunk.extend_from_slice(piece);
+            chunk.extend_from_slice(b"\r\n");
+            if stream.write_all(&chunk).await.is_err() {
+                return false;
+            }
+        }
+        let _ = stream.flush().await;
+    }
+    stream.write_all(b"0\r\n\r\n").await.is_ok()
 }
 
 /// Closes with RST instead of FIN.

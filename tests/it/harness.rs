@@ -97,6 +97,63 @@ upstream = "main"
 price = 1
 charge = { on = ["2xx", 404] }
 
+[[operations]]
+name = "video.generate"
+method = "POST"
+path = "/v1/videos"
+upstream = "main"
+[operations.price]
+credits = 2
+per = { from = "body:/duration_seconds", min = 1, max = 60 }
+multiplier = { from = "body:/resolution", table = { "720p" = 1, "4k" = 4 }, default = 1 }
+
+[[operations]]
+name = "mode.patch"
+method = "POST"
+path = "/v1/modes"
+when = { "body:/mode" = "patch" }
+upstream = "main"
+price = 0.5
+
+[[operations]]
+name = "mode.full"
+method = "POST"
+path = "/v1/modes"
+upstream = "main"
+price = 4
+
+[[operations]]
+name = "chat.json"
+method = "POST"
+path = "/v1/chat/completions"
+upstream = "main"
+price = 10
+[operations.settle]
+usage = "json:/usage/total_tokens"
+credits_per_unit = 0.002
+on_missing = "charge_hold"
+
+[[operations]]
+name = "chat.stream"
+method = "POST"
+path = "/v1/chat/stream"
+upstream = "main"
+price = 10
+[operations.settle]
+usage = "sse:/usage/total_tokens"
+credits_per_unit = 0.002
+on_missing = "release"
+
+[[operations]]
+name = "embeddings"
+method = "POST"
+path = "/v1/embeddings"
+upstream = "main"
+price = 5
+[operations.settle]
+usage = "header:x-usage"
+credits_per_unit = 0.01
+
 [[accounts]]
 id = "alice"
 plan = "free"
@@ -158,9 +215,22 @@ pub async fn start(credits: &str) -> TestGateway {
 }
 
 pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
+    let text = POLICY
+        .replace("{CREDITS}", credits)
+        .replace("{READ_TIMEOUT}", read_timeout);
+    start_policy(|_| text, |_| None).await
+}
+
+/// Starts a gateway on the policy `text(backend_url)`; `extra_env` answers the
+/// policy's own `${VAR}` and `key_env` names beyond the harness's.
+pub async fn start_policy(
+    text: impl FnOnce(&str) -> String,
+    extra_env: impl Fn(&str) -> Option<String> + 'static,
+) -> TestGateway {
     let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
     let full = full_listener().await;
     let backend_url = format!("http://{}", backend.addr);
+    let text = text(&backend_url);
     let refused_url = format!("http://{}", refused_addr().await);
     let full_url = format!("http://{}", full.0.local_addr().unwrap());
     let env = move |name: &str| match name {
@@ -169,11 +239,8 @@ pub async fn start_with(credits: &str, read_timeout: &str) -> TestGateway {
         "FULL_URL" => Some(full_url.clone()),
         "ALICE_KEY" => Some(ALICE_KEY.to_string()),
         "PRO_KEY" => Some(PRO_KEY.to_string()),
-        _ => None,
+        other => extra_env(other),
     };
-    let text = POLICY
-        .replace("{CREDITS}", credits)
-        .replace("{READ_TIMEOUT}", read_timeout);
     let policy = Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}"));
     let store = Arc::new(MemoryStore::new());
     let gateway = Gateway::new(Arc::new(policy), store.clone()).unwrap();
@@ -253,4 +320,47 @@ pub fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("<missing>")
+}
+
+/// Sends raw bytes on a new connection and returns everything the gateway
+/// answers until it closes (send `Connection: close`). With `expect_continue`,
+/// sends `head` first, requires `100 Continue`, then sends `body`.
+pub async fn raw_exchange(url: &str, head: &[u8], body: &[u8], expect_continue: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head).await.unwrap();
+    if expect_continue {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the gateway must answer Expect: 100-continue")
+                .unwrap();
+            assert!(n > 0, "connection closed before 100 Continue");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 100"), "{got}");
+    }
+    stream.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway answered within 30 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// `body` in chunked framing, cut into pieces of `piece` bytes.
+pub fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in body.chunks(piece) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
 }

@@ -3,4 +3,6 @@
 
 mod cli;
 mod harness;
+mod metering;
 mod proxy;
+mod quotes;
