@@ -154,6 +154,21 @@ price = 5
 usage = "header:x-usage"
 credits_per_unit = 0.01
 
+[[operations]]
+name = "stream.fixed"
+method = "POST"
+path = "/v1/stream/fixed"
+upstream = "main"
+price = 3
+
+[[operations]]
+name = "stream.fair"
+method = "POST"
+path = "/v1/stream/fair"
+upstream = "main"
+price = 3
+charge = { on_client_abort = "release" }
+
 [[accounts]]
 id = "alice"
 plan = "free"

@@ -459,3 +459,38 @@ async fn quote_and_balance_for_the_callers_own_account() {
         .unwrap();
     assert_eq!(resp.status(), 401, "the client APIs need a key");
 }
+
+/// The client reads part of a 2xx stream and leaves; the backend goes on.
+async fn leave_mid_stream(gw: &TestGateway, path: &str) {
+    let mut resp = gw
+        .post(path)
+        .header("x-mock-sse", "200")
+        .header("x-mock-sse-pause-after", "10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut seen = String::new();
+    read_events(&mut resp, &mut seen, 10).await;
+    drop(resp);
+    gw.backend.open_gate();
+}
+
+#[tokio::test]
+async fn a_client_leaving_after_2xx_headers_is_settled_or_released_as_configured() {
+    let gw = start("100").await;
+    leave_mid_stream(&gw, "/v1/stream/fixed").await;
+    let t = gw.settled("alice").await;
+    assert_eq!(
+        t.charged,
+        credits("3"),
+        "on_client_abort = \"settle\" (the default): the backend did the work"
+    );
+    leave_mid_stream(&gw, "/v1/stream/fair").await;
+    let t = gw.settled("alice").await;
+    assert_eq!(
+        (t.charged, t.available),
+        (credits("3"), credits("97")),
+        "on_client_abort = \"release\""
+    );
+}
