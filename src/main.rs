@@ -212,7 +212,30 @@ fn run(path: &std::path::Path) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let gateway = match Gateway::new(Arc::new(policy), Arc::new(MemoryStore::new())) {
+    let token = std::env::var(creditgate::admin::TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty());
+    if let Some(listen) = &policy.gateway.admin_listen {
+        if let Err(e) = creditgate::admin::check_exposure(listen, token.as_deref()) {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let policy = Arc::new(policy);
+    let store: Arc<dyn creditgate::store::Store> = Arc::new(MemoryStore::for_policy(&policy));
+    let admin = policy.gateway.admin_listen.clone().map(|listen| {
+        let clock = creditgate::clock::Clock::system();
+        (
+            listen,
+            creditgate::admin::AdminState::new(
+                policy.clone(),
+                store.clone(),
+                clock,
+                token.as_deref(),
+            ),
+        )
+    });
+    let gateway = match Gateway::new(policy, store, creditgate::clock::Clock::system()) {
         Ok(gateway) => gateway,
         Err(e) => {
             eprintln!("{e}");
@@ -231,7 +254,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         eprintln!("cannot seed accounts: {e}");
         return ExitCode::FAILURE;
     }
-    run_server(gateway)
+    run_server(gateway, admin)
 }
 
 /// Runs `task` on a multi-threaded runtime; prints its error and fails if it fails.

@@ -36,7 +36,8 @@ pub async fn run() -> Result<(), String> {
     };
     let policy =
         Policy::parse(DEMO_POLICY, "policies/demo.toml", &env).map_err(|e| e.to_string())?;
-    let gateway = Gateway::new(Arc::new(policy), Arc::new(MemoryStore::new()))?;
+    let store = Arc::new(MemoryStore::for_policy(&policy));
+    let gateway = Gateway::new(Arc::new(policy), store, crate::clock::Clock::system())?;
     gateway.seed_accounts().await.map_err(|e| e.to_string())?;
     let listener = bind("127.0.0.1:8080")
         .await

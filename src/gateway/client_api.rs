@@ -10,9 +10,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::{body, now_ms, Gateway, RequestCtx};
+use super::{body, Gateway, RequestCtx};
 use crate::policy::RequestFacts;
 use crate::store::StoreError;
+use crate::views;
 
 pub(super) const PREFIX: &str = "/credits/v1/";
 
@@ -50,6 +51,10 @@ impl Gateway {
         let method = session.req_header().method.clone();
         let answer = match (method, path) {
             (Method::GET, "/credits/v1/balance") => self.balance_json(ctx).await?,
+            (Method::GET, "/credits/v1/ledger") => {
+                let query = session.req_header().uri.query().map(str::to_string);
+                self.ledger_json(ctx, query.as_deref()).await?
+            }
             (Method::POST, "/credits/v1/quote") => {
                 let limit = self.policy.gateway.max_body_bytes;
                 let bytes = body::read_all(session, limit).await.map_err(|e| match e {
@@ -72,32 +77,28 @@ impl Gateway {
     }
 
     async fn balance_json(&self, ctx: &RequestCtx) -> Result<Value, ApiError> {
-        let Some(identity) = &ctx.identity else {
-            return Err(ApiError::MissingApiKey);
-        };
-        let balance = self
+        let identity = ctx.identity.as_ref().ok_or(ApiError::MissingApiKey)?;
+        let account = self
             .store
-            .balance(&identity.account, now_ms())
+            .account(&identity.account, self.now_ms())
             .await
             .map_err(store_error)?;
-        let grants: Vec<Value> = balance
-            .grants
-            .iter()
-            .map(|g| {
-                let expires_at = g
-                    .expires_at_ms
-                    .and_then(|ms| chrono::DateTime::from_timestamp_millis(ms as i64))
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                json!({"kind": g.kind, "credits": g.left.to_json(), "expires_at": expires_at})
-            })
-            .collect();
-        Ok(json!({
-            "account": identity.account,
-            "plan": balance.plan,
-            "grants": grants,
-            "held": balance.totals.held.to_json(),
-            "available": balance.totals.available.to_json(),
-        }))
+        Ok(views::balance(&account))
+    }
+
+    /// The caller's own account's ledger, newest first.
+    async fn ledger_json(&self, ctx: &RequestCtx, query: Option<&str>) -> Result<Value, ApiError> {
+        let identity = ctx.identity.as_ref().ok_or(ApiError::MissingApiKey)?;
+        let (limit, cursor) = views::page_params(query).map_err(|e| ApiError::InvalidRequest {
+            source: "query".into(),
+            message: e,
+        })?;
+        let entries = self
+            .store
+            .ledger(&identity.account, limit, cursor, self.now_ms())
+            .await
+            .map_err(store_error)?;
+        Ok(views::ledger(&entries, limit))
     }
 
     async fn quote_json(&self, ctx: &RequestCtx, quote: QuoteRequest) -> Result<Value, ApiError> {
@@ -123,7 +124,7 @@ impl Gateway {
             .ok_or_else(|| "the request has no body".to_string());
         let totals = self
             .store
-            .totals(&identity.account, now_ms())
+            .totals(&identity.account, self.now_ms())
             .await
             .map_err(store_error)?;
         let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
@@ -140,7 +141,7 @@ impl Gateway {
             path_params: &route.path_params,
             body: route.needs_body.then_some(&json_body),
         };
-        let (index, price) = match self.evaluate(&identity.plan, &route, &facts) {
+        let (index, price) = match self.evaluate(identity, &route, &facts) {
             Ok(priced) => priced,
             Err(error) => {
                 let operation = self

@@ -35,6 +35,14 @@ pub enum ApiError {
     TooManyHolds {
         limit: usize,
     },
+    PremiumDisabled {
+        operation: String,
+    },
+    QuotaExhausted {
+        operation: String,
+        quota: String,
+        limit: u64,
+    },
     StoreUnavailable,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -49,7 +57,8 @@ impl ApiError {
             ApiError::RequestTooLarge { .. } => 413,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => 401,
             ApiError::InsufficientCredits { .. } => 402,
-            ApiError::PlanRequired { .. } => 403,
+            ApiError::PlanRequired { .. } | ApiError::PremiumDisabled { .. } => 403,
+            ApiError::QuotaExhausted { .. } => 429,
             ApiError::UnknownOperation => 404,
             ApiError::TooManyHolds { .. } => 429,
             ApiError::UpstreamUnavailable => 502,
@@ -69,6 +78,8 @@ impl ApiError {
             ApiError::PlanRequired { .. } => "plan_required",
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
             ApiError::TooManyHolds { .. } => "too_many_holds",
+            ApiError::PremiumDisabled { .. } => "premium_disabled",
+            ApiError::QuotaExhausted { .. } => "quota_exhausted",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamTimeout => "upstream_timeout",
@@ -118,6 +129,16 @@ impl ApiError {
                     "This account already has {limit} requests in flight; retry when one finishes."
                 )
             }
+            ApiError::PremiumDisabled { operation } => {
+                format!("{operation} is premium, and premium generation is disabled for you by your team's admin.")
+            }
+            ApiError::QuotaExhausted {
+                operation,
+                quota,
+                limit,
+            } => {
+                format!("{operation} counts against {quota}: all {limit} for this month are used.")
+            }
             ApiError::StoreUnavailable => {
                 "The credit store is unavailable; nothing was charged. Retry shortly.".into()
             }
@@ -161,6 +182,18 @@ impl ApiError {
                 error.insert("upgrade_url".into(), json!(upgrade_url));
             }
             ApiError::TooManyHolds { limit } | ApiError::RequestTooLarge { limit } => {
+                error.insert("limit".into(), json!(limit));
+            }
+            ApiError::PremiumDisabled { operation } => {
+                error.insert("operation".into(), json!(operation));
+            }
+            ApiError::QuotaExhausted {
+                operation,
+                quota,
+                limit,
+            } => {
+                error.insert("operation".into(), json!(operation));
+                error.insert("quota".into(), json!(quota));
                 error.insert("limit".into(), json!(limit));
             }
             ApiError::InvalidRequest { source, .. } => {

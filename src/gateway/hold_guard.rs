@@ -10,19 +10,21 @@ use std::sync::Arc;
 use crate::ledger::{Credits, EndRejected};
 use crate::store::{EndOutcome, Store, StoreError};
 
-use super::now_ms;
+use crate::clock::Clock;
 
 pub(super) struct HoldGuard {
     store: Arc<dyn Store>,
+    clock: Clock,
     account: String,
     hold_id: u64,
     ended: bool,
 }
 
 impl HoldGuard {
-    pub(super) fn new(store: Arc<dyn Store>, account: String, hold_id: u64) -> Self {
+    pub(super) fn new(store: Arc<dyn Store>, clock: Clock, account: String, hold_id: u64) -> Self {
         HoldGuard {
             store,
+            clock,
             account,
             hold_id,
             ended: false,
@@ -34,7 +36,7 @@ impl HoldGuard {
         self.ended = true;
         let outcome = self
             .store
-            .settle(&self.account, self.hold_id, charge, now_ms())
+            .settle(&self.account, self.hold_id, charge, self.clock.now_ms())
             .await;
         self.report("settle", request_id, outcome);
     }
@@ -44,11 +46,11 @@ impl HoldGuard {
         self.ended = true;
         let outcome = self
             .store
-            .release(&self.account, self.hold_id, now_ms())
+            .release(&self.account, self.hold_id, self.clock.now_ms())
             .await;
         self.report("release", request_id, outcome);
         self.store
-            .totals(&self.account, now_ms())
+            .totals(&self.account, self.clock.now_ms())
             .await
             .ok()
             .map(|t| t.available)
@@ -83,10 +85,11 @@ impl Drop for HoldGuard {
             std::mem::take(&mut self.account),
             self.hold_id,
         );
+        let clock = self.clock.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let _ = store.release(&account, hold_id, now_ms()).await;
+                    let _ = store.release(&account, hold_id, clock.now_ms()).await;
                 });
             }
             Err(_) => tracing::error!(
@@ -101,19 +104,15 @@ impl Drop for HoldGuard {
 mod tests {
     use super::*;
     use crate::ledger::HoldRequest;
-    use crate::policy::{Plan, SeedAccount, SeedGrant};
+    use crate::policy::{SeedAccount, SeedGrant};
     use crate::store::memory::MemoryStore;
 
+    fn now_ms() -> u64 {
+        Clock::system().now_ms()
+    }
+
     async fn store_with_hold() -> (Arc<dyn Store>, u64) {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let plan = Plan {
-            name: "p".into(),
-            monthly_credits: Credits::ZERO,
-            features: vec![],
-            quotas: vec![],
-            seats: 1,
-            signup_credits: None,
-        };
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let grant = SeedGrant {
             kind: "topup".into(),
             credits: Credits::from_whole(10).unwrap(),
@@ -127,13 +126,14 @@ mod tests {
             grants: vec![grant],
             keys: vec![],
         };
-        store.seed(&seed, &plan, now_ms()).await.unwrap();
+        store.seed(&seed, now_ms()).await.unwrap();
         let request = HoldRequest {
             operation: "op".into(),
             request_id: "r".into(),
             amount: Credits::from_whole(4).unwrap(),
             ttl_ms: 600_000,
             max_holds: 8,
+            quota: None,
         };
         let placed = store.hold("a", &request, now_ms()).await.unwrap().unwrap();
         (store, placed.hold_id)
@@ -148,7 +148,12 @@ mod tests {
             store.totals("a", now_ms()).await.unwrap().held,
             Credits::from_whole(4).unwrap()
         );
-        drop(HoldGuard::new(store.clone(), "a".into(), hold_id));
+        drop(HoldGuard::new(
+            store.clone(),
+            Clock::system(),
+            "a".into(),
+            hold_id,
+        ));
         for _ in 0..1_000 {
             if store.totals("a", now_ms()).await.unwrap().held.is_zero() {
                 break;
@@ -169,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn an_ended_guard_does_not_release_again() {
         let (store, hold_id) = store_with_hold().await;
-        HoldGuard::new(store.clone(), "a".into(), hold_id)
+        HoldGuard::new(store.clone(), Clock::system(), "a".into(), hold_id)
             .settle(Credits::from_whole(4).unwrap(), "r")
             .await;
         for _ in 0..100 {

@@ -25,6 +25,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
 
+use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
 use crate::policy::{usage_charge, OnMissing, Policy, RequestFacts, RouteMatch, Unmatched};
 use crate::store::{Identity, Store, StoreError};
@@ -36,28 +37,29 @@ use usage::UsageMeter;
 
 pub use server::{run_server, serve, spawn_sweeper, SWEEP_INTERVAL};
 
+/// The plan feature a member with "premium disabled" cannot use.
+const PREMIUM_FEATURE: &str = "premium";
+
 const HEADER_OPERATION: &str = "x-credits-operation";
 const HEADER_HELD: &str = "x-credits-held";
 const HEADER_REMAINING: &str = "x-credits-remaining";
-
-/// The wall clock in Unix milliseconds; the only place the gateway reads time.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
-}
 
 /// The metering proxy. Cheap to share: everything is behind `Arc`.
 pub struct Gateway {
     policy: Arc<Policy>,
     store: Arc<dyn Store>,
+    clock: Clock,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
 }
 
 impl Gateway {
     /// Resolves every upstream once, so the hot path never does DNS.
-    pub fn new(policy: Arc<Policy>, store: Arc<dyn Store>) -> std::result::Result<Self, String> {
+    pub fn new(
+        policy: Arc<Policy>,
+        store: Arc<dyn Store>,
+        clock: Clock,
+    ) -> std::result::Result<Self, String> {
         let mut peers = Vec::with_capacity(policy.upstreams.len());
         for u in &policy.upstreams {
             let address = std::net::ToSocketAddrs::to_socket_addrs(&(u.host.as_str(), u.port))
@@ -78,6 +80,7 @@ impl Gateway {
         Ok(Gateway {
             policy,
             store,
+            clock,
             peers,
         })
     }
@@ -90,13 +93,18 @@ impl Gateway {
         &self.store
     }
 
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn now_ms(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
     /// Creates the policy's seeded accounts (once) and registers their keys.
     pub async fn seed_accounts(&self) -> std::result::Result<(), StoreError> {
         for seed in &self.policy.accounts {
-            // Validation resolved every account's plan, so the look-up succeeds.
-            if let Some(plan) = self.policy.plan(&seed.plan) {
-                self.store.seed(seed, plan, now_ms()).await?;
-            }
+            self.store.seed(seed, self.now_ms()).await?;
         }
         Ok(())
     }
@@ -212,7 +220,7 @@ impl Gateway {
     async fn authenticate(&self, req: &RequestHeader) -> std::result::Result<Identity, ApiError> {
         let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
         let key_sha256: [u8; 32] = Sha256::digest(key).into();
-        match self.store.identify(&key_sha256).await {
+        match self.store.identify(&key_sha256, self.now_ms()).await {
             Ok(Some(identity)) => Ok(identity),
             Ok(None) | Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
@@ -223,7 +231,7 @@ impl Gateway {
     /// proxy and by quotes, so a quote is what the request will be held.
     fn evaluate(
         &self,
-        plan_name: &str,
+        identity: &Identity,
         route: &RouteMatch<'_>,
         facts: &RequestFacts<'_>,
     ) -> std::result::Result<(usize, Credits), ApiError> {
@@ -232,7 +240,7 @@ impl Gateway {
             .select(route, facts)
             .ok_or(ApiError::UnknownOperation)?;
         let op = &self.policy.operations[index];
-        let plan = self.policy.plan(plan_name);
+        let plan = self.policy.plan(&identity.plan);
         for feature in &op.requires {
             if !plan.is_some_and(|p| p.features.contains(feature)) {
                 return Err(ApiError::PlanRequired {
@@ -246,6 +254,12 @@ impl Gateway {
                         .collect(),
                 });
             }
+        }
+        // An admin can switch premium generation off for one member of a team.
+        if identity.premium_disabled && op.requires.iter().any(|f| f == PREMIUM_FEATURE) {
+            return Err(ApiError::PremiumDisabled {
+                operation: op.name.clone(),
+            });
         }
         let price = op
             .price
@@ -267,7 +281,7 @@ impl Gateway {
         let identity = self.authenticate(session.req_header()).await?;
         let account = identity.account.clone();
         let plan_name = identity.plan.clone();
-        ctx.identity = Some(identity);
+        ctx.identity = Some(identity.clone());
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
@@ -309,7 +323,7 @@ impl Gateway {
             path_params: &route.path_params,
             body: json.as_ref(),
         };
-        let (index, price) = match self.evaluate(&plan_name, &route, &facts) {
+        let (index, price) = match self.evaluate(&identity, &route, &facts) {
             Err(ApiError::UnknownOperation) => return self.unmatched(ctx, &account).await,
             other => other?,
         };
@@ -323,7 +337,8 @@ impl Gateway {
             ));
         }
 
-        if price.is_zero() {
+        // A free operation holds nothing — unless it counts against a quota.
+        if price.is_zero() && op.quota.is_none() {
             ctx.remaining = self.available(&account).await?;
         } else {
             self.hold(ctx, &account, &plan_name, index, price).await?;
@@ -370,13 +385,15 @@ impl Gateway {
             amount: price,
             ttl_ms: self.policy.gateway.hold_ttl_ms,
             max_holds: self.policy.gateway.max_holds_per_account,
+            quota: op.quota.clone(),
         };
-        match self.store.hold(account, &request, now_ms()).await {
+        match self.store.hold(account, &request, self.now_ms()).await {
             Ok(Ok(placed)) => {
                 ctx.held = price;
                 ctx.remaining = Some(placed.available);
                 ctx.hold = Some(HoldGuard::new(
                     self.store.clone(),
+                    self.clock.clone(),
                     account.to_string(),
                     placed.hold_id,
                 ));
@@ -398,13 +415,20 @@ impl Gateway {
                 })
             }
             Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
+            Ok(Err(HoldRejected::QuotaExhausted { quota, limit })) => {
+                Err(ApiError::QuotaExhausted {
+                    operation: op.name.clone(),
+                    quota,
+                    limit,
+                })
+            }
             Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
         }
     }
 
     async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
-        match self.store.totals(account, now_ms()).await {
+        match self.store.totals(account, self.now_ms()).await {
             Ok(totals) => Ok(Some(totals.available)),
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
             Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),

@@ -12,18 +12,20 @@ use pingora::services::background::{background_service, BackgroundService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::{now_ms, Gateway};
+use super::Gateway;
+use crate::admin::AdminState;
+use crate::clock::Clock;
 use crate::store::Store;
 
 /// How often expired holds are swept. Holds are also expired lazily on access.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn sweep_until(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
+async fn sweep_until(store: Arc<dyn Store>, clock: Clock, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                match store.sweep(now_ms()).await {
+                match store.sweep(clock.now_ms()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(expired = n, "released holds past their TTL"),
                     Err(e) => tracing::warn!("hold sweep failed: {e}"),
@@ -37,17 +39,18 @@ async fn sweep_until(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>)
 /// Runs the expired-hold sweep in the background until `shutdown` turns true.
 pub fn spawn_sweeper(
     store: Arc<dyn Store>,
+    clock: Clock,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(sweep_until(store, shutdown))
+    tokio::spawn(sweep_until(store, clock, shutdown))
 }
 
-struct Sweeper(Arc<dyn Store>);
+struct Sweeper(Arc<dyn Store>, Clock);
 
 #[async_trait]
 impl BackgroundService for Sweeper {
     async fn start(&self, shutdown: ShutdownWatch) {
-        sweep_until(self.0.clone(), shutdown).await
+        sweep_until(self.0.clone(), self.1.clone(), shutdown).await
     }
 }
 
@@ -65,11 +68,12 @@ fn server_conf() -> ServerConf {
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
     let store = gateway.store().clone();
+    let clock = gateway.clock().clone();
     let app = Arc::new(pingora::proxy::http_proxy(
         &Arc::new(server_conf()),
         gateway,
     ));
-    let sweeper = spawn_sweeper(store, shutdown.clone());
+    let sweeper = spawn_sweeper(store, clock, shutdown.clone());
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -91,17 +95,48 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Rec
     sweeper.abort();
 }
 
+/// The admin API as one of the server's services.
+struct AdminService {
+    listen: String,
+    state: AdminState,
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let listener = match TcpListener::bind(&self.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(listen = %self.listen, "cannot bind the admin listener: {e}");
+                return;
+            }
+        };
+        tracing::info!(listen = %self.listen, "admin API is listening");
+        if let Err(e) = crate::admin::serve(listener, self.state.clone(), shutdown).await {
+            tracing::error!("the admin API stopped: {e}");
+        }
+    }
+}
+
 /// Runs the gateway under Pingora's server (signals, graceful shutdown) on the
-/// policy's `listen` address. Never returns.
-pub fn run_server(gateway: Gateway) -> ! {
+/// policy's `listen` address, and the admin API on `admin_listen` when given.
+/// Never returns.
+pub fn run_server(gateway: Gateway, admin: Option<(String, AdminState)>) -> ! {
     let listen = gateway.policy().gateway.listen.clone();
     let store = gateway.store().clone();
+    let clock = gateway.clock().clone();
     let mut server = Server::new_with_opt_and_conf(None, server_conf());
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen);
     server.add_service(proxy);
-    server.add_service(background_service("hold sweeper", Sweeper(store)));
+    server.add_service(background_service("hold sweeper", Sweeper(store, clock)));
+    if let Some((listen, state)) = admin {
+        server.add_service(background_service(
+            "admin API",
+            AdminService { listen, state },
+        ));
+    }
     tracing::info!(%listen, "creditgate is listening");
     server.run_forever()
 }

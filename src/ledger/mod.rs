@@ -8,12 +8,23 @@
 //! Invariant, checked after every transition in debug and test builds:
 //! `granted == available + held + charged + expired`, and nothing is negative
 //! (amounts are unsigned, and every subtraction is checked).
+//!
+//! Besides money an account carries what decides who may spend it: its plan and
+//! billing cycle, its members, its per-cycle quotas, and its journal (the ledger
+//! its owner reads). Stores call [`Account::refill_if_due`] before every
+//! transition, which is how refills happen lazily and exactly once per cycle.
 
+mod calendar;
 mod credits;
+mod journal;
 
+pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
+pub use journal::{Entry, EntryKind};
 
 use std::collections::{BTreeMap, VecDeque};
+
+use journal::Journal;
 
 /// Unix time in milliseconds, always passed in by the caller.
 pub type Millis = u64;
@@ -31,6 +42,59 @@ pub fn default_priority(kind: &str) -> u32 {
 /// How many ended holds an account remembers, so that a late second settle or
 /// release is answered `Already*` rather than `UnknownHold`.
 const ENDED_HOLDS_REMEMBERED: usize = 256;
+
+/// How many admin-grant idempotency keys an account remembers (oldest forgotten first).
+pub const GRANT_KEYS_REMEMBERED: usize = 10_000;
+
+/// What a plan gives an account, as the policy says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanTerms {
+    pub monthly_credits: Credits,
+    /// Count allowances per cycle; a quota the plan does not name is unlimited.
+    pub quotas: BTreeMap<String, u64>,
+    pub seats: u32,
+    pub signup_credits: Option<Credits>,
+}
+
+/// Every plan by name.
+pub type Catalog = BTreeMap<String, PlanTerms>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    pub premium_disabled: bool,
+}
+
+/// What an idempotent admin grant returns, the first time and every time after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantReceipt {
+    pub grant_id: u64,
+    pub kind: String,
+    pub credits: Credits,
+    pub priority: u32,
+    pub expires_at_ms: Option<Millis>,
+    pub granted_at_ms: Millis,
+}
+
+/// When a plan change takes effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effective {
+    /// Now: the plan grant is set to the new allowance (an upgrade).
+    Now,
+    /// At the next refill (a downgrade).
+    PeriodEnd,
+}
+
+/// Why an account-management request was refused. Outcomes, not failures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountRejected {
+    SeatLimit { seats: u32 },
+    MemberExists,
+    UnknownMember,
+    UnknownPlan,
+    GrantOverflow,
+    AccountExists,
+    UnknownKey,
+}
 
 /// A lot of credits added to an account.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +137,8 @@ pub struct Hold {
     pub amount: Credits,
     pub draws: Vec<Draw>,
     pub expires_at_ms: Millis,
+    /// The plan quota this hold uses one unit of.
+    pub quota: Option<String>,
 }
 
 /// What a hold asks for.
@@ -84,6 +150,8 @@ pub struct HoldRequest {
     pub ttl_ms: u64,
     /// Open holds allowed per account before `TooManyHolds`.
     pub max_holds: usize,
+    /// One unit of this plan quota is held too.
+    pub quota: Option<String>,
 }
 
 /// A hold that was placed.
@@ -95,7 +163,7 @@ pub struct HoldPlaced {
 }
 
 /// Why a hold was not placed. Outcomes, not failures: the gateway answers them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldRejected {
     InsufficientCredits {
         required: Credits,
@@ -104,6 +172,10 @@ pub enum HoldRejected {
     },
     TooManyHolds {
         limit: usize,
+    },
+    QuotaExhausted {
+        quota: String,
+        limit: u64,
     },
 }
 
@@ -146,6 +218,14 @@ pub struct Totals {
 pub struct Account {
     pub id: String,
     pub plan: String,
+    /// Takes effect at the next refill.
+    pub pending_plan: Option<String>,
+    pub billing_anchor_day: u8,
+    pub cycle_start_ms: Millis,
+    pub next_refill_ms: Millis,
+    pub members: BTreeMap<String, Member>,
+    /// Quota units settled this cycle.
+    quota_used: BTreeMap<String, u64>,
     /// Kept sorted in spend order.
     grants: Vec<Grant>,
     holds: BTreeMap<u64, Hold>,
@@ -155,6 +235,9 @@ pub struct Account {
     next_grant_id: u64,
     next_hold_id: u64,
     ended: VecDeque<(u64, Ending)>,
+    grant_receipts: BTreeMap<String, GrantReceipt>,
+    grant_keys_in_order: VecDeque<String>,
+    journal: Journal,
 }
 
 /// Amounts are bounded by `Credits::MAX`-sized sums the checked arithmetic
@@ -171,11 +254,21 @@ fn sum(amounts: impl Iterator<Item = Credits>) -> Credits {
 #[error("grant would overflow the account's total")]
 pub struct GrantOverflow;
 
+/// The default journal cap when the policy names none.
+pub const DEFAULT_LEDGER_MAX_ENTRIES: usize = 1_000;
+
 impl Account {
+    /// A bare account with no grants, its cycle anchored on the 1st; for tests.
     pub fn new(id: impl Into<String>, plan: impl Into<String>) -> Self {
         Account {
             id: id.into(),
             plan: plan.into(),
+            pending_plan: None,
+            billing_anchor_day: 1,
+            cycle_start_ms: 0,
+            next_refill_ms: Millis::MAX,
+            members: BTreeMap::new(),
+            quota_used: BTreeMap::new(),
             grants: Vec::new(),
             holds: BTreeMap::new(),
             granted: Credits::ZERO,
@@ -184,7 +277,245 @@ impl Account {
             next_grant_id: 1,
             next_hold_id: 1,
             ended: VecDeque::new(),
+            grant_receipts: BTreeMap::new(),
+            grant_keys_in_order: VecDeque::new(),
+            journal: Journal::new(DEFAULT_LEDGER_MAX_ENTRIES),
         }
+    }
+
+    /// A new account on `plan`: the plan grant for the current cycle (expiring at
+    /// the next refill) and, once, the plan's signup credits as a bonus.
+    pub fn open(
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        terms: &PlanTerms,
+        ledger_max_entries: usize,
+        now_ms: Millis,
+    ) -> Account {
+        let mut account = Account::new(id, plan);
+        account.journal.set_cap(ledger_max_entries);
+        account.billing_anchor_day = billing_anchor_day.unwrap_or_else(|| day_of_month(now_ms));
+        let (start, next) = cycle_bounds(account.billing_anchor_day, now_ms);
+        account.cycle_start_ms = start;
+        account.next_refill_ms = next;
+        // Policy validation bounds amounts far below the overflow limit.
+        let _ = account.grant(
+            "plan",
+            terms.monthly_credits,
+            default_priority("plan"),
+            Some(next),
+            now_ms,
+        );
+        if let Some(signup) = terms.signup_credits.filter(|c| !c.is_zero()) {
+            let _ = account.grant("bonus", signup, default_priority("bonus"), None, now_ms);
+        }
+        account
+    }
+
+    pub fn set_ledger_cap(&mut self, ledger_max_entries: usize) {
+        self.journal.set_cap(ledger_max_entries);
+    }
+
+    /// The journal, newest first: up to `limit` entries older than `before_seq`.
+    pub fn ledger(&self, limit: usize, before_seq: Option<u64>) -> Vec<Entry> {
+        self.journal.page(limit, before_seq)
+    }
+
+    /// Quota units used this cycle (settled and held), by quota.
+    pub fn quota_use(&self) -> BTreeMap<String, u64> {
+        let mut used = self.quota_used.clone();
+        for q in self.holds.values().filter_map(|h| h.quota.as_ref()) {
+            *used.entry(q.clone()).or_default() += 1;
+        }
+        used
+    }
+
+    /// Applies the monthly refill if a new cycle has begun: once, however many
+    /// cycles passed (an account idle for three months gets one refill). A pending
+    /// downgrade takes effect first; the old plan grant expires (nothing rolls
+    /// over) and a new one of the plan's allowance is granted until the next refill.
+    pub fn refill_if_due(&mut self, now_ms: Millis, catalog: &Catalog) {
+        if now_ms < self.next_refill_ms {
+            return;
+        }
+        if let Some(new_plan) = self.pending_plan.take() {
+            let detail = format!("{} -> {}", self.plan, new_plan);
+            self.plan = new_plan;
+            self.journal.push(
+                now_ms,
+                EntryKind::PlanChange,
+                Credits::ZERO,
+                None,
+                None,
+                Some(detail),
+            );
+        }
+        let (start, next) = cycle_bounds(self.billing_anchor_day, now_ms);
+        self.cycle_start_ms = start;
+        self.next_refill_ms = next;
+        self.quota_used.clear();
+        // The old plan grant expired at the old boundary, which has passed.
+        self.tick(now_ms);
+        let allowance = catalog
+            .get(&self.plan)
+            .map_or(Credits::ZERO, |t| t.monthly_credits);
+        if self
+            .add_grant(
+                "plan",
+                allowance,
+                default_priority("plan"),
+                Some(next),
+                now_ms,
+            )
+            .is_ok()
+        {
+            self.journal.push(
+                now_ms,
+                EntryKind::Refill,
+                allowance,
+                None,
+                None,
+                Some(self.plan.clone()),
+            );
+        }
+        self.debug_check();
+    }
+
+    /// Switches plan. `Now` expires what is left of the plan grant and grants the
+    /// new allowance for the rest of the cycle; `PeriodEnd` waits for the refill.
+    pub fn change_plan(
+        &mut self,
+        new_plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+        catalog: &Catalog,
+    ) -> Result<(), AccountRejected> {
+        let terms = catalog.get(new_plan).ok_or(AccountRejected::UnknownPlan)?;
+        self.refill_if_due(now_ms, catalog);
+        let detail = format!("{} -> {new_plan}", self.plan);
+        match effective {
+            Effective::PeriodEnd => {
+                self.pending_plan = Some(new_plan.to_string());
+                self.journal.push(
+                    now_ms,
+                    EntryKind::PlanChange,
+                    Credits::ZERO,
+                    None,
+                    None,
+                    Some(format!("{detail} at the next refill")),
+                );
+            }
+            Effective::Now => {
+                self.pending_plan = None;
+                self.plan = new_plan.to_string();
+                for grant in self
+                    .grants
+                    .iter_mut()
+                    .filter(|g| g.kind == "plan" && !g.expired)
+                {
+                    grant.expired = true;
+                    self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);
+                    self.journal.push(
+                        now_ms,
+                        EntryKind::Expire,
+                        grant.left,
+                        None,
+                        None,
+                        Some("plan".into()),
+                    );
+                    grant.left = Credits::ZERO;
+                }
+                self.add_grant(
+                    "plan",
+                    terms.monthly_credits,
+                    default_priority("plan"),
+                    Some(self.next_refill_ms),
+                    now_ms,
+                )
+                .map_err(|_| AccountRejected::GrantOverflow)?;
+                self.journal.push(
+                    now_ms,
+                    EntryKind::PlanChange,
+                    terms.monthly_credits,
+                    None,
+                    None,
+                    Some(detail),
+                );
+                self.prune_spent_grants();
+            }
+        }
+        self.debug_check();
+        Ok(())
+    }
+
+    /// Adds a member, within the plan's seats.
+    pub fn add_member(
+        &mut self,
+        member: &str,
+        premium_disabled: bool,
+        catalog: &Catalog,
+    ) -> Result<(), AccountRejected> {
+        if self.members.contains_key(member) {
+            return Err(AccountRejected::MemberExists);
+        }
+        let seats = catalog.get(&self.plan).map_or(1, |t| t.seats);
+        if self.members.len() >= seats as usize {
+            return Err(AccountRejected::SeatLimit { seats });
+        }
+        self.members
+            .insert(member.to_string(), Member { premium_disabled });
+        Ok(())
+    }
+
+    pub fn update_member(
+        &mut self,
+        member: &str,
+        premium_disabled: bool,
+    ) -> Result<(), AccountRejected> {
+        let m = self
+            .members
+            .get_mut(member)
+            .ok_or(AccountRejected::UnknownMember)?;
+        m.premium_disabled = premium_disabled;
+        Ok(())
+    }
+
+    /// An admin grant: a repeated `idempotency_key` returns the first grant's
+    /// receipt and adds nothing.
+    pub fn grant_once(
+        &mut self,
+        idempotency_key: &str,
+        kind: &str,
+        amount: Credits,
+        priority: u32,
+        expires_at_ms: Option<Millis>,
+        now_ms: Millis,
+    ) -> Result<(GrantReceipt, bool), AccountRejected> {
+        if let Some(receipt) = self.grant_receipts.get(idempotency_key) {
+            return Ok((receipt.clone(), false));
+        }
+        let grant_id = self
+            .grant(kind, amount, priority, expires_at_ms, now_ms)
+            .map_err(|_| AccountRejected::GrantOverflow)?;
+        let receipt = GrantReceipt {
+            grant_id,
+            kind: kind.to_string(),
+            credits: amount,
+            priority,
+            expires_at_ms,
+            granted_at_ms: now_ms,
+        };
+        if self.grant_keys_in_order.len() >= GRANT_KEYS_REMEMBERED {
+            if let Some(oldest) = self.grant_keys_in_order.pop_front() {
+                self.grant_receipts.remove(&oldest);
+            }
+        }
+        self.grant_keys_in_order
+            .push_back(idempotency_key.to_string());
+        self.grant_receipts
+            .insert(idempotency_key.to_string(), receipt.clone());
+        Ok((receipt, true))
     }
 
     pub fn grants(&self) -> &[Grant] {
@@ -213,9 +544,30 @@ impl Account {
         sum(self.holds.values().map(|h| h.amount))
     }
 
-    /// Adds a grant. A grant already past its expiry is added and expires at once,
-    /// so it shows in the totals as granted and expired.
+    /// Adds a grant, with a `grant` ledger entry. A grant already past its expiry
+    /// is added and expires at once, so it shows as granted and expired.
     pub fn grant(
+        &mut self,
+        kind: &str,
+        amount: Credits,
+        priority: u32,
+        expires_at_ms: Option<Millis>,
+        now_ms: Millis,
+    ) -> Result<u64, GrantOverflow> {
+        let id = self.add_grant(kind, amount, priority, expires_at_ms, now_ms)?;
+        self.journal.push(
+            now_ms,
+            EntryKind::Grant,
+            amount,
+            None,
+            None,
+            Some(kind.to_string()),
+        );
+        self.tick(now_ms);
+        Ok(id)
+    }
+
+    fn add_grant(
         &mut self,
         kind: &str,
         amount: Credits,
@@ -244,7 +596,7 @@ impl Account {
             .grants
             .partition_point(|g| g.spend_key() <= grant.spend_key());
         self.grants.insert(at, grant);
-        self.tick(now_ms);
+        let _ = now_ms;
         self.debug_check();
         Ok(id)
     }
@@ -256,6 +608,15 @@ impl Account {
             if !grant.expired && grant.expires_at_ms.is_some_and(|at| at <= now_ms) {
                 grant.expired = true;
                 self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);
+                let at = grant.expires_at_ms.unwrap_or(now_ms);
+                self.journal.push(
+                    at,
+                    EntryKind::Expire,
+                    grant.left,
+                    None,
+                    None,
+                    Some(grant.kind.clone()),
+                );
                 grant.left = Credits::ZERO;
             }
         }
@@ -269,6 +630,14 @@ impl Account {
         for id in due {
             if let Some(hold) = self.holds.remove(&id) {
                 let outcome = self.end(&hold, Credits::ZERO, Ending::Expired);
+                self.journal.push(
+                    hold.expires_at_ms,
+                    EntryKind::Expire,
+                    outcome.returned,
+                    Some(&hold.operation),
+                    Some(&hold.request_id),
+                    Some("hold_ttl".into()),
+                );
                 ended.push((hold, outcome));
             }
         }
@@ -277,13 +646,29 @@ impl Account {
         ended
     }
 
-    /// Places a hold, drawing from grants in spend order.
+    /// Places a hold, drawing from grants in spend order, and one unit of its
+    /// quota (within the plan's limit; a quota the plan does not name is unlimited).
     pub fn hold(
         &mut self,
         request: &HoldRequest,
         now_ms: Millis,
+        catalog: &Catalog,
     ) -> Result<HoldPlaced, HoldRejected> {
         self.tick(now_ms);
+        if let Some(quota) = &request.quota {
+            let limit = catalog
+                .get(&self.plan)
+                .and_then(|t| t.quotas.get(quota))
+                .copied();
+            if let Some(limit) = limit {
+                if self.quota_use().get(quota).copied().unwrap_or(0) >= limit {
+                    return Err(HoldRejected::QuotaExhausted {
+                        quota: quota.clone(),
+                        limit,
+                    });
+                }
+            }
+        }
         let available = self.available();
         if available < request.amount {
             return Err(HoldRejected::InsufficientCredits {
@@ -326,7 +711,16 @@ impl Account {
                 amount: request.amount,
                 draws,
                 expires_at_ms: now_ms.saturating_add(request.ttl_ms),
+                quota: request.quota.clone(),
             },
+        );
+        self.journal.push(
+            now_ms,
+            EntryKind::Hold,
+            request.amount,
+            Some(&request.operation),
+            Some(&request.request_id),
+            None,
         );
         self.debug_check();
         Ok(HoldPlaced {
@@ -368,6 +762,18 @@ impl Account {
                 .unwrap_or(EndRejected::UnknownHold));
         };
         let outcome = self.end(&hold, charge, ending);
+        let (kind, credits) = match ending {
+            Ending::Settled => (EntryKind::Settle, outcome.charged),
+            _ => (EntryKind::Release, outcome.returned),
+        };
+        self.journal.push(
+            now_ms,
+            kind,
+            credits,
+            Some(&hold.operation),
+            Some(&hold.request_id),
+            None,
+        );
         self.prune_spent_grants();
         self.debug_check();
         Ok(outcome)
@@ -396,6 +802,9 @@ impl Account {
             }
         }
         self.charged = self.charged.checked_add(charged).unwrap_or(self.charged);
+        if let (Ending::Settled, Some(quota)) = (ending, &hold.quota) {
+            *self.quota_used.entry(quota.clone()).or_default() += 1;
+        }
         if self.ended.len() == ENDED_HOLDS_REMEMBERED {
             self.ended.pop_front();
         }

@@ -12,6 +12,7 @@ fn request(amount: &str) -> HoldRequest {
         amount: c(amount),
         ttl_ms: 1_000,
         max_holds: 64,
+        quota: None,
     }
 }
 
@@ -21,7 +22,7 @@ fn spends_bonus_before_plan_before_topup() {
     let topup = a.grant("topup", c("10"), 30, None, 0).unwrap();
     let plan = a.grant("plan", c("10"), 20, None, 0).unwrap();
     let bonus = a.grant("bonus", c("10"), 10, Some(60_000), 0).unwrap();
-    let placed = a.hold(&request("15"), 0).unwrap();
+    let placed = a.hold(&request("15"), 0, &Catalog::new()).unwrap();
     let hold = a.holds().next().unwrap();
     assert_eq!(
         hold.draws,
@@ -58,12 +59,12 @@ fn earlier_expiry_then_older_grant_first_within_a_priority() {
 fn settle_charges_min_of_actual_and_held_and_returns_the_rest() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("10"), 20, None, 0).unwrap();
-    let h = a.hold(&request("4"), 0).unwrap().hold_id;
+    let h = a.hold(&request("4"), 0, &Catalog::new()).unwrap().hold_id;
     let ended = a.settle(h, c("1.5"), 1).unwrap();
     assert_eq!(ended.charged, c("1.5"));
     assert_eq!(ended.returned, c("2.5"));
     assert_eq!(a.available(), c("8.5"));
-    let h = a.hold(&request("2"), 2).unwrap().hold_id;
+    let h = a.hold(&request("2"), 2, &Catalog::new()).unwrap().hold_id;
     assert_eq!(a.settle(h, c("100"), 3).unwrap().charged, c("2"));
     assert_eq!(a.totals().charged, c("3.5"));
 }
@@ -72,7 +73,7 @@ fn settle_charges_min_of_actual_and_held_and_returns_the_rest() {
 fn a_hold_ends_exactly_once() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("10"), 20, None, 0).unwrap();
-    let h = a.hold(&request("3"), 0).unwrap().hold_id;
+    let h = a.hold(&request("3"), 0, &Catalog::new()).unwrap().hold_id;
     a.settle(h, c("3"), 1).unwrap();
     assert_eq!(
         a.settle(h, c("3"), 2),
@@ -83,7 +84,7 @@ fn a_hold_ends_exactly_once() {
         Err(EndRejected::AlreadyEnded(Ending::Settled))
     );
     assert_eq!(a.totals().charged, c("3"));
-    let h = a.hold(&request("3"), 3).unwrap().hold_id;
+    let h = a.hold(&request("3"), 3, &Catalog::new()).unwrap().hold_id;
     a.release(h, 4).unwrap();
     assert_eq!(
         a.settle(h, c("3"), 5),
@@ -97,9 +98,9 @@ fn a_hold_ends_exactly_once() {
 fn insufficient_credits_names_required_available_held() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("5"), 20, None, 0).unwrap();
-    a.hold(&request("2"), 0).unwrap();
+    a.hold(&request("2"), 0, &Catalog::new()).unwrap();
     assert_eq!(
-        a.hold(&request("3.5"), 0),
+        a.hold(&request("3.5"), 0, &Catalog::new()),
         Err(HoldRejected::InsufficientCredits {
             required: c("3.5"),
             available: c("3"),
@@ -114,16 +115,19 @@ fn holds_per_account_are_bounded() {
     a.grant("plan", c("100"), 20, None, 0).unwrap();
     let mut r = request("1");
     r.max_holds = 2;
-    a.hold(&r, 0).unwrap();
-    a.hold(&r, 0).unwrap();
-    assert_eq!(a.hold(&r, 0), Err(HoldRejected::TooManyHolds { limit: 2 }));
+    a.hold(&r, 0, &Catalog::new()).unwrap();
+    a.hold(&r, 0, &Catalog::new()).unwrap();
+    assert_eq!(
+        a.hold(&r, 0, &Catalog::new()),
+        Err(HoldRejected::TooManyHolds { limit: 2 })
+    );
 }
 
 #[test]
 fn hold_past_ttl_expires_and_cannot_be_settled() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("10"), 20, None, 0).unwrap();
-    let h = a.hold(&request("4"), 0).unwrap().hold_id;
+    let h = a.hold(&request("4"), 0, &Catalog::new()).unwrap().hold_id;
     let expired = a.tick(999);
     assert!(expired.is_empty());
     let expired = a.tick(1_000);
@@ -142,7 +146,7 @@ fn grant_expires_at_the_exact_boundary_even_while_held() {
     a.grant("bonus", c("30"), 10, Some(5_000), 0).unwrap();
     let mut long = request("10");
     long.ttl_ms = 60_000;
-    let h = a.hold(&long, 4_000).unwrap().hold_id;
+    let h = a.hold(&long, 4_000, &Catalog::new()).unwrap().hold_id;
     a.tick(4_999);
     assert_eq!(a.available(), c("20"));
     a.tick(5_000);
@@ -222,8 +226,8 @@ proptest! {
                     let before = a.available();
                     let amount = Credits::from_millicredits(milli);
                     let r = HoldRequest { operation: "op".into(), request_id: "r".into(),
-                                          amount, ttl_ms: ttl, max_holds: 16 };
-                    match a.hold(&r, now) {
+                                          amount, ttl_ms: ttl, max_holds: 16, quota: None };
+                    match a.hold(&r, now, &Catalog::new()) {
                         Ok(p) => {
                             prop_assert!(amount <= before);
                             placed.push(p.hold_id);
@@ -232,6 +236,7 @@ proptest! {
                             prop_assert!(available < amount)
                         }
                         Err(HoldRejected::TooManyHolds { .. }) => prop_assert_eq!(a.holds().count(), 16),
+                        Err(HoldRejected::QuotaExhausted { .. }) => prop_assert!(false, "no quota was asked for"),
                     }
                 }
                 Step::Settle { nth, milli } => {
@@ -261,6 +266,410 @@ proptest! {
             }
             prop_assert!(a.check_invariant().is_ok(), "{:?}", a.check_invariant());
             prop_assert_eq!(a.totals().charged, charged_by_us);
+        }
+    }
+}
+
+// ---- accounts over time: refills, plan changes, members, quotas, the journal ----
+
+const DAY: u64 = 86_400_000;
+
+fn at(text: &str) -> Millis {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .timestamp_millis() as Millis
+}
+
+fn terms(monthly: &str, seats: u32, quotas: &[(&str, u64)]) -> PlanTerms {
+    PlanTerms {
+        monthly_credits: c(monthly),
+        quotas: quotas.iter().map(|(q, n)| (q.to_string(), *n)).collect(),
+        seats,
+        signup_credits: None,
+    }
+}
+
+fn catalog() -> Catalog {
+    let mut cat = Catalog::new();
+    cat.insert(
+        "free".into(),
+        PlanTerms {
+            signup_credits: Some(c("10")),
+            ..terms("50", 1, &[])
+        },
+    );
+    cat.insert("starter".into(), terms("200", 1, &[("basic_images", 2)]));
+    cat.insert("creator".into(), terms("450", 1, &[("basic_images", 500)]));
+    cat.insert("team".into(), terms("2500", 3, &[]));
+    cat
+}
+
+fn open(plan: &str, anchor: Option<u8>, now: Millis) -> Account {
+    Account::open("acct", plan, anchor, &catalog()[plan], 1_000, now)
+}
+
+fn plan_left(a: &Account) -> Credits {
+    a.grants()
+        .iter()
+        .filter(|g| g.kind == "plan" && !g.expired)
+        .map(|g| g.left)
+        .fold(Credits::ZERO, |x, y| x.checked_add(y).unwrap())
+}
+
+#[test]
+fn opening_grants_the_plan_for_this_cycle_and_signup_credits_once() {
+    let a = open("free", None, at("2026-11-21T10:00:00Z"));
+    assert_eq!(
+        a.billing_anchor_day, 21,
+        "the anchor defaults to the creation day"
+    );
+    assert_eq!(a.next_refill_ms, at("2026-12-21T00:00:00Z"));
+    assert_eq!(a.available(), c("60"));
+    let kinds: Vec<(&str, Credits)> = a
+        .grants()
+        .iter()
+        .map(|g| (g.kind.as_str(), g.left))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![("bonus", c("10")), ("plan", c("50"))],
+        "signup bonus is spent first"
+    );
+}
+
+#[test]
+fn refills_reset_the_plan_grant_once_per_cycle_across_month_ends() {
+    let cat = catalog();
+    let mut a = open("starter", Some(31), at("2026-01-31T08:00:00Z"));
+    let p = a
+        .hold(
+            &HoldRequest {
+                amount: c("150"),
+                ..request("0")
+            },
+            at("2026-01-31T09:00:00Z"),
+            &cat,
+        )
+        .unwrap();
+    a.settle(p.hold_id, c("150"), at("2026-01-31T09:00:00Z"))
+        .unwrap();
+    assert_eq!(plan_left(&a), c("50"));
+    // February has no 31st: the cycle turns on the 28th, not before.
+    a.refill_if_due(at("2026-02-27T23:59:59Z"), &cat);
+    assert_eq!(plan_left(&a), c("50"));
+    a.refill_if_due(at("2026-02-28T00:00:00Z"), &cat);
+    assert_eq!(
+        plan_left(&a),
+        c("200"),
+        "reset to the allowance, nothing rolls over"
+    );
+    assert_eq!(a.totals().expired, c("50"));
+    a.refill_if_due(at("2026-02-28T12:00:00Z"), &cat);
+    a.refill_if_due(at("2026-03-30T23:00:00Z"), &cat);
+    assert_eq!(
+        a.totals().granted,
+        c("400"),
+        "exactly one refill in the February cycle"
+    );
+    a.refill_if_due(at("2026-03-31T00:00:00Z"), &cat);
+    assert_eq!(a.totals().granted, c("600"));
+    assert_eq!(a.next_refill_ms, at("2026-04-30T00:00:00Z"));
+    a.check_invariant().unwrap();
+    let kinds: Vec<EntryKind> = a.ledger(10, None).iter().map(|e| e.kind).collect();
+    assert_eq!(
+        &kinds[..4],
+        &[
+            EntryKind::Refill,
+            EntryKind::Expire,
+            EntryKind::Refill,
+            EntryKind::Expire
+        ]
+    );
+}
+
+#[test]
+fn an_account_idle_for_three_months_gets_one_refill() {
+    let cat = catalog();
+    let mut a = open("starter", Some(15), at("2026-01-15T00:00:00Z"));
+    a.refill_if_due(at("2026-04-20T00:00:00Z"), &cat);
+    assert_eq!(
+        a.totals().granted,
+        c("400"),
+        "one refill, not three stacked"
+    );
+    assert_eq!(a.available(), c("200"));
+    assert_eq!(a.cycle_start_ms, at("2026-04-15T00:00:00Z"));
+    assert_eq!(a.next_refill_ms, at("2026-05-15T00:00:00Z"));
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn leap_day_refills() {
+    let cat = catalog();
+    let mut a = open("starter", Some(29), at("2028-01-29T00:00:00Z"));
+    a.refill_if_due(at("2028-02-29T00:00:00Z"), &cat);
+    assert_eq!(a.totals().granted, c("400"));
+    assert_eq!(a.next_refill_ms, at("2028-03-29T00:00:00Z"));
+    let mut b = open("starter", Some(29), at("2027-01-29T00:00:00Z"));
+    b.refill_if_due(at("2027-02-28T00:00:00Z"), &cat);
+    assert_eq!(b.totals().granted, c("400"), "no 29th in 2027: the 28th");
+}
+
+#[test]
+fn a_bonus_is_spent_before_plan_credits_and_expires_on_time() {
+    let cat = catalog();
+    let t0 = at("2026-03-01T00:00:00Z");
+    let mut a = open("starter", Some(1), t0);
+    a.grant(
+        "bonus",
+        c("30"),
+        default_priority("bonus"),
+        Some(t0 + 60 * DAY),
+        t0,
+    )
+    .unwrap();
+    let p = a
+        .hold(
+            &HoldRequest {
+                amount: c("20"),
+                ..request("0")
+            },
+            t0 + DAY,
+            &cat,
+        )
+        .unwrap();
+    a.settle(p.hold_id, c("20"), t0 + DAY).unwrap();
+    assert_eq!(plan_left(&a), c("200"), "the bonus paid");
+    a.refill_if_due(t0 + 60 * DAY - 1, &cat);
+    a.tick(t0 + 60 * DAY - 1);
+    assert!(a
+        .grants()
+        .iter()
+        .any(|g| g.kind == "bonus" && g.left == c("10")));
+    a.tick(t0 + 60 * DAY);
+    assert!(
+        !a.grants().iter().any(|g| g.kind == "bonus"),
+        "gone at the exact boundary"
+    );
+    let expire = a
+        .ledger(50, None)
+        .into_iter()
+        .find(|e| e.kind == EntryKind::Expire && e.detail.as_deref() == Some("bonus"))
+        .unwrap();
+    assert_eq!((expire.credits, expire.at_ms), (c("10"), t0 + 60 * DAY));
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn upgrades_apply_now_and_downgrades_at_the_next_refill() {
+    let cat = catalog();
+    let t0 = at("2026-05-10T00:00:00Z");
+    let mut a = open("starter", Some(10), t0);
+    let p = a
+        .hold(
+            &HoldRequest {
+                amount: c("120"),
+                ..request("0")
+            },
+            t0,
+            &cat,
+        )
+        .unwrap();
+    a.settle(p.hold_id, c("120"), t0).unwrap();
+    a.change_plan("creator", Effective::Now, t0 + DAY, &cat)
+        .unwrap();
+    assert_eq!(a.plan, "creator");
+    assert_eq!(plan_left(&a), c("450"), "the new allowance at once");
+    assert_eq!(a.totals().expired, c("80"));
+    a.change_plan("starter", Effective::PeriodEnd, t0 + 2 * DAY, &cat)
+        .unwrap();
+    assert_eq!(
+        (a.plan.as_str(), a.pending_plan.as_deref()),
+        ("creator", Some("starter"))
+    );
+    a.refill_if_due(at("2026-06-10T00:00:00Z"), &cat);
+    assert_eq!(
+        (a.plan.as_str(), a.pending_plan.as_deref()),
+        ("starter", None)
+    );
+    assert_eq!(plan_left(&a), c("200"));
+    assert_eq!(
+        a.change_plan("platinum", Effective::Now, t0, &cat),
+        Err(AccountRejected::UnknownPlan)
+    );
+    let changes = a
+        .ledger(50, None)
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::PlanChange)
+        .count();
+    assert_eq!(
+        changes, 3,
+        "upgrade, scheduled downgrade, applied downgrade"
+    );
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn seats_limit_members() {
+    let cat = catalog();
+    let mut a = open("team", None, 0);
+    for m in ["ann", "bob", "cy"] {
+        a.add_member(m, false, &cat).unwrap();
+    }
+    assert_eq!(
+        a.add_member("dee", false, &cat),
+        Err(AccountRejected::SeatLimit { seats: 3 })
+    );
+    assert_eq!(
+        a.add_member("ann", false, &cat),
+        Err(AccountRejected::MemberExists)
+    );
+    a.update_member("bob", true).unwrap();
+    assert!(a.members["bob"].premium_disabled);
+    assert_eq!(
+        a.update_member("zed", true),
+        Err(AccountRejected::UnknownMember)
+    );
+}
+
+#[test]
+fn quotas_are_held_settled_released_and_reset_by_the_refill() {
+    let cat = catalog();
+    let t0 = at("2026-07-01T00:00:00Z");
+    let mut a = open("starter", Some(1), t0);
+    let basic = HoldRequest {
+        amount: c("0"),
+        quota: Some("basic_images".into()),
+        ..request("0")
+    };
+    let first = a.hold(&basic, t0, &cat).unwrap();
+    let second = a.hold(&basic, t0, &cat).unwrap();
+    assert_eq!(
+        a.hold(&basic, t0, &cat),
+        Err(HoldRejected::QuotaExhausted {
+            quota: "basic_images".into(),
+            limit: 2
+        })
+    );
+    a.release(second.hold_id, t0).unwrap();
+    let third = a.hold(&basic, t0, &cat).unwrap();
+    a.settle(first.hold_id, c("0"), t0).unwrap();
+    a.settle(third.hold_id, c("0"), t0).unwrap();
+    assert_eq!(a.quota_use()["basic_images"], 2);
+    assert!(a.hold(&basic, t0, &cat).is_err());
+    a.refill_if_due(at("2026-08-01T00:00:00Z"), &cat);
+    assert!(
+        a.hold(&basic, at("2026-08-01T00:00:00Z"), &cat).is_ok(),
+        "a new cycle, a new allowance"
+    );
+    let unnamed = HoldRequest {
+        quota: Some("premium_llm".into()),
+        ..basic
+    };
+    for _ in 0..10 {
+        assert!(
+            a.hold(&unnamed, t0, &cat).is_ok(),
+            "a quota the plan does not name is unlimited"
+        );
+    }
+}
+
+#[test]
+fn grants_with_the_same_idempotency_key_add_nothing() {
+    let mut a = Account::new("a", "free");
+    let (first, created) = a
+        .grant_once("ref-1", "bonus", c("30"), 10, Some(99), 0)
+        .unwrap();
+    assert!(created);
+    let (again, created) = a
+        .grant_once("ref-1", "bonus", c("999"), 10, None, 5)
+        .unwrap();
+    assert!(!created);
+    assert_eq!(first, again, "the first grant is returned");
+    assert_eq!(a.totals().granted, c("30"));
+    a.grant_once("ref-2", "topup", c("5"), 30, None, 5).unwrap();
+    assert_eq!(a.totals().granted, c("35"));
+}
+
+#[test]
+fn the_journal_pages_newest_first_and_is_capped() {
+    let mut a = Account::new("a", "free");
+    a.set_ledger_cap(5);
+    for i in 0..8u64 {
+        a.grant("topup", c("1"), 30, None, i).unwrap();
+    }
+    let page = a.ledger(3, None);
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![8, 7, 6]
+    );
+    let next = a.ledger(3, Some(6));
+    assert_eq!(
+        next.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 4],
+        "only 5 entries are kept"
+    );
+    let p = a.hold(&request("2"), 10, &Catalog::new()).unwrap();
+    a.settle(p.hold_id, c("1.5"), 11).unwrap();
+    let latest = &a.ledger(1, None)[0];
+    assert_eq!(
+        (
+            latest.kind,
+            latest.credits,
+            latest.operation.as_deref(),
+            latest.request_id.as_deref()
+        ),
+        (EntryKind::Settle, c("1.5"), Some("op"), Some("r"))
+    );
+}
+
+#[derive(Clone, Debug)]
+enum Life {
+    Spend { milli: u64, settle: bool },
+    Bonus { milli: u64, days: u64 },
+    Days { n: u64 },
+    Upgrade,
+    Downgrade,
+}
+
+fn life() -> impl Strategy<Value = Life> {
+    prop_oneof![
+        (0u64..300_000, any::<bool>()).prop_map(|(milli, settle)| Life::Spend { milli, settle }),
+        (0u64..50_000, 1u64..90).prop_map(|(milli, days)| Life::Bonus { milli, days }),
+        (0u64..70).prop_map(|n| Life::Days { n }),
+        Just(Life::Upgrade),
+        Just(Life::Downgrade),
+    ]
+}
+
+proptest! {
+    /// Months of random use with refills, expiring bonuses and plan changes keep
+    /// the invariant, and the plan grant never exceeds the plan's allowance.
+    #[test]
+    fn invariant_holds_across_refills_and_plan_changes(steps in proptest::collection::vec(life(), 1..80)) {
+        let cat = catalog();
+        let mut now = at("2026-01-31T00:00:00Z");
+        let mut a = open("starter", Some(31), now);
+        for step in steps {
+            a.refill_if_due(now, &cat);
+            match step {
+                Life::Spend { milli, settle } => {
+                    let r = HoldRequest { amount: Credits::from_millicredits(milli), ttl_ms: 3 * DAY, ..request("0") };
+                    if let Ok(p) = a.hold(&r, now, &cat) {
+                        if settle { a.settle(p.hold_id, r.amount, now).unwrap(); }
+                    }
+                }
+                Life::Bonus { milli, days } => {
+                    a.grant("bonus", Credits::from_millicredits(milli), 10, Some(now + days * DAY), now).unwrap();
+                }
+                Life::Days { n } => now += n * DAY,
+                Life::Upgrade => a.change_plan("creator", Effective::Now, now, &cat).unwrap(),
+                Life::Downgrade => a.change_plan("starter", Effective::PeriodEnd, now, &cat).unwrap(),
+            }
+            prop_assert!(a.check_invariant().is_ok(), "{:?}", a.check_invariant());
+            let allowance = cat[&a.plan].monthly_credits;
+            prop_assert!(plan_left(&a) <= allowance.max(c("450")));
+            prop_assert!(a.next_refill_ms > now || a.next_refill_ms > a.cycle_start_ms);
         }
     }
 }

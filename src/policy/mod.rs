@@ -68,6 +68,9 @@ pub struct Policy {
     pub plans: Vec<Plan>,
     pub operations: Vec<Operation>,
     pub accounts: Vec<SeedAccount>,
+    /// Grant kinds and their spend priority: `bonus`, `plan`, `topup` and any the
+    /// policy declares in `[grant_kinds.NAME]`.
+    pub grant_kinds: Vec<(String, u32)>,
     routes: matchit::Router<Route>,
 }
 
@@ -97,6 +100,7 @@ pub struct GatewayConfig {
     pub hold_ttl_ms: u64,
     pub upgrade_url: Option<String>,
     pub max_holds_per_account: usize,
+    pub ledger_max_entries: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -337,6 +341,30 @@ impl Policy {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, PolicyErrors> {
         validate::validate(source, file, env)
+    }
+
+    /// What each plan gives an account, for the stores.
+    pub fn catalog(&self) -> crate::ledger::Catalog {
+        self.plans
+            .iter()
+            .map(|p| {
+                let terms = crate::ledger::PlanTerms {
+                    monthly_credits: p.monthly_credits,
+                    quotas: p.quotas.iter().cloned().collect(),
+                    seats: p.seats,
+                    signup_credits: p.signup_credits,
+                };
+                (p.name.clone(), terms)
+            })
+            .collect()
+    }
+
+    /// The spend priority of a grant kind, if the kind exists.
+    pub fn grant_priority(&self, kind: &str) -> Option<u32> {
+        self.grant_kinds
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, p)| *p)
     }
 
     pub fn plan(&self, name: &str) -> Option<&Plan> {

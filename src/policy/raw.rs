@@ -23,6 +23,8 @@ pub struct RawPolicy {
     #[serde(default)]
     pub plans: BTreeMap<String, Spanned<RawPlan>>,
     #[serde(default)]
+    pub grant_kinds: BTreeMap<String, Spanned<RawGrantKind>>,
+    #[serde(default)]
     pub operations: Vec<Spanned<RawOperation>>,
     #[serde(default)]
     pub accounts: Vec<Spanned<RawAccount>>,
@@ -39,6 +41,13 @@ pub struct RawGateway {
     pub hold_ttl: Option<Spanned<String>>,
     pub upgrade_url: Option<Spanned<String>>,
     pub max_holds_per_account: Option<Spanned<i64>>,
+    pub ledger_max_entries: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrantKind {
+    pub priority: Spanned<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

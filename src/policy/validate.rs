@@ -196,7 +196,8 @@ impl Validator<'_> {
             }
         }
         let routes = self.routes(&raw.operations, &operations);
-        let accounts = self.accounts(&raw.accounts, &plans);
+        let grant_kinds = self.grant_kinds(&raw.grant_kinds);
+        let accounts = self.accounts(&raw.accounts, &plans, &grant_kinds);
         if !self.errors.is_empty() || operations.len() != raw.operations.len() {
             return None;
         }
@@ -207,6 +208,7 @@ impl Validator<'_> {
             plans,
             operations,
             accounts,
+            grant_kinds,
             routes,
         })
     }
@@ -259,6 +261,14 @@ impl Validator<'_> {
                 0
             }),
         };
+        let ledger_max_entries = match &raw.ledger_max_entries {
+            None => crate::ledger::DEFAULT_LEDGER_MAX_ENTRIES,
+            Some(n) if (1..=1_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.error(n.span(), "ledger_max_entries must be between 1 and 1000000");
+                crate::ledger::DEFAULT_LEDGER_MAX_ENTRIES
+            }
+        };
         let max_holds_per_account = match &raw.max_holds_per_account {
             None => DEFAULT_MAX_HOLDS_PER_ACCOUNT,
             Some(n) if (1..=1_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
@@ -278,6 +288,7 @@ impl Validator<'_> {
             hold_ttl_ms: self.duration_ms(&raw.hold_ttl, 600_000, "hold_ttl"),
             upgrade_url: raw.upgrade_url.as_ref().map(|u| self.expand(u)),
             max_holds_per_account,
+            ledger_max_entries,
         }
     }
 
@@ -812,7 +823,39 @@ impl Validator<'_> {
         router
     }
 
-    fn accounts(&mut self, raw: &[Spanned<RawAccount>], plans: &[Plan]) -> Vec<SeedAccount> {
+    fn grant_kinds(&mut self, raw: &BTreeMap<String, Spanned<RawGrantKind>>) -> Vec<(String, u32)> {
+        let mut kinds: Vec<(String, u32)> = ["bonus", "plan", "topup"]
+            .iter()
+            .map(|k| (k.to_string(), default_priority(k)))
+            .collect();
+        for (name, kind) in raw {
+            let priority = kind.get_ref().priority.get_ref();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                self.error(
+                    kind.span(),
+                    format!("grant kind {name:?}: use letters, digits and _"),
+                );
+            }
+            match u32::try_from(*priority).ok().filter(|p| *p <= 1_000) {
+                Some(p) => match kinds.iter_mut().find(|(k, _)| k == name) {
+                    Some(existing) => existing.1 = p,
+                    None => kinds.push((name.clone(), p)),
+                },
+                None => self.error(
+                    kind.get_ref().priority.span(),
+                    "priority must be between 0 and 1000",
+                ),
+            }
+        }
+        kinds
+    }
+
+    fn accounts(
+        &mut self,
+        raw: &[Spanned<RawAccount>],
+        plans: &[Plan],
+        grant_kinds: &[(String, u32)],
+    ) -> Vec<SeedAccount> {
         let mut out = Vec::new();
         let mut ids = HashSet::new();
         let mut key_hashes = HashSet::new();
@@ -852,8 +895,13 @@ impl Validator<'_> {
             for grant in &account.grants {
                 let g = grant.get_ref();
                 let kind = g.kind.get_ref().clone();
-                if kind.is_empty() {
-                    self.error(g.kind.span(), "grant kind must not be empty");
+                let kind_priority = grant_kinds
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map(|(_, p)| *p);
+                if kind_priority.is_none() {
+                    let known: Vec<&str> = grant_kinds.iter().map(|(k, _)| k.as_str()).collect();
+                    self.error(g.kind.span(), format!("unknown grant kind {kind:?}: use one of {} or declare it in [grant_kinds]", known.join(", ")));
                 }
                 let credits = self.amount(&g.credits, "credits").unwrap_or_default();
                 let expires_at_ms =
@@ -873,7 +921,7 @@ impl Validator<'_> {
                         },
                     );
                 let priority = match &g.priority {
-                    None => default_priority(&kind),
+                    None => kind_priority.unwrap_or_else(|| default_priority(&kind)),
                     Some(p) => u32::try_from(*p.get_ref())
                         .ok()
                         .filter(|p| *p <= 1_000)
@@ -932,6 +980,22 @@ impl Validator<'_> {
                         member: k.member.get_ref().clone(),
                         key_sha256: hash,
                     });
+                }
+            }
+            let mut members: Vec<&str> = keys.iter().map(|k| k.member.as_str()).collect();
+            members.sort();
+            members.dedup();
+            if let Some(plan) = plans.iter().find(|p| p.name == *account.plan.get_ref()) {
+                if members.len() > plan.seats as usize {
+                    self.error(
+                        account.id.span(),
+                        format!(
+                            "{} members but plan {} has {} seats",
+                            members.len(),
+                            plan.name,
+                            plan.seats
+                        ),
+                    );
                 }
             }
             out.push(SeedAccount {

@@ -1,16 +1,24 @@
 //! The memory store: accounts in a `DashMap`, one process, lost on restart.
 //!
-//! Every transition locks one account's shard entry, applies the ledger core and
-//! unlocks — no guard is ever held across an `.await` (the methods never await).
-//! Expired holds are released lazily on every access (the core applies time
-//! first) and by [`Store::sweep`], which the gateway runs in the background.
+//! Every call locks one account's entry, applies time (a due refill, expiries),
+//! applies the ledger core and unlocks — no guard is ever held across an `.await`
+//! (the methods never await). Expired holds are released lazily on every access
+//! and by [`Store::sweep`], which the gateway runs in the background.
+
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{Balance, EndOutcome, HoldOutcome, Identity, Store, StoreError};
-use crate::ledger::{default_priority, Account, Credits, HoldRequest, Millis, Totals};
-use crate::policy::{Plan, SeedAccount};
+use super::{
+    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Store,
+    StoreError,
+};
+use crate::ledger::{
+    Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Millis,
+    Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+};
+use crate::policy::SeedAccount;
 
 #[derive(Clone, Debug)]
 struct KeyEntry {
@@ -18,15 +26,29 @@ struct KeyEntry {
     member: String,
 }
 
-#[derive(Default)]
+struct Rules {
+    catalog: Arc<Catalog>,
+    ledger_max_entries: usize,
+}
+
 pub struct MemoryStore {
     accounts: DashMap<String, Account>,
     keys: DashMap<[u8; 32], KeyEntry>,
+    key_ids: DashMap<String, [u8; 32]>,
+    rules: RwLock<Rules>,
 }
 
 impl MemoryStore {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(catalog: Catalog, ledger_max_entries: usize) -> Self {
+        MemoryStore {
+            accounts: DashMap::new(),
+            keys: DashMap::new(),
+            key_ids: DashMap::new(),
+            rules: RwLock::new(Rules {
+                catalog: Arc::new(catalog),
+                ledger_max_entries,
+            }),
+        }
     }
 
     /// Checks the §1 invariant of every account; for tests and debugging.
@@ -34,31 +56,86 @@ impl MemoryStore {
         self.accounts.iter().try_for_each(|a| a.check_invariant())
     }
 
+    fn rules(&self) -> (Arc<Catalog>, usize) {
+        // A poisoned lock only means a panic elsewhere; the data is a plain Arc swap.
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
+        (rules.catalog.clone(), rules.ledger_max_entries)
+    }
+
+    /// Runs `apply` on one account after applying time (refill, expiries).
     fn with_account<T>(
         &self,
         account: &str,
-        apply: impl FnOnce(&mut Account) -> T,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Account, &Catalog) -> T,
     ) -> Result<T, StoreError> {
+        let (catalog, _) = self.rules();
         let mut entry = self
             .accounts
             .get_mut(account)
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
-        Ok(apply(entry.value_mut()))
+        let a = entry.value_mut();
+        a.refill_if_due(now_ms, &catalog);
+        a.tick(now_ms);
+        Ok(apply(a, &catalog))
+    }
+}
+
+fn view(a: &Account, catalog: &Catalog) -> AccountView {
+    let limits = catalog
+        .get(&a.plan)
+        .map(|t| t.quotas.clone())
+        .unwrap_or_default();
+    let used = a.quota_use();
+    let mut names: Vec<&String> = limits.keys().chain(used.keys()).collect();
+    names.sort();
+    names.dedup();
+    AccountView {
+        id: a.id.clone(),
+        plan: a.plan.clone(),
+        pending_plan: a.pending_plan.clone(),
+        billing_anchor_day: a.billing_anchor_day,
+        next_refill_ms: a.next_refill_ms,
+        members: a.members.clone(),
+        grants: a
+            .grants()
+            .iter()
+            .filter(|g| !g.left.is_zero())
+            .cloned()
+            .collect(),
+        totals: a.totals(),
+        quotas: names
+            .into_iter()
+            .map(|n| QuotaView {
+                name: n.clone(),
+                used: used.get(n).copied().unwrap_or(0),
+                limit: limits.get(n).copied(),
+            })
+            .collect(),
     }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn identify(&self, key_sha256: &[u8; 32]) -> Result<Option<Identity>, StoreError> {
+    async fn identify(
+        &self,
+        key_sha256: &[u8; 32],
+        now_ms: Millis,
+    ) -> Result<Option<Identity>, StoreError> {
         let Some(key) = self.keys.get(key_sha256).map(|k| k.value().clone()) else {
             return Ok(None);
         };
-        let plan = self.with_account(&key.account, |a| a.plan.clone())?;
-        Ok(Some(Identity {
-            account: key.account,
-            member: key.member,
-            plan,
-        }))
+        self.with_account(&key.account, now_ms, |a, _| {
+            Some(Identity {
+                premium_disabled: a
+                    .members
+                    .get(&key.member)
+                    .is_some_and(|m| m.premium_disabled),
+                account: key.account.clone(),
+                member: key.member.clone(),
+                plan: a.plan.clone(),
+            })
+        })
     }
 
     async fn hold(
@@ -67,7 +144,9 @@ impl Store for MemoryStore {
         request: &HoldRequest,
         now_ms: Millis,
     ) -> Result<HoldOutcome, StoreError> {
-        self.with_account(account, |a| a.hold(request, now_ms))
+        self.with_account(account, now_ms, |a, catalog| {
+            a.hold(request, now_ms, catalog)
+        })
     }
 
     async fn settle(
@@ -77,7 +156,7 @@ impl Store for MemoryStore {
         charge: Credits,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.with_account(account, |a| a.settle(hold_id, charge, now_ms))
+        self.with_account(account, now_ms, |a, _| a.settle(hold_id, charge, now_ms))
     }
 
     async fn release(
@@ -86,44 +165,44 @@ impl Store for MemoryStore {
         hold_id: u64,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.with_account(account, |a| a.release(hold_id, now_ms))
+        self.with_account(account, now_ms, |a, _| a.release(hold_id, now_ms))
     }
 
     async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError> {
-        self.with_account(account, |a| {
-            a.tick(now_ms);
-            a.totals()
-        })
+        self.with_account(account, now_ms, |a, _| a.totals())
     }
 
-    async fn balance(&self, account: &str, now_ms: Millis) -> Result<Balance, StoreError> {
-        self.with_account(account, |a| {
-            a.tick(now_ms);
-            Balance {
-                plan: a.plan.clone(),
-                grants: a
-                    .grants()
-                    .iter()
-                    .filter(|g| !g.left.is_zero())
-                    .cloned()
-                    .collect(),
-                totals: a.totals(),
-            }
-        })
+    async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError> {
+        self.with_account(account, now_ms, |a, catalog| view(a, catalog))
     }
 
-    async fn seed(
-        &self,
-        seed: &SeedAccount,
-        plan: &Plan,
-        now_ms: Millis,
-    ) -> Result<bool, StoreError> {
+    async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+        let (catalog, ledger_max_entries) = self.rules();
         let mut created = false;
         self.accounts.entry(seed.id.clone()).or_insert_with(|| {
             created = true;
-            seeded_account(seed, plan, now_ms)
+            let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
+            let mut account = Account::open(
+                &seed.id,
+                &seed.plan,
+                seed.billing_anchor_day,
+                &terms,
+                ledger_max_entries,
+                now_ms,
+            );
+            for g in &seed.grants {
+                // Validation bounds amounts far below the overflow limit.
+                let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
+            }
+            account
         });
         for key in &seed.keys {
+            if let Some(mut account) = self.accounts.get_mut(&seed.id) {
+                // Validation checked the seeded members fit the plan's seats.
+                account.members.entry(key.member.clone()).or_default();
+            }
+            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
+            self.key_ids.insert(key_id.clone(), key.key_sha256);
             self.keys.insert(
                 key.key_sha256,
                 KeyEntry {
@@ -142,44 +221,203 @@ impl Store for MemoryStore {
         }
         Ok(ended)
     }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        let (catalog, ledger_max_entries) = self.rules();
+        let Some(terms) = catalog.get(plan) else {
+            return Ok(Err(AccountRejected::UnknownPlan));
+        };
+        let mut outcome = Err(AccountRejected::AccountExists);
+        self.accounts.entry(id.to_string()).or_insert_with(|| {
+            let account = Account::open(
+                id,
+                plan,
+                billing_anchor_day,
+                terms,
+                ledger_max_entries,
+                now_ms,
+            );
+            outcome = Ok(view(&account, &catalog));
+            account
+        });
+        Ok(outcome)
+    }
+
+    async fn add_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.with_account(account, now_ms, |a, catalog| {
+            a.add_member(member, premium_disabled, catalog)
+        })
+    }
+
+    async fn update_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.with_account(account, now_ms, |a, _| {
+            a.update_member(member, premium_disabled)
+        })
+    }
+
+    async fn add_key(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        key_sha256: &[u8; 32],
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let known = self.with_account(account, 0, |a, _| a.members.contains_key(member))?;
+        if !known {
+            return Ok(Err(AccountRejected::UnknownMember));
+        }
+        self.key_ids.insert(key_id.to_string(), *key_sha256);
+        self.keys.insert(
+            *key_sha256,
+            KeyEntry {
+                account: account.to_string(),
+                member: member.to_string(),
+            },
+        );
+        Ok(Ok(()))
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError> {
+        match self.key_ids.remove(key_id) {
+            Some((_, hash)) => {
+                self.keys.remove(&hash);
+                Ok(Ok(()))
+            }
+            None => Ok(Err(AccountRejected::UnknownKey)),
+        }
+    }
+
+    async fn grant(
+        &self,
+        account: &str,
+        grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError> {
+        self.with_account(account, now_ms, |a, _| {
+            a.grant_once(
+                &grant.idempotency_key,
+                &grant.kind,
+                grant.credits,
+                grant.priority,
+                grant.expires_at_ms,
+                now_ms,
+            )
+        })
+    }
+
+    async fn change_plan(
+        &self,
+        account: &str,
+        plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.with_account(account, now_ms, |a, catalog| {
+            a.change_plan(plan, effective, now_ms, catalog)
+        })
+    }
+
+    async fn ledger(
+        &self,
+        account: &str,
+        limit: usize,
+        before_seq: Option<u64>,
+        now_ms: Millis,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.with_account(account, now_ms, |a, _| a.ledger(limit, before_seq))
+    }
+
+    async fn holds(
+        &self,
+        account: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<(String, Hold)>, StoreError> {
+        let collect = |a: &Account| {
+            a.holds()
+                .map(|h| (a.id.clone(), h.clone()))
+                .collect::<Vec<_>>()
+        };
+        match account {
+            Some(id) => self
+                .with_account(id, now_ms, |a, _| collect(a))
+                .map(|mut h| {
+                    h.truncate(limit);
+                    h
+                }),
+            None => {
+                let mut all = Vec::new();
+                for mut a in self.accounts.iter_mut() {
+                    a.tick(now_ms);
+                    all.extend(collect(&a));
+                    if all.len() >= limit {
+                        all.truncate(limit);
+                        break;
+                    }
+                }
+                Ok(all)
+            }
+        }
+    }
+
+    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {
+        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        *rules = Rules {
+            catalog: Arc::new(catalog),
+            ledger_max_entries,
+        };
+        drop(rules);
+        for mut a in self.accounts.iter_mut() {
+            a.set_ledger_cap(ledger_max_entries);
+        }
+    }
 }
 
-/// A new account as the policy seeds it: plan allowance, signup bonus, listed grants.
-/// Grants that would overflow are skipped; validation bounds amounts far below that.
-pub fn seeded_account(seed: &SeedAccount, plan: &Plan, now_ms: Millis) -> Account {
-    let mut account = Account::new(seed.id.clone(), seed.plan.clone());
-    if !plan.monthly_credits.is_zero() {
-        let _ = account.grant(
-            "plan",
-            plan.monthly_credits,
-            default_priority("plan"),
-            None,
-            now_ms,
-        );
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(Catalog::new(), DEFAULT_LEDGER_MAX_ENTRIES)
     }
-    if let Some(signup) = plan.signup_credits {
-        let _ = account.grant("bonus", signup, default_priority("bonus"), None, now_ms);
+}
+
+impl MemoryStore {
+    /// A memory store with the policy's plans and ledger cap.
+    pub fn for_policy(policy: &crate::policy::Policy) -> Self {
+        MemoryStore::new(policy.catalog(), policy.gateway.ledger_max_entries)
     }
-    for g in &seed.grants {
-        let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-    }
-    account
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::PlanTerms;
     use crate::policy::SeedGrant;
 
-    fn plan() -> Plan {
-        Plan {
-            name: "free".into(),
+    fn store() -> MemoryStore {
+        let terms = PlanTerms {
             monthly_credits: Credits::from_whole(5).unwrap(),
-            features: vec![],
-            quotas: vec![],
+            quotas: Default::default(),
             seats: 1,
             signup_credits: Some(Credits::from_whole(2).unwrap()),
-        }
+        };
+        MemoryStore::new(Catalog::from([("free".to_string(), terms)]), 100)
     }
 
     fn seed() -> SeedAccount {
@@ -200,10 +438,10 @@ mod tests {
 
     #[tokio::test]
     async fn seeding_creates_once_with_plan_signup_and_listed_grants() {
-        let store = MemoryStore::new();
-        assert!(store.seed(&seed(), &plan(), 0).await.unwrap());
+        let store = store();
+        assert!(store.seed(&seed(), 0).await.unwrap());
         assert!(
-            !store.seed(&seed(), &plan(), 0).await.unwrap(),
+            !store.seed(&seed(), 0).await.unwrap(),
             "an existing account is left as it is"
         );
         assert_eq!(
@@ -218,14 +456,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_releases_holds_past_their_ttl() {
-        let store = MemoryStore::new();
-        store.seed(&seed(), &plan(), 0).await.unwrap();
+        let store = store();
+        store.seed(&seed(), 0).await.unwrap();
         let request = HoldRequest {
             operation: "op".into(),
             request_id: "r".into(),
             amount: Credits::from_whole(4).unwrap(),
             ttl_ms: 1_000,
             max_holds: 8,
+            quota: None,
         };
         let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
         assert_eq!(store.sweep(999).await.unwrap(), 0);
@@ -244,5 +483,48 @@ mod tests {
             "an expired hold cannot be settled"
         );
         store.check_invariants().unwrap();
+    }
+
+    #[tokio::test]
+    async fn keys_identify_members_until_revoked() {
+        let store = store();
+        store
+            .create_account("t", "free", None, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.add_key("t", "ghost", "k1", &[1; 32]).await.unwrap(),
+            Err(AccountRejected::UnknownMember)
+        );
+        store
+            .add_member("t", "ann", true, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.add_member("t", "bob", false, 0).await.unwrap(),
+            Err(AccountRejected::SeatLimit { seats: 1 })
+        );
+        store
+            .add_key("t", "ann", "k1", &[1; 32])
+            .await
+            .unwrap()
+            .unwrap();
+        let who = store.identify(&[1; 32], 0).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                who.account.as_str(),
+                who.member.as_str(),
+                who.premium_disabled
+            ),
+            ("t", "ann", true)
+        );
+        store.revoke_key("k1").await.unwrap().unwrap();
+        assert_eq!(store.identify(&[1; 32], 0).await.unwrap(), None);
+        assert_eq!(
+            store.revoke_key("k1").await.unwrap(),
+            Err(AccountRejected::UnknownKey)
+        );
     }
 }

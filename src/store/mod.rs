@@ -1,18 +1,24 @@
 //! Where accounts live. A store applies the ledger core atomically per account.
 //!
 //! One trait, and (for now) one implementation: [`memory::MemoryStore`]. The
-//! gateway only ever talks to `dyn Store`. A store never decides prices or
-//! HTTP answers; it returns outcomes (`HoldRejected`, `EndRejected`) as values and
-//! failures (`StoreError`) as errors.
+//! gateway and the admin API only ever talk to `dyn Store`. A store never decides
+//! prices or HTTP answers; it returns outcomes (`HoldRejected`, `EndRejected`,
+//! `AccountRejected`) as values and failures (`StoreError`) as errors.
+//!
+//! Every call applies time first: a due monthly refill, expired grants, holds past
+//! their TTL. That is what makes refills lazy and exactly-once per cycle.
 
 pub mod memory;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Credits, EndRejected, Grant, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Millis, Totals,
+    AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt, Hold,
+    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Totals,
 };
-use crate::policy::{Plan, SeedAccount};
+use crate::policy::SeedAccount;
 
 /// Who a key belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,15 +26,31 @@ pub struct Identity {
     pub account: String,
     pub member: String,
     pub plan: String,
+    pub premium_disabled: bool,
 }
 
-/// What an account's owner may see of it.
+/// One quota of an account this cycle.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Balance {
+pub struct QuotaView {
+    pub name: String,
+    pub used: u64,
+    /// `None`: the plan does not limit it.
+    pub limit: Option<u64>,
+}
+
+/// Everything about an account that its owner or an admin may see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    pub id: String,
     pub plan: String,
+    pub pending_plan: Option<String>,
+    pub billing_anchor_day: u8,
+    pub next_refill_ms: Millis,
+    pub members: BTreeMap<String, Member>,
     /// Live grants in spend order.
     pub grants: Vec<Grant>,
     pub totals: Totals,
+    pub quotas: Vec<QuotaView>,
 }
 
 /// A failure of the store itself (not an outcome of the ledger).
@@ -42,11 +64,26 @@ pub enum StoreError {
 
 pub type HoldOutcome = Result<HoldPlaced, HoldRejected>;
 pub type EndOutcome = Result<HoldEnded, EndRejected>;
+pub type AdminOutcome<T> = Result<T, AccountRejected>;
+
+/// A new admin grant.
+#[derive(Clone, Debug)]
+pub struct GrantRequest {
+    pub idempotency_key: String,
+    pub kind: String,
+    pub credits: Credits,
+    pub priority: u32,
+    pub expires_at_ms: Option<Millis>,
+}
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The account and member of a key, by the SHA-256 of the key.
-    async fn identify(&self, key_sha256: &[u8; 32]) -> Result<Option<Identity>, StoreError>;
+    async fn identify(
+        &self,
+        key_sha256: &[u8; 32],
+        now_ms: Millis,
+    ) -> Result<Option<Identity>, StoreError>;
 
     async fn hold(
         &self,
@@ -70,22 +107,89 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError>;
 
-    /// The account's totals, after applying time.
+    /// The account's totals.
     async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError>;
 
-    /// The account's plan, grants and totals, after applying time.
-    async fn balance(&self, account: &str, now_ms: Millis) -> Result<Balance, StoreError>;
+    /// The account as its owner or an admin sees it.
+    async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError>;
 
-    /// Creates a seeded account if it does not exist yet (with its plan grant,
-    /// signup credits and listed grants, once) and registers its keys.
+    /// Creates a policy-seeded account if it does not exist yet (plan grant,
+    /// signup credits and listed grants, once) and registers its members and keys.
     /// Returns whether the account was created.
-    async fn seed(
-        &self,
-        seed: &SeedAccount,
-        plan: &Plan,
-        now_ms: Millis,
-    ) -> Result<bool, StoreError>;
+    async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError>;
 
     /// Releases every hold past its TTL; returns how many ended.
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError>;
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError>;
+
+    async fn add_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    async fn update_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// Registers a key (by its hash) for an existing member.
+    async fn add_key(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        key_sha256: &[u8; 32],
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// Revokes a key; `UnknownKey` when there is none with this id.
+    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// An idempotent grant: `(receipt, created)`.
+    async fn grant(
+        &self,
+        account: &str,
+        grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError>;
+
+    async fn change_plan(
+        &self,
+        account: &str,
+        plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// The account's ledger, newest first: up to `limit` entries older than `before_seq`.
+    async fn ledger(
+        &self,
+        account: &str,
+        limit: usize,
+        before_seq: Option<u64>,
+        now_ms: Millis,
+    ) -> Result<Vec<Entry>, StoreError>;
+
+    /// Open holds of one account, or of all accounts (bounded by `limit`).
+    async fn holds(
+        &self,
+        account: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<(String, Hold)>, StoreError>;
+
+    /// Replaces the plans (a policy reload). Accounts keep their plan names.
+    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize);
 }

@@ -1,0 +1,133 @@
+//! The JSON shapes of accounts, grants, holds and ledger entries, shared by the
+//! client API (`/credits/v1/*`) and the admin API — so both say the same thing the
+//! same way. Amounts are JSON numbers without trailing zeros; times are RFC 3339.
+
+use serde_json::{json, Value};
+
+use crate::ledger::{Entry, GrantReceipt, Hold, Millis};
+use crate::store::AccountView;
+
+pub fn time(ms: Millis) -> Value {
+    chrono::DateTime::from_timestamp_millis(ms as i64).map_or(Value::Null, |t| {
+        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    })
+}
+
+/// What the account's owner sees: `GET /credits/v1/balance`.
+pub fn balance(a: &AccountView) -> Value {
+    let grants: Vec<Value> = a
+        .grants
+        .iter()
+        .map(|g| json!({"kind": g.kind, "credits": g.left.to_json(), "expires_at": g.expires_at_ms.map_or(Value::Null, time)}))
+        .collect();
+    let quotas: serde_json::Map<String, Value> = a
+        .quotas
+        .iter()
+        .map(|q| (q.name.clone(), json!({"used": q.used, "limit": q.limit})))
+        .collect();
+    json!({
+        "account": a.id,
+        "plan": a.plan,
+        "grants": grants,
+        "held": a.totals.held.to_json(),
+        "available": a.totals.available.to_json(),
+        "quotas": quotas,
+        "next_refill_at": time(a.next_refill_ms),
+    })
+}
+
+/// What an admin sees: the balance plus members, totals and the pending plan.
+pub fn account(a: &AccountView) -> Value {
+    let mut v = balance(a);
+    let members: serde_json::Map<String, Value> = a
+        .members
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                json!({"premium_disabled": m.premium_disabled}),
+            )
+        })
+        .collect();
+    v["members"] = Value::Object(members);
+    v["pending_plan"] = json!(a.pending_plan);
+    v["billing_anchor_day"] = json!(a.billing_anchor_day);
+    v["totals"] = json!({
+        "granted": a.totals.granted.to_json(),
+        "available": a.totals.available.to_json(),
+        "held": a.totals.held.to_json(),
+        "charged": a.totals.charged.to_json(),
+        "expired": a.totals.expired.to_json(),
+    });
+    v
+}
+
+pub fn entry(e: &Entry) -> Value {
+    json!({
+        "id": e.seq,
+        "at": time(e.at_ms),
+        "type": e.kind.as_str(),
+        "credits": e.credits.to_json(),
+        "operation": e.operation,
+        "request_id": e.request_id,
+        "detail": e.detail,
+    })
+}
+
+/// A page of the ledger, newest first, with the cursor of the next page.
+pub fn ledger(entries: &[Entry], limit: usize) -> Value {
+    let next_cursor = if entries.len() == limit {
+        entries.last().map(|e| e.seq.to_string())
+    } else {
+        None
+    };
+    json!({"entries": entries.iter().map(entry).collect::<Vec<_>>(), "next_cursor": next_cursor})
+}
+
+pub fn grant(r: &GrantReceipt) -> Value {
+    json!({
+        "grant_id": r.grant_id,
+        "kind": r.kind,
+        "credits": r.credits.to_json(),
+        "priority": r.priority,
+        "expires_at": r.expires_at_ms.map_or(Value::Null, time),
+        "granted_at": time(r.granted_at_ms),
+    })
+}
+
+pub fn hold(account: &str, h: &Hold) -> Value {
+    json!({
+        "account": account,
+        "hold_id": h.id,
+        "operation": h.operation,
+        "request_id": h.request_id,
+        "credits": h.amount.to_json(),
+        "quota": h.quota,
+        "expires_at": time(h.expires_at_ms),
+    })
+}
+
+/// Parses `?limit=&cursor=` for ledger pages: limit 1..=200 (default 50).
+pub fn page_params(query: Option<&str>) -> Result<(usize, Option<u64>), String> {
+    let mut limit = 50;
+    let mut cursor = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=200).contains(l))
+                    .ok_or("limit must be between 1 and 200")?;
+            }
+            "cursor" => {
+                cursor = Some(
+                    v.parse()
+                        .map_err(|_| "cursor must be a next_cursor from a previous page")?,
+                )
+            }
+            _ => {}
+        }
+    }
+    Ok((limit, cursor))
+}
