@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use creditgate::ledger::{Account, Credits, HoldRequest};
+use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, PlanTerms};
 use creditgate::policy::{Policy, RequestFacts};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::Store;
@@ -31,6 +31,7 @@ fn request() -> HoldRequest {
         amount: Credits::from_millicredits(1_500),
         ttl_ms: 600_000,
         max_holds: 1_024,
+        quota: None,
     }
 }
 
@@ -67,7 +68,7 @@ fn benches(c: &mut Criterion) {
     let req = request();
     c.bench_function("ledger hold + settle", |b| {
         b.iter(|| {
-            let placed = account.hold(&req, 1).unwrap();
+            let placed = account.hold(&req, 1, &Catalog::new()).unwrap();
             account.settle(placed.hold_id, req.amount, 1).unwrap()
         })
     });
@@ -75,15 +76,15 @@ fn benches(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let store = Arc::new(MemoryStore::new());
-    let plan = creditgate::policy::Plan {
-        name: "free".into(),
+    let plan = PlanTerms {
         monthly_credits: Credits::from_whole(1_000_000_000).unwrap(),
-        features: vec![],
-        quotas: vec![],
         seats: 1,
-        signup_credits: None,
+        ..PlanTerms::default()
     };
+    let store = Arc::new(MemoryStore::new(
+        Catalog::from([("free".to_string(), plan)]),
+        1_000,
+    ));
     let seed = creditgate::policy::SeedAccount {
         id: "a".into(),
         plan: "free".into(),
@@ -91,7 +92,7 @@ fn benches(c: &mut Criterion) {
         grants: vec![],
         keys: vec![],
     };
-    runtime.block_on(store.seed(&seed, &plan, 0)).unwrap();
+    runtime.block_on(store.seed(&seed, 0)).unwrap();
     c.bench_function("memory store hold + settle", |b| {
         b.iter(|| {
             runtime.block_on(async {

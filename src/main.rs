@@ -115,6 +115,9 @@ fn check(path: &std::path::Path) -> ExitCode {
         if !op.requires.is_empty() {
             notes.push(format!("requires {}", op.requires.join(", ")));
         }
+        if let Some(quota) = &op.quota {
+            notes.push(format!("uses 1 of the plan quota {quota}"));
+        }
         if let Some(settle) = &op.settle {
             notes.push(format!(
                 "settles {} × {} credits",

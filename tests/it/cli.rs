@@ -276,3 +276,27 @@ fn the_demo_curl_lines_behave_as_printed() {
         "{out}"
     );
 }
+
+#[test]
+fn run_refuses_a_non_loopback_admin_listener_without_a_token() {
+    let dir = std::env::temp_dir().join(format!("creditgate-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("open.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[gateway]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"0.0.0.0:18081\"\n",
+    )
+    .unwrap();
+    let out = creditgate()
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .env_remove("CREDITGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address: set CREDITGATE_ADMIN_TOKEN"),
+        "{err}"
+    );
+}

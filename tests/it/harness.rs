@@ -3,11 +3,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use creditgate::admin::AdminState;
+use creditgate::clock::Clock;
 use creditgate::demo::mock::MockBackend;
-use creditgate::gateway::{now_ms, serve, Gateway};
+use creditgate::gateway::{serve, Gateway};
 use creditgate::ledger::{Credits, Totals};
 use creditgate::policy::Policy;
 use creditgate::store::memory::MemoryStore;
@@ -18,6 +21,8 @@ use tokio::sync::watch;
 pub const ALICE_KEY: &str = "sk-alice-0123456789";
 pub const PRO_KEY: &str = "sk-pro-0123456789";
 pub const BACKEND_SECRET: &str = "Bearer backend-secret";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
+pub const DAY_MS: u64 = 86_400_000;
 
 /// The test policy; `{CREDITS}` is alice's top-up, `{READ_TIMEOUT}` the main upstream's.
 pub const POLICY: &str = r#"
@@ -183,6 +188,10 @@ keys = [ { member = "p", key_env = "PRO_KEY" } ]
 
 pub struct TestGateway {
     pub url: String,
+    /// The admin API, protected by `ADMIN_TOKEN`.
+    pub admin_url: String,
+    /// The gateway's clock: tests move it with [`TestGateway::advance_days`].
+    pub now: Arc<AtomicU64>,
     pub backend: MockBackend,
     pub store: Arc<MemoryStore>,
     pub client: reqwest::Client,
@@ -256,16 +265,25 @@ pub async fn start_policy(
         "PRO_KEY" => Some(PRO_KEY.to_string()),
         other => extra_env(other),
     };
-    let policy = Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}"));
-    let store = Arc::new(MemoryStore::new());
-    let gateway = Gateway::new(Arc::new(policy), store.clone()).unwrap();
+    let policy =
+        Arc::new(Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}")));
+    let store = Arc::new(MemoryStore::for_policy(&policy));
+    let now = Arc::new(AtomicU64::new(Clock::system().now_ms()));
+    let clock = Clock::manual(now.clone());
+    let gateway = Gateway::new(policy.clone(), store.clone(), clock.clone()).unwrap();
     gateway.seed_accounts().await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(serve(listener, gateway, shutdown));
+    tokio::spawn(serve(listener, gateway, shutdown.clone()));
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
+    let admin = AdminState::new(policy, store.clone(), clock, Some(ADMIN_TOKEN));
+    tokio::spawn(creditgate::admin::serve(admin_listener, admin, shutdown));
     TestGateway {
         url,
+        admin_url,
+        now,
         backend,
         store,
         client: reqwest::Client::builder()
@@ -290,8 +308,23 @@ impl TestGateway {
             .bearer_auth(ALICE_KEY)
     }
 
+    pub fn now_ms(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    pub fn advance_days(&self, days: u64) {
+        self.now.fetch_add(days * DAY_MS, Ordering::SeqCst);
+    }
+
+    /// A request to the admin API with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
     pub async fn totals(&self, account: &str) -> Totals {
-        self.store.totals(account, now_ms()).await.unwrap()
+        self.store.totals(account, self.now_ms()).await.unwrap()
     }
 
     /// Waits until no hold of `account` is open (holds end in `logging`, after
@@ -299,10 +332,11 @@ impl TestGateway {
     pub async fn settled(&self, account: &str) -> Totals {
         let store = self.store.clone();
         let id = account.to_string();
+        let now = self.now_ms();
         eventually(move || {
             let store = store.clone();
             let id = id.clone();
-            async move { store.totals(&id, now_ms()).await.unwrap().held.is_zero() }
+            async move { store.totals(&id, now).await.unwrap().held.is_zero() }
         })
         .await;
         self.store.check_invariants().unwrap();
@@ -378,4 +412,83 @@ pub fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
     }
     out.extend_from_slice(b"0\r\n\r\n");
     out
+}
+
+/// Starts a gateway on a shipped policy file, with every upstream at the mock.
+/// `edit` may change the text first (e.g. to shrink a quota).
+pub async fn start_seed(file: &str, edit: impl FnOnce(String) -> String) -> TestGateway {
+    let path = format!("{}/policies/{file}", env!("CARGO_MANIFEST_DIR"));
+    let original = std::fs::read_to_string(&path).unwrap();
+    start_policy(
+        move |backend| {
+            let text = original
+                .lines()
+                .map(|l| {
+                    if l.starts_with("url = ") {
+                        format!("url = \"{backend}\"")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            edit(text)
+        },
+        |_| None,
+    )
+    .await
+}
+
+impl TestGateway {
+    /// Creates an account with members through the admin API; returns one key per member.
+    pub async fn open_account(&self, id: &str, plan: &str, members: &[&str]) -> Vec<String> {
+        let resp = self
+            .admin(reqwest::Method::POST, "/admin/accounts")
+            .json(&serde_json::json!({"id": id, "plan": plan}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let mut keys = Vec::new();
+        for member in members {
+            let resp = self
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/admin/accounts/{id}/members"),
+                )
+                .json(&serde_json::json!({"member": member}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+            let key: serde_json::Value = self
+                .admin(reqwest::Method::POST, &format!("/admin/accounts/{id}/keys"))
+                .json(&serde_json::json!({"member": member}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            keys.push(key["key"].as_str().unwrap().to_string());
+        }
+        keys
+    }
+
+    /// A proxied request with `key`.
+    pub fn call(&self, method: reqwest::Method, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(key)
+    }
+
+    pub async fn balance(&self, key: &str) -> serde_json::Value {
+        self.call(reqwest::Method::GET, "/credits/v1/balance", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }

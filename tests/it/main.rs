@@ -1,6 +1,7 @@
 //! One integration test binary (matklad: builds once, runs fast). Every test
 //! starts its own gateway on `127.0.0.1:0` in front of its own mock backend.
 
+mod accounts;
 mod cli;
 mod harness;
 mod metering;
