@@ -10,7 +10,20 @@ use std::str::FromStr;
 const SCALE: u64 = 1_000;
 
 /// An amount of credits, stored as whole millicredits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Credits(u64);
 
 /// Why a decimal string is not an amount of credits.

@@ -3,9 +3,12 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Credits, Millis};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     Grant,
     Hold,
@@ -34,7 +37,7 @@ impl EntryKind {
 
 /// One line of the ledger. `credits` is what moved: granted, held, charged,
 /// returned or expired.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub seq: u64,
     pub at_ms: Millis,
@@ -46,55 +49,39 @@ pub struct Entry {
     pub detail: Option<String>,
 }
 
-#[derive(Clone, Debug)]
-pub(super) struct Journal {
+/// The entries a store keeps for one account, oldest dropped first past `cap`.
+#[derive(Clone, Debug, Default)]
+pub struct Journal {
     entries: VecDeque<Entry>,
     cap: usize,
-    next_seq: u64,
 }
 
 impl Journal {
-    pub(super) fn new(cap: usize) -> Self {
+    pub fn new(cap: usize) -> Self {
         Journal {
             entries: VecDeque::new(),
             cap: cap.max(1),
-            next_seq: 1,
         }
     }
 
-    pub(super) fn set_cap(&mut self, cap: usize) {
+    pub fn set_cap(&mut self, cap: usize) {
         self.cap = cap.max(1);
         while self.entries.len() > self.cap {
             self.entries.pop_front();
         }
     }
 
-    pub(super) fn push(
-        &mut self,
-        at_ms: Millis,
-        kind: EntryKind,
-        credits: Credits,
-        operation: Option<&str>,
-        request_id: Option<&str>,
-        detail: Option<String>,
-    ) {
-        if self.entries.len() >= self.cap {
-            self.entries.pop_front();
+    pub fn append(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for entry in entries {
+            if self.entries.len() >= self.cap {
+                self.entries.pop_front();
+            }
+            self.entries.push_back(entry);
         }
-        self.entries.push_back(Entry {
-            seq: self.next_seq,
-            at_ms,
-            kind,
-            credits,
-            operation: operation.map(str::to_string),
-            request_id: request_id.map(str::to_string),
-            detail,
-        });
-        self.next_seq += 1;
     }
 
     /// Up to `limit` entries older than `before_seq` (all when `None`), newest first.
-    pub(super) fn page(&self, limit: usize, before_seq: Option<u64>) -> Vec<Entry> {
+    pub fn page(&self, limit: usize, before_seq: Option<u64>) -> Vec<Entry> {
         self.entries
             .iter()
             .rev()

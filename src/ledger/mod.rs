@@ -20,11 +20,15 @@ mod journal;
 
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
-pub use journal::{Entry, EntryKind};
+pub use journal::{Entry, EntryKind, Journal};
+
+/// Entries an account buffers until its store takes them (stores take them after
+/// every call; the bound only protects a caller that never does).
+const FRESH_ENTRIES_KEPT: usize = 4_096;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use journal::Journal;
+use serde::{Deserialize, Serialize};
 
 /// Unix time in milliseconds, always passed in by the caller.
 pub type Millis = u64;
@@ -59,13 +63,13 @@ pub struct PlanTerms {
 /// Every plan by name.
 pub type Catalog = BTreeMap<String, PlanTerms>;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub premium_disabled: bool,
 }
 
 /// What an idempotent admin grant returns, the first time and every time after.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantReceipt {
     pub grant_id: u64,
     pub kind: String,
@@ -97,7 +101,7 @@ pub enum AccountRejected {
 }
 
 /// A lot of credits added to an account.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub id: u64,
     pub kind: String,
@@ -122,14 +126,14 @@ impl Grant {
 }
 
 /// The part of a hold taken from one grant.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Draw {
     pub grant_id: u64,
     pub amount: Credits,
 }
 
 /// Credits reserved for one in-flight request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     pub id: u64,
     pub operation: String,
@@ -180,7 +184,7 @@ pub enum HoldRejected {
 }
 
 /// How a hold ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Ending {
     Settled,
     Released,
@@ -213,8 +217,9 @@ pub struct Totals {
     pub expired: Credits,
 }
 
-/// One wallet: its grants and open holds.
-#[derive(Clone, Debug)]
+/// One wallet: its grants and open holds. Serializable, so a shared store can
+/// keep it whole and compare-and-set it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Account {
     pub id: String,
     pub plan: String,
@@ -237,7 +242,10 @@ pub struct Account {
     ended: VecDeque<(u64, Ending)>,
     grant_receipts: BTreeMap<String, GrantReceipt>,
     grant_keys_in_order: VecDeque<String>,
-    journal: Journal,
+    /// Ledger entries not yet taken by the store.
+    #[serde(skip)]
+    fresh: VecDeque<Entry>,
+    next_seq: u64,
 }
 
 /// Amounts are bounded by `Credits::MAX`-sized sums the checked arithmetic
@@ -279,8 +287,39 @@ impl Account {
             ended: VecDeque::new(),
             grant_receipts: BTreeMap::new(),
             grant_keys_in_order: VecDeque::new(),
-            journal: Journal::new(DEFAULT_LEDGER_MAX_ENTRIES),
+            fresh: VecDeque::new(),
+            next_seq: 1,
         }
+    }
+
+    /// Appends a ledger entry for the store to take.
+    fn record(
+        &mut self,
+        at_ms: Millis,
+        kind: EntryKind,
+        credits: Credits,
+        operation: Option<&str>,
+        request_id: Option<&str>,
+        detail: Option<String>,
+    ) {
+        if self.fresh.len() >= FRESH_ENTRIES_KEPT {
+            self.fresh.pop_front();
+        }
+        self.fresh.push_back(Entry {
+            seq: self.next_seq,
+            at_ms,
+            kind,
+            credits,
+            operation: operation.map(str::to_string),
+            request_id: request_id.map(str::to_string),
+            detail,
+        });
+        self.next_seq += 1;
+    }
+
+    /// The ledger entries written since the last call, oldest first.
+    pub fn take_entries(&mut self) -> Vec<Entry> {
+        self.fresh.drain(..).collect()
     }
 
     /// A new account on `plan`: the plan grant for the current cycle (expiring at
@@ -290,11 +329,9 @@ impl Account {
         plan: &str,
         billing_anchor_day: Option<u8>,
         terms: &PlanTerms,
-        ledger_max_entries: usize,
         now_ms: Millis,
     ) -> Account {
         let mut account = Account::new(id, plan);
-        account.journal.set_cap(ledger_max_entries);
         account.billing_anchor_day = billing_anchor_day.unwrap_or_else(|| day_of_month(now_ms));
         let (start, next) = cycle_bounds(account.billing_anchor_day, now_ms);
         account.cycle_start_ms = start;
@@ -311,15 +348,6 @@ impl Account {
             let _ = account.grant("bonus", signup, default_priority("bonus"), None, now_ms);
         }
         account
-    }
-
-    pub fn set_ledger_cap(&mut self, ledger_max_entries: usize) {
-        self.journal.set_cap(ledger_max_entries);
-    }
-
-    /// The journal, newest first: up to `limit` entries older than `before_seq`.
-    pub fn ledger(&self, limit: usize, before_seq: Option<u64>) -> Vec<Entry> {
-        self.journal.page(limit, before_seq)
     }
 
     /// Quota units used this cycle (settled and held), by quota.
@@ -342,7 +370,7 @@ impl Account {
         if let Some(new_plan) = self.pending_plan.take() {
             let detail = format!("{} -> {}", self.plan, new_plan);
             self.plan = new_plan;
-            self.journal.push(
+            self.record(
                 now_ms,
                 EntryKind::PlanChange,
                 Credits::ZERO,
@@ -370,7 +398,7 @@ impl Account {
             )
             .is_ok()
         {
-            self.journal.push(
+            self.record(
                 now_ms,
                 EntryKind::Refill,
                 allowance,
@@ -397,7 +425,7 @@ impl Account {
         match effective {
             Effective::PeriodEnd => {
                 self.pending_plan = Some(new_plan.to_string());
-                self.journal.push(
+                self.record(
                     now_ms,
                     EntryKind::PlanChange,
                     Credits::ZERO,
@@ -409,6 +437,7 @@ impl Account {
             Effective::Now => {
                 self.pending_plan = None;
                 self.plan = new_plan.to_string();
+                let mut expired = Vec::new();
                 for grant in self
                     .grants
                     .iter_mut()
@@ -416,15 +445,18 @@ impl Account {
                 {
                     grant.expired = true;
                     self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);
-                    self.journal.push(
+                    expired.push(grant.left);
+                    grant.left = Credits::ZERO;
+                }
+                for left in expired {
+                    self.record(
                         now_ms,
                         EntryKind::Expire,
-                        grant.left,
+                        left,
                         None,
                         None,
                         Some("plan".into()),
                     );
-                    grant.left = Credits::ZERO;
                 }
                 self.add_grant(
                     "plan",
@@ -434,7 +466,7 @@ impl Account {
                     now_ms,
                 )
                 .map_err(|_| AccountRejected::GrantOverflow)?;
-                self.journal.push(
+                self.record(
                     now_ms,
                     EntryKind::PlanChange,
                     terms.monthly_credits,
@@ -555,7 +587,7 @@ impl Account {
         now_ms: Millis,
     ) -> Result<u64, GrantOverflow> {
         let id = self.add_grant(kind, amount, priority, expires_at_ms, now_ms)?;
-        self.journal.push(
+        self.record(
             now_ms,
             EntryKind::Grant,
             amount,
@@ -604,21 +636,21 @@ impl Account {
     /// Applies time: grants past expiry lose what is left, holds past their TTL
     /// are released as `Expired`. Returns the holds that expired.
     pub fn tick(&mut self, now_ms: Millis) -> Vec<(Hold, HoldEnded)> {
+        let mut expired = Vec::new();
         for grant in &mut self.grants {
             if !grant.expired && grant.expires_at_ms.is_some_and(|at| at <= now_ms) {
                 grant.expired = true;
                 self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);
-                let at = grant.expires_at_ms.unwrap_or(now_ms);
-                self.journal.push(
-                    at,
-                    EntryKind::Expire,
+                expired.push((
+                    grant.expires_at_ms.unwrap_or(now_ms),
                     grant.left,
-                    None,
-                    None,
-                    Some(grant.kind.clone()),
-                );
+                    grant.kind.clone(),
+                ));
                 grant.left = Credits::ZERO;
             }
+        }
+        for (at, left, kind) in expired {
+            self.record(at, EntryKind::Expire, left, None, None, Some(kind));
         }
         let due: Vec<u64> = self
             .holds
@@ -630,7 +662,7 @@ impl Account {
         for id in due {
             if let Some(hold) = self.holds.remove(&id) {
                 let outcome = self.end(&hold, Credits::ZERO, Ending::Expired);
-                self.journal.push(
+                self.record(
                     hold.expires_at_ms,
                     EntryKind::Expire,
                     outcome.returned,
@@ -714,7 +746,7 @@ impl Account {
                 quota: request.quota.clone(),
             },
         );
-        self.journal.push(
+        self.record(
             now_ms,
             EntryKind::Hold,
             request.amount,
@@ -766,7 +798,7 @@ impl Account {
             Ending::Settled => (EntryKind::Settle, outcome.charged),
             _ => (EntryKind::Release, outcome.returned),
         };
-        self.journal.push(
+        self.record(
             now_ms,
             kind,
             credits,

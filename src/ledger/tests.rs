@@ -305,7 +305,14 @@ fn catalog() -> Catalog {
 }
 
 fn open(plan: &str, anchor: Option<u8>, now: Millis) -> Account {
-    Account::open("acct", plan, anchor, &catalog()[plan], 1_000, now)
+    Account::open("acct", plan, anchor, &catalog()[plan], now)
+}
+
+/// The ledger entries written since the last call, newest first.
+fn entries(a: &mut Account) -> Vec<Entry> {
+    let mut e = a.take_entries();
+    e.reverse();
+    e
 }
 
 fn plan_left(a: &Account) -> Credits {
@@ -375,7 +382,7 @@ fn refills_reset_the_plan_grant_once_per_cycle_across_month_ends() {
     assert_eq!(a.totals().granted, c("600"));
     assert_eq!(a.next_refill_ms, at("2026-04-30T00:00:00Z"));
     a.check_invariant().unwrap();
-    let kinds: Vec<EntryKind> = a.ledger(10, None).iter().map(|e| e.kind).collect();
+    let kinds: Vec<EntryKind> = entries(&mut a).iter().map(|e| e.kind).collect();
     assert_eq!(
         &kinds[..4],
         &[
@@ -451,8 +458,7 @@ fn a_bonus_is_spent_before_plan_credits_and_expires_on_time() {
         !a.grants().iter().any(|g| g.kind == "bonus"),
         "gone at the exact boundary"
     );
-    let expire = a
-        .ledger(50, None)
+    let expire = entries(&mut a)
         .into_iter()
         .find(|e| e.kind == EntryKind::Expire && e.detail.as_deref() == Some("bonus"))
         .unwrap();
@@ -497,8 +503,7 @@ fn upgrades_apply_now_and_downgrades_at_the_next_refill() {
         a.change_plan("platinum", Effective::Now, t0, &cat),
         Err(AccountRejected::UnknownPlan)
     );
-    let changes = a
-        .ledger(50, None)
+    let changes = entries(&mut a)
         .into_iter()
         .filter(|e| e.kind == EntryKind::PlanChange)
         .count();
@@ -594,16 +599,18 @@ fn grants_with_the_same_idempotency_key_add_nothing() {
 #[test]
 fn the_journal_pages_newest_first_and_is_capped() {
     let mut a = Account::new("a", "free");
-    a.set_ledger_cap(5);
+    let mut journal = Journal::new(5);
     for i in 0..8u64 {
         a.grant("topup", c("1"), 30, None, i).unwrap();
     }
-    let page = a.ledger(3, None);
+    journal.append(a.take_entries());
+    assert!(a.take_entries().is_empty(), "taken once");
+    let page = journal.page(3, None);
     assert_eq!(
         page.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![8, 7, 6]
     );
-    let next = a.ledger(3, Some(6));
+    let next = journal.page(3, Some(6));
     assert_eq!(
         next.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![5, 4],
@@ -611,16 +618,52 @@ fn the_journal_pages_newest_first_and_is_capped() {
     );
     let p = a.hold(&request("2"), 10, &Catalog::new()).unwrap();
     a.settle(p.hold_id, c("1.5"), 11).unwrap();
-    let latest = &a.ledger(1, None)[0];
+    journal.append(a.take_entries());
+    let latest = &journal.page(1, None)[0];
     assert_eq!(
         (
+            latest.seq,
             latest.kind,
             latest.credits,
             latest.operation.as_deref(),
             latest.request_id.as_deref()
         ),
-        (EntryKind::Settle, c("1.5"), Some("op"), Some("r"))
+        (10, EntryKind::Settle, c("1.5"), Some("op"), Some("r"))
     );
+}
+
+#[test]
+fn an_account_survives_serialization_whole() {
+    let cat = catalog();
+    let mut a = open("starter", Some(3), at("2026-03-03T00:00:00Z"));
+    a.add_member("ann", true, &cat).unwrap();
+    a.grant_once(
+        "k",
+        "bonus",
+        c("7.5"),
+        10,
+        Some(at("2026-09-01T00:00:00Z")),
+        0,
+    )
+    .unwrap();
+    let p = a
+        .hold(
+            &HoldRequest {
+                quota: Some("basic_images".into()),
+                ..request("1.25")
+            },
+            at("2026-03-04T00:00:00Z"),
+            &cat,
+        )
+        .unwrap();
+    let text = serde_json::to_string(&a).unwrap();
+    let mut back: Account = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    assert_eq!(back.totals(), a.totals());
+    back.settle(p.hold_id, c("1"), at("2026-03-04T00:00:00Z"))
+        .unwrap();
+    assert_eq!(back.quota_use()["basic_images"], 1);
+    back.check_invariant().unwrap();
 }
 
 #[derive(Clone, Debug)]

@@ -15,8 +15,8 @@ use super::{
     StoreError,
 };
 use crate::ledger::{
-    Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Millis,
-    Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+    Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
+    Millis, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
 };
 use crate::policy::SeedAccount;
 
@@ -31,8 +31,22 @@ struct Rules {
     ledger_max_entries: usize,
 }
 
+/// An account and the ledger entries kept for it.
+struct Stored {
+    account: Account,
+    journal: Journal,
+}
+
+impl Stored {
+    fn new(mut account: Account, ledger_max_entries: usize) -> Self {
+        let mut journal = Journal::new(ledger_max_entries);
+        journal.append(account.take_entries());
+        Stored { account, journal }
+    }
+}
+
 pub struct MemoryStore {
-    accounts: DashMap<String, Account>,
+    accounts: DashMap<String, Stored>,
     keys: DashMap<[u8; 32], KeyEntry>,
     key_ids: DashMap<String, [u8; 32]>,
     rules: RwLock<Rules>,
@@ -53,7 +67,9 @@ impl MemoryStore {
 
     /// Checks the §1 invariant of every account; for tests and debugging.
     pub fn check_invariants(&self) -> Result<(), String> {
-        self.accounts.iter().try_for_each(|a| a.check_invariant())
+        self.accounts
+            .iter()
+            .try_for_each(|s| s.account.check_invariant())
     }
 
     fn rules(&self) -> (Arc<Catalog>, usize) {
@@ -69,15 +85,31 @@ impl MemoryStore {
         now_ms: Millis,
         apply: impl FnOnce(&mut Account, &Catalog) -> T,
     ) -> Result<T, StoreError> {
+        self.with_stored(account, now_ms, |stored, catalog| {
+            apply(&mut stored.account, catalog)
+        })
+    }
+
+    /// Runs `apply` on one account and its journal, then files the account's new
+    /// ledger entries in the journal.
+    fn with_stored<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Stored, &Catalog) -> T,
+    ) -> Result<T, StoreError> {
         let (catalog, _) = self.rules();
         let mut entry = self
             .accounts
             .get_mut(account)
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
-        let a = entry.value_mut();
-        a.refill_if_due(now_ms, &catalog);
-        a.tick(now_ms);
-        Ok(apply(a, &catalog))
+        let stored = entry.value_mut();
+        stored.account.refill_if_due(now_ms, &catalog);
+        stored.account.tick(now_ms);
+        let out = apply(stored, &catalog);
+        let fresh = stored.account.take_entries();
+        stored.journal.append(fresh);
+        Ok(out)
     }
 }
 
@@ -187,19 +219,22 @@ impl Store for MemoryStore {
                 &seed.plan,
                 seed.billing_anchor_day,
                 &terms,
-                ledger_max_entries,
                 now_ms,
             );
             for g in &seed.grants {
                 // Validation bounds amounts far below the overflow limit.
                 let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
             }
-            account
+            Stored::new(account, ledger_max_entries)
         });
         for key in &seed.keys {
-            if let Some(mut account) = self.accounts.get_mut(&seed.id) {
+            if let Some(mut stored) = self.accounts.get_mut(&seed.id) {
                 // Validation checked the seeded members fit the plan's seats.
-                account.members.entry(key.member.clone()).or_default();
+                stored
+                    .account
+                    .members
+                    .entry(key.member.clone())
+                    .or_default();
             }
             let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
             self.key_ids.insert(key_id.clone(), key.key_sha256);
@@ -216,8 +251,10 @@ impl Store for MemoryStore {
 
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
         let mut ended = 0;
-        for mut account in self.accounts.iter_mut() {
-            ended += account.tick(now_ms).len();
+        for mut stored in self.accounts.iter_mut() {
+            ended += stored.account.tick(now_ms).len();
+            let fresh = stored.account.take_entries();
+            stored.journal.append(fresh);
         }
         Ok(ended)
     }
@@ -235,16 +272,9 @@ impl Store for MemoryStore {
         };
         let mut outcome = Err(AccountRejected::AccountExists);
         self.accounts.entry(id.to_string()).or_insert_with(|| {
-            let account = Account::open(
-                id,
-                plan,
-                billing_anchor_day,
-                terms,
-                ledger_max_entries,
-                now_ms,
-            );
+            let account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
             outcome = Ok(view(&account, &catalog));
-            account
+            Stored::new(account, ledger_max_entries)
         });
         Ok(outcome)
     }
@@ -342,7 +372,9 @@ impl Store for MemoryStore {
         before_seq: Option<u64>,
         now_ms: Millis,
     ) -> Result<Vec<Entry>, StoreError> {
-        self.with_account(account, now_ms, |a, _| a.ledger(limit, before_seq))
+        self.with_stored(account, now_ms, |stored, _| {
+            stored.journal.page(limit, before_seq)
+        })
     }
 
     async fn holds(
@@ -365,9 +397,11 @@ impl Store for MemoryStore {
                 }),
             None => {
                 let mut all = Vec::new();
-                for mut a in self.accounts.iter_mut() {
-                    a.tick(now_ms);
-                    all.extend(collect(&a));
+                for mut stored in self.accounts.iter_mut() {
+                    stored.account.tick(now_ms);
+                    let fresh = stored.account.take_entries();
+                    stored.journal.append(fresh);
+                    all.extend(collect(&stored.account));
                     if all.len() >= limit {
                         all.truncate(limit);
                         break;
@@ -385,8 +419,8 @@ impl Store for MemoryStore {
             ledger_max_entries,
         };
         drop(rules);
-        for mut a in self.accounts.iter_mut() {
-            a.set_ledger_cap(ledger_max_entries);
+        for mut stored in self.accounts.iter_mut() {
+            stored.journal.set_cap(ledger_max_entries);
         }
     }
 }
