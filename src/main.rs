@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use creditgate::gateway::{run_server, Gateway};
 use creditgate::policy::{format_duration, Policy, RequestFacts, StoreConfig};
 use creditgate::store::memory::MemoryStore;
+use creditgate::store::redis::RedisStore;
 
 #[derive(Parser)]
 #[command(
@@ -208,13 +209,6 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(policy) => policy,
         Err(code) => return code,
     };
-    if policy.store != StoreConfig::Memory {
-        eprintln!(
-            "{}: the redis store is not available in this version; use kind = \"memory\"",
-            path.display()
-        );
-        return ExitCode::FAILURE;
-    }
     let token = std::env::var(creditgate::admin::TOKEN_ENV)
         .ok()
         .filter(|t| !t.is_empty());
@@ -225,7 +219,32 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     }
     let policy = Arc::new(policy);
-    let store: Arc<dyn creditgate::store::Store> = Arc::new(MemoryStore::for_policy(&policy));
+    // The store's connection lives on its own runtime, which outlives setup: Pingora
+    // runs its services on runtimes of its own.
+    let runtime: &'static tokio::runtime::Runtime =
+        match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => Box::leak(Box::new(rt)),
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let store: Arc<dyn creditgate::store::Store> = match &policy.store {
+        StoreConfig::Memory => Arc::new(MemoryStore::for_policy(&policy)),
+        StoreConfig::Redis { url, cluster, .. } => {
+            match runtime.block_on(RedisStore::for_policy(&policy, url, *cluster)) {
+                Ok(store) => Arc::new(store),
+                Err(e) => {
+                    eprintln!("{}: cannot reach redis at {url}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let admin = policy.gateway.admin_listen.clone().map(|listen| {
         let clock = creditgate::clock::Clock::system();
         (
@@ -245,14 +264,9 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let seeded = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            rt.block_on(gateway.seed_accounts())
-                .map_err(|e| e.to_string())
-        });
+    let seeded = runtime
+        .block_on(gateway.seed_accounts())
+        .map_err(|e| e.to_string());
     if let Err(e) = seeded {
         eprintln!("cannot seed accounts: {e}");
         return ExitCode::FAILURE;

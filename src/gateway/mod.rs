@@ -27,7 +27,10 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
-use crate::policy::{usage_charge, OnMissing, Policy, RequestFacts, RouteMatch, Unmatched};
+use crate::policy::{
+    usage_charge, OnMissing, OnUnavailable, Policy, RequestFacts, RouteMatch, StoreConfig,
+    Unmatched,
+};
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
 use decision::{decide, Decision, Ended};
@@ -49,6 +52,9 @@ pub struct Gateway {
     policy: Arc<Policy>,
     store: Arc<dyn Store>,
     clock: Clock,
+    /// Requests forwarded without a hold because the store was unavailable
+    /// (`on_unavailable = "allow"`).
+    unmetered: Arc<std::sync::atomic::AtomicU64>,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
 }
@@ -81,6 +87,7 @@ impl Gateway {
             policy,
             store,
             clock,
+            unmetered: Arc::default(),
             peers,
         })
     }
@@ -99,6 +106,21 @@ impl Gateway {
 
     fn now_ms(&self) -> Millis {
         self.clock.now_ms()
+    }
+
+    /// How many requests went through unmetered because the store was down.
+    pub fn unmetered(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.unmetered.clone()
+    }
+
+    fn fails_open(&self) -> bool {
+        matches!(
+            self.policy.store,
+            StoreConfig::Redis {
+                on_unavailable: OnUnavailable::Allow,
+                ..
+            }
+        )
     }
 
     /// Creates the policy's seeded accounts (once) and registers their keys.
@@ -423,6 +445,16 @@ impl Gateway {
                 })
             }
             Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+            Err(StoreError::Unavailable(e)) if self.fails_open() => {
+                // on_unavailable = "allow": forward unmetered, and count it.
+                let forwarded = self
+                    .unmetered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "store unavailable, forwarding unmetered: {e}");
+                ctx.remaining = None;
+                Ok(())
+            }
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
         }
     }
@@ -430,7 +462,8 @@ impl Gateway {
     async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
         match self.store.totals(account, self.now_ms()).await {
             Ok(totals) => Ok(Some(totals.available)),
-            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            // A free request needs the store only for this header: go on without it.
+            Err(StoreError::Unavailable(_)) => Ok(None),
             Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
         }
     }

@@ -219,7 +219,7 @@ pub struct Totals {
 
 /// One wallet: its grants and open holds. Serializable, so a shared store can
 /// keep it whole and compare-and-set it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub id: String,
     pub plan: String,

@@ -113,7 +113,8 @@ impl MemoryStore {
     }
 }
 
-fn view(a: &Account, catalog: &Catalog) -> AccountView {
+/// The account as its owner or an admin sees it; shared with the Redis store.
+pub(super) fn view(a: &Account, catalog: &Catalog) -> AccountView {
     let limits = catalog
         .get(&a.plan)
         .map(|t| t.quotas.clone())

@@ -1,6 +1,7 @@
 //! Where accounts live. A store applies the ledger core atomically per account.
 //!
-//! One trait, and (for now) one implementation: [`memory::MemoryStore`]. The
+//! One trait, two implementations: [`memory::MemoryStore`] (one process) and
+//! [`redis::RedisStore`] (many replicas), both applying the same ledger core. The
 //! gateway and the admin API only ever talk to `dyn Store`. A store never decides
 //! prices or HTTP answers; it returns outcomes (`HoldRejected`, `EndRejected`,
 //! `AccountRejected`) as values and failures (`StoreError`) as errors.
@@ -9,6 +10,7 @@
 //! their TTL. That is what makes refills lazy and exactly-once per cycle.
 
 pub mod memory;
+pub mod redis;
 
 use std::collections::BTreeMap;
 

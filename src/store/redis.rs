@@ -1,0 +1,845 @@
+//! The Redis store: many gateway replicas, one truth.
+//!
+//! All of one account's state lives under one hash tag, so it works on Redis Cluster:
+//!
+//! - `cg:{acct:ID}` — a hash: `v` (version) and `s` (the account, serialized);
+//! - `cg:{acct:ID}:ledger` — the account's ledger, a Stream capped at
+//!   `ledger_max_entries`, entry IDs `SEQ-0`.
+//!
+//! Besides: `cg:key:HEX` (who a key's SHA-256 belongs to), `cg:keyid:ID` (the hash
+//! of a key id, for revocation) and `cg:holds` (a sorted set: accounts by their
+//! earliest hold expiry, which the sweep reads).
+//!
+//! **Rust computes, Lua commits.** A transition is computed by the same ledger core
+//! the memory store runs — so both stores behave identically by construction — on
+//! this replica's cached copy of the account, then committed by one Lua script:
+//! compare the version, write the new state, append the new ledger entries. One
+//! round trip, atomic. If another replica changed the account first, the script
+//! answers the current state in the same reply and the replica computes again.
+//! Nothing is ever applied twice: a sweep racing another sweep (or a settle) loses
+//! the compare and recomputes from a state where the hold is already gone.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+
+use super::{
+    memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
+    Store, StoreError,
+};
+use crate::ledger::{
+    Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
+    Millis, Totals,
+};
+use crate::policy::SeedAccount;
+
+/// How long one Redis call may take before the store counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// Attempts at one transition before giving up under extreme contention.
+const MAX_ATTEMPTS: usize = 64;
+
+/// Accounts cached per replica; past this the cache sheds a tenth of its entries.
+const MAX_CACHED_ACCOUNTS: usize = 100_000;
+
+/// How long a cached key lookup or account read is trusted for `identify`.
+/// Writes never trust the cache: the version check does.
+const IDENTITY_FRESHNESS: Duration = Duration::from_secs(5);
+
+/// Accounts one sweep visits at most.
+const SWEEP_BATCH: isize = 500;
+
+/// Compare-and-set the account, append its new ledger entries. Returns
+/// `{1, new_version}` or, when the version moved, `{0, version, state}`.
+const COMMIT_LUA: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'v') or '0'
+if current ~= ARGV[1] then
+  return {0, current, redis.call('HGET', KEYS[1], 's') or ''}
+end
+local next = tostring(tonumber(current) + 1)
+redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[2])
+for i = 4, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[i], 'e', ARGV[i + 1])
+end
+return {1, next, ''}
+"#;
+
+/// One connection kind or the other; both multiplexed, both reconnecting.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Cached {
+    version: String,
+    account: Account,
+    fetched: Instant,
+}
+
+#[derive(Clone)]
+struct KeyOwner {
+    account: String,
+    member: String,
+    fetched: Instant,
+}
+
+struct Rules {
+    catalog: Arc<Catalog>,
+    ledger_max_entries: usize,
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    commit: Script,
+    cache: DashMap<String, Cached>,
+    keys: DashMap<[u8; 32], KeyOwner>,
+    rules: RwLock<Rules>,
+}
+
+fn account_key(id: &str) -> String {
+    format!("cg:{{acct:{id}}}")
+}
+
+fn ledger_key(id: &str) -> String {
+    format!("cg:{{acct:{id}}}:ledger")
+}
+
+fn key_key(hash: &[u8; 32]) -> String {
+    format!("cg:key:{}", hex::encode(hash))
+}
+
+fn key_id_key(key_id: &str) -> String {
+    format!("cg:keyid:{key_id}")
+}
+
+const HOLDS_INDEX: &str = "cg:holds";
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Runs one Redis call with the store's timeout.
+async fn call<T>(
+    future: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(CALL_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(StoreError::Unavailable(
+            "redis did not answer in time".into(),
+        )),
+    }
+}
+
+fn decode(state: &str) -> Result<Account, StoreError> {
+    serde_json::from_str(state)
+        .map_err(|e| StoreError::Unavailable(format!("an account in redis does not decode: {e}")))
+}
+
+fn earliest_hold(account: &Account) -> Option<Millis> {
+    account.holds().map(|h| h.expires_at_ms).min()
+}
+
+impl RedisStore {
+    /// Connects to `url` (for a cluster: any node, or several separated by commas).
+    pub async fn connect(
+        url: &str,
+        cluster: bool,
+        catalog: Catalog,
+        ledger_max_entries: usize,
+    ) -> Result<RedisStore, StoreError> {
+        let conn = if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(CALL_TIMEOUT)
+                .response_timeout(CALL_TIMEOUT)
+                .retries(2)
+                .build()
+                .map_err(unavailable)?;
+            Conn::Cluster(call(client.get_async_connection()).await?)
+        } else {
+            let client = redis::Client::open(url).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(CALL_TIMEOUT)
+                .set_response_timeout(CALL_TIMEOUT)
+                .set_number_of_retries(2)
+                .set_max_delay(500);
+            Conn::Single(call(client.get_connection_manager_with_config(config)).await?)
+        };
+        let store = RedisStore {
+            conn,
+            commit: Script::new(COMMIT_LUA),
+            cache: DashMap::new(),
+            keys: DashMap::new(),
+            rules: RwLock::new(Rules {
+                catalog: Arc::new(catalog),
+                ledger_max_entries,
+            }),
+        };
+        // Load the script once now; `invoke_async` reloads it after a NOSCRIPT.
+        let mut conn = store.conn.clone();
+        call(store.commit.prepare_invoke().load_async(&mut conn)).await?;
+        Ok(store)
+    }
+
+    /// A store with the policy's plans and ledger cap.
+    pub async fn for_policy(
+        policy: &crate::policy::Policy,
+        url: &str,
+        cluster: bool,
+    ) -> Result<RedisStore, StoreError> {
+        RedisStore::connect(
+            url,
+            cluster,
+            policy.catalog(),
+            policy.gateway.ledger_max_entries,
+        )
+        .await
+    }
+
+    fn rules(&self) -> (Arc<Catalog>, usize) {
+        // A poisoned lock only means a panic elsewhere; the data is a plain Arc swap.
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
+        (rules.catalog.clone(), rules.ledger_max_entries)
+    }
+
+    fn remember(&self, id: &str, version: String, account: Account) {
+        if self.cache.len() >= MAX_CACHED_ACCOUNTS {
+            let shed: Vec<String> = self
+                .cache
+                .iter()
+                .take(MAX_CACHED_ACCOUNTS / 10)
+                .map(|e| e.key().clone())
+                .collect();
+            for key in shed {
+                self.cache.remove(&key);
+            }
+        }
+        self.cache.insert(
+            id.to_string(),
+            Cached {
+                version,
+                account,
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// The account as Redis has it now: `(version, account)`, `None` if absent.
+    async fn fetch(&self, id: &str) -> Result<Option<(String, Account)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (version, state): (Option<String>, Option<String>) = call(
+            redis::cmd("HMGET")
+                .arg(account_key(id))
+                .arg("v")
+                .arg("s")
+                .query_async(&mut conn),
+        )
+        .await?;
+        match (version, state) {
+            (Some(v), Some(s)) => {
+                let account = decode(&s)?;
+                self.remember(id, v.clone(), account.clone());
+                Ok(Some((v, account)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Commits `account` if Redis still has `version`: `Ok(Ok(new_version))`, or
+    /// `Ok(Err(current))` with what Redis has instead.
+    async fn commit(
+        &self,
+        id: &str,
+        version: &str,
+        account: &Account,
+        entries: &[Entry],
+    ) -> Result<Result<String, Option<(String, Account)>>, StoreError> {
+        let (_, cap) = self.rules();
+        let state = serde_json::to_string(account)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode the account: {e}")))?;
+        let mut invocation = self.commit.prepare_invoke();
+        invocation
+            .key(account_key(id))
+            .key(ledger_key(id))
+            .arg(version)
+            .arg(&state)
+            .arg(cap);
+        for entry in entries {
+            let json = serde_json::to_string(entry).map_err(|e| {
+                StoreError::Unavailable(format!("cannot encode a ledger entry: {e}"))
+            })?;
+            invocation.arg(format!("{}-0", entry.seq)).arg(json);
+        }
+        let mut conn = self.conn.clone();
+        let (ok, new_version, current): (i64, String, String) =
+            call(invocation.invoke_async(&mut conn)).await?;
+        if ok == 1 {
+            return Ok(Ok(new_version));
+        }
+        if current.is_empty() {
+            return Ok(Err(None));
+        }
+        Ok(Err(Some((new_version, decode(&current)?))))
+    }
+
+    /// Applies time and `apply` to an account and commits the result atomically,
+    /// retrying on a concurrent change. `fresh` = read Redis first (for reads that
+    /// must not be stale); otherwise start from the cache and let the version
+    /// check catch staleness.
+    async fn transact<T>(
+        &self,
+        id: &str,
+        now_ms: Millis,
+        fresh: bool,
+        mut apply: impl FnMut(&mut Account, &Catalog) -> T,
+    ) -> Result<T, StoreError> {
+        let (catalog, _) = self.rules();
+        let cached = if fresh {
+            None
+        } else {
+            self.cache
+                .get(id)
+                .map(|c| (c.version.clone(), c.account.clone()))
+        };
+        let mut current = match cached {
+            Some(hit) => Some(hit),
+            None => self.fetch(id).await?,
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((version, mut account)) = current.take() else {
+                self.cache.remove(id);
+                return Err(StoreError::UnknownAccount(id.to_string()));
+            };
+            let unchanged = account.clone();
+            let before = earliest_hold(&account);
+            account.refill_if_due(now_ms, &catalog);
+            account.tick(now_ms);
+            let out = apply(&mut account, &catalog);
+            let entries = account.take_entries();
+            // A read that changed nothing needs no write.
+            if entries.is_empty() && account == unchanged {
+                return Ok(out);
+            }
+            match self.commit(id, &version, &account, &entries).await? {
+                Ok(new_version) => {
+                    let after = earliest_hold(&account);
+                    self.remember(id, new_version, account);
+                    if before != after {
+                        self.index_holds(id, after);
+                    }
+                    return Ok(out);
+                }
+                Err(theirs) => {
+                    if let Some((v, a)) = &theirs {
+                        self.remember(id, v.clone(), a.clone());
+                    }
+                    current = theirs;
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "account {id} changed {MAX_ATTEMPTS} times while one transition was computed"
+        )))
+    }
+
+    /// Keeps `cg:holds` pointing at accounts with open holds. Best effort and off the
+    /// request's path: the account itself is the truth, and holds also expire lazily.
+    fn index_holds(&self, id: &str, earliest: Option<Millis>) {
+        let mut conn = self.conn.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let command = match earliest {
+                Some(at) => redis::cmd("ZADD")
+                    .arg(HOLDS_INDEX)
+                    .arg(at)
+                    .arg(&id)
+                    .to_owned(),
+                None => redis::cmd("ZREM").arg(HOLDS_INDEX).arg(&id).to_owned(),
+            };
+            let _: Result<i64, _> = call(command.query_async(&mut conn)).await;
+        });
+    }
+
+    /// Creates an account unless it exists: `true` when this call created it.
+    async fn create(&self, account: Account) -> Result<bool, StoreError> {
+        let mut account = account;
+        let entries = account.take_entries();
+        let id = account.id.clone();
+        match self.commit(&id, "0", &account, &entries).await? {
+            Ok(version) => {
+                self.remember(&id, version, account);
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn key_owner(&self, hash: &[u8; 32]) -> Result<Option<KeyOwner>, StoreError> {
+        if let Some(owner) = self
+            .keys
+            .get(hash)
+            .filter(|o| o.fetched.elapsed() < IDENTITY_FRESHNESS)
+        {
+            return Ok(Some(owner.clone()));
+        }
+        let mut conn = self.conn.clone();
+        let found: (Option<String>, Option<String>) = match call(
+            redis::cmd("HMGET")
+                .arg(key_key(hash))
+                .arg("account")
+                .arg("member")
+                .query_async(&mut conn),
+        )
+        .await
+        {
+            Ok(found) => found,
+            // Redis is down: a key seen before still identifies its owner.
+            Err(e) => return self.keys.get(hash).map(|o| Some(o.clone())).ok_or(e),
+        };
+        match found {
+            (Some(account), Some(member)) => {
+                let owner = KeyOwner {
+                    account,
+                    member,
+                    fetched: Instant::now(),
+                };
+                self.keys.insert(*hash, owner.clone());
+                Ok(Some(owner))
+            }
+            _ => {
+                self.keys.remove(hash);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn register_key(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        hash: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(key_key(hash))
+            .arg("account")
+            .arg(account)
+            .arg("member")
+            .arg(member)
+            .arg("key_id")
+            .arg(key_id)
+            .ignore();
+        pipe.cmd("SET")
+            .arg(key_id_key(key_id))
+            .arg(hex::encode(hash))
+            .ignore();
+        call(pipe.query_async::<()>(&mut conn)).await?;
+        self.keys.remove(hash);
+        Ok(())
+    }
+
+    /// Removes everything this store wrote, for tests that reuse one server.
+    pub async fn flush_for_tests(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        call(redis::cmd("FLUSHALL").query_async::<()>(&mut conn)).await?;
+        self.cache.clear();
+        self.keys.clear();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn identify(
+        &self,
+        key_sha256: &[u8; 32],
+        now_ms: Millis,
+    ) -> Result<Option<Identity>, StoreError> {
+        let Some(owner) = self.key_owner(key_sha256).await? else {
+            return Ok(None);
+        };
+        let recent = self
+            .cache
+            .get(&owner.account)
+            .filter(|c| c.fetched.elapsed() < IDENTITY_FRESHNESS)
+            .map(|c| c.account.clone());
+        let account = match recent {
+            Some(account) => account,
+            None => match self.fetch(&owner.account).await {
+                Ok(Some((_, account))) => account,
+                Ok(None) => return Ok(None),
+                // Redis is down: an account seen before still answers who it is.
+                Err(e) => self
+                    .cache
+                    .get(&owner.account)
+                    .map(|c| c.account.clone())
+                    .ok_or(e)?,
+            },
+        };
+        let _ = now_ms;
+        Ok(Some(Identity {
+            premium_disabled: account
+                .members
+                .get(&owner.member)
+                .is_some_and(|m| m.premium_disabled),
+            account: owner.account,
+            member: owner.member,
+            plan: account.plan.clone(),
+        }))
+    }
+
+    async fn hold(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<HoldOutcome, StoreError> {
+        self.transact(account, now_ms, false, |a, catalog| {
+            a.hold(request, now_ms, catalog)
+        })
+        .await
+    }
+
+    async fn settle(
+        &self,
+        account: &str,
+        hold_id: u64,
+        charge: Credits,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError> {
+        self.transact(account, now_ms, false, |a, _| {
+            a.settle(hold_id, charge, now_ms)
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        account: &str,
+        hold_id: u64,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError> {
+        self.transact(account, now_ms, false, |a, _| a.release(hold_id, now_ms))
+            .await
+    }
+
+    async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError> {
+        self.transact(account, now_ms, true, |a, _| a.totals())
+            .await
+    }
+
+    async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError> {
+        self.transact(account, now_ms, true, |a, catalog| view(a, catalog))
+            .await
+    }
+
+    async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+        let (catalog, _) = self.rules();
+        let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
+        let mut account = Account::open(
+            &seed.id,
+            &seed.plan,
+            seed.billing_anchor_day,
+            &terms,
+            now_ms,
+        );
+        for g in &seed.grants {
+            // Validation bounds amounts far below the overflow limit.
+            let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
+        }
+        for key in &seed.keys {
+            account.members.entry(key.member.clone()).or_default();
+        }
+        let created = self.create(account).await?;
+        if !created {
+            // Existing account: make sure the seeded members exist (seats were validated).
+            let members: Vec<String> = seed.keys.iter().map(|k| k.member.clone()).collect();
+            self.transact(&seed.id, now_ms, true, |a, _| {
+                for m in &members {
+                    a.members.entry(m.clone()).or_default();
+                }
+            })
+            .await?;
+        }
+        for key in &seed.keys {
+            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
+            self.register_key(&seed.id, &key.member, &key_id, &key.key_sha256)
+                .await?;
+        }
+        Ok(created)
+    }
+
+    async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = call(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(HOLDS_INDEX)
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let mut ended = 0;
+        for id in due {
+            match self
+                .transact(&id, now_ms, true, |a, _| a.tick(now_ms).len())
+                .await
+            {
+                Ok(n) => {
+                    ended += n;
+                    // The index may lag the account; correct it from the account.
+                    if let Some(c) = self.cache.get(&id) {
+                        let earliest = earliest_hold(&c.account);
+                        drop(c);
+                        self.index_holds(&id, earliest);
+                    }
+                }
+                Err(StoreError::UnknownAccount(_)) => self.index_holds(&id, None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        let (catalog, _) = self.rules();
+        let Some(terms) = catalog.get(plan) else {
+            return Ok(Err(AccountRejected::UnknownPlan));
+        };
+        let account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
+        let shown = view(&account, &catalog);
+        if self.create(account).await? {
+            Ok(Ok(shown))
+        } else {
+            Ok(Err(AccountRejected::AccountExists))
+        }
+    }
+
+    async fn add_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.transact(account, now_ms, true, |a, catalog| {
+            a.add_member(member, premium_disabled, catalog)
+        })
+        .await
+    }
+
+    async fn update_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.transact(account, now_ms, true, |a, _| {
+            a.update_member(member, premium_disabled)
+        })
+        .await
+    }
+
+    async fn add_key(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        key_sha256: &[u8; 32],
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let known = match self.fetch(account).await? {
+            Some((_, a)) => a.members.contains_key(member),
+            None => return Err(StoreError::UnknownAccount(account.to_string())),
+        };
+        if !known {
+            return Ok(Err(AccountRejected::UnknownMember));
+        }
+        self.register_key(account, member, key_id, key_sha256)
+            .await?;
+        Ok(Ok(()))
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: Option<String> = call(
+            redis::cmd("GET")
+                .arg(key_id_key(key_id))
+                .query_async(&mut conn),
+        )
+        .await?;
+        let Some(hex_hash) = hash else {
+            return Ok(Err(AccountRejected::UnknownKey));
+        };
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(&hex_hash, &mut bytes).map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(key_key(&bytes)).ignore();
+        pipe.cmd("DEL").arg(key_id_key(key_id)).ignore();
+        call(pipe.query_async::<()>(&mut conn)).await?;
+        self.keys.remove(&bytes);
+        Ok(Ok(()))
+    }
+
+    async fn grant(
+        &self,
+        account: &str,
+        grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError> {
+        self.transact(account, now_ms, true, |a, _| {
+            a.grant_once(
+                &grant.idempotency_key,
+                &grant.kind,
+                grant.credits,
+                grant.priority,
+                grant.expires_at_ms,
+                now_ms,
+            )
+        })
+        .await
+    }
+
+    async fn change_plan(
+        &self,
+        account: &str,
+        plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.transact(account, now_ms, true, |a, catalog| {
+            a.change_plan(plan, effective, now_ms, catalog)
+        })
+        .await
+    }
+
+    async fn ledger(
+        &self,
+        account: &str,
+        limit: usize,
+        before_seq: Option<u64>,
+        now_ms: Millis,
+    ) -> Result<Vec<Entry>, StoreError> {
+        // Apply time first, so due refills and expiries are in the ledger.
+        self.transact(account, now_ms, true, |_, _| ()).await?;
+        let end = match before_seq {
+            Some(seq) => format!("({seq}-0"),
+            None => "+".to_string(),
+        };
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, Vec<(String, String)>)> = call(
+            redis::cmd("XREVRANGE")
+                .arg(ledger_key(account))
+                .arg(end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut conn),
+        )
+        .await?;
+        rows.into_iter()
+            .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "e").map(|(_, v)| v))
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|e| {
+                    StoreError::Unavailable(format!("a ledger entry does not decode: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    async fn holds(
+        &self,
+        account: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<(String, Hold)>, StoreError> {
+        let ids: Vec<String> = match account {
+            Some(id) => vec![id.to_string()],
+            None => {
+                let mut conn = self.conn.clone();
+                call(
+                    redis::cmd("ZRANGE")
+                        .arg(HOLDS_INDEX)
+                        .arg(0)
+                        .arg(limit.saturating_sub(1) as isize)
+                        .query_async(&mut conn),
+                )
+                .await?
+            }
+        };
+        let mut all = Vec::new();
+        for id in ids {
+            let holds = match self
+                .transact(&id, now_ms, true, |a, _| {
+                    a.holds().cloned().collect::<Vec<_>>()
+                })
+                .await
+            {
+                Ok(h) => h,
+                Err(StoreError::UnknownAccount(_)) if account.is_none() => continue,
+                Err(e) => return Err(e),
+            };
+            all.extend(holds.into_iter().map(|h| (id.clone(), h)));
+            if all.len() >= limit {
+                all.truncate(limit);
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {
+        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        *rules = Rules {
+            catalog: Arc::new(catalog),
+            ledger_max_entries,
+        };
+    }
+}
