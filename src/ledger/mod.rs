@@ -22,6 +22,9 @@ pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
 pub use journal::{Entry, EntryKind, Journal};
 
+/// The `detail` of the ledger entry written when a hold expires.
+pub const HOLD_TTL_DETAIL: &str = "hold_ttl";
+
 /// Entries an account buffers until its store takes them (stores take them after
 /// every call; the bound only protects a caller that never does).
 const FRESH_ENTRIES_KEPT: usize = 4_096;
@@ -315,6 +318,14 @@ impl Account {
             detail,
         });
         self.next_seq += 1;
+    }
+
+    /// How many holds expired (past their TTL) since the entries were last taken.
+    pub fn holds_expired_since_taken(&self) -> usize {
+        self.fresh
+            .iter()
+            .filter(|e| e.kind == EntryKind::Expire && e.detail.as_deref() == Some(HOLD_TTL_DETAIL))
+            .count()
     }
 
     /// The ledger entries written since the last call, oldest first.
@@ -668,7 +679,7 @@ impl Account {
                     outcome.returned,
                     Some(&hold.operation),
                     Some(&hold.request_id),
-                    Some("hold_ttl".into()),
+                    Some(HOLD_TTL_DETAIL.into()),
                 );
                 ended.push((hold, outcome));
             }

@@ -54,8 +54,10 @@ const IDENTITY_FRESHNESS: Duration = Duration::from_secs(5);
 /// Accounts one sweep visits at most.
 const SWEEP_BATCH: isize = 500;
 
-/// Compare-and-set the account, append its new ledger entries. Returns
-/// `{1, new_version}` or, when the version moved, `{0, version, state}`.
+/// Compare-and-set the account, append its new ledger entries and, when KEYS[3]
+/// (the hold index) is given, point it at the account's earliest hold expiry
+/// (ARGV[4]; empty = no holds) in the same atomic step. Returns `{1, new_version}`
+/// or, when the version moved, `{0, version, state}`.
 const COMMIT_LUA: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'v') or '0'
 if current ~= ARGV[1] then
@@ -63,8 +65,15 @@ if current ~= ARGV[1] then
 end
 local next = tostring(tonumber(current) + 1)
 redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[2])
-for i = 4, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[i], 'e', ARGV[i + 1])
+end
+if KEYS[3] then
+  if ARGV[4] == '' then
+    redis.call('ZREM', KEYS[3], ARGV[5])
+  else
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+  end
 end
 return {1, next, ''}
 "#;
@@ -293,13 +302,20 @@ impl RedisStore {
         let (_, cap) = self.rules();
         let state = serde_json::to_string(account)
             .map_err(|e| StoreError::Unavailable(format!("cannot encode the account: {e}")))?;
+        let earliest = earliest_hold(account).map_or(String::new(), |at| at.to_string());
         let mut invocation = self.commit.prepare_invoke();
+        invocation.key(account_key(id)).key(ledger_key(id));
+        // On one node the hold index is kept in the same atomic step; in a cluster
+        // it lives in another slot, so `transact` updates it after the commit.
+        if let Conn::Single(_) = self.conn {
+            invocation.key(HOLDS_INDEX);
+        }
         invocation
-            .key(account_key(id))
-            .key(ledger_key(id))
             .arg(version)
             .arg(&state)
-            .arg(cap);
+            .arg(cap)
+            .arg(earliest)
+            .arg(id);
         for entry in entries {
             let json = serde_json::to_string(entry).map_err(|e| {
                 StoreError::Unavailable(format!("cannot encode a ledger entry: {e}"))
@@ -341,7 +357,7 @@ impl RedisStore {
             Some(hit) => Some(hit),
             None => self.fetch(id).await?,
         };
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let Some((version, mut account)) = current.take() else {
                 self.cache.remove(id);
                 return Err(StoreError::UnknownAccount(id.to_string()));
@@ -360,8 +376,9 @@ impl RedisStore {
                 Ok(new_version) => {
                     let after = earliest_hold(&account);
                     self.remember(id, new_version, account);
-                    if before != after {
-                        self.index_holds(id, after);
+                    let cluster = matches!(self.conn, Conn::Cluster(_));
+                    if cluster && (before != after || attempt > 0) {
+                        self.index_holds(id, after).await?;
                     }
                     return Ok(out);
                 }
@@ -378,22 +395,22 @@ impl RedisStore {
         )))
     }
 
-    /// Keeps `cg:holds` pointing at accounts with open holds. Best effort and off the
-    /// request's path: the account itself is the truth, and holds also expire lazily.
-    fn index_holds(&self, id: &str, earliest: Option<Millis>) {
+    /// Points `cg:holds` at an account's earliest hold expiry, or removes it. On
+    /// one node the commit script does this atomically; a cluster calls this after
+    /// the commit, when the earliest expiry changed (one more round trip then).
+    async fn index_holds(&self, id: &str, earliest: Option<Millis>) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let command = match earliest {
-                Some(at) => redis::cmd("ZADD")
-                    .arg(HOLDS_INDEX)
-                    .arg(at)
-                    .arg(&id)
-                    .to_owned(),
-                None => redis::cmd("ZREM").arg(HOLDS_INDEX).arg(&id).to_owned(),
-            };
-            let _: Result<i64, _> = call(command.query_async(&mut conn)).await;
-        });
+        let command = match earliest {
+            Some(at) => redis::cmd("ZADD")
+                .arg(HOLDS_INDEX)
+                .arg(at)
+                .arg(id)
+                .to_owned(),
+            None => redis::cmd("ZREM").arg(HOLDS_INDEX).arg(id).to_owned(),
+        };
+        call(command.query_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
     }
 
     /// Creates an account unless it exists: `true` when this call created it.
@@ -457,8 +474,9 @@ impl RedisStore {
         hash: &[u8; 32],
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
+        // Two keys in two slots: two commands (a cluster refuses them in one
+        // pipeline). The key works once its record exists; the id only revokes it.
+        let record = redis::cmd("HSET")
             .arg(key_key(hash))
             .arg("account")
             .arg(account)
@@ -466,12 +484,13 @@ impl RedisStore {
             .arg(member)
             .arg("key_id")
             .arg(key_id)
-            .ignore();
-        pipe.cmd("SET")
+            .to_owned();
+        call(record.query_async::<()>(&mut conn)).await?;
+        let id = redis::cmd("SET")
             .arg(key_id_key(key_id))
             .arg(hex::encode(hash))
-            .ignore();
-        call(pipe.query_async::<()>(&mut conn)).await?;
+            .to_owned();
+        call(id.query_async::<()>(&mut conn)).await?;
         self.keys.remove(hash);
         Ok(())
     }
@@ -622,20 +641,21 @@ impl Store for RedisStore {
         .await?;
         let mut ended = 0;
         for id in due {
-            match self
-                .transact(&id, now_ms, true, |a, _| a.tick(now_ms).len())
-                .await
-            {
-                Ok(n) => {
+            // `transact` applies time first: count the holds that expired there.
+            let swept = self
+                .transact(&id, now_ms, true, |a, _| {
+                    (a.holds_expired_since_taken(), earliest_hold(a))
+                })
+                .await;
+            match swept {
+                Ok((n, earliest)) => {
                     ended += n;
-                    // The index may lag the account; correct it from the account.
-                    if let Some(c) = self.cache.get(&id) {
-                        let earliest = earliest_hold(&c.account);
-                        drop(c);
-                        self.index_holds(&id, earliest);
+                    // Nothing expired, yet the entry was due: it is stale, correct it.
+                    if n == 0 {
+                        self.index_holds(&id, earliest).await?;
                     }
                 }
-                Err(StoreError::UnknownAccount(_)) => self.index_holds(&id, None),
+                Err(StoreError::UnknownAccount(_)) => self.index_holds(&id, None).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -720,10 +740,19 @@ impl Store for RedisStore {
         };
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(&hex_hash, &mut bytes).map_err(unavailable)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(key_key(&bytes)).ignore();
-        pipe.cmd("DEL").arg(key_id_key(key_id)).ignore();
-        call(pipe.query_async::<()>(&mut conn)).await?;
+        // The record first: the key stops working at once.
+        call(
+            redis::cmd("DEL")
+                .arg(key_key(&bytes))
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
+        call(
+            redis::cmd("DEL")
+                .arg(key_id_key(key_id))
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
         self.keys.remove(&bytes);
         Ok(Ok(()))
     }

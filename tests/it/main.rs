@@ -3,7 +3,9 @@
 
 mod accounts;
 mod cli;
+mod conformance;
 mod harness;
 mod metering;
 mod proxy;
 mod quotes;
+mod redis_server;

@@ -1,0 +1,418 @@
+//! One scripted scenario, run against every store: the transcripts of what each
+//! call answered must be identical. Then a seeded randomized run against a simple
+//! reference model of the §1 invariant, on both stores at once.
+
+use std::sync::Arc;
+
+use creditgate::ledger::{Credits, Effective, HoldRequest, Millis};
+use creditgate::policy::Policy;
+use creditgate::store::memory::MemoryStore;
+use creditgate::store::redis::RedisStore;
+use creditgate::store::{GrantRequest, Store};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use crate::redis_server::{RedisCluster, RedisServer};
+
+const POLICY: &str = r#"
+version = 1
+[gateway]
+ledger_max_entries = 50
+[plans.free]
+monthly_credits = 10
+signup_credits = 2
+[plans.team]
+monthly_credits = 100
+seats = 2
+quotas = { basic = 2 }
+[plans.pro]
+monthly_credits = 50
+[grant_kinds.referral]
+priority = 5
+[[accounts]]
+id = "acme"
+plan = "free"
+billing_anchor_day = 31
+grants = [ { kind = "topup", credits = 5 } ]
+keys = [ { member = "alice", key_env = "ALICE" } ]
+"#;
+
+fn policy() -> Policy {
+    Policy::parse(POLICY, "conformance.toml", &|name| {
+        (name == "ALICE").then(|| "sk-alice".to_string())
+    })
+    .unwrap()
+}
+
+fn t(text: &str) -> Millis {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .timestamp_millis() as Millis
+}
+
+fn c(text: &str) -> Credits {
+    text.parse().unwrap()
+}
+
+fn hold(amount: &str, request_id: &str, ttl_ms: u64, quota: Option<&str>) -> HoldRequest {
+    HoldRequest {
+        operation: "op".into(),
+        request_id: request_id.into(),
+        amount: c(amount),
+        ttl_ms,
+        max_holds: 3,
+        quota: quota.map(str::to_string),
+    }
+}
+
+/// Everything a store answered, one line per call.
+struct Transcript(Vec<String>);
+
+impl Transcript {
+    fn note(&mut self, what: &str, value: impl std::fmt::Debug) {
+        self.0.push(format!("{what}: {value:?}"));
+    }
+}
+
+async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
+    let p = policy();
+    let mut out = Transcript(Vec::new());
+    let t0 = t("2026-01-31T10:00:00Z");
+    let alice: [u8; 32] = Sha256::digest(b"sk-alice").into();
+    out.note("seed", store.seed(&p.accounts[0], t0).await);
+    out.note("seed again", store.seed(&p.accounts[0], t0).await);
+    out.note("identify", store.identify(&alice, t0).await);
+    out.note("identify unknown", store.identify(&[7; 32], t0).await);
+
+    let h1 = store.hold("acme", &hold("3", "r1", 60_000, None), t0).await;
+    out.note("hold 3", &h1);
+    out.note(
+        "hold too much",
+        store
+            .hold("acme", &hold("20", "r2", 60_000, None), t0)
+            .await,
+    );
+    let h2 = store
+        .hold("acme", &hold("0.5", "r3", 60_000, None), t0)
+        .await;
+    out.note("hold 0.5", &h2);
+    let (h1, h2) = (h1.unwrap().unwrap().hold_id, h2.unwrap().unwrap().hold_id);
+    out.note(
+        "settle 2 of 3",
+        store.settle("acme", h1, c("2"), t0 + 1).await,
+    );
+    out.note(
+        "settle again",
+        store.settle("acme", h1, c("2"), t0 + 2).await,
+    );
+    out.note("release settled", store.release("acme", h1, t0 + 2).await);
+    out.note("release unknown", store.release("acme", 999, t0 + 2).await);
+    out.note("release", store.release("acme", h2, t0 + 3).await);
+    for i in 0..4 {
+        out.note(
+            "hold under the cap",
+            store
+                .hold(
+                    "acme",
+                    &hold("0.001", &format!("c{i}"), 1_000, None),
+                    t0 + 4,
+                )
+                .await,
+        );
+    }
+    out.note("sweep early", store.sweep(t0 + 1_003).await);
+    out.note("sweep due", store.sweep(t0 + 1_004).await);
+    out.note("totals", store.totals("acme", t0 + 1_005).await);
+    out.note("totals of nobody", store.totals("nobody", t0).await);
+
+    out.note(
+        "create team",
+        store.create_account("team", "team", Some(15), t0).await,
+    );
+    out.note(
+        "create again",
+        store.create_account("team", "team", None, t0).await,
+    );
+    out.note(
+        "create on no plan",
+        store.create_account("x", "gold", None, t0).await,
+    );
+    out.note(
+        "member ann",
+        store.add_member("team", "ann", false, t0).await,
+    );
+    out.note(
+        "member bob",
+        store.add_member("team", "bob", false, t0).await,
+    );
+    out.note("member cy", store.add_member("team", "cy", false, t0).await);
+    out.note(
+        "member ann again",
+        store.add_member("team", "ann", false, t0).await,
+    );
+    out.note(
+        "disable bob",
+        store.update_member("team", "bob", true, t0).await,
+    );
+    out.note(
+        "update nobody",
+        store.update_member("team", "zed", true, t0).await,
+    );
+    out.note(
+        "key for ghost",
+        store.add_key("team", "ghost", "k0", &[1; 32]).await,
+    );
+    out.note(
+        "key for bob",
+        store.add_key("team", "bob", "k1", &[2; 32]).await,
+    );
+    out.note("identify bob", store.identify(&[2; 32], t0).await);
+
+    let referral = GrantRequest {
+        idempotency_key: "ref-1".into(),
+        kind: "referral".into(),
+        credits: c("30"),
+        priority: 5,
+        expires_at_ms: Some(t0 + 10 * 86_400_000),
+    };
+    out.note("grant", store.grant("team", &referral, t0).await);
+    out.note(
+        "grant repeat",
+        store
+            .grant(
+                "team",
+                &GrantRequest {
+                    credits: c("999"),
+                    ..referral.clone()
+                },
+                t0 + 5,
+            )
+            .await,
+    );
+    for i in 0..3 {
+        let q = store
+            .hold(
+                "team",
+                &hold("0", &format!("q{i}"), 60_000, Some("basic")),
+                t0,
+            )
+            .await;
+        out.note("quota hold", &q);
+        if let Ok(Ok(placed)) = q {
+            out.note(
+                "quota settle",
+                store.settle("team", placed.hold_id, c("0"), t0).await,
+            );
+        }
+    }
+    out.note(
+        "upgrade",
+        store
+            .change_plan("team", "pro", Effective::Now, t0 + 10)
+            .await,
+    );
+    out.note(
+        "downgrade",
+        store
+            .change_plan("team", "free", Effective::PeriodEnd, t0 + 11)
+            .await,
+    );
+    out.note(
+        "unknown plan",
+        store
+            .change_plan("team", "gold", Effective::Now, t0 + 12)
+            .await,
+    );
+    out.note("view", store.account("team", t0 + 13).await);
+
+    // Twenty days on: the bonus expired, a refill happened, the downgrade applied.
+    let later = t0 + 20 * 86_400_000;
+    out.note("view later", store.account("team", later).await);
+    out.note("view acme later", store.account("acme", later).await);
+    let page = store.ledger("team", 5, None, later).await;
+    out.note("ledger page", &page);
+    let cursor = page.unwrap().last().map(|e| e.seq);
+    out.note(
+        "ledger next page",
+        store.ledger("team", 5, cursor, later).await,
+    );
+    out.note(
+        "ledger all",
+        store
+            .ledger("acme", 200, None, later)
+            .await
+            .map(|e| e.len()),
+    );
+    let open = store
+        .hold("team", &hold("1", "open", 60_000, None), later)
+        .await;
+    out.note("open hold", &open);
+    out.note("holds", store.holds(Some("team"), 10, later).await);
+    out.note(
+        "holds everywhere",
+        store.holds(None, 10, later).await.map(|h| h.len()),
+    );
+    out.note("revoke", store.revoke_key("k1").await);
+    out.note("revoke again", store.revoke_key("k1").await);
+    out.note("identify revoked", store.identify(&[2; 32], later).await);
+    out.0
+}
+
+async fn memory() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::for_policy(&policy()))
+}
+
+async fn redis(url: &str, cluster: bool) -> Arc<dyn Store> {
+    Arc::new(
+        RedisStore::for_policy(&policy(), url, cluster)
+            .await
+            .unwrap(),
+    )
+}
+
+fn assert_same(reference: &[String], other: &[String], name: &str) {
+    for (i, (a, b)) in reference.iter().zip(other).enumerate() {
+        assert_eq!(a, b, "{name} differs from the memory store at step {i}");
+    }
+    assert_eq!(reference.len(), other.len());
+}
+
+#[tokio::test]
+async fn memory_and_redis_answer_every_scripted_call_identically() {
+    let server = RedisServer::start();
+    let reference = scenario(memory().await).await;
+    let on_redis = scenario(redis(&server.url(), false).await).await;
+    assert_same(&reference, &on_redis, "redis");
+    assert!(
+        reference.iter().any(|l| l.contains("SeatLimit"))
+            && reference.iter().any(|l| l.contains("QuotaExhausted"))
+    );
+}
+
+#[tokio::test]
+async fn a_redis_cluster_answers_every_scripted_call_identically() {
+    let cluster = RedisCluster::start();
+    let reference = scenario(memory().await).await;
+    let on_cluster = scenario(redis(&cluster.url(), true).await).await;
+    assert_same(&reference, &on_cluster, "redis cluster");
+}
+
+/// What the reference model knows: the holds it placed and what was charged.
+#[derive(Default)]
+struct Model {
+    open: Vec<(u64, Credits, Millis)>,
+    charged: Credits,
+}
+
+#[tokio::test]
+async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores() {
+    let server = RedisServer::start();
+    let stores = [memory().await, redis(&server.url(), false).await];
+    let p = policy();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261121);
+    let mut now = t("2026-01-31T10:00:00Z");
+    for store in &stores {
+        store.seed(&p.accounts[0], now).await.unwrap();
+    }
+    let mut model = Model::default();
+    let mut granted_keys = 0;
+    for step in 0..3_000 {
+        let choice = rng.gen_range(0..100);
+        let mut answers = Vec::new();
+        if choice < 40 {
+            let amount = Credits::from_millicredits(rng.gen_range(0..4_000));
+            let ttl = rng.gen_range(1..3_600_000);
+            let request = HoldRequest {
+                operation: "op".into(),
+                request_id: format!("r{step}"),
+                amount,
+                ttl_ms: ttl,
+                max_holds: 50,
+                quota: None,
+            };
+            for store in &stores {
+                answers.push(format!(
+                    "{:?}",
+                    store.hold("acme", &request, now).await.unwrap()
+                ));
+            }
+            if let Ok(placed) = stores[0].holds(Some("acme"), 100, now).await.map(|h| {
+                h.into_iter()
+                    .find(|(_, h)| h.request_id == request.request_id)
+            }) {
+                if let Some((_, h)) = placed {
+                    model.open.push((h.id, h.amount, h.expires_at_ms));
+                }
+            }
+        } else if choice < 70 && !model.open.is_empty() {
+            let (id, held, _) = model.open.swap_remove(rng.gen_range(0..model.open.len()));
+            let settle = rng.gen_bool(0.6);
+            let charge = Credits::from_millicredits(rng.gen_range(0..5_000));
+            for store in &stores {
+                let outcome = if settle {
+                    store.settle("acme", id, charge, now).await
+                } else {
+                    store.release("acme", id, now).await
+                };
+                answers.push(format!("{outcome:?}"));
+            }
+            if settle && answers[0].starts_with("Ok(Ok(") {
+                model.charged = model.charged.checked_add(charge.min(held)).unwrap();
+            }
+        } else if choice < 80 {
+            granted_keys += 1;
+            let expires = rng
+                .gen_bool(0.5)
+                .then(|| now + rng.gen_range(0..40 * 86_400_000));
+            let grant = GrantRequest {
+                idempotency_key: format!("g{}", granted_keys / 2),
+                kind: "referral".into(),
+                credits: Credits::from_millicredits(rng.gen_range(0..20_000)),
+                priority: 5,
+                expires_at_ms: expires,
+            };
+            for store in &stores {
+                answers.push(format!(
+                    "{:?}",
+                    store.grant("acme", &grant, now).await.unwrap()
+                ));
+            }
+        } else {
+            // Clock jumps: minutes to over a month.
+            now += rng.gen_range(0..40 * 86_400_000u64);
+            model.open.retain(|(_, _, expires)| *expires > now);
+            for store in &stores {
+                answers.push(format!("{:?}", store.totals("acme", now).await.unwrap()));
+            }
+        }
+        assert!(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            "step {step}: the stores disagree: {answers:?}"
+        );
+        for store in &stores {
+            let totals = store.totals("acme", now).await.unwrap();
+            let sum = [
+                totals.available,
+                totals.held,
+                totals.charged,
+                totals.expired,
+            ]
+            .into_iter()
+            .try_fold(Credits::ZERO, |a, b| a.checked_add(b))
+            .unwrap();
+            assert_eq!(totals.granted, sum, "step {step}: the invariant broke");
+            assert_eq!(
+                totals.charged, model.charged,
+                "step {step}: charged differs from the model"
+            );
+            let held = model
+                .open
+                .iter()
+                .fold(Credits::ZERO, |a, (_, h, _)| a.checked_add(*h).unwrap());
+            assert_eq!(
+                totals.held, held,
+                "step {step}: held differs from the model"
+            );
+        }
+    }
+}
