@@ -9,3 +9,4 @@ mod metering;
 mod proxy;
 mod quotes;
 mod redis_server;
+mod replicas;

@@ -1,0 +1,312 @@
+//! Many gateway replicas, one Redis: no overspend, outages, dead replicas.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use creditgate::demo::mock::MockBackend;
+use creditgate::ledger::{Account, Totals};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::harness::{eventually, header};
+use crate::redis_server::RedisServer;
+
+struct Gateway {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A policy for replicas sharing `redis_url`: one account, "shared", that holds
+/// `credits`; an operation costing 3.
+fn policy(
+    redis_url: &str,
+    backend: &str,
+    credits: u32,
+    hold_ttl: &str,
+    on_unavailable: &str,
+) -> String {
+    format!(
+        r#"version = 1
+[gateway]
+listen = "127.0.0.1:{{PORT}}"
+hold_ttl = "{hold_ttl}"
+[store]
+kind = "redis"
+url = "{redis_url}"
+on_unavailable = "{on_unavailable}"
+[upstreams.main]
+url = "{backend}"
+read_timeout = "30s"
+[plans.free]
+monthly_credits = 0
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[accounts]]
+id = "shared"
+plan = "free"
+grants = [ {{ kind = "topup", credits = {credits} }} ]
+keys = [ {{ member = "m", key_env = "SHARED_KEY" }} ]
+"#
+    )
+}
+
+/// Starts `creditgate run` on a free port with `policy` (its `{PORT}` filled in).
+fn start_gateway(policy: &str) -> Gateway {
+    let port = free_port();
+    let dir =
+        std::env::temp_dir().join(format!("creditgate-replica-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, policy.replace("{PORT}", &port.to_string())).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["run", "--policy"])
+        .arg(&file)
+        .env("SHARED_KEY", "sk-shared")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let gateway = Gateway {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return gateway;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("creditgate run did not listen on {port}");
+}
+
+/// The account as Redis has it, read raw — without the lazy expiry a store read applies.
+async fn raw_account(redis_url: &str, id: &str) -> Account {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let state: String = redis::cmd("HGET")
+        .arg(format!("cg:{{acct:{id}}}"))
+        .arg("s")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    serde_json::from_str(&state).unwrap()
+}
+
+fn assert_invariant(t: &Totals) {
+    let sum = [t.available, t.held, t.charged, t.expired]
+        .into_iter()
+        .try_fold(creditgate::ledger::Credits::ZERO, |a, b| a.checked_add(b))
+        .unwrap();
+    assert_eq!(t.granted, sum, "{t:?}");
+}
+
+async fn mock() -> MockBackend {
+    MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_charge_exactly_what_the_account_can_pay() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = policy(
+        &redis.url(),
+        &format!("http://{}", backend.addr),
+        300,
+        "10m",
+        "reject",
+    );
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let url = format!("{}/v1/images", if i % 2 == 0 { &a.url } else { &b.url });
+        let request = client
+            .post(url)
+            .bearer_auth("sk-shared")
+            .header("x-mock-delay-ms", "20");
+        tasks.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        *statuses.entry(task.await.unwrap().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([(200, 100), (402, 300)])
+    );
+    assert_eq!(
+        backend.received().len(),
+        100,
+        "exactly the paid requests were forwarded"
+    );
+    let url = redis.url();
+    eventually(|| {
+        let url = url.clone();
+        async move { raw_account(&url, "shared").await.holds().count() == 0 }
+    })
+    .await;
+    let t = raw_account(&redis.url(), "shared").await.totals();
+    assert_eq!(
+        (t.available.to_string(), t.charged.to_string()),
+        ("0".into(), "300".into())
+    );
+    assert_invariant(&t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_answers_503_and_the_gateway_recovers_without_a_restart() {
+    let mut redis = RedisServer::start();
+    let backend = mock().await;
+    let text = policy(
+        &redis.url(),
+        &format!("http://{}", backend.addr),
+        1000,
+        "2s",
+        "reject",
+    );
+    let gw = start_gateway(&text);
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(format!("{}/v1/images", gw.url))
+            .bearer_auth("sk-shared")
+            .header("x-mock-delay-ms", "5")
+            .send()
+    };
+    for _ in 0..20 {
+        assert_eq!(send().await.unwrap().status(), 200);
+    }
+    // Load continues while Redis dies.
+    let load = {
+        let client = client.clone();
+        let url = format!("{}/v1/images", gw.url);
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // Until the outage has answered a few times.
+            while seen.iter().filter(|s| **s == 503).count() < 5 && seen.len() < 200 {
+                let status = client
+                    .post(&url)
+                    .bearer_auth("sk-shared")
+                    .header("x-mock-delay-ms", "20")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                seen.push(status.unwrap_or(0));
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    let resp = send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, "content-type"), "application/json");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "store_unavailable");
+    let seen = load.await.unwrap();
+    assert!(
+        seen.iter().all(|s| [200, 503].contains(s)),
+        "only 200 and 503 during the outage, no crash: {seen:?}"
+    );
+    assert!(seen.contains(&503));
+
+    redis.restart();
+    let recovered = async {
+        loop {
+            if send().await.map(|r| r.status().as_u16()).ok() == Some(200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), recovered)
+        .await
+        .expect("the gateway recovers by itself once Redis is back");
+    // Holds whose settle failed during the outage expire after hold_ttl (2 s): none leaks.
+    let url = redis.url();
+    eventually(|| {
+        let url = url.clone();
+        async move { raw_account(&url, "shared").await.holds().count() == 0 }
+    })
+    .await;
+    let t = raw_account(&redis.url(), "shared").await.totals();
+    assert_invariant(&t);
+    let charged_requests = t.charged.millicredits() / 3_000;
+    let served = backend.received().len() as u64;
+    assert!(charged_requests <= served, "never more charged than served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_request_has_its_hold_released_by_the_other_replica() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = policy(
+        &redis.url(),
+        &format!("http://{}", backend.addr),
+        30,
+        "2s",
+        "reject",
+    );
+    let mut doomed = start_gateway(&text);
+    let survivor = start_gateway(&text);
+    let client = reqwest::Client::new();
+    let slow = client
+        .post(format!("{}/v1/images", doomed.url))
+        .bearer_auth("sk-shared")
+        .header("x-mock-delay-ms", "20000")
+        .send();
+    let in_flight = tokio::spawn(slow);
+    let url = redis.url();
+    eventually(|| {
+        let url = url.clone();
+        async move { raw_account(&url, "shared").await.holds().count() == 1 }
+    })
+    .await;
+    doomed.child.kill().unwrap(); // SIGKILL: no logging phase, no drop guard
+    doomed.child.wait().unwrap();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the client saw its gateway die"
+    );
+    // Nobody touches the account: only the survivor's sweep can release the hold.
+    eventually(|| {
+        let url = url.clone();
+        async move { raw_account(&url, "shared").await.holds().count() == 0 }
+    })
+    .await;
+    let t = raw_account(&redis.url(), "shared").await.totals();
+    assert_eq!(
+        (t.available.to_string(), t.charged.to_string()),
+        ("30".into(), "0".into())
+    );
+    assert_invariant(&t);
+    let resp = client
+        .post(format!("{}/v1/images", survivor.url))
+        .bearer_auth("sk-shared")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&resp, "x-credits-remaining"), "27");
+    let _ = Arc::new(());
+}
