@@ -306,7 +306,8 @@ fn run_refuses_a_non_loopback_admin_listener_without_a_token() {
 fn docker_compose_has_what_the_readme_promises() {
     let root = env!("CARGO_MANIFEST_DIR");
     let text = std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap();
-    let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("docker-compose.yml is valid YAML");
+    let docs =
+        yaml_rust2::YamlLoader::load_from_str(&text).expect("docker-compose.yml is valid YAML");
     let services = &docs[0]["services"];
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     for (service, port) in [("gateway", "8080"), ("backend", "9000"), ("redis", "6379")] {
@@ -317,12 +318,43 @@ fn docker_compose_has_what_the_readme_promises() {
             .flat_map(|k| s[*k].as_vec().cloned().unwrap_or_default())
             .filter_map(|p| p.as_str().map(str::to_string))
             .collect();
-        assert!(ports.iter().any(|p| p.split(':').next_back() == Some(port)), "{service} does not expose {port}: {ports:?}");
-        assert!(readme.contains(service) && readme.contains(port), "the README names {service} and {port}");
+        assert!(
+            ports.iter().any(|p| p.split(':').next_back() == Some(port)),
+            "{service} does not expose {port}: {ports:?}"
+        );
+        assert!(
+            readme.contains(service) && readme.contains(port),
+            "the README names {service} and {port}"
+        );
     }
-    assert!(services["redis"]["command"].as_vec().unwrap().iter().any(|a| a.as_str() == Some("--appendonly")), "Redis runs with AOF");
-    let compose_policy = services["gateway"]["command"].as_vec().unwrap().last().unwrap().as_str().unwrap().to_string();
+    assert!(
+        services["redis"]["command"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str() == Some("--appendonly")),
+        "Redis runs with AOF"
+    );
+    let compose_policy = services["gateway"]["command"]
+        .as_vec()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(compose_policy.ends_with("policies/compose.toml"));
-    let out = creditgate().args(["check", "--policy", &format!("{root}/policies/compose.toml")]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = creditgate()
+        .args([
+            "check",
+            "--policy",
+            &format!("{root}/policies/compose.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
