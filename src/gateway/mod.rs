@@ -38,7 +38,7 @@ use errors::ApiError;
 use hold_guard::HoldGuard;
 use usage::UsageMeter;
 
-pub use server::{run_server, serve, spawn_sweeper, SWEEP_INTERVAL};
+pub use server::{run_server, serve, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
 
 /// The plan feature a member with "premium disabled" cannot use.
 const PREMIUM_FEATURE: &str = "premium";

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::proxy::ProxyHttp;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -67,13 +68,24 @@ fn server_conf() -> ServerConf {
 /// Serves the gateway on an already-bound listener until `shutdown` turns true.
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
-    let store = gateway.store().clone();
-    let clock = gateway.clock().clone();
-    let app = Arc::new(pingora::proxy::http_proxy(
-        &Arc::new(server_conf()),
-        gateway,
-    ));
-    let sweeper = spawn_sweeper(store, clock, shutdown.clone());
+    let sweeper = spawn_sweeper(
+        gateway.store().clone(),
+        gateway.clock().clone(),
+        shutdown.clone(),
+    );
+    serve_proxy(listener, gateway, shutdown).await;
+    sweeper.abort();
+}
+
+/// Serves any Pingora proxy on a bound listener until `shutdown` turns true: the
+/// accept loop `serve` uses, shared with the benches' bare passthrough so both are
+/// measured the same way.
+pub async fn serve_proxy<SV>(listener: TcpListener, proxy: SV, shutdown: watch::Receiver<bool>)
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
+    let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(server_conf()), proxy));
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -92,7 +104,6 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Rec
             }
         });
     }
-    sweeper.abort();
 }
 
 /// The admin API as one of the server's services.

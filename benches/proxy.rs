@@ -1,0 +1,538 @@
+//! The whole proxy under load, in one run: a bare Pingora passthrough (the ceiling),
+//! the gateway on the memory store, and the gateway on Redis — same backend, same
+//! accept loop, same load — then one table with each gateway's ratio to the
+//! passthrough, and an exact check that credits were conserved.
+//!
+//! `cargo bench --bench proxy` runs it fully (release). Run without `--bench` (as
+//! `cargo test --benches` does) it is a smoke run of a few seconds: the same code,
+//! tiny numbers, no timing judged — only the conservation check.
+//!
+//! Also measured: the latency a hold adds when 64 clients contend for one account,
+//! memory per account in the memory store, and the time to validate a 1,000-operation
+//! policy. See BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use creditgate::clock::Clock;
+use creditgate::demo::mock::MockBackend;
+use creditgate::gateway::{serve, serve_proxy, Gateway};
+use creditgate::ledger::{Credits, HoldRequest, Totals};
+use creditgate::policy::Policy;
+use creditgate::store::memory::MemoryStore;
+use creditgate::store::redis::RedisStore;
+use creditgate::store::Store;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const PRICE: &str = "0.001";
+
+/// Accounts in the bench policy: each load connection is a different user.
+const ACCOUNTS: usize = 64;
+
+fn key(i: usize) -> String {
+    format!("sk-bench-{i:04}")
+}
+
+/// Load shape for one variant.
+#[derive(Clone, Copy)]
+struct Load {
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+}
+
+/// What one variant did under load.
+struct Measured {
+    name: &'static str,
+    /// Every 2xx answered, warm-up included: what must have been charged.
+    ok: u64,
+    other: u64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index] as f64
+}
+
+/// Drives `addr` with `load.connections` keep-alive connections, each sending the
+/// next request as soon as the previous answer is read.
+async fn drive(name: &'static str, addr: SocketAddr, load: Load) -> Measured {
+    let recording = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for connection in 0..load.connections {
+        let (recording, stop) = (recording.clone(), stop.clone());
+        let authorization = format!("Bearer {}", key(connection % ACCOUNTS));
+        workers.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let (mut ok, mut other, mut latencies) = (0u64, 0u64, Vec::with_capacity(1 << 16));
+            while !stop.load(Ordering::Relaxed) {
+                let request = hyper::Request::post("/v1/generate")
+                    .header("host", "bench")
+                    .header("authorization", authorization.as_str())
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                let started = Instant::now();
+                let Ok(response) = sender.send_request(request).await else {
+                    break;
+                };
+                let status = response.status();
+                if response.into_body().collect().await.is_err() {
+                    break;
+                }
+                if status.is_success() {
+                    ok += 1;
+                } else {
+                    other += 1;
+                }
+                if recording.load(Ordering::Relaxed) {
+                    latencies.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+            }
+            (ok, other, latencies)
+        }));
+    }
+    tokio::time::sleep(load.warmup).await;
+    recording.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(load.duration).await;
+    recording.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut other, mut all) = (0, 0, Vec::new());
+    for worker in workers {
+        let (o, x, l) = worker.await.expect("worker");
+        ok += o;
+        other += x;
+        all.extend(l);
+    }
+    all.sort_unstable();
+    Measured {
+        name,
+        ok,
+        other,
+        rps: all.len() as f64 / elapsed,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+        p999_us: percentile(&all, 0.999),
+    }
+}
+
+/// A bare Pingora proxy: no key, no policy, no store — the ceiling.
+struct Passthrough(HttpPeer);
+
+#[async_trait]
+impl ProxyHttp for Passthrough {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(self.0.clone()))
+    }
+}
+
+fn policy(backend: SocketAddr, store: &str) -> Policy {
+    let text = format!(
+        r#"version = 1
+[store]
+{store}
+[upstreams.main]
+url = "http://{backend}"
+[plans.bench]
+monthly_credits = 0
+[[operations]]
+name = "generate"
+method = "POST"
+path = "/v1/generate"
+upstream = "main"
+price = {PRICE}
+"#
+    );
+    let mut text = text;
+    for i in 0..ACCOUNTS {
+        text.push_str(&format!(
+            "[[accounts]]\nid = \"bench-{i}\"\nplan = \"bench\"\ngrants = [ {{ kind = \"topup\", credits = 1000000000 }} ]\nkeys = [ {{ member = \"m\", key_env = \"BENCH_KEY_{i}\" }} ]\n"
+        ));
+    }
+    let env = |name: &str| {
+        name.strip_prefix("BENCH_KEY_")
+            .and_then(|i| i.parse().ok())
+            .map(key)
+    };
+    Policy::parse(&text, "bench.toml", &env).expect("bench policy")
+}
+
+/// A `redis-server` of the bench's own, on a free port, nothing persisted.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed by the bench: apt-get install redis-server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Redis { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Binds a port on the server runtime, starts `server` on it there, drives it from
+/// the load runtime, then stops it.
+fn run_variant<F, Fut>(
+    servers: &tokio::runtime::Runtime,
+    loader: &tokio::runtime::Runtime,
+    name: &'static str,
+    load: Load,
+    server: F,
+) -> Measured
+where
+    F: FnOnce(TcpListener, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = servers
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, shutdown) = watch::channel(false);
+    let running = servers.spawn(server(listener, shutdown));
+    let measured = loader.block_on(drive(name, addr, load));
+    let _ = stop.send(true);
+    let _ = servers.block_on(running);
+    measured
+}
+
+/// The totals of every bench account, added up.
+async fn all_totals(store: &dyn Store) -> Totals {
+    let mut sum = Totals::default();
+    for i in 0..ACCOUNTS {
+        let t = store
+            .totals(&format!("bench-{i}"), 1)
+            .await
+            .expect("totals");
+        let add = |a: Credits, b: Credits| a.checked_add(b).expect("sum");
+        sum = Totals {
+            granted: add(sum.granted, t.granted),
+            available: add(sum.available, t.available),
+            held: add(sum.held, t.held),
+            charged: add(sum.charged, t.charged),
+            expired: add(sum.expired, t.expired),
+        };
+    }
+    sum
+}
+
+/// Every 2xx was charged the price exactly once; nothing is left held.
+async fn check_conservation(name: &str, store: &dyn Store, before: Totals, served_ok: u64) {
+    let mut totals = all_totals(store).await;
+    for _ in 0..500 {
+        if totals.held.is_zero() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        totals = all_totals(store).await;
+    }
+    let price: Credits = PRICE.parse().expect("price");
+    let charged = totals
+        .charged
+        .checked_sub(before.charged)
+        .expect("charged only grows");
+    let sum = [
+        totals.available,
+        totals.held,
+        totals.charged,
+        totals.expired,
+    ]
+    .into_iter()
+    .try_fold(Credits::ZERO, |a, b| a.checked_add(b))
+    .expect("sum");
+    let expected = Credits::from_millicredits(price.millicredits() * served_ok);
+    println!(
+        "conservation {name}: {served_ok} answers 2xx x {price} = {expected} expected, {charged} charged, {} held, invariant {}",
+        totals.held,
+        if totals.granted == sum { "intact" } else { "BROKEN" }
+    );
+    assert_eq!(
+        charged, expected,
+        "{name}: every 2xx charged once, nothing else"
+    );
+    assert!(
+        totals.held.is_zero() && totals.granted == sum,
+        "{name}: holds left or invariant broken"
+    );
+}
+
+/// The latency of a hold on one account, alone and with 64 clients at once on it.
+async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64, f64) {
+    let request = HoldRequest {
+        operation: "generate".into(),
+        request_id: "r".into(),
+        amount: PRICE.parse().expect("price"),
+        ttl_ms: 600_000,
+        max_holds: 1_024,
+        quota: None,
+    };
+    let one = |store: Arc<dyn Store>, request: HoldRequest| async move {
+        let mut lat = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let placed = store
+                .hold("bench-0", &request, 1)
+                .await
+                .expect("hold")
+                .expect("placed");
+            lat.push(started.elapsed().as_micros() as u32);
+            store
+                .settle("bench-0", placed.hold_id, request.amount, 1)
+                .await
+                .expect("settle")
+                .expect("settled");
+        }
+        lat
+    };
+    let mut alone = one(store.clone(), request.clone()).await;
+    let mut crowd = Vec::new();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| tokio::spawn(one(store.clone(), request.clone())))
+        .collect();
+    for t in tasks {
+        crowd.extend(t.await.expect("task"));
+    }
+    alone.sort_unstable();
+    crowd.sort_unstable();
+    (
+        percentile(&alone, 0.5),
+        percentile(&alone, 0.99),
+        percentile(&crowd, 0.5),
+        percentile(&crowd, 0.99),
+    )
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+async fn memory_per_account(accounts: usize) -> f64 {
+    let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
+    let store = MemoryStore::for_policy(&policy);
+    let mut seed = policy.accounts[0].clone();
+    seed.keys.clear();
+    let before = rss_bytes();
+    for i in 0..accounts {
+        seed.id = format!("acct-{i:07}");
+        store.seed(&seed, 0).await.expect("seed");
+    }
+    let after = rss_bytes();
+    drop(store);
+    (after.saturating_sub(before)) as f64 / accounts as f64
+}
+
+fn policy_load_time(operations: usize) -> Duration {
+    let mut text = String::from("version = 1\n[upstreams.main]\nurl = \"http://127.0.0.1:9\"\n[plans.free]\nmonthly_credits = 10\nfeatures = [\"premium\"]\n");
+    for i in 0..operations {
+        let path = match i % 3 {
+            0 => format!("/v1/op{i}/generate"),
+            1 => format!("/v1/op{i}/{{id}}/edit"),
+            _ => format!("/v1/op{i}"),
+        };
+        text.push_str(&format!("[[operations]]\nname = \"op{i}\"\nmethod = \"POST\"\npath = \"{path}\"\nupstream = \"main\"\nrequires = [\"premium\"]\n"));
+        if i % 2 == 0 {
+            text.push_str("price = 1.5\n");
+        } else {
+            text.push_str("[operations.price]\ncredits = { from = \"body:/model\", table = { \"a\" = 1, \"b\" = 2 }, default = 3 }\nper = { from = \"body:/seconds\", min = 1, max = 60 }\n");
+        }
+    }
+    let started = Instant::now();
+    let policy = Policy::parse(&text, "big.toml", &|_| None).expect("the big policy is valid");
+    let took = started.elapsed();
+    assert_eq!(policy.operations.len(), operations);
+    took
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let load = if full {
+        Load {
+            connections: 32,
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(8),
+        }
+    } else {
+        Load {
+            connections: 4,
+            warmup: Duration::from_millis(200),
+            duration: Duration::from_millis(700),
+        }
+    };
+    // The servers and the load generator get runtimes of their own, the same for every variant.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let loader = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let backend = servers.block_on(async {
+        MockBackend::start(TcpListener::bind("127.0.0.1:0").await.expect("bind")).expect("backend")
+    });
+    let backend_addr = backend.addr;
+    let redis = Redis::start();
+
+    // 1. The ceiling: Pingora alone.
+    let peer = HttpPeer::new(backend_addr, false, String::new());
+    let passthrough = run_variant(&servers, &loader, "passthrough", load, |l, stop| {
+        serve_proxy(l, Passthrough(peer), stop)
+    });
+
+    // 2. The gateway, memory store.
+    let mem_policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
+    let mem_store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&mem_policy));
+    let gateway =
+        Gateway::new(mem_policy.clone(), mem_store.clone(), Clock::system()).expect("gateway");
+    servers.block_on(gateway.seed_accounts()).expect("seed");
+    let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
+    let memory = run_variant(&servers, &loader, "gateway/memory", load, |l, stop| {
+        serve(l, gateway, stop)
+    });
+    servers.block_on(check_conservation(
+        "gateway/memory",
+        mem_store.as_ref(),
+        mem_before,
+        memory.ok,
+    ));
+
+    // 3. The gateway, Redis store.
+    let redis_policy = Arc::new(policy(
+        backend_addr,
+        &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
+    ));
+    let redis_store: Arc<dyn Store> = Arc::new(
+        servers
+            .block_on(RedisStore::for_policy(&redis_policy, &redis.url(), false))
+            .expect("redis store"),
+    );
+    let gateway =
+        Gateway::new(redis_policy.clone(), redis_store.clone(), Clock::system()).expect("gateway");
+    servers.block_on(gateway.seed_accounts()).expect("seed");
+    let redis_before = servers.block_on(all_totals(redis_store.as_ref()));
+    let on_redis = run_variant(&servers, &loader, "gateway/redis", load, |l, stop| {
+        serve(l, gateway, stop)
+    });
+    servers.block_on(check_conservation(
+        "gateway/redis",
+        redis_store.as_ref(),
+        redis_before,
+        on_redis.ok,
+    ));
+
+    println!();
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10}",
+        "variant", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "vs passthru", "added p99"
+    );
+    for m in [&passthrough, &memory, &on_redis] {
+        println!(
+            "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11.3}x {:>8.3}ms",
+            m.name,
+            m.rps,
+            m.p50_us / 1000.0,
+            m.p99_us / 1000.0,
+            m.p999_us / 1000.0,
+            m.rps / passthrough.rps,
+            (m.p99_us - passthrough.p99_us) / 1000.0
+        );
+        assert_eq!(m.other, 0, "{}: {} answers were not 2xx", m.name, m.other);
+    }
+    println!(
+        "load: {} connections, {:?} warm-up, {:?} measured per variant",
+        load.connections, load.warmup, load.duration
+    );
+
+    let rounds = if full { 2_000 } else { 20 };
+    for (name, store) in [
+        ("memory", mem_store.clone()),
+        ("redis", redis_store.clone()),
+    ] {
+        let (p50, p99, c50, c99) = servers.block_on(contended_hold(store, rounds));
+        println!("hold latency on {name:<6}: alone p50 {:.3} ms p99 {:.3} ms; 64 clients on one account p50 {:.3} ms p99 {:.3} ms (+{:.3} ms at p99)", p50 / 1e3, p99 / 1e3, c50 / 1e3, c99 / 1e3, (c99 - p99) / 1e3);
+    }
+    let accounts = if full { 1_000_000 } else { 10_000 };
+    let per_account = servers.block_on(memory_per_account(accounts));
+    println!(
+        "memory store: {per_account:.0} bytes per account at {accounts} accounts (RSS growth)"
+    );
+    println!(
+        "policy with 1000 operations: loaded and validated in {:.1} ms",
+        policy_load_time(1_000).as_secs_f64() * 1e3
+    );
+    drop(backend);
+}
