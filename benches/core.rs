@@ -6,9 +6,13 @@ use std::sync::Arc;
 use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, PlanTerms};
 use creditgate::policy::{Policy, RequestFacts};
 use creditgate::store::memory::MemoryStore;
+use creditgate::store::redis::RedisStore;
 use creditgate::store::Store;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method};
+
+#[path = "support.rs"]
+mod support;
 
 /// A policy with `n` operations on distinct paths, half of them parameterised.
 fn policy_with(n: usize) -> Policy {
@@ -69,7 +73,10 @@ fn benches(c: &mut Criterion) {
     c.bench_function("ledger hold + settle", |b| {
         b.iter(|| {
             let placed = account.hold(&req, 1, &Catalog::new()).unwrap();
-            account.settle(placed.hold_id, req.amount, 1).unwrap()
+            let ended = account.settle(placed.hold_id, req.amount, 1).unwrap();
+            // A store takes the ledger entries after every call.
+            account.take_entries();
+            ended
         })
     });
 
@@ -107,5 +114,95 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(core, benches);
+/// What the gateway does with a body it read to price: parse the JSON, match,
+/// price from a field near the end.
+fn body_pricing(c: &mut Criterion) {
+    let text = r#"version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[plans.free]
+monthly_credits = 10
+[[operations]]
+name = "video"
+method = "POST"
+path = "/v1/videos"
+when = { "body:/kind" = "video" }
+upstream = "main"
+[operations.price]
+credits = { from = "body:/model", table = { "veo" = 32, "ltx" = 15 }, default = 18 }
+per = { from = "body:/duration_seconds", min = 1, max = 60 }
+multiplier = { from = "body:/resolution", table = { "720p" = 1, "4k" = 4 }, default = 1 }
+"#;
+    let policy = Policy::parse(text, "bench.toml", &|_| None).expect("bench policy is valid");
+    let headers = HeaderMap::new();
+    for (label, size) in [("1 KiB", 1usize << 10), ("1 MiB", 1 << 20)] {
+        let body = format!(
+            r#"{{"prompt":"{}","kind":"video","model":"veo","resolution":"4k","duration_seconds":8}}"#,
+            "p".repeat(size.saturating_sub(96))
+        );
+        c.bench_function(&format!("JSON body pricing, {label}"), |b| {
+            b.iter(|| {
+                let json: Result<serde_json::Value, String> =
+                    serde_json::from_slice(std::hint::black_box(body.as_bytes()))
+                        .map_err(|e| e.to_string());
+                let route = policy.route("/v1/videos").unwrap();
+                let facts = RequestFacts {
+                    method: &Method::POST,
+                    headers: &headers,
+                    query: None,
+                    path_params: &route.path_params,
+                    body: Some(&json),
+                };
+                let index = policy.select(&route, &facts).unwrap();
+                policy.operations[index].price.hold_amount(&facts).unwrap()
+            })
+        });
+    }
+}
+
+/// Hold + settle through Redis: two round trips to a `redis-server` the bench starts.
+fn redis_store(c: &mut Criterion) {
+    let redis = support::Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let plan = PlanTerms {
+        monthly_credits: Credits::from_whole(1_000_000_000).unwrap(),
+        seats: 1,
+        ..PlanTerms::default()
+    };
+    let store = runtime
+        .block_on(RedisStore::connect(
+            &redis.url(),
+            false,
+            Catalog::from([("free".to_string(), plan)]),
+            1_000,
+        ))
+        .expect("redis store");
+    let seed = creditgate::policy::SeedAccount {
+        id: "a".into(),
+        plan: "free".into(),
+        billing_anchor_day: None,
+        grants: vec![],
+        keys: vec![],
+    };
+    runtime.block_on(store.seed(&seed, 0)).unwrap();
+    let req = request();
+    c.bench_function("redis store hold + settle", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let placed = store.hold("a", &req, 1).await.unwrap().unwrap();
+                store
+                    .settle("a", placed.hold_id, req.amount, 1)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+    });
+}
+
+criterion_group!(core, benches, body_pricing, redis_store);
 criterion_main!(core);
