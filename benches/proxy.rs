@@ -192,15 +192,15 @@ price = {PRICE}
     Policy::parse(&text, "bench.toml", &env).expect("bench policy")
 }
 
-/// Binds a port on the server runtime, starts `server` on it there, drives it from
-/// the load runtime, then stops it.
-fn run_variant<F, Fut>(
-    servers: &tokio::runtime::Runtime,
-    loader: &tokio::runtime::Runtime,
-    name: &'static str,
-    load: Load,
-    server: F,
-) -> Measured
+/// A server running on the server runtime, on a port of its own.
+struct Running {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds a port on the server runtime and starts `server` on it there.
+fn start_variant<F, Fut>(servers: &tokio::runtime::Runtime, server: F) -> Running
 where
     F: FnOnce(TcpListener, watch::Receiver<bool>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -210,11 +210,33 @@ where
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, shutdown) = watch::channel(false);
-    let running = servers.spawn(server(listener, shutdown));
-    let measured = loader.block_on(drive(name, addr, load));
-    let _ = stop.send(true);
-    let _ = servers.block_on(running);
-    measured
+    let task = servers.spawn(server(listener, shutdown));
+    Running { addr, stop, task }
+}
+
+impl Running {
+    fn stop(self, servers: &tokio::runtime::Runtime) {
+        let _ = self.stop.send(true);
+        let _ = servers.block_on(self.task);
+    }
+}
+
+/// Rounds of one variant, merged: medians of the rounds' rates and percentiles.
+fn merge(rounds: Vec<Measured>) -> Measured {
+    let median = |f: fn(&Measured) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Measured {
+        name: rounds[0].name,
+        ok: rounds.iter().map(|m| m.ok).sum(),
+        other: rounds.iter().map(|m| m.other).sum(),
+        rps: median(|m| m.rps),
+        p50_us: median(|m| m.p50_us),
+        p99_us: median(|m| m.p99_us),
+        p999_us: median(|m| m.p999_us),
+    }
 }
 
 /// The totals of every bench account, added up.
@@ -372,11 +394,15 @@ fn policy_load_time(operations: usize) -> Duration {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    // For profiling one variant: CREDITGATE_BENCH_ONLY=memory (or passthrough, redis).
+    if let Ok(only) = std::env::var("CREDITGATE_BENCH_ONLY") {
+        return profile_one(&only);
+    }
     let load = if full {
         Load {
             connections: 32,
-            warmup: Duration::from_secs(2),
-            duration: Duration::from_secs(8),
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(4),
         }
     } else {
         Load {
@@ -397,35 +423,26 @@ fn main() {
         .build()
         .expect("runtime");
     let backend = servers.block_on(async {
-        MockBackend::start(TcpListener::bind("127.0.0.1:0").await.expect("bind")).expect("backend")
+        MockBackend::start_without_recording(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+            .expect("backend")
     });
     let backend_addr = backend.addr;
     let redis = Redis::start();
 
-    // 1. The ceiling: Pingora alone.
+    // The three variants stay up; the load visits them in turn, round after round,
+    // so a slow minute on a shared machine hits all three alike.
     let peer = HttpPeer::new(backend_addr, false, String::new());
-    let passthrough = run_variant(&servers, &loader, "passthrough", load, |l, stop| {
-        serve_proxy(l, Passthrough(peer), stop)
-    });
+    let passthrough_server =
+        start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
 
-    // 2. The gateway, memory store.
     let mem_policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
     let mem_store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&mem_policy));
     let gateway =
         Gateway::new(mem_policy.clone(), mem_store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
-    let memory = run_variant(&servers, &loader, "gateway/memory", load, |l, stop| {
-        serve(l, gateway, stop)
-    });
-    servers.block_on(check_conservation(
-        "gateway/memory",
-        mem_store.as_ref(),
-        mem_before,
-        memory.ok,
-    ));
+    let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
-    // 3. The gateway, Redis store.
     let redis_policy = Arc::new(policy(
         backend_addr,
         &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
@@ -439,9 +456,26 @@ fn main() {
         Gateway::new(redis_policy.clone(), redis_store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     let redis_before = servers.block_on(all_totals(redis_store.as_ref()));
-    let on_redis = run_variant(&servers, &loader, "gateway/redis", load, |l, stop| {
-        serve(l, gateway, stop)
-    });
+    let redis_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
+
+    let mut runs: [Vec<Measured>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let rounds = if full { 5 } else { 1 };
+    for _ in 0..rounds {
+        runs[0].push(loader.block_on(drive("passthrough", passthrough_server.addr, load)));
+        runs[1].push(loader.block_on(drive("gateway/memory", memory_server.addr, load)));
+        runs[2].push(loader.block_on(drive("gateway/redis", redis_server.addr, load)));
+    }
+    let [p, m, r] = runs;
+    let (passthrough, memory, on_redis) = (merge(p), merge(m), merge(r));
+    for running in [passthrough_server, memory_server, redis_server] {
+        running.stop(&servers);
+    }
+    servers.block_on(check_conservation(
+        "gateway/memory",
+        mem_store.as_ref(),
+        mem_before,
+        memory.ok,
+    ));
     servers.block_on(check_conservation(
         "gateway/redis",
         redis_store.as_ref(),
@@ -468,11 +502,12 @@ fn main() {
         assert_eq!(m.other, 0, "{}: {} answers were not 2xx", m.name, m.other);
     }
     println!(
-        "load: {} connections, {:?} warm-up, {:?} measured per variant",
+        "load: {} connections, {:?} warm-up + {:?} measured per variant per round, {rounds} interleaved rounds, medians shown",
         load.connections, load.warmup, load.duration
     );
 
-    let rounds = if full { 2_000 } else { 20 };
+    // Per client: 64 clients on one Redis account queue behind one another.
+    let rounds = if full { 200 } else { 20 };
     for (name, store) in [
         ("memory", mem_store.clone()),
         ("redis", redis_store.clone()),
@@ -490,4 +525,56 @@ fn main() {
         policy_load_time(1_000).as_secs_f64() * 1e3
     );
     drop(backend);
+}
+
+/// Runs one variant for 20 s at full load, and nothing else: for `perf record`.
+fn profile_one(only: &str) {
+    let load = Load {
+        connections: 32,
+        warmup: Duration::from_secs(1),
+        duration: Duration::from_secs(20),
+    };
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let loader = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let backend = servers.block_on(async {
+        MockBackend::start_without_recording(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+            .expect("backend")
+    });
+    let backend_addr = backend.addr;
+    let server = match only {
+        "passthrough" => {
+            let peer = HttpPeer::new(backend_addr, false, String::new());
+            start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop))
+        }
+        "memory" => {
+            let policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
+            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
+            servers.block_on(gateway.seed_accounts()).expect("seed");
+            start_variant(&servers, |l, stop| serve(l, gateway, stop))
+        }
+        other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough or memory"),
+    };
+    let name = if only == "memory" {
+        "gateway/memory"
+    } else {
+        "passthrough"
+    };
+    let measured = loader.block_on(drive(name, server.addr, load));
+    server.stop(&servers);
+    println!(
+        "{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+        measured.name,
+        measured.rps,
+        measured.p50_us / 1e3,
+        measured.p99_us / 1e3
+    );
 }

@@ -297,8 +297,8 @@ fn mock_backend(listen: &str) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot bind {listen}: {e}"))?;
-        let backend =
-            creditgate::demo::mock::MockBackend::start(listener).map_err(|e| e.to_string())?;
+        let backend = creditgate::demo::mock::MockBackend::start_without_recording(listener)
+            .map_err(|e| e.to_string())?;
         println!("mock backend listening on http://{}", backend.addr);
         let _ = tokio::signal::ctrl_c().await;
         Ok(())

@@ -26,6 +26,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+/// Requests remembered for `received()`, newest kept.
+const RECEIVED_KEPT: usize = 10_000;
+
 /// Largest request head and body the mock accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -50,16 +53,29 @@ impl Received {
 
 pub struct MockBackend {
     pub addr: SocketAddr,
-    received: Arc<Mutex<Vec<Received>>>,
+    /// `None`: the mock records nothing (the demo, benches, `creditgate mock-backend`).
+    received: Option<Arc<Mutex<std::collections::VecDeque<Received>>>>,
     gate: Arc<Notify>,
     stop: watch::Sender<bool>,
 }
 
 impl MockBackend {
     /// Serves on `listener` until dropped.
+    /// Serves on `listener` until dropped, remembering the last requests for
+    /// [`MockBackend::received`] (tests).
     pub fn start(listener: TcpListener) -> std::io::Result<MockBackend> {
+        MockBackend::serve(listener, true)
+    }
+
+    /// Serves on `listener` until dropped, remembering nothing (the demo, benches,
+    /// `creditgate mock-backend`): a long-running mock must not grow.
+    pub fn start_without_recording(listener: TcpListener) -> std::io::Result<MockBackend> {
+        MockBackend::serve(listener, false)
+    }
+
+    fn serve(listener: TcpListener, record: bool) -> std::io::Result<MockBackend> {
         let addr = listener.local_addr()?;
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let received = record.then(|| Arc::new(Mutex::new(std::collections::VecDeque::new())));
         let (stop, mut stopped) = watch::channel(false);
         let log = received.clone();
         let gate = Arc::new(Notify::new());
@@ -88,9 +104,13 @@ impl MockBackend {
         self.gate.notify_one();
     }
 
-    /// Every request received so far.
+    /// The requests received so far (the last 10,000), oldest first; empty when
+    /// the mock does not record.
     pub fn received(&self) -> Vec<Received> {
-        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+        self.received
+            .as_ref()
+            .and_then(|r| r.lock().ok().map(|r| r.iter().cloned().collect()))
+            .unwrap_or_default()
     }
 }
 
@@ -102,7 +122,7 @@ impl Drop for MockBackend {
 
 async fn serve_connection(
     mut stream: TcpStream,
-    log: Arc<Mutex<Vec<Received>>>,
+    log: Option<Arc<Mutex<std::collections::VecDeque<Received>>>>,
     gate: Arc<Notify>,
 ) {
     let mut buffer = Vec::with_capacity(4096);
@@ -110,8 +130,11 @@ async fn serve_connection(
         let Some(request) = read_request(&mut stream, &mut buffer).await else {
             return;
         };
-        if let Ok(mut log) = log.lock() {
-            log.push(request.clone());
+        if let Some(Ok(mut log)) = log.as_ref().map(|l| l.lock()) {
+            if log.len() >= RECEIVED_KEPT {
+                log.pop_front();
+            }
+            log.push_back(request.clone());
         }
         if !respond(&mut stream, &request, &gate).await {
             return;

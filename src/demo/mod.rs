@@ -26,7 +26,8 @@ pub async fn run() -> Result<(), String> {
     let backend_listener = bind("127.0.0.1:9090")
         .await
         .map_err(|e| format!("cannot bind the mock backend: {e}"))?;
-    let backend = mock::MockBackend::start(backend_listener).map_err(|e| e.to_string())?;
+    let backend =
+        mock::MockBackend::start_without_recording(backend_listener).map_err(|e| e.to_string())?;
     let key = format!("cg_demo_{:032x}", rand::random::<u128>());
     let backend_url = format!("http://{}", backend.addr);
     let env = |name: &str| match name {

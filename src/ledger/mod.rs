@@ -48,7 +48,7 @@ pub fn default_priority(kind: &str) -> u32 {
 
 /// How many ended holds an account remembers, so that a late second settle or
 /// release is answered `Already*` rather than `UnknownHold`.
-const ENDED_HOLDS_REMEMBERED: usize = 256;
+const ENDED_HOLDS_REMEMBERED: usize = 64;
 
 /// How many admin-grant idempotency keys an account remembers (oldest forgotten first).
 pub const GRANT_KEYS_REMEMBERED: usize = 10_000;
