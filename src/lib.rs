@@ -9,6 +9,7 @@
 //! - [`views`]: the JSON shapes of accounts and ledger entries, for both APIs.
 //! - [`gateway`]: the Pingora proxy — the only module besides `main.rs` that knows Pingora.
 //! - [`admin`]: the admin API (axum) on `admin_listen`.
+//! - [`metrics`]: counters for `/metrics`.
 //! - [`demo`]: the built-in mock generation backend used by `creditgate demo` and the tests.
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod demo;
 pub mod gateway;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 pub mod views;

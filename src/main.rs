@@ -245,18 +245,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         }
     };
-    let admin = policy.gateway.admin_listen.clone().map(|listen| {
-        let clock = creditgate::clock::Clock::system();
-        (
-            listen,
-            creditgate::admin::AdminState::new(
-                policy.clone(),
-                store.clone(),
-                clock,
-                token.as_deref(),
-            ),
-        )
-    });
+    let (admin_policy, admin_store) = (policy.clone(), store.clone());
     let gateway = match Gateway::new(policy, store, creditgate::clock::Clock::system()) {
         Ok(gateway) => gateway,
         Err(e) => {
@@ -264,6 +253,18 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin = admin_policy.gateway.admin_listen.clone().map(|listen| {
+        let clock = creditgate::clock::Clock::system();
+        let metrics = gateway.metrics().clone();
+        let state = creditgate::admin::AdminState::new(
+            admin_policy.clone(),
+            admin_store,
+            clock,
+            metrics,
+            token.as_deref(),
+        );
+        (listen, state)
+    });
     let seeded = runtime
         .block_on(gateway.seed_accounts())
         .map_err(|e| e.to_string());

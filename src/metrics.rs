@@ -12,7 +12,9 @@ use dashmap::DashMap;
 use crate::ledger::Credits;
 
 /// Upper bounds of the store latency histogram, in seconds.
-const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// Most distinct (operation, outcome) pairs counted; past it they count as `other`.
 const MAX_SERIES: usize = 4_096;
@@ -41,27 +43,25 @@ impl Metrics {
     /// One finished request: its operation (or `unmatched`) and how it ended
     /// (`settled`, `released`, `free`, or the error type the gateway answered).
     pub fn request(&self, operation: &str, outcome: &'static str) {
-        let key = if self.requests.len() >= MAX_SERIES && !self.requests.contains_key(&(operation.to_string(), outcome)) {
+        let key = if self.requests.len() >= MAX_SERIES
+            && !self
+                .requests
+                .contains_key(&(operation.to_string(), outcome))
+        {
             ("other".to_string(), outcome)
         } else {
             (operation.to_string(), outcome)
         };
-        self.requests.entry(key).or_default().fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .entry(key)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn held(&self, credits: Credits) {
-        self.held_milli.fetch_add(credits.millicredits(), Ordering::Relaxed);
+        self.held_milli
+            .fetch_add(credits.millicredits(), Ordering::Relaxed);
         self.holds_in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn settled(&self, charged: Credits) {
-        self.settled_milli.fetch_add(charged.millicredits(), Ordering::Relaxed);
-        self.holds_in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    pub fn released(&self, returned: Credits) {
-        self.released_milli.fetch_add(returned.millicredits(), Ordering::Relaxed);
-        self.holds_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn expired_holds(&self, n: usize) {
@@ -76,10 +76,32 @@ impl Metrics {
             }
         }
         self.store_latency.count.fetch_add(1, Ordering::Relaxed);
-        self.store_latency.sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.store_latency
+            .sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         if !ok {
             self.store_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Runs a store call and records how long it took and whether it failed.
+    pub async fn store<T, E>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = std::time::Instant::now();
+        let out = call.await;
+        self.store_call(started.elapsed(), out.is_ok());
+        out
+    }
+
+    /// A hold this gateway placed has ended (or was given up on).
+    pub fn hold_ended(&self, charged: Credits, returned: Credits) {
+        self.settled_milli
+            .fetch_add(charged.millicredits(), Ordering::Relaxed);
+        self.released_milli
+            .fetch_add(returned.millicredits(), Ordering::Relaxed);
+        self.holds_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn unmetered(&self) -> u64 {
@@ -89,19 +111,44 @@ impl Metrics {
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let credits = |milli: &AtomicU64| Credits::from_millicredits(milli.load(Ordering::Relaxed)).to_string();
+        let credits = |milli: &AtomicU64| {
+            Credits::from_millicredits(milli.load(Ordering::Relaxed)).to_string()
+        };
         out.push_str("# HELP creditgate_requests_total Requests by operation and outcome.\n# TYPE creditgate_requests_total counter\n");
-        let mut series: Vec<((String, &'static str), u64)> = self.requests.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
+        let mut series: Vec<((String, &'static str), u64)> = self
+            .requests
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
         series.sort();
         for ((operation, outcome), n) in series {
-            let _ = writeln!(out, "creditgate_requests_total{{operation=\"{}\",outcome=\"{outcome}\"}} {n}", escape(&operation));
+            let _ = writeln!(
+                out,
+                "creditgate_requests_total{{operation=\"{}\",outcome=\"{outcome}\"}} {n}",
+                escape(&operation)
+            );
         }
         for (name, help, value) in [
-            ("creditgate_credits_held_total", "Credits held for requests.", credits(&self.held_milli)),
-            ("creditgate_credits_settled_total", "Credits charged when holds were settled.", credits(&self.settled_milli)),
-            ("creditgate_credits_released_total", "Credits returned when holds were released.", credits(&self.released_milli)),
+            (
+                "creditgate_credits_held_total",
+                "Credits held for requests.",
+                credits(&self.held_milli),
+            ),
+            (
+                "creditgate_credits_settled_total",
+                "Credits charged when holds were settled.",
+                credits(&self.settled_milli),
+            ),
+            (
+                "creditgate_credits_released_total",
+                "Credits returned when holds were released.",
+                credits(&self.released_milli),
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         }
         let _ = writeln!(out, "# HELP creditgate_holds_expired_total Holds released by the sweep after hold_ttl.\n# TYPE creditgate_holds_expired_total counter\ncreditgate_holds_expired_total {}", self.expired_holds.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP creditgate_holds_in_flight Holds this gateway placed and has not ended.\n# TYPE creditgate_holds_in_flight gauge\ncreditgate_holds_in_flight {}", self.holds_in_flight.load(Ordering::Relaxed));
@@ -109,16 +156,30 @@ impl Metrics {
         let _ = writeln!(out, "# HELP creditgate_unmetered_total Requests forwarded without a hold because the store was unavailable.\n# TYPE creditgate_unmetered_total counter\ncreditgate_unmetered_total {}", self.unmetered.load(Ordering::Relaxed));
         out.push_str("# HELP creditgate_store_latency_seconds Latency of store calls.\n# TYPE creditgate_store_latency_seconds histogram\n");
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "creditgate_store_latency_seconds_bucket{{le=\"{bound}\"}} {}", self.store_latency.buckets[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "creditgate_store_latency_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.store_latency.buckets[i].load(Ordering::Relaxed)
+            );
         }
         let count = self.store_latency.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "creditgate_store_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "creditgate_store_latency_seconds_sum {}", self.store_latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "creditgate_store_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "creditgate_store_latency_seconds_sum {}",
+            self.store_latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "creditgate_store_latency_seconds_count {count}");
         out
     }
 }
 
 fn escape(label: &str) -> String {
-    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::ledger::{AccountRejected, Credits, Effective};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{GrantRequest, Store, StoreError};
 use crate::views;
@@ -42,6 +43,7 @@ pub struct AdminState {
     pub policy: Arc<Policy>,
     pub store: Arc<dyn Store>,
     pub clock: Clock,
+    pub metrics: Arc<Metrics>,
     /// SHA-256 of the token; `None` = no token (allowed on loopback only).
     token_sha256: Option<[u8; 32]>,
 }
@@ -51,6 +53,7 @@ impl AdminState {
         policy: Arc<Policy>,
         store: Arc<dyn Store>,
         clock: Clock,
+        metrics: Arc<Metrics>,
         token: Option<&str>,
     ) -> Self {
         let token_sha256 = token
@@ -60,6 +63,7 @@ impl AdminState {
             policy,
             store,
             clock,
+            metrics,
             token_sha256,
         }
     }
@@ -233,6 +237,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/accounts/{id}/plan", post(change_plan))
         .route("/admin/accounts/{id}/ledger", get(ledger))
         .route("/admin/holds", get(holds))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -523,4 +528,13 @@ async fn holds(State(state): State<AdminState>, Query(q): Query<HoldsQuery>) -> 
         .map(|(account, h)| views::hold(account, h))
         .collect();
     Ok((StatusCode::OK, Json(json!({"holds": list}))))
+}
+
+/// Prometheus text format.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let headers = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4",
+    )];
+    (headers, state.metrics.render()).into_response()
 }

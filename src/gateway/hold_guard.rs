@@ -11,20 +11,29 @@ use crate::ledger::{Credits, EndRejected};
 use crate::store::{EndOutcome, Store, StoreError};
 
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 
 pub(super) struct HoldGuard {
     store: Arc<dyn Store>,
     clock: Clock,
+    metrics: Arc<Metrics>,
     account: String,
     hold_id: u64,
     ended: bool,
 }
 
 impl HoldGuard {
-    pub(super) fn new(store: Arc<dyn Store>, clock: Clock, account: String, hold_id: u64) -> Self {
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        account: String,
+        hold_id: u64,
+    ) -> Self {
         HoldGuard {
             store,
             clock,
+            metrics,
             account,
             hold_id,
             ended: false,
@@ -34,20 +43,20 @@ impl HoldGuard {
     /// Charges `min(charge, held)`; the rest returns to the account.
     pub(super) async fn settle(mut self, charge: Credits, request_id: &str) {
         self.ended = true;
-        let outcome = self
+        let call = self
             .store
-            .settle(&self.account, self.hold_id, charge, self.clock.now_ms())
-            .await;
+            .settle(&self.account, self.hold_id, charge, self.clock.now_ms());
+        let outcome = self.metrics.store(call).await;
         self.report("settle", request_id, outcome);
     }
 
     /// Charges nothing; returns the available balance afterwards when known.
     pub(super) async fn release(mut self, request_id: &str) -> Option<Credits> {
         self.ended = true;
-        let outcome = self
+        let call = self
             .store
-            .release(&self.account, self.hold_id, self.clock.now_ms())
-            .await;
+            .release(&self.account, self.hold_id, self.clock.now_ms());
+        let outcome = self.metrics.store(call).await;
         self.report("release", request_id, outcome);
         self.store
             .totals(&self.account, self.clock.now_ms())
@@ -57,6 +66,11 @@ impl HoldGuard {
     }
 
     fn report(&self, what: &str, request_id: &str, outcome: Result<EndOutcome, StoreError>) {
+        // Ended here, by the sweep before, or given up on: this gateway holds it no more.
+        match &outcome {
+            Ok(Ok(ended)) => self.metrics.hold_ended(ended.charged, ended.returned),
+            _ => self.metrics.hold_ended(Credits::ZERO, Credits::ZERO),
+        }
         match outcome {
             Ok(Ok(ended)) => {
                 tracing::debug!(%request_id, hold = self.hold_id, charged = %ended.charged, "{what}")
@@ -85,11 +99,15 @@ impl Drop for HoldGuard {
             std::mem::take(&mut self.account),
             self.hold_id,
         );
-        let clock = self.clock.clone();
+        let (clock, metrics) = (self.clock.clone(), self.metrics.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let _ = store.release(&account, hold_id, clock.now_ms()).await;
+                    let returned = match store.release(&account, hold_id, clock.now_ms()).await {
+                        Ok(Ok(ended)) => ended.returned,
+                        _ => Credits::ZERO,
+                    };
+                    metrics.hold_ended(Credits::ZERO, returned);
                 });
             }
             Err(_) => tracing::error!(
@@ -151,6 +169,7 @@ mod tests {
         drop(HoldGuard::new(
             store.clone(),
             Clock::system(),
+            Arc::default(),
             "a".into(),
             hold_id,
         ));
@@ -174,9 +193,15 @@ mod tests {
     #[tokio::test]
     async fn an_ended_guard_does_not_release_again() {
         let (store, hold_id) = store_with_hold().await;
-        HoldGuard::new(store.clone(), Clock::system(), "a".into(), hold_id)
-            .settle(Credits::from_whole(4).unwrap(), "r")
-            .await;
+        HoldGuard::new(
+            store.clone(),
+            Clock::system(),
+            Arc::default(),
+            "a".into(),
+            hold_id,
+        )
+        .settle(Credits::from_whole(4).unwrap(), "r")
+        .await;
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }

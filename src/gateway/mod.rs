@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
+use crate::metrics::Metrics;
 use crate::policy::{
     usage_charge, OnMissing, OnUnavailable, Policy, RequestFacts, RouteMatch, StoreConfig,
     Unmatched,
@@ -52,9 +53,7 @@ pub struct Gateway {
     policy: Arc<Policy>,
     store: Arc<dyn Store>,
     clock: Clock,
-    /// Requests forwarded without a hold because the store was unavailable
-    /// (`on_unavailable = "allow"`).
-    unmetered: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<Metrics>,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
 }
@@ -87,7 +86,7 @@ impl Gateway {
             policy,
             store,
             clock,
-            unmetered: Arc::default(),
+            metrics: Arc::default(),
             peers,
         })
     }
@@ -108,9 +107,9 @@ impl Gateway {
         self.clock.now_ms()
     }
 
-    /// How many requests went through unmetered because the store was down.
-    pub fn unmetered(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.unmetered.clone()
+    /// The gateway's counters, for `/metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn fails_open(&self) -> bool {
@@ -147,6 +146,9 @@ pub struct RequestCtx {
     status: Option<u16>,
     /// True once the gateway answered by itself (401, 402, ...).
     answered: bool,
+    /// How the request ended, for the metrics: an error type the gateway answered,
+    /// `client_api`, or `settled` / `released` once the hold ended.
+    outcome: Option<&'static str>,
     /// A body read to price the request, forwarded in place of Pingora's own read.
     body: Option<Bytes>,
     /// Reads actual usage from the response of a metered operation.
@@ -196,6 +198,7 @@ impl Gateway {
         error: ApiError,
     ) -> Result<()> {
         ctx.answered = true;
+        ctx.outcome = Some(error.kind());
         let body = error.body(&ctx.request_id);
         self.write_json(session, ctx, error.status(), body).await
     }
@@ -242,7 +245,11 @@ impl Gateway {
     async fn authenticate(&self, req: &RequestHeader) -> std::result::Result<Identity, ApiError> {
         let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
         let key_sha256: [u8; 32] = Sha256::digest(key).into();
-        match self.store.identify(&key_sha256, self.now_ms()).await {
+        match self
+            .metrics
+            .store(self.store.identify(&key_sha256, self.now_ms()))
+            .await
+        {
             Ok(Some(identity)) => Ok(identity),
             Ok(None) | Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
@@ -307,6 +314,7 @@ impl Gateway {
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
+            ctx.outcome = Some("client_api");
             return self
                 .client_api(session, ctx, &path)
                 .await
@@ -409,13 +417,19 @@ impl Gateway {
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
         };
-        match self.store.hold(account, &request, self.now_ms()).await {
+        match self
+            .metrics
+            .store(self.store.hold(account, &request, self.now_ms()))
+            .await
+        {
             Ok(Ok(placed)) => {
                 ctx.held = price;
                 ctx.remaining = Some(placed.available);
+                self.metrics.held(price);
                 ctx.hold = Some(HoldGuard::new(
                     self.store.clone(),
                     self.clock.clone(),
+                    self.metrics.clone(),
                     account.to_string(),
                     placed.hold_id,
                 ));
@@ -447,10 +461,7 @@ impl Gateway {
             Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
             Err(StoreError::Unavailable(e)) if self.fails_open() => {
                 // on_unavailable = "allow": forward unmetered, and count it.
-                let forwarded = self
-                    .unmetered
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1;
+                let forwarded = self.metrics.unmetered();
                 tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "store unavailable, forwarding unmetered: {e}");
                 ctx.remaining = None;
                 Ok(())
@@ -460,7 +471,11 @@ impl Gateway {
     }
 
     async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
-        match self.store.totals(account, self.now_ms()).await {
+        match self
+            .metrics
+            .store(self.store.totals(account, self.now_ms()))
+            .await
+        {
             Ok(totals) => Ok(Some(totals.available)),
             // A free request needs the store only for this header: go on without it.
             Err(StoreError::Unavailable(_)) => Ok(None),
@@ -491,11 +506,13 @@ impl Gateway {
                 return self.release(guard, ctx).await;
             }
         };
+        ctx.outcome = Some("settled");
         guard.settle(charge, &ctx.request_id).await;
     }
 
     async fn release(&self, guard: HoldGuard, ctx: &mut RequestCtx) {
         ctx.held = Credits::ZERO;
+        ctx.outcome = Some("released");
         if let Some(available) = guard.release(&ctx.request_id).await {
             ctx.remaining = Some(available);
         }
@@ -553,6 +570,7 @@ impl ProxyHttp for Gateway {
             hold: None,
             status: None,
             answered: false,
+            outcome: None,
             body: None,
             usage: None,
         }
@@ -696,6 +714,13 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         self.end_hold(ctx, ended_by(e)).await;
+        let operation = ctx
+            .operation
+            .map_or("unmatched", |i| self.policy.operations[i].name.as_str());
+        let outcome = ctx
+            .outcome
+            .unwrap_or(if e.is_some() { "failed" } else { "free" });
+        self.metrics.request(operation, outcome);
         if let Some(e) = e {
             tracing::info!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
         }

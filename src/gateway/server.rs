@@ -16,19 +16,28 @@ use tokio::sync::watch;
 use super::Gateway;
 use crate::admin::AdminState;
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// How often expired holds are swept. Holds are also expired lazily on access.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn sweep_until(store: Arc<dyn Store>, clock: Clock, mut shutdown: watch::Receiver<bool>) {
+async fn sweep_until(
+    store: Arc<dyn Store>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 match store.sweep(clock.now_ms()).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(expired = n, "released holds past their TTL"),
+                    Ok(n) => {
+                        metrics.expired_holds(n);
+                        tracing::info!(expired = n, "released holds past their TTL")
+                    }
                     Err(e) => tracing::warn!("hold sweep failed: {e}"),
                 }
             }
@@ -39,19 +48,23 @@ async fn sweep_until(store: Arc<dyn Store>, clock: Clock, mut shutdown: watch::R
 
 /// Runs the expired-hold sweep in the background until `shutdown` turns true.
 pub fn spawn_sweeper(
-    store: Arc<dyn Store>,
-    clock: Clock,
+    gateway: &Gateway,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(sweep_until(store, clock, shutdown))
+    tokio::spawn(sweep_until(
+        gateway.store().clone(),
+        gateway.clock().clone(),
+        gateway.metrics().clone(),
+        shutdown,
+    ))
 }
 
-struct Sweeper(Arc<dyn Store>, Clock);
+struct Sweeper(Arc<dyn Store>, Clock, Arc<Metrics>);
 
 #[async_trait]
 impl BackgroundService for Sweeper {
     async fn start(&self, shutdown: ShutdownWatch) {
-        sweep_until(self.0.clone(), self.1.clone(), shutdown).await
+        sweep_until(self.0.clone(), self.1.clone(), self.2.clone(), shutdown).await
     }
 }
 
@@ -68,11 +81,7 @@ fn server_conf() -> ServerConf {
 /// Serves the gateway on an already-bound listener until `shutdown` turns true.
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
-    let sweeper = spawn_sweeper(
-        gateway.store().clone(),
-        gateway.clock().clone(),
-        shutdown.clone(),
-    );
+    let sweeper = spawn_sweeper(&gateway, shutdown.clone());
     serve_proxy(listener, gateway, shutdown).await;
     sweeper.abort();
 }
@@ -134,14 +143,17 @@ impl BackgroundService for AdminService {
 /// Never returns.
 pub fn run_server(gateway: Gateway, admin: Option<(String, AdminState)>) -> ! {
     let listen = gateway.policy().gateway.listen.clone();
-    let store = gateway.store().clone();
-    let clock = gateway.clock().clone();
+    let sweeper = Sweeper(
+        gateway.store().clone(),
+        gateway.clock().clone(),
+        gateway.metrics().clone(),
+    );
     let mut server = Server::new_with_opt_and_conf(None, server_conf());
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen);
     server.add_service(proxy);
-    server.add_service(background_service("hold sweeper", Sweeper(store, clock)));
+    server.add_service(background_service("hold sweeper", sweeper));
     if let Some((listen, state)) = admin {
         server.add_service(background_service(
             "admin API",

@@ -271,6 +271,7 @@ pub async fn start_policy(
     let now = Arc::new(AtomicU64::new(Clock::system().now_ms()));
     let clock = Clock::manual(now.clone());
     let gateway = Gateway::new(policy.clone(), store.clone(), clock.clone()).unwrap();
+    let metrics = gateway.metrics().clone();
     gateway.seed_accounts().await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -278,7 +279,7 @@ pub async fn start_policy(
     tokio::spawn(serve(listener, gateway, shutdown.clone()));
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
-    let admin = AdminState::new(policy, store.clone(), clock, Some(ADMIN_TOKEN));
+    let admin = AdminState::new(policy, store.clone(), clock, metrics, Some(ADMIN_TOKEN));
     tokio::spawn(creditgate::admin::serve(admin_listener, admin, shutdown));
     TestGateway {
         url,

@@ -6,6 +6,7 @@ mod cli;
 mod conformance;
 mod harness;
 mod metering;
+mod operations;
 mod proxy;
 mod quotes;
 mod redis_server;
