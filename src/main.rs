@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use creditgate::gateway::{run_server, Gateway};
+use creditgate::gateway::{run_server, Gateway, LiveGateway};
 use creditgate::policy::{format_duration, Policy, RequestFacts, StoreConfig};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
@@ -245,7 +245,6 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         }
     };
-    let (admin_policy, admin_store) = (policy.clone(), store.clone());
     let gateway = match Gateway::new(policy, store, creditgate::clock::Clock::system()) {
         Ok(gateway) => gateway,
         Err(e) => {
@@ -253,26 +252,20 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let admin = admin_policy.gateway.admin_listen.clone().map(|listen| {
-        let clock = creditgate::clock::Clock::system();
-        let metrics = gateway.metrics().clone();
+    if let Err(e) = runtime.block_on(gateway.seed_accounts()) {
+        eprintln!("cannot seed accounts: {e}");
+        return ExitCode::FAILURE;
+    }
+    let live = LiveGateway::new(gateway);
+    let admin = live.policy().gateway.admin_listen.clone().map(|listen| {
         let state = creditgate::admin::AdminState::new(
-            admin_policy.clone(),
-            admin_store,
-            clock,
-            metrics,
+            live.clone(),
+            Some(path.to_path_buf()),
             token.as_deref(),
         );
         (listen, state)
     });
-    let seeded = runtime
-        .block_on(gateway.seed_accounts())
-        .map_err(|e| e.to_string());
-    if let Err(e) = seeded {
-        eprintln!("cannot seed accounts: {e}");
-        return ExitCode::FAILURE;
-    }
-    run_server(gateway, admin)
+    run_server(live, path.to_path_buf(), admin)
 }
 
 /// Runs `task` on a multi-threaded runtime; prints its error and fails if it fails.

@@ -6,6 +6,7 @@
 //! Errors use the gateway's JSON shape: `{"error": {"type", "message"}}`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -22,9 +23,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::clock::Clock;
+use crate::gateway::{LiveGateway, ReloadError};
 use crate::ledger::{AccountRejected, Credits, Effective};
-use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{GrantRequest, Store, StoreError};
 use crate::views;
@@ -40,32 +40,35 @@ const MAX_NAME_BYTES: usize = 128;
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub policy: Arc<Policy>,
-    pub store: Arc<dyn Store>,
-    pub clock: Clock,
-    pub metrics: Arc<Metrics>,
+    live: Arc<LiveGateway>,
+    /// Where `POST /admin/policy/reload` reads the policy from.
+    policy_file: Option<PathBuf>,
     /// SHA-256 of the token; `None` = no token (allowed on loopback only).
     token_sha256: Option<[u8; 32]>,
 }
 
 impl AdminState {
-    pub fn new(
-        policy: Arc<Policy>,
-        store: Arc<dyn Store>,
-        clock: Clock,
-        metrics: Arc<Metrics>,
-        token: Option<&str>,
-    ) -> Self {
+    pub fn new(live: Arc<LiveGateway>, policy_file: Option<PathBuf>, token: Option<&str>) -> Self {
         let token_sha256 = token
             .filter(|t| !t.is_empty())
             .map(|t| Sha256::digest(t.as_bytes()).into());
         AdminState {
-            policy,
-            store,
-            clock,
-            metrics,
+            live,
+            policy_file,
             token_sha256,
         }
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.live.policy()
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        self.live.current().store().clone()
+    }
+
+    fn now_ms(&self) -> crate::ledger::Millis {
+        self.live.current().clock().now_ms()
     }
 }
 
@@ -238,6 +241,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/accounts/{id}/ledger", get(ledger))
         .route("/admin/holds", get(holds))
         .route("/metrics", get(metrics))
+        .route("/admin/policy/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -264,7 +268,7 @@ pub async fn serve(
 
 async fn readyz(State(state): State<AdminState>) -> Response {
     // Ready when the store answers.
-    match state.store.holds(None, 1, state.clock.now_ms()).await {
+    match state.store().holds(None, 1, state.now_ms()).await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => Refusal::from(e).into_response(),
     }
@@ -289,23 +293,18 @@ async fn create_account(State(state): State<AdminState>, raw: Bytes) -> Answer {
             "billing_anchor_day must be between 1 and 31",
         ));
     }
-    if state.policy.plan(&req.plan).is_none() {
+    if state.policy().plan(&req.plan).is_none() {
         return Err(Refusal::invalid(format!("unknown plan {:?}", req.plan)));
     }
     let view = state
-        .store
-        .create_account(
-            &req.id,
-            &req.plan,
-            req.billing_anchor_day,
-            state.clock.now_ms(),
-        )
+        .store()
+        .create_account(&req.id, &req.plan, req.billing_anchor_day, state.now_ms())
         .await??;
     Ok((StatusCode::CREATED, Json(views::account(&view))))
 }
 
 async fn get_account(State(state): State<AdminState>, Path(id): Path<String>) -> Answer {
-    let view = state.store.account(&id, state.clock.now_ms()).await?;
+    let view = state.store().account(&id, state.now_ms()).await?;
     Ok((StatusCode::OK, Json(views::account(&view))))
 }
 
@@ -321,8 +320,8 @@ async fn add_member(State(state): State<AdminState>, Path(id): Path<String>, raw
     let req: NewMember = body(&raw)?;
     name("member", &req.member)?;
     state
-        .store
-        .add_member(&id, &req.member, req.premium_disabled, state.clock.now_ms())
+        .store()
+        .add_member(&id, &req.member, req.premium_disabled, state.now_ms())
         .await??;
     Ok((
         StatusCode::CREATED,
@@ -345,8 +344,8 @@ async fn update_member(
 ) -> Answer {
     let req: MemberChange = body(&raw)?;
     state
-        .store
-        .update_member(&id, &member, req.premium_disabled, state.clock.now_ms())
+        .store()
+        .update_member(&id, &member, req.premium_disabled, state.now_ms())
         .await??;
     Ok((
         StatusCode::OK,
@@ -368,7 +367,7 @@ async fn create_key(State(state): State<AdminState>, Path(id): Path<String>, raw
     let key_id = format!("key_{}", hex::encode(rand::random::<[u8; 8]>()));
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     state
-        .store
+        .store()
         .add_key(&id, &req.member, &key_id, &hash)
         .await??;
     Ok((
@@ -378,7 +377,7 @@ async fn create_key(State(state): State<AdminState>, Path(id): Path<String>, raw
 }
 
 async fn revoke_key(State(state): State<AdminState>, Path(key_id): Path<String>) -> Answer {
-    state.store.revoke_key(&key_id).await??;
+    state.store().revoke_key(&key_id).await??;
     Ok((
         StatusCode::OK,
         Json(json!({"key_id": key_id, "revoked": true})),
@@ -401,9 +400,9 @@ async fn grant(State(state): State<AdminState>, Path(id): Path<String>, raw: Byt
     if req.kind == "plan" {
         return Err(Refusal::invalid("plan credits come from the plan and its refills; grant bonus, topup or a declared kind"));
     }
-    let kind_priority = state.policy.grant_priority(&req.kind).ok_or_else(|| {
-        let known: Vec<&str> = state
-            .policy
+    let policy = state.policy();
+    let kind_priority = policy.grant_priority(&req.kind).ok_or_else(|| {
+        let known: Vec<&str> = policy
             .grant_kinds
             .iter()
             .map(|(k, _)| k.as_str())
@@ -440,10 +439,7 @@ async fn grant(State(state): State<AdminState>, Path(id): Path<String>, raw: Byt
         priority,
         expires_at_ms,
     };
-    let (receipt, created) = state
-        .store
-        .grant(&id, &request, state.clock.now_ms())
-        .await??;
+    let (receipt, created) = state.store().grant(&id, &request, state.now_ms()).await??;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -476,14 +472,14 @@ async fn change_plan(
             )))
         }
     };
-    if state.policy.plan(&req.plan).is_none() {
+    if state.policy().plan(&req.plan).is_none() {
         return Err(Refusal::invalid(format!("unknown plan {:?}", req.plan)));
     }
     state
-        .store
-        .change_plan(&id, &req.plan, effective, state.clock.now_ms())
+        .store()
+        .change_plan(&id, &req.plan, effective, state.now_ms())
         .await??;
-    let view = state.store.account(&id, state.clock.now_ms()).await?;
+    let view = state.store().account(&id, state.now_ms()).await?;
     Ok((StatusCode::OK, Json(views::account(&view))))
 }
 
@@ -507,8 +503,8 @@ async fn ledger(
     }
     let (limit, cursor) = views::page_params(Some(&query.join("&"))).map_err(Refusal::invalid)?;
     let entries = state
-        .store
-        .ledger(&id, limit, cursor, state.clock.now_ms())
+        .store()
+        .ledger(&id, limit, cursor, state.now_ms())
         .await?;
     Ok((StatusCode::OK, Json(views::ledger(&entries, limit))))
 }
@@ -520,8 +516,8 @@ struct HoldsQuery {
 
 async fn holds(State(state): State<AdminState>, Query(q): Query<HoldsQuery>) -> Answer {
     let holds = state
-        .store
-        .holds(q.account.as_deref(), MAX_HOLDS_LISTED, state.clock.now_ms())
+        .store()
+        .holds(q.account.as_deref(), MAX_HOLDS_LISTED, state.now_ms())
         .await?;
     let list: Vec<Value> = holds
         .iter()
@@ -536,5 +532,33 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         axum::http::header::CONTENT_TYPE,
         "text/plain; version=0.0.4",
     )];
-    (headers, state.metrics.render()).into_response()
+    (headers, state.live.current().metrics().render()).into_response()
+}
+
+/// Re-reads the policy file: new requests use it at once; an invalid file is
+/// refused with its errors and the running policy stays.
+async fn reload(State(state): State<AdminState>) -> Answer {
+    let Some(path) = &state.policy_file else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "no_policy_file",
+            "this gateway was not started from a policy file",
+        ));
+    };
+    match state.live.reload_file(path).await {
+        Ok(operations) => Ok((
+            StatusCode::OK,
+            Json(json!({"reloaded": true, "operations": operations})),
+        )),
+        Err(ReloadError::Invalid(errors)) => {
+            let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+            let body = json!({"error": {"type": "invalid_policy", "message": "the policy file is invalid; the running policy stays", "errors": list}});
+            Ok((StatusCode::BAD_REQUEST, Json(body)))
+        }
+        Err(other) => Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "reload_refused",
+            format!("{other}; the running policy stays"),
+        )),
+    }
 }

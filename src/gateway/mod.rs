@@ -10,6 +10,7 @@ mod client_api;
 pub mod decision;
 pub mod errors;
 mod hold_guard;
+mod live;
 mod server;
 mod usage;
 
@@ -39,7 +40,8 @@ use errors::ApiError;
 use hold_guard::HoldGuard;
 use usage::UsageMeter;
 
-pub use server::{run_server, serve, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
+pub use live::{LiveGateway, LiveProxy, ReloadError};
+pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
 
 /// The plan feature a member with "premium disabled" cannot use.
 const PREMIUM_FEATURE: &str = "premium";
@@ -89,6 +91,13 @@ impl Gateway {
             metrics: Arc::default(),
             peers,
         })
+    }
+
+    /// The same gateway on a new policy: same store, clock and metrics.
+    pub fn with_policy(&self, policy: Arc<Policy>) -> std::result::Result<Gateway, String> {
+        let mut next = Gateway::new(policy, self.store.clone(), self.clock.clone())?;
+        next.metrics = self.metrics.clone();
+        Ok(next)
     }
 
     pub fn policy(&self) -> &Arc<Policy> {

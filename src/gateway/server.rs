@@ -13,10 +13,13 @@ use pingora::services::background::{background_service, BackgroundService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::Gateway;
+use super::{Gateway, LiveGateway, LiveProxy};
+use std::path::PathBuf;
+
 use crate::admin::AdminState;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::policy::GatewayConfig;
 use crate::store::Store;
 
 /// How often expired holds are swept. Holds are also expired lazily on access.
@@ -68,12 +71,13 @@ impl BackgroundService for Sweeper {
     }
 }
 
-fn server_conf() -> ServerConf {
+fn server_conf(gateway: &GatewayConfig) -> ServerConf {
     ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        // Let in-flight generations finish (and end their holds) on SIGTERM.
-        grace_period_seconds: Some(30),
-        graceful_shutdown_timeout_seconds: Some(30),
+        // On SIGTERM: stop accepting, let in-flight requests finish (and end their
+        // holds) for the grace period, then give the runtimes this long to stop.
+        grace_period_seconds: Some(gateway.shutdown_grace_ms.div_ceil(1_000)),
+        graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     }
 }
@@ -81,8 +85,17 @@ fn server_conf() -> ServerConf {
 /// Serves the gateway on an already-bound listener until `shutdown` turns true.
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
-    let sweeper = spawn_sweeper(&gateway, shutdown.clone());
-    serve_proxy(listener, gateway, shutdown).await;
+    serve_live(listener, LiveGateway::new(gateway), shutdown).await
+}
+
+/// `serve` for a gateway whose policy can be reloaded.
+pub async fn serve_live(
+    listener: TcpListener,
+    live: Arc<LiveGateway>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let sweeper = spawn_sweeper(&live.current(), shutdown.clone());
+    serve_proxy(listener, LiveProxy(live), shutdown).await;
     sweeper.abort();
 }
 
@@ -94,7 +107,10 @@ where
     SV: ProxyHttp + Send + Sync + 'static,
     SV::CTX: Send + Sync,
 {
-    let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(server_conf()), proxy));
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &Arc::new(ServerConf::default()),
+        proxy,
+    ));
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -141,19 +157,29 @@ impl BackgroundService for AdminService {
 /// Runs the gateway under Pingora's server (signals, graceful shutdown) on the
 /// policy's `listen` address, and the admin API on `admin_listen` when given.
 /// Never returns.
-pub fn run_server(gateway: Gateway, admin: Option<(String, AdminState)>) -> ! {
+pub fn run_server(
+    live: Arc<LiveGateway>,
+    policy_file: PathBuf,
+    admin: Option<(String, AdminState)>,
+) -> ! {
+    let gateway = live.current();
     let listen = gateway.policy().gateway.listen.clone();
     let sweeper = Sweeper(
         gateway.store().clone(),
         gateway.clock().clone(),
         gateway.metrics().clone(),
     );
-    let mut server = Server::new_with_opt_and_conf(None, server_conf());
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&gateway.policy().gateway));
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, LiveProxy(live.clone()));
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.add_service(background_service("hold sweeper", sweeper));
+    server.add_service(background_service(
+        "policy reload on SIGHUP",
+        ReloadOnHangup { live, policy_file },
+    ));
     if let Some((listen, state)) = admin {
         server.add_service(background_service(
             "admin API",
@@ -162,4 +188,31 @@ pub fn run_server(gateway: Gateway, admin: Option<(String, AdminState)>) -> ! {
     }
     tracing::info!(%listen, "creditgate is listening");
     server.run_forever()
+}
+
+/// `kill -HUP` reloads the policy file; an invalid file is logged and ignored.
+struct ReloadOnHangup {
+    live: Arc<LiveGateway>,
+    policy_file: PathBuf,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot listen for SIGHUP; reload with POST /admin/policy/reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => match self.live.reload_file(&self.policy_file).await {
+                    Ok(operations) => tracing::info!(operations, "SIGHUP: policy reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: policy not reloaded, the running one stays: {e}"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

@@ -101,6 +101,8 @@ pub struct GatewayConfig {
     pub upgrade_url: Option<String>,
     pub max_holds_per_account: usize,
     pub ledger_max_entries: usize,
+    /// On SIGTERM, how long in-flight requests may run before the process stops.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

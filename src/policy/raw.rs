@@ -42,6 +42,7 @@ pub struct RawGateway {
     pub upgrade_url: Option<Spanned<String>>,
     pub max_holds_per_account: Option<Spanned<i64>>,
     pub ledger_max_entries: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

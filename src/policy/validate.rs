@@ -289,6 +289,7 @@ impl Validator<'_> {
             upgrade_url: raw.upgrade_url.as_ref().map(|u| self.expand(u)),
             max_holds_per_account,
             ledger_max_entries,
+            shutdown_grace_ms: self.duration_ms(&raw.shutdown_grace, 30_000, "shutdown_grace"),
         }
     }
 

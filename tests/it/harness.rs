@@ -10,7 +10,7 @@ use std::time::Duration;
 use creditgate::admin::AdminState;
 use creditgate::clock::Clock;
 use creditgate::demo::mock::MockBackend;
-use creditgate::gateway::{serve, Gateway};
+use creditgate::gateway::{serve_live, Gateway, LiveGateway};
 use creditgate::ledger::{Credits, Totals};
 use creditgate::policy::Policy;
 use creditgate::store::memory::MemoryStore;
@@ -251,6 +251,15 @@ pub async fn start_policy(
     text: impl FnOnce(&str) -> String,
     extra_env: impl Fn(&str) -> Option<String> + 'static,
 ) -> TestGateway {
+    start_policy_with_file(text, extra_env, None).await
+}
+
+/// `start_policy`, with the file `POST /admin/policy/reload` reads.
+pub async fn start_policy_with_file(
+    text: impl FnOnce(&str) -> String,
+    extra_env: impl Fn(&str) -> Option<String> + 'static,
+    policy_file: Option<std::path::PathBuf>,
+) -> TestGateway {
     let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
     let full = full_listener().await;
     let backend_url = format!("http://{}", backend.addr);
@@ -271,15 +280,15 @@ pub async fn start_policy(
     let now = Arc::new(AtomicU64::new(Clock::system().now_ms()));
     let clock = Clock::manual(now.clone());
     let gateway = Gateway::new(policy.clone(), store.clone(), clock.clone()).unwrap();
-    let metrics = gateway.metrics().clone();
     gateway.seed_accounts().await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(serve(listener, gateway, shutdown.clone()));
+    let live = LiveGateway::new(gateway);
+    tokio::spawn(serve_live(listener, live.clone(), shutdown.clone()));
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
-    let admin = AdminState::new(policy, store.clone(), clock, metrics, Some(ADMIN_TOKEN));
+    let admin = AdminState::new(live.clone(), policy_file, Some(ADMIN_TOKEN));
     tokio::spawn(creditgate::admin::serve(admin_listener, admin, shutdown));
     TestGateway {
         url,

@@ -88,3 +88,139 @@ async fn metrics_count_real_traffic() {
         .unwrap();
     assert_eq!(resp.status(), 401, "metrics need the admin token");
 }
+
+const RELOAD_KEY: &str = "sk-reload-0123";
+
+fn reload_policy(backend: &str, price: &str) -> String {
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        RELOAD_KEY.as_bytes(),
+    ));
+    format!(
+        "version = 1\n[upstreams.main]\nurl = \"{backend}\"\n[plans.free]\nmonthly_credits = 0\n\
+         [[operations]]\nname = \"image.generate\"\nmethod = \"POST\"\npath = \"/v1/images\"\nupstream = \"main\"\nprice = {price}\n\
+         [[accounts]]\nid = \"r\"\nplan = \"free\"\ngrants = [ {{ kind = \"topup\", credits = 1000000 }} ]\n\
+         keys = [ {{ member = \"m\", key_sha256 = \"{hash}\" }} ]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
+    let dir = std::env::temp_dir().join(format!("creditgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    let backend_url = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (f, b) = (file.clone(), backend_url.clone());
+    let gw = start_policy_with_file(
+        move |backend| {
+            *b.lock().unwrap() = backend.to_string();
+            let text = reload_policy(backend, "3");
+            std::fs::write(&f, &text).unwrap();
+            text
+        },
+        |_| None,
+        Some(file.clone()),
+    )
+    .await;
+    let backend = backend_url.lock().unwrap().clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, url, stop) = (
+            gw.client.clone(),
+            format!("{}/v1/images", gw.url),
+            stop.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = client
+                    .post(&url)
+                    .bearer_auth(RELOAD_KEY)
+                    .header("x-mock-delay-ms", "3")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                statuses.push(status.unwrap_or(0));
+            }
+            statuses
+        }));
+    }
+    let held = || async {
+        let resp = gw
+            .client
+            .post(format!("{}/v1/images", gw.url))
+            .bearer_auth(RELOAD_KEY)
+            .send()
+            .await
+            .unwrap();
+        header(&resp, "x-credits-held").to_string()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(held().await, "3");
+
+    std::fs::write(&file, reload_policy(&backend, "5")).unwrap();
+    let resp = gw
+        .admin(Method::POST, "/admin/policy/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(held().await, "5", "new requests see the new price at once");
+
+    std::fs::write(&file, reload_policy(&backend, "0.0001")).unwrap();
+    let resp = gw
+        .admin(Method::POST, "/admin/policy/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_policy");
+    let first = body["error"]["errors"][0].as_str().unwrap();
+    assert!(
+        first.contains("policy.toml:") && first.contains("more than 3 decimal places"),
+        "{first}"
+    );
+    assert_eq!(
+        held().await,
+        "5",
+        "an invalid file leaves the running policy"
+    );
+
+    std::fs::write(
+        &file,
+        reload_policy(&backend, "5").replace(
+            "version = 1\n",
+            "version = 1\n[gateway]\nlisten = \"127.0.0.1:1\"\n",
+        ),
+    )
+    .unwrap();
+    let resp = gw
+        .admin(Method::POST, "/admin/policy/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409, "addresses change only with a restart");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 3u64; // the three `held()` probes
+    for task in load {
+        let statuses = task.await.unwrap();
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "a request failed during the reloads: {statuses:?}"
+        );
+        served += statuses.len() as u64;
+    }
+    let t = gw.settled("r").await;
+    // Every request paid 3 or 5: charged = 3a + 5b with a + b = served.
+    let charged = t.charged.millicredits() / 1_000;
+    let at_five = (charged - 3 * served) / 2;
+    assert_eq!(
+        3 * (served - at_five) + 5 * at_five,
+        charged,
+        "charges are whole requests at 3 or 5"
+    );
+    assert!(at_five >= 2 && at_five < served);
+}
