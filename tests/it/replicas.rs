@@ -310,3 +310,113 @@ async fn a_gateway_killed_mid_request_has_its_hold_released_by_the_other_replica
     assert_eq!(header(&resp, "x-credits-remaining"), "27");
     let _ = Arc::new(());
 }
+
+fn signal(gateway: &Gateway, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy_file() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = policy(
+        &redis.url(),
+        &format!("http://{}", backend.addr),
+        1000,
+        "10m",
+        "reject",
+    );
+    let gw = start_gateway(&text);
+    let client = reqwest::Client::new();
+    let held = || async {
+        let resp = client
+            .post(format!("{}/v1/images", gw.url))
+            .bearer_auth("sk-shared")
+            .send()
+            .await
+            .unwrap();
+        header(&resp, "x-credits-held").to_string()
+    };
+    assert_eq!(held().await, "3");
+    let port = gw.url.rsplit(':').next().unwrap().to_string();
+    let file = std::env::temp_dir()
+        .join(format!("creditgate-replica-{}-{port}", std::process::id()))
+        .join("policy.toml");
+    let current = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, current.replace("price = 3", "price = 7")).unwrap();
+    signal(&gw, "HUP");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = held().await;
+        if seen == "7" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, "7", "SIGHUP reloaded the file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_and_leaves_no_hold_open() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = policy(
+        &redis.url(),
+        &format!("http://{}", backend.addr),
+        30,
+        "10m",
+        "reject",
+    )
+    .replace(
+        "hold_ttl = \"10m\"",
+        "hold_ttl = \"10m\"\nshutdown_grace = \"3s\"",
+    );
+    let mut gw = start_gateway(&text);
+    let client = reqwest::Client::new();
+    let slow = client
+        .post(format!("{}/v1/images", gw.url))
+        .bearer_auth("sk-shared")
+        .header("x-mock-delay-ms", "1000")
+        .send();
+    let in_flight = tokio::spawn(slow);
+    let url = redis.url();
+    eventually(|| {
+        let url = url.clone();
+        async move { raw_account(&url, "shared").await.holds().count() == 1 }
+    })
+    .await;
+    signal(&gw, "TERM");
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request finishes");
+    assert_eq!(resp.status(), 200);
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(exited.is_some(), "the gateway exits after its grace period");
+    let account = raw_account(&redis.url(), "shared").await;
+    assert_eq!(
+        account.holds().count(),
+        0,
+        "no hold is left open after SIGTERM"
+    );
+    let t = account.totals();
+    assert_eq!(
+        (t.charged.to_string(), t.available.to_string()),
+        ("3".into(), "27".into())
+    );
+    assert_invariant(&t);
+}
