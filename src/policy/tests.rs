@@ -500,3 +500,96 @@ fn usage_charges_round_up() {
         None
     );
 }
+
+// ---- hostile input: never a panic ----
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Arbitrary text is either a policy or a list of located errors.
+    #[test]
+    fn the_parser_never_panics_on_arbitrary_text(text in ".{0,400}") {
+        let _ = parse(&text);
+    }
+
+    /// A valid policy with random bytes changed, inserted or removed.
+    #[test]
+    fn the_parser_never_panics_on_mutated_policies(edits in proptest::collection::vec((0usize..2_000, any::<u8>(), 0u8..3), 1..8)) {
+        let mut bytes = PRICED.as_bytes().to_vec();
+        for (at, byte, how) in edits {
+            let at = at % (bytes.len() + 1);
+            match how {
+                0 if at < bytes.len() => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                _ if at < bytes.len() => { bytes.remove(at); }
+                _ => {}
+            }
+        }
+        if let Ok(text) = String::from_utf8(bytes) {
+            if let Err(errors) = parse(&text) {
+                prop_assert!(!errors.0.is_empty());
+                prop_assert!(errors.0.iter().all(|e| e.line >= 1 && e.col >= 1));
+            }
+        }
+    }
+
+    /// Any JSON body is priced or refused with a named source.
+    #[test]
+    fn pricing_never_panics_on_arbitrary_bodies(body in json_value(), path in prop_oneof![Just("/v1/video"), Just("/v1/images"), Just("/v1/chat/big?max_tokens=99999999999999999999")]) {
+        let p = parse(PRICED).unwrap();
+        let text = body.to_string();
+        match quote(&p, Method::POST, path, Some(&text)) {
+            Ok((_, credits)) => prop_assert!(credits.millicredits() < u64::MAX),
+            Err(e) => prop_assert!(e.contains(':')),
+        }
+    }
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        "[a-z0-9.]{0,8}".prop_map(serde_json::Value::from),
+        prop_oneof![Just("flux-pro"), Just("4k"), Just("1080p")].prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            proptest::collection::btree_map(
+                prop_oneof![
+                    Just("duration_seconds".to_string()),
+                    Just("resolution".to_string()),
+                    Just("model".to_string()),
+                    Just("cover_image".to_string()),
+                    Just("hd".to_string()),
+                    "[a-z]{1,4}".prop_map(String::from)
+                ],
+                inner,
+                0..5
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+#[test]
+fn header_injection_through_the_environment_is_refused() {
+    let env = |name: &str| match name {
+        "BACKEND_KEY" => Some("secret\r\nx-evil: 1".into()),
+        "ALICE_KEY" => Some("alice-secret".into()),
+        _ => None,
+    };
+    let errs = Policy::parse(GOOD, "p.toml", &env).unwrap_err();
+    assert!(
+        errs.0
+            .iter()
+            .any(|e| e.message.contains("not a valid header value")),
+        "{errs}"
+    );
+}

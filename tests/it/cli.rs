@@ -154,11 +154,13 @@ fn run_serves_the_policy_on_its_listen_address() {
         ),
     )
     .unwrap();
-    let _gateway = Child(
+    let mut gateway = Child(
         creditgate()
             .args(["run", "--policy"])
             .arg(&policy)
             .env("RUN_TEST_KEY", "sk-run")
+            .env("RUST_LOG", "debug")
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
@@ -177,7 +179,26 @@ fn run_serves_the_policy_on_its_listen_address() {
     let third = curl(&["-X", "POST", &url, "-H", "Authorization: Bearer sk-run"]);
     assert!(third.starts_with("HTTP/1.1 402"), "{third}");
     assert!(third.contains("\"available\":1"), "{third}");
+    let wrong = curl(&[
+        "-X",
+        "POST",
+        &url,
+        "-H",
+        "Authorization: Bearer sk-wrong-key-9876",
+    ]);
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
     backend.0.kill().unwrap();
+    // No log line, at any level, carries key material.
+    gateway.0.kill().unwrap();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(gateway.0.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    assert!(
+        logs.contains("DEBUG") || logs.contains("INFO"),
+        "the gateway logged: {logs}"
+    );
+    for secret in ["sk-run", "sk-wrong-key-9876"] {
+        assert!(!logs.contains(secret), "a key reached the logs: {secret}");
+    }
 }
 
 /// The demo as a newcomer meets it: start it, paste its curl lines, see what

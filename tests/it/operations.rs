@@ -224,3 +224,26 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
     );
     assert!(at_five >= 2 && at_five < served);
 }
+
+#[tokio::test]
+async fn oversized_headers_and_invalid_bytes_are_refused_and_the_gateway_keeps_serving() {
+    let gw = start("100").await;
+    let huge = format!("POST /v1/images HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ALICE_KEY}\r\nx-filler: {}\r\nconnection: close\r\n\r\n", "a".repeat(2 << 20));
+    let answer = raw_exchange(&gw.url, huge.as_bytes(), b"", false).await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 2"),
+        "a 2 MiB header is not proxied: {}",
+        &answer[..answer.len().min(80)]
+    );
+    let mut bad = b"POST /v1/images HTTP/1.1\r\nhost: x\r\nx-api-key: \xff\xfe\xfd\r\nconnection: close\r\n\r\n".to_vec();
+    bad.extend_from_slice(b"");
+    let answer = raw_exchange(&gw.url, &bad, b"", false).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    let resp = gw.post("/v1/images").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the gateway keeps serving");
+    let t = gw.settled("alice").await;
+    assert_eq!(t.charged, credits("3"), "only the good request was charged");
+}
