@@ -36,6 +36,7 @@ fn request() -> HoldRequest {
         ttl_ms: 600_000,
         max_holds: 1_024,
         quota: None,
+        idempotency: None,
     }
 }
 

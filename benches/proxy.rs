@@ -308,6 +308,7 @@ async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64,
         ttl_ms: 600_000,
         max_holds: 1_024,
         quota: None,
+        idempotency: None,
     };
     let one = |store: Arc<dyn Store>, request: HoldRequest| async move {
         let mut lat = Vec::with_capacity(rounds);

@@ -48,6 +48,10 @@ pub enum ApiError {
     UpstreamTimeout,
     /// A bug in the gateway; the body says nothing more.
     Internal,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    /// The first request was settled, but its response could not be kept.
+    IdempotencyReplayUnavailable,
 }
 
 impl ApiError {
@@ -65,6 +69,9 @@ impl ApiError {
             ApiError::StoreUnavailable => 503,
             ApiError::UpstreamTimeout => 504,
             ApiError::Internal => 500,
+            ApiError::IdempotencyInProgress
+            | ApiError::IdempotencyKeyReused
+            | ApiError::IdempotencyReplayUnavailable => 409,
         }
     }
 
@@ -84,6 +91,9 @@ impl ApiError {
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Internal => "internal_error",
+            ApiError::IdempotencyInProgress => "idempotency_in_progress",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyReplayUnavailable => "idempotency_replay_unavailable",
         }
     }
 
@@ -94,6 +104,9 @@ impl ApiError {
                 format!("The request body is larger than {limit} bytes.")
             }
             ApiError::Internal => "The gateway failed; nothing was charged.".into(),
+            ApiError::IdempotencyInProgress => "A request with this Idempotency-Key is in progress; retry when it has finished.".into(),
+            ApiError::IdempotencyKeyReused => "This Idempotency-Key was used for a different request.".into(),
+            ApiError::IdempotencyReplayUnavailable => "The request with this Idempotency-Key succeeded and was charged; its response was too large to replay.".into(),
             ApiError::MissingApiKey => {
                 "Send your API key as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
             }

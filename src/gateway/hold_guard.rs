@@ -152,6 +152,7 @@ mod tests {
             ttl_ms: 600_000,
             max_holds: 8,
             quota: None,
+            idempotency: None,
         };
         let placed = store.hold("a", &request, now_ms()).await.unwrap().unwrap();
         (store, placed.hold_id)

@@ -27,7 +27,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::ledger::{Credits, HoldRejected, HoldRequest, Millis};
+use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
     usage_charge, OnMissing, OnUnavailable, Policy, RequestFacts, RouteMatch, StoreConfig,
@@ -162,6 +162,10 @@ pub struct RequestCtx {
     body: Option<Bytes>,
     /// Reads actual usage from the response of a metered operation.
     usage: Option<UsageMeter>,
+    /// The request's `Idempotency-Key`, checked and recorded with its hold.
+    idempotency: Option<IdempotencyRequest>,
+    /// Keeps the response of an idempotent request, to replay it.
+    recorder: Option<Recorder>,
 }
 
 /// What `admit` decided.
@@ -210,6 +214,30 @@ impl Gateway {
         ctx.outcome = Some(error.kind());
         let body = error.body(&ctx.request_id);
         self.write_json(session, ctx, error.status(), body).await
+    }
+
+    /// Answers a repeated idempotent request from its recorded response: charged
+    /// nothing, marked `idempotent-replayed: true`.
+    async fn replay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        recorded: &Recorded,
+    ) -> Result<()> {
+        ctx.outcome = Some("replayed");
+        let body = Bytes::from(recorded.body.clone().unwrap_or_default());
+        let mut resp = ResponseHeader::build(recorded.status, Some(8))?;
+        if let Some(content_type) = &recorded.content_type {
+            resp.insert_header(http::header::CONTENT_TYPE, header_value(content_type))?;
+        }
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header("idempotent-replayed", "true")?;
+        self.add_credit_headers(&mut resp, ctx)?;
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
     }
 
     /// Writes a JSON response the gateway makes itself, with the credit headers.
@@ -376,11 +404,18 @@ impl Gateway {
             ));
         }
 
+        ctx.idempotency =
+            idempotency_of(req, body.as_deref(), self.policy.gateway.idempotency_ttl_ms)?;
         // A free operation holds nothing — unless it counts against a quota.
         if price.is_zero() && op.quota.is_none() {
             ctx.remaining = self.available(&account).await?;
-        } else {
-            self.hold(ctx, &account, &plan_name, index, price).await?;
+        } else if let Held::Replayed(recorded) =
+            self.hold(ctx, &account, &plan_name, index, price).await?
+        {
+            self.replay(session, ctx, &recorded)
+                .await
+                .map_err(|_| ApiError::Internal)?;
+            return Ok(Admitted::Answered);
         }
         if let Some(body) = body {
             // The hold (if any) is in the context: if re-arming fails, its guard releases it.
@@ -416,7 +451,7 @@ impl Gateway {
         plan_name: &str,
         index: usize,
         price: Credits,
-    ) -> std::result::Result<(), ApiError> {
+    ) -> std::result::Result<Held, ApiError> {
         let op = &self.policy.operations[index];
         let request = HoldRequest {
             operation: op.name.clone(),
@@ -425,6 +460,7 @@ impl Gateway {
             ttl_ms: self.policy.gateway.hold_ttl_ms,
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
+            idempotency: ctx.idempotency.clone(),
         };
         match self
             .metrics
@@ -442,8 +478,22 @@ impl Gateway {
                     account.to_string(),
                     placed.hold_id,
                 ));
-                Ok(())
+                if let Some(idem) = &ctx.idempotency {
+                    ctx.recorder = Some(Recorder::new(
+                        idem.key.clone(),
+                        self.policy.gateway.idempotency_replay_max_bytes,
+                    ));
+                }
+                Ok(Held::Placed)
             }
+            Ok(Err(HoldRejected::IdempotencyInProgress)) => Err(ApiError::IdempotencyInProgress),
+            Ok(Err(HoldRejected::IdempotencyKeyReused)) => Err(ApiError::IdempotencyKeyReused),
+            Ok(Err(HoldRejected::Replay { response, .. })) => match response {
+                Some(recorded) if recorded.body.is_some() => Ok(Held::Replayed(recorded)),
+                Some(_) => Err(ApiError::IdempotencyReplayUnavailable),
+                // Settled a moment ago; its response is being recorded.
+                None => Err(ApiError::IdempotencyInProgress),
+            },
             Ok(Err(HoldRejected::InsufficientCredits {
                 required,
                 available,
@@ -473,7 +523,7 @@ impl Gateway {
                 let forwarded = self.metrics.unmetered();
                 tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "store unavailable, forwarding unmetered: {e}");
                 ctx.remaining = None;
-                Ok(())
+                Ok(Held::Placed)
             }
             Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
         }
@@ -517,6 +567,15 @@ impl Gateway {
         };
         ctx.outcome = Some("settled");
         guard.settle(charge, &ctx.request_id).await;
+        if let (Some(recorder), Some(identity)) = (ctx.recorder.take(), &ctx.identity) {
+            let (key, recorded) = recorder.finish();
+            let call =
+                self.store
+                    .record_response(&identity.account, &key, &recorded, self.now_ms());
+            if let Err(e) = self.metrics.store(call).await {
+                tracing::warn!(request_id = %ctx.request_id, "the response for idempotency could not be recorded: {e}");
+            }
+        }
     }
 
     async fn release(&self, guard: HoldGuard, ctx: &mut RequestCtx) {
@@ -525,6 +584,114 @@ impl Gateway {
         if let Some(available) = guard.release(&ctx.request_id).await {
             ctx.remaining = Some(available);
         }
+    }
+}
+
+/// How placing a hold went, when it did not need an error answer.
+enum Held {
+    Placed,
+    /// An idempotent repeat of a settled request: answer it from its record.
+    Replayed(Recorded),
+}
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// The request's `Idempotency-Key` and its fingerprint: method, path and query, and
+/// the body — its bytes when the gateway read them, else its declared length.
+fn idempotency_of(
+    req: &RequestHeader,
+    body: Option<&[u8]>,
+    ttl_ms: u64,
+) -> std::result::Result<Option<IdempotencyRequest>, ApiError> {
+    let Some(value) = req.headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().ok().map(str::trim).filter(|k| {
+        !k.is_empty()
+            && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES
+            && k.bytes().all(|b| b.is_ascii_graphic())
+    });
+    let Some(key) = key else {
+        return Err(ApiError::InvalidRequest {
+            source: "header:idempotency-key".into(),
+            message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"),
+        });
+    };
+    let mut hash = Sha256::new();
+    hash.update(req.method.as_str());
+    hash.update(b"\n");
+    hash.update(req.uri.path_and_query().map_or("", |p| p.as_str()));
+    hash.update(b"\n");
+    match body {
+        Some(bytes) => hash.update(bytes),
+        None => hash.update(
+            req.headers
+                .get(http::header::CONTENT_LENGTH)
+                .map_or(&b"-"[..], |v| v.as_bytes()),
+        ),
+    }
+    Ok(Some(IdempotencyRequest {
+        key: key.to_string(),
+        fingerprint: hex::encode(hash.finalize()),
+        ttl_ms,
+    }))
+}
+
+/// Keeps an idempotent request's response (up to a limit) for replay.
+struct Recorder {
+    key: String,
+    status: u16,
+    content_type: Option<String>,
+    body: Vec<u8>,
+    max_bytes: usize,
+    too_large: bool,
+}
+
+impl Recorder {
+    fn new(key: String, max_bytes: usize) -> Self {
+        Recorder {
+            key,
+            status: 0,
+            content_type: None,
+            body: Vec::new(),
+            max_bytes,
+            too_large: false,
+        }
+    }
+
+    fn head(&mut self, status: u16, response: &ResponseHeader) {
+        self.status = status;
+        self.content_type = response
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
+
+    fn body(&mut self, chunk: &[u8]) {
+        if self.too_large || self.body.len() + chunk.len() > self.max_bytes {
+            self.too_large = true;
+            self.body = Vec::new();
+        } else {
+            self.body.extend_from_slice(chunk);
+        }
+    }
+
+    fn finish(self) -> (String, Recorded) {
+        let body = if self.too_large {
+            None
+        } else {
+            String::from_utf8(self.body).ok()
+        };
+        (
+            self.key,
+            Recorded {
+                status: self.status,
+                content_type: self.content_type,
+                body,
+            },
+        )
     }
 }
 
@@ -582,6 +749,8 @@ impl ProxyHttp for Gateway {
             outcome: None,
             body: None,
             usage: None,
+            idempotency: None,
+            recorder: None,
         }
     }
 
@@ -662,6 +831,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.status = Some(status);
+        if let Some(recorder) = ctx.recorder.as_mut() {
+            recorder.head(status, upstream_response);
+        }
         if let (Some(meter), Some(op)) = (ctx.usage.as_mut(), ctx.operation) {
             if let Some(rule) = &self.policy.operations[op].settle {
                 meter.on_headers(&rule.usage, upstream_response);
@@ -687,6 +859,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<Duration>> {
         if let (Some(meter), Some(chunk)) = (ctx.usage.as_mut(), body.as_ref()) {
             meter.on_body(chunk);
+        }
+        if let (Some(recorder), Some(chunk)) = (ctx.recorder.as_mut(), body.as_ref()) {
+            recorder.body(chunk);
         }
         Ok(None)
     }

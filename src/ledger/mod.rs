@@ -16,10 +16,13 @@
 
 mod calendar;
 mod credits;
+mod idempotency;
 mod journal;
 
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
+use idempotency::{Check, Idempotency};
+pub use idempotency::{IdempotencyRequest, Recorded};
 pub use journal::{Entry, EntryKind, Journal};
 
 /// The `detail` of the ledger entry written when a hold expires.
@@ -146,6 +149,9 @@ pub struct Hold {
     pub expires_at_ms: Millis,
     /// The plan quota this hold uses one unit of.
     pub quota: Option<String>,
+    /// The idempotency key whose record this hold ends.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// What a hold asks for.
@@ -159,6 +165,8 @@ pub struct HoldRequest {
     pub max_holds: usize,
     /// One unit of this plan quota is held too.
     pub quota: Option<String>,
+    /// The request's `Idempotency-Key`, if it sent one.
+    pub idempotency: Option<IdempotencyRequest>,
 }
 
 /// A hold that was placed.
@@ -183,6 +191,16 @@ pub enum HoldRejected {
     QuotaExhausted {
         quota: String,
         limit: u64,
+    },
+    /// The first request with this idempotency key is still in flight.
+    IdempotencyInProgress,
+    /// Another request was sent under this idempotency key.
+    IdempotencyKeyReused,
+    /// This request was settled before: answer it again, charge nothing. `None`
+    /// while its response is being recorded, or when it was too large to keep.
+    Replay {
+        response: Option<Recorded>,
+        recording: bool,
     },
 }
 
@@ -245,6 +263,8 @@ pub struct Account {
     ended: VecDeque<(u64, Ending)>,
     grant_receipts: BTreeMap<String, GrantReceipt>,
     grant_keys_in_order: VecDeque<String>,
+    #[serde(default)]
+    idempotency: Idempotency,
     /// Ledger entries not yet taken by the store.
     #[serde(skip)]
     fresh: VecDeque<Entry>,
@@ -290,6 +310,7 @@ impl Account {
             ended: VecDeque::new(),
             grant_receipts: BTreeMap::new(),
             grant_keys_in_order: VecDeque::new(),
+            idempotency: Idempotency::default(),
             fresh: VecDeque::new(),
             next_seq: 1,
         }
@@ -318,6 +339,11 @@ impl Account {
             detail,
         });
         self.next_seq += 1;
+    }
+
+    /// Attaches the recorded response to a settled idempotency record.
+    pub fn record_response(&mut self, key: &str, response: Recorded) -> bool {
+        self.idempotency.record(key, response)
     }
 
     /// How many holds expired (past their TTL) since the entries were last taken.
@@ -647,6 +673,7 @@ impl Account {
     /// Applies time: grants past expiry lose what is left, holds past their TTL
     /// are released as `Expired`. Returns the holds that expired.
     pub fn tick(&mut self, now_ms: Millis) -> Vec<(Hold, HoldEnded)> {
+        self.idempotency.prune(now_ms);
         let mut expired = Vec::new();
         for grant in &mut self.grants {
             if !grant.expired && grant.expires_at_ms.is_some_and(|at| at <= now_ms) {
@@ -698,6 +725,20 @@ impl Account {
         catalog: &Catalog,
     ) -> Result<HoldPlaced, HoldRejected> {
         self.tick(now_ms);
+        if let Some(idem) = &request.idempotency {
+            match self.idempotency.check(idem) {
+                Check::Proceed => {}
+                Check::InProgress => return Err(HoldRejected::IdempotencyInProgress),
+                Check::Reused => return Err(HoldRejected::IdempotencyKeyReused),
+                Check::Replay(response) => {
+                    let recording = response.is_none();
+                    return Err(HoldRejected::Replay {
+                        response,
+                        recording,
+                    });
+                }
+            }
+        }
         if let Some(quota) = &request.quota {
             let limit = catalog
                 .get(&self.plan)
@@ -755,8 +796,12 @@ impl Account {
                 draws,
                 expires_at_ms: now_ms.saturating_add(request.ttl_ms),
                 quota: request.quota.clone(),
+                idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
             },
         );
+        if let Some(idem) = &request.idempotency {
+            self.idempotency.start(idem, now_ms);
+        }
         self.record(
             now_ms,
             EntryKind::Hold,
@@ -847,6 +892,13 @@ impl Account {
         self.charged = self.charged.checked_add(charged).unwrap_or(self.charged);
         if let (Ending::Settled, Some(quota)) = (ending, &hold.quota) {
             *self.quota_used.entry(quota.clone()).or_default() += 1;
+        }
+        if let Some(key) = &hold.idempotency_key {
+            match ending {
+                Ending::Settled => self.idempotency.settled(key),
+                // Released or expired: a retry runs anew.
+                Ending::Released | Ending::Expired => self.idempotency.forget(key),
+            }
         }
         if self.ended.len() == ENDED_HOLDS_REMEMBERED {
             self.ended.pop_front();

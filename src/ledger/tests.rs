@@ -13,6 +13,7 @@ fn request(amount: &str) -> HoldRequest {
         ttl_ms: 1_000,
         max_holds: 64,
         quota: None,
+        idempotency: None,
     }
 }
 
@@ -226,7 +227,7 @@ proptest! {
                     let before = a.available();
                     let amount = Credits::from_millicredits(milli);
                     let r = HoldRequest { operation: "op".into(), request_id: "r".into(),
-                                          amount, ttl_ms: ttl, max_holds: 16, quota: None };
+                                          amount, ttl_ms: ttl, max_holds: 16, quota: None , idempotency: None,};
                     match a.hold(&r, now, &Catalog::new()) {
                         Ok(p) => {
                             prop_assert!(amount <= before);
@@ -236,7 +237,7 @@ proptest! {
                             prop_assert!(available < amount)
                         }
                         Err(HoldRejected::TooManyHolds { .. }) => prop_assert_eq!(a.holds().count(), 16),
-                        Err(HoldRejected::QuotaExhausted { .. }) => prop_assert!(false, "no quota was asked for"),
+                        Err(other) => prop_assert!(false, "nothing else was asked for: {other:?}"),
                     }
                 }
                 Step::Settle { nth, milli } => {
@@ -715,4 +716,75 @@ proptest! {
             prop_assert!(a.next_refill_ms > now || a.next_refill_ms > a.cycle_start_ms);
         }
     }
+}
+
+#[test]
+fn idempotency_keys_follow_their_hold() {
+    let cat = Catalog::new();
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("100"), 30, None, 0).unwrap();
+    let idem = |key: &str, fingerprint: &str| {
+        Some(IdempotencyRequest {
+            key: key.into(),
+            fingerprint: fingerprint.into(),
+            ttl_ms: 1_000_000,
+        })
+    };
+    let first = HoldRequest {
+        idempotency: idem("k", "f"),
+        ttl_ms: 60_000,
+        ..request("3")
+    };
+    let placed = a.hold(&first, 0, &cat).unwrap();
+    assert_eq!(
+        a.hold(&first, 1, &cat),
+        Err(HoldRejected::IdempotencyInProgress)
+    );
+    a.settle(placed.hold_id, c("3"), 2).unwrap();
+    assert_eq!(
+        a.hold(&first, 3, &cat),
+        Err(HoldRejected::Replay {
+            response: None,
+            recording: true
+        })
+    );
+    let recorded = Recorded {
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: Some("{}".into()),
+    };
+    assert!(a.record_response("k", recorded.clone()));
+    assert_eq!(
+        a.hold(&first, 4, &cat),
+        Err(HoldRejected::Replay {
+            response: Some(recorded),
+            recording: false
+        })
+    );
+    let other = HoldRequest {
+        idempotency: idem("k", "another request"),
+        ..first.clone()
+    };
+    assert_eq!(
+        a.hold(&other, 5, &cat),
+        Err(HoldRejected::IdempotencyKeyReused)
+    );
+    assert_eq!(a.totals().charged, c("3"), "repeats charge nothing");
+
+    let second = HoldRequest {
+        idempotency: idem("k2", "f"),
+        ttl_ms: 60_000,
+        ..request("3")
+    };
+    let placed = a.hold(&second, 6, &cat).unwrap();
+    a.release(placed.hold_id, 7).unwrap();
+    assert!(
+        a.hold(&second, 8, &cat).is_ok(),
+        "after a release the repeat runs anew"
+    );
+    assert!(
+        a.hold(&first, 1_000_001, &cat).is_ok(),
+        "a key is forgotten after its TTL"
+    );
+    a.check_invariant().unwrap();
 }

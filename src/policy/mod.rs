@@ -103,6 +103,10 @@ pub struct GatewayConfig {
     pub ledger_max_entries: usize,
     /// On SIGTERM, how long in-flight requests may run before the process stops.
     pub shutdown_grace_ms: u64,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl_ms: u64,
+    /// Largest response body recorded for replay.
+    pub idempotency_replay_max_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

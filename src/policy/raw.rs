@@ -43,6 +43,8 @@ pub struct RawGateway {
     pub max_holds_per_account: Option<Spanned<i64>>,
     pub ledger_max_entries: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub idempotency_ttl: Option<Spanned<String>>,
+    pub idempotency_replay_max_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

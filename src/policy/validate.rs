@@ -290,6 +290,18 @@ impl Validator<'_> {
             max_holds_per_account,
             ledger_max_entries,
             shutdown_grace_ms: self.duration_ms(&raw.shutdown_grace, 30_000, "shutdown_grace"),
+            idempotency_ttl_ms: self.duration_ms(
+                &raw.idempotency_ttl,
+                86_400_000,
+                "idempotency_ttl",
+            ),
+            idempotency_replay_max_bytes: match &raw.idempotency_replay_max_bytes {
+                None => 64 << 10,
+                Some(size) => parse_size_bytes(size.get_ref()).unwrap_or_else(|e| {
+                    self.error(size.span(), format!("idempotency_replay_max_bytes: {e}"));
+                    0
+                }),
+            },
         }
     }
 

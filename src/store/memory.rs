@@ -16,7 +16,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
-    Millis, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+    Millis, Recorded, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
 };
 use crate::policy::SeedAccount;
 
@@ -413,6 +413,18 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn record_response(
+        &self,
+        account: &str,
+        key: &str,
+        response: &Recorded,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
+        self.with_account(account, now_ms, |a, _| {
+            a.record_response(key, response.clone())
+        })
+    }
+
     fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         *rules = Rules {
@@ -500,6 +512,7 @@ mod tests {
             ttl_ms: 1_000,
             max_holds: 8,
             quota: None,
+            idempotency: None,
         };
         let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
         assert_eq!(store.sweep(999).await.unwrap(), 0);

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use crate::ledger::{
     AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt, Hold,
-    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Totals,
+    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, Totals,
 };
 use crate::policy::SeedAccount;
 
@@ -191,6 +191,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         now_ms: Millis,
     ) -> Result<Vec<(String, Hold)>, StoreError>;
+
+    /// Attaches the response of a settled request to its idempotency record.
+    async fn record_response(
+        &self,
+        account: &str,
+        key: &str,
+        response: &Recorded,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError>;
 
     /// Replaces the plans (a policy reload). Accounts keep their plan names.
     fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize);

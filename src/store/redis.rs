@@ -34,7 +34,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
-    Millis, Totals,
+    Millis, Recorded, Totals,
 };
 use crate::policy::SeedAccount;
 
@@ -878,6 +878,19 @@ impl Store for RedisStore {
             }
         }
         Ok(all)
+    }
+
+    async fn record_response(
+        &self,
+        account: &str,
+        key: &str,
+        response: &Recorded,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
+        self.transact(account, now_ms, false, |a, _| {
+            a.record_response(key, response.clone())
+        })
+        .await
     }
 
     fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {

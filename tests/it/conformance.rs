@@ -62,6 +62,7 @@ fn hold(amount: &str, request_id: &str, ttl_ms: u64, quota: Option<&str>) -> Hol
         ttl_ms,
         max_holds: 3,
         quota: quota.map(str::to_string),
+        idempotency: None,
     }
 }
 
@@ -252,6 +253,58 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         "holds everywhere",
         store.holds(None, 10, later).await.map(|h| h.len()),
     );
+    let idem = |fp: &str| {
+        Some(creditgate::ledger::IdempotencyRequest {
+            key: "order-9".into(),
+            fingerprint: fp.into(),
+            ttl_ms: 86_400_000,
+        })
+    };
+    let keyed = HoldRequest {
+        idempotency: idem("f"),
+        ..hold("1", "i1", 60_000, None)
+    };
+    let placed = store.hold("team", &keyed, later).await;
+    out.note("idempotent hold", &placed);
+    out.note(
+        "same key in flight",
+        store.hold("team", &keyed, later).await,
+    );
+    if let Ok(Ok(p)) = placed {
+        out.note(
+            "settle keyed",
+            store.settle("team", p.hold_id, c("1"), later).await,
+        );
+    }
+    out.note(
+        "replay while recording",
+        store.hold("team", &keyed, later).await,
+    );
+    let recorded = creditgate::ledger::Recorded {
+        status: 200,
+        content_type: None,
+        body: Some("ok".into()),
+    };
+    out.note(
+        "record",
+        store
+            .record_response("team", "order-9", &recorded, later)
+            .await,
+    );
+    out.note("replay", store.hold("team", &keyed, later).await);
+    out.note(
+        "reused",
+        store
+            .hold(
+                "team",
+                &HoldRequest {
+                    idempotency: idem("g"),
+                    ..keyed.clone()
+                },
+                later,
+            )
+            .await,
+    );
     out.note("revoke", store.revoke_key("k1").await);
     out.note("revoke again", store.revoke_key("k1").await);
     out.note("identify revoked", store.identify(&[2; 32], later).await);
@@ -329,6 +382,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 ttl_ms: ttl,
                 max_holds: 50,
                 quota: None,
+                idempotency: None,
             };
             for store in &stores {
                 answers.push(format!(

@@ -247,3 +247,126 @@ async fn oversized_headers_and_invalid_bytes_are_refused_and_the_gateway_keeps_s
     let t = gw.settled("alice").await;
     assert_eq!(t.charged, credits("3"), "only the good request was charged");
 }
+
+async fn with_key(gw: &TestGateway, key: &str, path: &str) -> reqwest::RequestBuilder {
+    gw.post(path).header("idempotency-key", key)
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_a_settled_request_and_charges_once() {
+    let gw = start("100").await;
+    let first = with_key(&gw, "order-1", "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
+    gw.settled("alice").await;
+    let again = with_key(&gw, "order-1", "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(header(&again, "idempotent-replayed"), "true");
+    assert_eq!(header(&again, "x-credits-held"), "0");
+    assert_eq!(
+        again.text().await.unwrap(),
+        first_body,
+        "the recorded response, byte for byte"
+    );
+    assert_eq!(
+        gw.backend.received().len(),
+        1,
+        "the repeat never reached the backend"
+    );
+    assert_eq!(
+        gw.settled("alice").await.charged,
+        credits("3"),
+        "charged once"
+    );
+
+    // The same key on another request is refused.
+    let (status, body) = {
+        let r = with_key(&gw, "order-1", "/v1/sites/x/edits")
+            .await
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    assert_eq!(
+        (status, body["error"]["type"].as_str().unwrap()),
+        (409, "idempotency_key_reused")
+    );
+
+    // After the key's TTL (24 h by default) it runs anew.
+    gw.advance_days(2);
+    let later = with_key(&gw, "order-1", "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&later, "idempotent-replayed"), "<missing>");
+    assert_eq!(gw.backend.received().len(), 2);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_in_flight_is_409_and_a_released_one_runs_anew() {
+    let gw = start("100").await;
+    let slow = with_key(&gw, "k-slow", "/v1/images")
+        .await
+        .header("x-mock-delay-ms", "700")
+        .send();
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        with_key(&gw, "k-slow", "/v1/images")
+            .await
+            .send()
+            .await
+            .unwrap()
+    };
+    let (first, second) = tokio::join!(slow, second);
+    assert_eq!(first.unwrap().status(), 200);
+    assert_eq!(second.status(), 409);
+    assert_eq!(
+        second.json::<serde_json::Value>().await.unwrap()["error"]["type"],
+        "idempotency_in_progress"
+    );
+
+    let failed = with_key(&gw, "k-fail", "/v1/images")
+        .await
+        .header("x-mock-status", "503")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503);
+    let retried = with_key(&gw, "k-fail", "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        retried.status(),
+        200,
+        "a released first attempt: the retry runs anew"
+    );
+    assert_eq!(header(&retried, "idempotent-replayed"), "<missing>");
+    assert_eq!(
+        gw.settled("alice").await.charged,
+        credits("6"),
+        "two successes, one charge each"
+    );
+
+    let bad = gw
+        .post("/v1/images")
+        .header("idempotency-key", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
