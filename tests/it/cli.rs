@@ -160,6 +160,7 @@ fn run_serves_the_policy_on_its_listen_address() {
             .arg(&policy)
             .env("RUN_TEST_KEY", "sk-run")
             .env("RUST_LOG", "debug")
+            .env("CREDITGATE_LOG_FORMAT", "json")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
@@ -195,6 +196,17 @@ fn run_serves_the_policy_on_its_listen_address() {
     assert!(
         logs.contains("DEBUG") || logs.contains("INFO"),
         "the gateway logged: {logs}"
+    );
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(
+            parsed.is_ok(),
+            "CREDITGATE_LOG_FORMAT=json writes JSON lines: {line}"
+        );
+    }
+    assert!(
+        logs.contains("\"request_id\""),
+        "request logs carry the request id: {logs}"
     );
     for secret in ["sk-run", "sk-wrong-key-9876"] {
         assert!(!logs.contains(secret), "a key reached the logs: {secret}");
