@@ -188,6 +188,10 @@ impl ProxyHttp for LiveProxy {
         ctx.gateway.fail_to_proxy(session, e, &mut ctx.inner).await
     }
 
+    fn suppress_error_log(&self, session: &Session, ctx: &LiveCtx, error: &Error) -> bool {
+        ctx.gateway.suppress_error_log(session, &ctx.inner, error)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut LiveCtx) {
         ctx.gateway.logging(session, e, &mut ctx.inner).await
     }

@@ -896,6 +896,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Pingora's own line for a failed request has no request id; `logging` writes
+    /// the same failure with it, so every line about a request carries its id.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         self.end_hold(ctx, ended_by(e)).await;
         let operation = ctx
@@ -906,7 +912,7 @@ impl ProxyHttp for Gateway {
             .unwrap_or(if e.is_some() { "failed" } else { "free" });
         self.metrics.request(operation, outcome);
         if let Some(e) = e {
-            tracing::info!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
+            tracing::warn!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct PlanTerms {
     pub quotas: BTreeMap<String, u64>,
     pub seats: u32,
     pub signup_credits: Option<Credits>,
+    /// An upgrade to this plan keeps the old plan grant's rest until the refill.
+    pub keep_unused_on_upgrade: bool,
 }
 
 /// Every plan by name.
@@ -475,10 +477,12 @@ impl Account {
                 self.pending_plan = None;
                 self.plan = new_plan.to_string();
                 let mut expired = Vec::new();
+                // Unless the new plan keeps it, the rest of the old allowance expires.
+                let keep = terms.keep_unused_on_upgrade;
                 for grant in self
                     .grants
                     .iter_mut()
-                    .filter(|g| g.kind == "plan" && !g.expired)
+                    .filter(|g| g.kind == "plan" && !g.expired && !keep)
                 {
                     grant.expired = true;
                     self.expired = self.expired.checked_add(grant.left).unwrap_or(self.expired);

@@ -287,6 +287,7 @@ fn terms(monthly: &str, seats: u32, quotas: &[(&str, u64)]) -> PlanTerms {
         quotas: quotas.iter().map(|(q, n)| (q.to_string(), *n)).collect(),
         seats,
         signup_credits: None,
+        keep_unused_on_upgrade: false,
     }
 }
 
@@ -785,6 +786,40 @@ fn idempotency_keys_follow_their_hold() {
     assert!(
         a.hold(&first, 1_000_001, &cat).is_ok(),
         "a key is forgotten after its TTL"
+    );
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn a_plan_can_keep_the_unused_allowance_on_upgrade() {
+    let mut cat = catalog();
+    cat.get_mut("creator").unwrap().keep_unused_on_upgrade = true;
+    let t0 = at("2026-05-10T00:00:00Z");
+    let mut a = open("starter", Some(10), t0);
+    let p = a
+        .hold(
+            &HoldRequest {
+                amount: c("120"),
+                ..request("0")
+            },
+            t0,
+            &cat,
+        )
+        .unwrap();
+    a.settle(p.hold_id, c("120"), t0).unwrap();
+    a.change_plan("creator", Effective::Now, t0 + DAY, &cat)
+        .unwrap();
+    assert_eq!(
+        plan_left(&a),
+        c("530"),
+        "80 unused + 450 new, until the refill"
+    );
+    assert_eq!(a.totals().expired, c("0"));
+    a.refill_if_due(at("2026-06-10T00:00:00Z"), &cat);
+    assert_eq!(
+        plan_left(&a),
+        c("450"),
+        "at the refill only the new allowance remains"
     );
     a.check_invariant().unwrap();
 }

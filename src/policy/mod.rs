@@ -144,6 +144,9 @@ pub struct Plan {
     pub quotas: Vec<(String, u64)>,
     pub seats: u32,
     pub signup_credits: Option<Credits>,
+    /// An upgrade *to* this plan keeps what is left of the old plan grant for the
+    /// rest of the cycle, instead of expiring it.
+    pub keep_unused_on_upgrade: bool,
 }
 
 /// Where a request value comes from.
@@ -359,6 +362,7 @@ impl Policy {
                     quotas: p.quotas.iter().cloned().collect(),
                     seats: p.seats,
                     signup_credits: p.signup_credits,
+                    keep_unused_on_upgrade: p.keep_unused_on_upgrade,
                 };
                 (p.name.clone(), terms)
             })

@@ -82,6 +82,7 @@ pub struct RawPlan {
     pub quotas: BTreeMap<String, Spanned<i64>>,
     pub seats: Option<Spanned<i64>>,
     pub signup_credits: Option<Spanned<Value>>,
+    pub keep_unused_on_upgrade: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -451,6 +451,7 @@ impl Validator<'_> {
                 quotas,
                 seats,
                 signup_credits,
+                keep_unused_on_upgrade: plan.keep_unused_on_upgrade.unwrap_or(false),
             });
         }
         out

@@ -463,6 +463,7 @@ mod tests {
             quotas: Default::default(),
             seats: 1,
             signup_credits: Some(Credits::from_whole(2).unwrap()),
+            keep_unused_on_upgrade: false,
         };
         MemoryStore::new(Catalog::from([("free".to_string(), terms)]), 100)
     }
