@@ -43,6 +43,19 @@ impl Stored {
         journal.append(account.take_entries());
         Stored { account, journal }
     }
+
+    /// Files the account's new ledger entries in the journal.
+    fn file_entries(&mut self) {
+        let fresh = self.account.take_entries();
+        self.journal.append(fresh);
+    }
+
+    /// Applies time (without a refill); returns how many holds expired.
+    fn tick(&mut self, now_ms: Millis) -> usize {
+        let expired = self.account.tick(now_ms).len();
+        self.file_entries();
+        expired
+    }
 }
 
 pub struct MemoryStore {
@@ -107,8 +120,7 @@ impl MemoryStore {
         stored.account.refill_if_due(now_ms, &catalog);
         stored.account.tick(now_ms);
         let out = apply(stored, &catalog);
-        let fresh = stored.account.take_entries();
-        stored.journal.append(fresh);
+        stored.file_entries();
         Ok(out)
     }
 }
@@ -253,9 +265,7 @@ impl Store for MemoryStore {
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
         let mut ended = 0;
         for mut stored in self.accounts.iter_mut() {
-            ended += stored.account.tick(now_ms).len();
-            let fresh = stored.account.take_entries();
-            stored.journal.append(fresh);
+            ended += stored.tick(now_ms);
         }
         Ok(ended)
     }
@@ -399,9 +409,7 @@ impl Store for MemoryStore {
             None => {
                 let mut all = Vec::new();
                 for mut stored in self.accounts.iter_mut() {
-                    stored.account.tick(now_ms);
-                    let fresh = stored.account.take_entries();
-                    stored.journal.append(fresh);
+                    stored.tick(now_ms);
                     all.extend(collect(&stored.account));
                     if all.len() >= limit {
                         all.truncate(limit);
