@@ -37,6 +37,10 @@ use tokio::sync::watch;
 mod support;
 use support::Redis;
 
+/// The allocator the `creditgate` binary uses, for every variant alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PRICE: &str = "0.001";
 
 /// Accounts in the bench policy: each load connection is a different user.

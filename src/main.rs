@@ -7,6 +7,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the load bench serves ~17% more requests per second than on glibc's
+/// allocator (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use creditgate::gateway::{run_server, Gateway, LiveGateway};
 use creditgate::policy::{format_duration, Policy, RequestFacts, StoreConfig};
 use creditgate::store::memory::MemoryStore;
