@@ -428,13 +428,7 @@ impl Account {
             .get(&self.plan)
             .map_or(Credits::ZERO, |t| t.monthly_credits);
         if self
-            .add_grant(
-                "plan",
-                allowance,
-                default_priority("plan"),
-                Some(next),
-                now_ms,
-            )
+            .add_grant("plan", allowance, default_priority("plan"), Some(next))
             .is_ok()
         {
             self.record(
@@ -504,7 +498,6 @@ impl Account {
                     terms.monthly_credits,
                     default_priority("plan"),
                     Some(self.next_refill_ms),
-                    now_ms,
                 )
                 .map_err(|_| AccountRejected::GrantOverflow)?;
                 self.record(
@@ -627,7 +620,7 @@ impl Account {
         expires_at_ms: Option<Millis>,
         now_ms: Millis,
     ) -> Result<u64, GrantOverflow> {
-        let id = self.add_grant(kind, amount, priority, expires_at_ms, now_ms)?;
+        let id = self.add_grant(kind, amount, priority, expires_at_ms)?;
         self.record(
             now_ms,
             EntryKind::Grant,
@@ -646,7 +639,6 @@ impl Account {
         amount: Credits,
         priority: u32,
         expires_at_ms: Option<Millis>,
-        now_ms: Millis,
     ) -> Result<u64, GrantOverflow> {
         // Refusing here keeps every later sum of this account's amounts in range.
         let granted = self.granted.checked_add(amount).ok_or(GrantOverflow)?;
@@ -669,7 +661,6 @@ impl Account {
             .grants
             .partition_point(|g| g.spend_key() <= grant.spend_key());
         self.grants.insert(at, grant);
-        let _ = now_ms;
         self.debug_check();
         Ok(id)
     }

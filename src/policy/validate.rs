@@ -365,7 +365,6 @@ impl Validator<'_> {
     fn upstreams(&mut self, raw: &BTreeMap<String, Spanned<RawUpstream>>) -> Vec<Upstream> {
         let mut out = Vec::new();
         for (name, upstream) in raw {
-            let span = upstream.span();
             let upstream = upstream.get_ref();
             let url = self.expand(&upstream.url);
             let Some((host, port, tls)) = parse_upstream_url(&url)
@@ -392,7 +391,6 @@ impl Validator<'_> {
                     ),
                 }
             }
-            let _ = span;
             out.push(Upstream {
                 name: name.clone(),
                 host,

@@ -523,10 +523,12 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
+    // Who a key is needs no write: it reads the cached (or fetched) account without
+    // applying time; a refill or pending downgrade shows at the account's next transition.
     async fn identify(
         &self,
         key_sha256: &[u8; 32],
-        now_ms: Millis,
+        _now_ms: Millis,
     ) -> Result<Option<Identity>, StoreError> {
         let Some(owner) = self.key_owner(key_sha256).await? else {
             return Ok(None);
@@ -549,7 +551,6 @@ impl Store for RedisStore {
                     .ok_or(e)?,
             },
         };
-        let _ = now_ms;
         Ok(Some(Identity {
             premium_disabled: account
                 .members

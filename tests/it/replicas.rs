@@ -1,7 +1,6 @@
 //! Many gateway replicas, one Redis: no overspend, outages, dead replicas.
 
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::time::Duration;
 
 use creditgate::demo::mock::MockBackend;
@@ -308,7 +307,6 @@ async fn a_gateway_killed_mid_request_has_its_hold_released_by_the_other_replica
         .await
         .unwrap();
     assert_eq!(header(&resp, "x-credits-remaining"), "27");
-    let _ = Arc::new(());
 }
 
 fn signal(gateway: &Gateway, name: &str) {
