@@ -57,12 +57,13 @@ impl HoldGuard {
             .store
             .release(&self.account, self.hold_id, self.clock.now_ms());
         let outcome = self.metrics.store(call).await;
+        // The balance comes with the outcome: no second store call for the header.
+        let available = match &outcome {
+            Ok(Ok(ended)) => Some(ended.available),
+            _ => None,
+        };
         self.report("release", request_id, outcome);
-        self.store
-            .totals(&self.account, self.clock.now_ms())
-            .await
-            .ok()
-            .map(|t| t.available)
+        available
     }
 
     fn report(&self, what: &str, request_id: &str, outcome: Result<EndOutcome, StoreError>) {

@@ -221,6 +221,8 @@ pub struct HoldEnded {
     pub charged: Credits,
     /// Credits given back to grants (or to `expired`, if their grant expired meanwhile).
     pub returned: Credits,
+    /// The account's available credits once the hold ended.
+    pub available: Credits,
 }
 
 /// Why a hold could not be ended: it already was, or never existed.
@@ -903,6 +905,7 @@ impl Account {
             ending,
             charged,
             returned,
+            available: self.available(),
         }
     }
 
