@@ -4,7 +4,8 @@
 //! outcomes from a fixed list. Nothing here grows with traffic.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -28,7 +29,11 @@ struct Histogram {
 
 #[derive(Default)]
 pub struct Metrics {
-    requests: DashMap<(String, &'static str), AtomicU64>,
+    /// Per operation: its outcomes and their counts (a handful each). Keyed by
+    /// the operation alone so counting a request looks up a `&str`, allocating
+    /// nothing once the series exists.
+    requests: DashMap<String, Mutex<Vec<(&'static str, u64)>>>,
+    series: AtomicUsize,
     held_milli: AtomicU64,
     settled_milli: AtomicU64,
     released_milli: AtomicU64,
@@ -43,19 +48,36 @@ impl Metrics {
     /// One finished request: its operation (or `unmatched`) and how it ended
     /// (`settled`, `released`, `free`, or the error type the gateway answered).
     pub fn request(&self, operation: &str, outcome: &'static str) {
-        let key = if self.requests.len() >= MAX_SERIES
-            && !self
-                .requests
-                .contains_key(&(operation.to_string(), outcome))
-        {
-            ("other".to_string(), outcome)
-        } else {
-            (operation.to_string(), outcome)
+        if !self.count_or_add(operation, outcome, false) {
+            // Past MAX_SERIES, a new pair counts as `other`, which always may.
+            self.count_or_add("other", outcome, true);
+        }
+    }
+
+    /// Counts one (operation, outcome); false, counting nothing, when that would
+    /// start a new series past `MAX_SERIES` and `always` is not set.
+    fn count_or_add(&self, operation: &str, outcome: &'static str, always: bool) -> bool {
+        let bump = |outcomes: &Mutex<Vec<(&'static str, u64)>>| {
+            // A poisoned lock only means a panic elsewhere; the counts are plain numbers.
+            let mut outcomes = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, n)) = outcomes.iter_mut().find(|(o, _)| *o == outcome) {
+                *n += 1;
+                return true;
+            }
+            if !always && self.series.load(Ordering::Relaxed) >= MAX_SERIES {
+                return false;
+            }
+            self.series.fetch_add(1, Ordering::Relaxed);
+            outcomes.push((outcome, 1));
+            true
         };
-        self.requests
-            .entry(key)
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        if let Some(outcomes) = self.requests.get(operation) {
+            return bump(&outcomes);
+        }
+        if !always && self.series.load(Ordering::Relaxed) >= MAX_SERIES {
+            return false;
+        }
+        bump(&self.requests.entry(operation.to_string()).or_default())
     }
 
     pub fn held(&self, credits: Credits) {
@@ -115,11 +137,15 @@ impl Metrics {
             Credits::from_millicredits(milli.load(Ordering::Relaxed)).to_string()
         };
         out.push_str("# HELP creditgate_requests_total Requests by operation and outcome.\n# TYPE creditgate_requests_total counter\n");
-        let mut series: Vec<((String, &'static str), u64)> = self
-            .requests
-            .iter()
-            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
-            .collect();
+        let mut series: Vec<((String, &'static str), u64)> = Vec::new();
+        for entry in self.requests.iter() {
+            let outcomes = entry.value().lock().unwrap_or_else(|e| e.into_inner());
+            series.extend(
+                outcomes
+                    .iter()
+                    .map(|(outcome, n)| ((entry.key().clone(), *outcome), *n)),
+            );
+        }
         series.sort();
         for ((operation, outcome), n) in series {
             let _ = writeln!(
@@ -182,4 +208,46 @@ fn escape(label: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_of(metrics: &Metrics, operation: &str, outcome: &str) -> Option<u64> {
+        let line = format!(
+            "creditgate_requests_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()).map(|n| n.parse().unwrap()))
+    }
+
+    #[test]
+    fn requests_are_counted_per_operation_and_outcome() {
+        let metrics = Metrics::default();
+        metrics.request("image", "settled");
+        metrics.request("image", "settled");
+        metrics.request("image", "released");
+        metrics.request("video", "settled");
+        assert_eq!(count_of(&metrics, "image", "settled"), Some(2));
+        assert_eq!(count_of(&metrics, "image", "released"), Some(1));
+        assert_eq!(count_of(&metrics, "video", "settled"), Some(1));
+    }
+
+    #[test]
+    fn series_past_the_cap_count_as_other() {
+        let metrics = Metrics::default();
+        for i in 0..MAX_SERIES {
+            metrics.request(&format!("op{i}"), "settled");
+        }
+        metrics.request("op0", "settled");
+        metrics.request("late", "settled");
+        metrics.request("op1", "released");
+        assert_eq!(count_of(&metrics, "op0", "settled"), Some(2));
+        assert_eq!(count_of(&metrics, "late", "settled"), None);
+        assert_eq!(count_of(&metrics, "other", "settled"), Some(1));
+        assert_eq!(count_of(&metrics, "other", "released"), Some(1));
+    }
 }

@@ -58,6 +58,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
+    /// Each plan's `x-creditgate-features` value, in the policy's order.
+    plan_features: Vec<HeaderValue>,
 }
 
 impl Gateway {
@@ -84,12 +86,18 @@ impl Gateway {
             peer.options.write_timeout = Some(Duration::from_millis(u.read_timeout_ms));
             peers.push(peer);
         }
+        let plan_features = policy
+            .plans
+            .iter()
+            .map(|p| header_value(&p.features.join(",")))
+            .collect();
         Ok(Gateway {
             policy,
             store,
             clock,
             metrics: Arc::default(),
             peers,
+            plan_features,
         })
     }
 
@@ -98,6 +106,12 @@ impl Gateway {
         let mut next = Gateway::new(policy, self.store.clone(), self.clock.clone())?;
         next.metrics = self.metrics.clone();
         Ok(next)
+    }
+
+    /// The ready-made peers, one per upstream in the policy's order, with the
+    /// policy's timeouts (the load bench's bare passthrough proxies to the same).
+    pub fn peers(&self) -> &[HttpPeer] {
+        &self.peers
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -143,7 +157,9 @@ impl Gateway {
 /// What one request carries between Pingora's phases.
 pub struct RequestCtx {
     request_id: String,
-    identity: Option<Identity>,
+    /// The same id, ready for the two headers that carry it.
+    request_id_value: HeaderValue,
+    identity: Option<Arc<Identity>>,
     /// Index of the matched operation; `None` for an unmatched pass-through.
     operation: Option<usize>,
     upstream: usize,
@@ -177,7 +193,7 @@ enum Admitted {
 }
 
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 /// The key from `Authorization: Bearer KEY` or `x-api-key: KEY`.
@@ -200,6 +216,15 @@ fn header_value(text: &str) -> HeaderValue {
     // Our own values are ids, amounts and policy names, all valid header text;
     // an invalid one degrades to empty rather than failing the request.
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn credits_value(credits: Credits) -> HeaderValue {
+    header_value(credits.decimal().as_str())
+}
+
+/// Whether a request header is one the client may not pass to the backend.
+fn is_stripped(name: &http::HeaderName) -> bool {
+    STRIPPED_REQUEST_HEADERS.contains(&name.as_str())
 }
 
 impl Gateway {
@@ -262,7 +287,7 @@ impl Gateway {
     }
 
     fn add_credit_headers(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-        resp.insert_header("x-request-id", header_value(&ctx.request_id))?;
+        resp.insert_header("x-request-id", ctx.request_id_value.clone())?;
         if ctx.identity.is_none() {
             return Ok(());
         }
@@ -272,9 +297,9 @@ impl Gateway {
                 header_value(&self.policy.operations[op].name),
             )?;
         }
-        resp.insert_header(HEADER_HELD, header_value(&ctx.held.to_string()))?;
+        resp.insert_header(HEADER_HELD, credits_value(ctx.held))?;
         if let Some(remaining) = ctx.remaining {
-            resp.insert_header(HEADER_REMAINING, header_value(&remaining.to_string()))?;
+            resp.insert_header(HEADER_REMAINING, credits_value(remaining))?;
         }
         Ok(())
     }
@@ -344,10 +369,9 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<Admitted, ApiError> {
-        let identity = self.authenticate(session.req_header()).await?;
-        let account = identity.account.clone();
-        let plan_name = identity.plan.clone();
+        let identity = Arc::new(self.authenticate(session.req_header()).await?);
         ctx.identity = Some(identity.clone());
+        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
@@ -358,7 +382,7 @@ impl Gateway {
                 .map(|()| Admitted::Answered);
         }
         let Some(route) = self.policy.route(&path) else {
-            return self.unmatched(ctx, &account).await;
+            return self.unmatched(ctx, account).await;
         };
         let body = if route.needs_body {
             Some(
@@ -391,7 +415,7 @@ impl Gateway {
             body: json.as_ref(),
         };
         let (index, price) = match self.evaluate(&identity, &route, &facts) {
-            Err(ApiError::UnknownOperation) => return self.unmatched(ctx, &account).await,
+            Err(ApiError::UnknownOperation) => return self.unmatched(ctx, account).await,
             other => other?,
         };
         let op = &self.policy.operations[index];
@@ -408,9 +432,9 @@ impl Gateway {
             idempotency_of(req, body.as_deref(), self.policy.gateway.idempotency_ttl_ms)?;
         // A free operation holds nothing — unless it counts against a quota.
         if price.is_zero() && op.quota.is_none() {
-            ctx.remaining = self.available(&account).await?;
+            ctx.remaining = self.available(account).await?;
         } else if let Held::Replayed(recorded) =
-            self.hold(ctx, &account, &plan_name, index, price).await?
+            self.hold(ctx, account, plan_name, index, price).await?
         {
             self.replay(session, ctx, &recorded)
                 .await
@@ -736,8 +760,10 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        let request_id = new_request_id();
         RequestCtx {
-            request_id: new_request_id(),
+            request_id_value: header_value(&request_id),
+            request_id,
             identity: None,
             operation: None,
             upstream: 0,
@@ -796,7 +822,15 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        for name in STRIPPED_REQUEST_HEADERS {
+        // Look the few request headers over once rather than probing the map
+        // for each name we strip.
+        let present: Vec<http::HeaderName> = upstream_request
+            .headers
+            .keys()
+            .filter(|name| is_stripped(name))
+            .cloned()
+            .collect();
+        for name in &present {
             upstream_request.remove_header(name);
         }
         if let Some(body) = &ctx.body {
@@ -808,17 +842,20 @@ impl ProxyHttp for Gateway {
         for (name, value) in &self.policy.upstreams[ctx.upstream].set_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
         }
-        upstream_request.insert_header("x-request-id", header_value(&ctx.request_id))?;
+        upstream_request.insert_header("x-request-id", ctx.request_id_value.clone())?;
         if let Some(identity) = &ctx.identity {
             let features = self
                 .policy
-                .plan(&identity.plan)
-                .map(|p| p.features.join(","))
-                .unwrap_or_default();
+                .plans
+                .iter()
+                .position(|p| p.name == identity.plan)
+                .map_or(HeaderValue::from_static(""), |i| {
+                    self.plan_features[i].clone()
+                });
             upstream_request
                 .insert_header("x-creditgate-account", header_value(&identity.account))?;
             upstream_request.insert_header("x-creditgate-plan", header_value(&identity.plan))?;
-            upstream_request.insert_header("x-creditgate-features", header_value(&features))?;
+            upstream_request.insert_header("x-creditgate-features", features)?;
         }
         Ok(())
     }

@@ -84,15 +84,52 @@ impl Credits {
     }
 }
 
+/// A [`Credits`] amount written out on the stack, without trailing zeros: `3`,
+/// `0.5`, `12.125`. The gateway writes two on every response, so no allocation.
+pub struct Decimal {
+    bytes: [u8; 24],
+    start: usize,
+}
+
+impl Decimal {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and '.' are ever written.
+        std::str::from_utf8(&self.bytes[self.start..]).unwrap_or("")
+    }
+}
+
+impl Credits {
+    /// This amount as decimal text (see [`Decimal`]); `Display` writes the same.
+    pub fn decimal(self) -> Decimal {
+        let mut bytes = [0u8; 24];
+        let mut at = bytes.len();
+        let frac = self.0 % SCALE;
+        if frac != 0 {
+            let digits = [frac / 100, frac / 10 % 10, frac % 10];
+            let kept = 3 - digits.iter().rev().take_while(|d| **d == 0).count();
+            for d in digits[..kept].iter().rev() {
+                at -= 1;
+                bytes[at] = b'0' + *d as u8;
+            }
+            at -= 1;
+            bytes[at] = b'.';
+        }
+        let mut whole = self.0 / SCALE;
+        loop {
+            at -= 1;
+            bytes[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        Decimal { bytes, start: at }
+    }
+}
+
 impl fmt::Display for Credits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let whole = self.0 / SCALE;
-        let frac = self.0 % SCALE;
-        if frac == 0 {
-            return write!(f, "{whole}");
-        }
-        let digits = format!("{frac:03}");
-        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+        f.write_str(self.decimal().as_str())
     }
 }
 
@@ -170,7 +207,24 @@ mod tests {
         assert_eq!(Credits(12_125).to_string(), "12.125");
         assert_eq!(Credits(10).to_string(), "0.01");
         assert_eq!(Credits(0).to_string(), "0");
+        assert_eq!(Credits(1).to_string(), "0.001");
+        assert_eq!(Credits(1_010).to_string(), "1.01");
+        assert_eq!(Credits(100_000).to_string(), "100");
+        assert_eq!(Credits(u64::MAX).to_string(), "18446744073709551.615");
+        assert_eq!(
+            Credits(u64::MAX).decimal().as_str(),
+            "18446744073709551.615"
+        );
         assert_eq!(Credits(500).to_json().to_string(), "0.5");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decimal_text_reads_back_exactly(milli in proptest::prelude::any::<u64>()) {
+            let text = Credits(milli).to_string();
+            proptest::prop_assert_eq!(text.parse::<Credits>(), Ok(Credits(milli)));
+            proptest::prop_assert!(!text.contains('.') || !text.ends_with('0'));
+        }
     }
 
     #[test]
