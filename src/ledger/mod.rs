@@ -16,6 +16,7 @@
 
 mod calendar;
 mod credits;
+mod ended;
 mod idempotency;
 mod journal;
 
@@ -264,6 +265,7 @@ pub struct Account {
     expired: Credits,
     next_grant_id: u64,
     next_hold_id: u64,
+    #[serde(with = "ended")]
     ended: VecDeque<(u64, Ending)>,
     grant_receipts: BTreeMap<String, GrantReceipt>,
     grant_keys_in_order: VecDeque<String>,

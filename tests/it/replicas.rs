@@ -101,13 +101,13 @@ fn start_gateway(policy: &str) -> Gateway {
 async fn raw_account(redis_url: &str, id: &str) -> Account {
     let client = redis::Client::open(redis_url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let state: String = redis::cmd("HGET")
+    let state: Vec<u8> = redis::cmd("HGET")
         .arg(format!("cg:{{acct:{id}}}"))
         .arg("s")
         .query_async(&mut conn)
         .await
         .unwrap();
-    serde_json::from_str(&state).unwrap()
+    creditgate::store::redis::decode_state(&state).unwrap()
 }
 
 fn assert_invariant(t: &Totals) {
