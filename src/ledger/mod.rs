@@ -592,6 +592,12 @@ impl Account {
         &self.grants
     }
 
+    /// The sequence number the account's next ledger entry gets (entries are numbered
+    /// 1, 2, 3… without gaps).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     pub fn holds(&self) -> impl Iterator<Item = &Hold> {
         self.holds.values()
     }

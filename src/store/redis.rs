@@ -85,7 +85,7 @@ end
 local next = tostring(tonumber(current) + 1)
 redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[2])
 for i = 6, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[i], 'e', ARGV[i + 1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i], 'e', ARGV[i + 1])
 end
 if KEYS[3] then
   if ARGV[4] == '' then
@@ -879,18 +879,24 @@ impl Store for RedisStore {
         now_ms: Millis,
     ) -> Result<Vec<Entry>, StoreError> {
         // Apply time first, so due refills and expiries are in the ledger.
-        self.transact(account, now_ms, Start::Fresh, |_, _| ())
+        let next_seq = self
+            .transact(account, now_ms, Start::Fresh, |a, _| a.next_seq())
             .await?;
         let end = match before_seq {
             Some(seq) => format!("({seq}-0"),
             None => "+".to_string(),
         };
+        // The stream is trimmed in whole blocks (`MAXLEN ~`, far cheaper on every
+        // commit than trimming exactly), so it may hold a few entries past the cap:
+        // show exactly the newest `ledger_max_entries`, as the memory store does.
+        let (_, cap) = self.rules();
+        let oldest = format!("{}-0", next_seq.saturating_sub(cap as u64));
         let mut conn = self.conn.clone();
         let rows: Vec<(String, Vec<(String, String)>)> = call(
             redis::cmd("XREVRANGE")
                 .arg(ledger_key(account))
                 .arg(end)
-                .arg("-")
+                .arg(oldest)
                 .arg("COUNT")
                 .arg(limit)
                 .query_async(&mut conn),

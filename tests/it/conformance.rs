@@ -469,4 +469,15 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
             );
         }
     }
+    // Thousands of entries later, every store shows the same newest entries and
+    // exactly `ledger_max_entries` (50) of them, though Redis trims in whole blocks.
+    let mut ledgers = Vec::new();
+    for store in &stores {
+        ledgers.push(store.ledger("acme", 1_000, None, now).await.unwrap());
+    }
+    assert_eq!(ledgers[0].len(), 50, "the ledger keeps its cap");
+    assert!(
+        ledgers.windows(2).all(|w| w[0] == w[1]),
+        "the stores' ledgers differ"
+    );
 }
