@@ -58,9 +58,82 @@ struct Load {
     duration: Duration,
 }
 
+/// CPU time, in nanoseconds, used by each part of the system on the bench's two
+/// cores: the proxy under test, the mock backend, the load generator, `redis-server`.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    proxy: u64,
+    backend: u64,
+    loader: u64,
+    redis: u64,
+}
+
+/// Thread-name prefixes of the bench's runtimes (Linux keeps 15 bytes of a name).
+const PROXY_THREADS: &str = "cg-proxy";
+const BACKEND_THREADS: &str = "cg-backend";
+const LOADER_THREADS: &str = "cg-loader";
+
+/// Nanoseconds on a CPU of the threads of process `pid` whose names start with
+/// `prefix` (all threads when `None`), from the scheduler's own accounting
+/// (`/proc/PID/task/TID/schedstat`, nanosecond resolution).
+fn threads_cpu_ns(pid: u32, prefix: Option<&str>) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if prefix.is_some_and(|p| !name.starts_with(p)) {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        total += schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+impl Cpu {
+    fn now(redis_pid: Option<u32>) -> Cpu {
+        let me = std::process::id();
+        Cpu {
+            proxy: threads_cpu_ns(me, Some(PROXY_THREADS)),
+            backend: threads_cpu_ns(me, Some(BACKEND_THREADS)),
+            loader: threads_cpu_ns(me, Some(LOADER_THREADS)),
+            redis: redis_pid.map_or(0, |pid| threads_cpu_ns(pid, None)),
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            proxy: self.proxy.saturating_sub(before.proxy),
+            backend: self.backend.saturating_sub(before.backend),
+            loader: self.loader.saturating_sub(before.loader),
+            redis: self.redis.saturating_sub(before.redis),
+        }
+    }
+
+    /// Microseconds per request of each part.
+    fn per_request(self, requests: usize) -> [f64; 4] {
+        let per = |ns: u64| ns as f64 / 1e3 / requests.max(1) as f64;
+        [
+            per(self.proxy),
+            per(self.backend),
+            per(self.loader),
+            per(self.redis),
+        ]
+    }
+}
+
 /// What one variant did under load.
 struct Measured {
     name: &'static str,
+    /// CPU microseconds per measured request: proxy, backend, loader, redis.
+    cpu_us: [f64; 4],
     /// Every 2xx answered, warm-up included: what must have been charged.
     ok: u64,
     other: u64,
@@ -80,7 +153,12 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
 
 /// Drives `addr` with `load.connections` keep-alive connections, each sending the
 /// next request as soon as the previous answer is read.
-async fn drive(name: &'static str, addr: SocketAddr, load: Load) -> Measured {
+async fn drive(
+    name: &'static str,
+    addr: SocketAddr,
+    load: Load,
+    redis_pid: Option<u32>,
+) -> Measured {
     let recording = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -123,10 +201,12 @@ async fn drive(name: &'static str, addr: SocketAddr, load: Load) -> Measured {
     }
     tokio::time::sleep(load.warmup).await;
     recording.store(true, Ordering::Relaxed);
+    let cpu_before = Cpu::now(redis_pid);
     let started = Instant::now();
     tokio::time::sleep(load.duration).await;
     recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = Cpu::now(redis_pid).since(cpu_before);
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut other, mut all) = (0, 0, Vec::new());
     for worker in workers {
@@ -138,6 +218,7 @@ async fn drive(name: &'static str, addr: SocketAddr, load: Load) -> Measured {
     all.sort_unstable();
     Measured {
         name,
+        cpu_us: cpu.per_request(all.len()),
         ok,
         other,
         rps: all.len() as f64 / elapsed,
@@ -232,8 +313,14 @@ fn merge(rounds: Vec<Measured>) -> Measured {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let cpu = |part: usize| {
+        let mut v: Vec<f64> = rounds.iter().map(|m| m.cpu_us[part]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     Measured {
         name: rounds[0].name,
+        cpu_us: [cpu(0), cpu(1), cpu(2), cpu(3)],
         ok: rounds.iter().map(|m| m.ok).sum(),
         other: rounds.iter().map(|m| m.other).sum(),
         rps: median(|m| m.rps),
@@ -397,6 +484,33 @@ fn policy_load_time(operations: usize) -> Duration {
     took
 }
 
+/// The runtimes, the same for every variant, each with named threads so the bench
+/// can tell whose CPU time is whose: the proxy under test (two workers), the load
+/// generator (two) and the mock backend (one), which starts on its own.
+fn runtimes() -> (
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+    MockBackend,
+) {
+    let runtime = |threads: usize, name: &'static str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let servers = runtime(2, PROXY_THREADS);
+    let loader = runtime(2, LOADER_THREADS);
+    let backend_runtime = runtime(1, BACKEND_THREADS);
+    let backend = backend_runtime.block_on(async {
+        MockBackend::start_without_recording(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+            .expect("backend")
+    });
+    (servers, loader, backend_runtime, backend)
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // For profiling one variant: CREDITGATE_BENCH_ONLY=memory (or passthrough, redis).
@@ -416,34 +530,21 @@ fn main() {
             duration: Duration::from_millis(700),
         }
     };
-    // The servers and the load generator get runtimes of their own, the same for every variant.
-    let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let loader = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let backend = servers.block_on(async {
-        MockBackend::start_without_recording(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
-            .expect("backend")
-    });
+    let (servers, loader, _backend_runtime, backend) = runtimes();
     let backend_addr = backend.addr;
     let redis = Redis::start();
+    let redis_pid = Some(redis.pid());
 
     // The three variants stay up; the load visits them in turn, round after round,
     // so a slow minute on a shared machine hits all three alike.
-    let peer = HttpPeer::new(backend_addr, false, String::new());
-    let passthrough_server =
-        start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
-
     let mem_policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
     let mem_store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&mem_policy));
     let gateway =
         Gateway::new(mem_policy.clone(), mem_store.clone(), Clock::system()).expect("gateway");
+    // The passthrough proxies to the gateway's own peer: same backend, same timeouts.
+    let peer = gateway.peers()[0].clone();
+    let passthrough_server =
+        start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
     servers.block_on(gateway.seed_accounts()).expect("seed");
     let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
     let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
@@ -466,9 +567,14 @@ fn main() {
     let mut runs: [Vec<Measured>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let rounds = if full { 5 } else { 1 };
     for _ in 0..rounds {
-        runs[0].push(loader.block_on(drive("passthrough", passthrough_server.addr, load)));
-        runs[1].push(loader.block_on(drive("gateway/memory", memory_server.addr, load)));
-        runs[2].push(loader.block_on(drive("gateway/redis", redis_server.addr, load)));
+        runs[0].push(loader.block_on(drive(
+            "passthrough",
+            passthrough_server.addr,
+            load,
+            redis_pid,
+        )));
+        runs[1].push(loader.block_on(drive("gateway/memory", memory_server.addr, load, redis_pid)));
+        runs[2].push(loader.block_on(drive("gateway/redis", redis_server.addr, load, redis_pid)));
     }
     let [p, m, r] = runs;
     let (passthrough, memory, on_redis) = (merge(p), merge(m), merge(r));
@@ -510,6 +616,21 @@ fn main() {
         "load: {} connections, {:?} warm-up + {:?} measured per variant per round, {rounds} interleaved rounds, medians shown",
         load.connections, load.warmup, load.duration
     );
+    println!();
+    println!(
+        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}",
+        "CPU us/request", "proxy", "backend", "loader", "redis", "total", "proxy+redis"
+    );
+    for m in [&passthrough, &memory, &on_redis] {
+        let [proxy, backend, loader, redis] = m.cpu_us;
+        println!(
+            "{:<16} {proxy:>9.1} {backend:>9.1} {loader:>9.1} {redis:>9.1} {:>9.1} {:>8.1} ({:+.1})",
+            m.name,
+            proxy + backend + loader + redis,
+            proxy + redis,
+            proxy + redis - passthrough.cpu_us[0],
+        );
+    }
 
     // Per client: 64 clients on one Redis account queue behind one another.
     let rounds = if full { 200 } else { 20 };
@@ -537,26 +658,22 @@ fn profile_one(only: &str) {
     let load = Load {
         connections: 32,
         warmup: Duration::from_secs(1),
-        duration: Duration::from_secs(20),
+        duration: Duration::from_secs(
+            std::env::var("CREDITGATE_BENCH_SECONDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(20),
+        ),
     };
-    let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let loader = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let backend = servers.block_on(async {
-        MockBackend::start_without_recording(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
-            .expect("backend")
-    });
+    let (servers, loader, _backend_runtime, backend) = runtimes();
     let backend_addr = backend.addr;
+    let redis = (only == "redis").then(Redis::start);
     let server = match only {
         "passthrough" => {
-            let peer = HttpPeer::new(backend_addr, false, String::new());
+            let policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
+            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
+            let peer = gateway.peers()[0].clone();
             start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop))
         }
         "memory" => {
@@ -566,18 +683,36 @@ fn profile_one(only: &str) {
             servers.block_on(gateway.seed_accounts()).expect("seed");
             start_variant(&servers, |l, stop| serve(l, gateway, stop))
         }
-        other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough or memory"),
+        "redis" => {
+            let redis = redis.as_ref().expect("redis started");
+            let policy = Arc::new(policy(
+                backend_addr,
+                &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
+            ));
+            let store: Arc<dyn Store> = Arc::new(
+                servers
+                    .block_on(RedisStore::for_policy(&policy, &redis.url(), false))
+                    .expect("redis store"),
+            );
+            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
+            servers.block_on(gateway.seed_accounts()).expect("seed");
+            start_variant(&servers, |l, stop| serve(l, gateway, stop))
+        }
+        other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough, memory or redis"),
     };
-    let name = if only == "memory" {
-        "gateway/memory"
-    } else {
-        "passthrough"
+    let name = match only {
+        "memory" => "gateway/memory",
+        "redis" => "gateway/redis",
+        _ => "passthrough",
     };
-    let measured = loader.block_on(drive(name, server.addr, load));
+    let redis_pid = redis.as_ref().map(Redis::pid);
+    let measured = loader.block_on(drive(name, server.addr, load, redis_pid));
     server.stop(&servers);
+    let [proxy, backend, loader, redis] = measured.cpu_us;
     println!(
-        "{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+        "{}: {} answered, {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms; CPU us/request: proxy {proxy:.1}, backend {backend:.1}, loader {loader:.1}, redis {redis:.1}",
         measured.name,
+        measured.ok + measured.other,
         measured.rps,
         measured.p50_us / 1e3,
         measured.p99_us / 1e3

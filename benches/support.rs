@@ -38,6 +38,12 @@ impl Redis {
         panic!("redis-server did not start on {port}");
     }
 
+    /// The server's process id, for reading its CPU time (the proxy bench).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
