@@ -1,4 +1,4 @@
-//! The gateway: Pingora's `ProxyHttp`, reading as the request's story —
+//! The gateway: Pingora's proxy hooks, reading as the request's story —
 //! authenticate, match, entitle, price, hold, forward, then settle or release.
 //!
 //! This module (with `main.rs`) is the only one that knows Pingora. It turns HTTP
@@ -17,11 +17,10 @@ mod usage;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
@@ -755,11 +754,11 @@ const STRIPPED_REQUEST_HEADERS: [&str; 6] = [
     "x-request-id",
 ];
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
+/// Pingora's hooks, served through [`LiveProxy`] (which picks the gateway in service
+/// for each request). Plain methods rather than a second `ProxyHttp` impl: the live
+/// proxy awaits them directly, with no boxed future per hook.
+impl Gateway {
+    pub(super) fn new_ctx(&self) -> RequestCtx {
         let request_id = new_request_id();
         RequestCtx {
             request_id_value: header_value(&request_id),
@@ -780,7 +779,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    pub(super) async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
         match self.admit(session, ctx).await {
             Ok(Admitted::Forward) => Ok(false),
             Ok(Admitted::Answered) => Ok(true),
@@ -791,7 +794,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(
+    pub(super) async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut RequestCtx,
@@ -803,7 +806,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_body_filter(
+    pub(super) async fn request_body_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
@@ -816,7 +819,7 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn upstream_request_filter(
+    pub(super) async fn upstream_request_filter(
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
@@ -860,7 +863,7 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(
+    pub(super) async fn response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
@@ -887,7 +890,7 @@ impl ProxyHttp for Gateway {
         self.add_credit_headers(upstream_response, ctx)
     }
 
-    fn response_body_filter(
+    pub(super) fn response_body_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
@@ -903,7 +906,7 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    async fn fail_to_proxy(
+    pub(super) async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
@@ -935,11 +938,21 @@ impl ProxyHttp for Gateway {
 
     /// Pingora's own line for a failed request has no request id; `logging` writes
     /// the same failure with it, so every line about a request carries its id.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+    pub(super) fn suppress_error_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _error: &Error,
+    ) -> bool {
         true
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    pub(super) async fn logging(
+        &self,
+        _session: &mut Session,
+        e: Option<&Error>,
+        ctx: &mut RequestCtx,
+    ) {
         self.end_hold(ctx, ended_by(e)).await;
         let operation = ctx
             .operation
