@@ -484,6 +484,38 @@ fn policy_load_time(operations: usize) -> Duration {
     took
 }
 
+/// The gateway on the memory store, its accounts seeded.
+fn memory_gateway(
+    servers: &tokio::runtime::Runtime,
+    backend: SocketAddr,
+) -> (Gateway, Arc<dyn Store>) {
+    let policy = Arc::new(policy(backend, "kind = \"memory\""));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
+    let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
+    servers.block_on(gateway.seed_accounts()).expect("seed");
+    (gateway, store)
+}
+
+/// The gateway on `redis`, its accounts seeded.
+fn redis_gateway(
+    servers: &tokio::runtime::Runtime,
+    backend: SocketAddr,
+    redis: &Redis,
+) -> (Gateway, Arc<dyn Store>) {
+    let policy = Arc::new(policy(
+        backend,
+        &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
+    ));
+    let store: Arc<dyn Store> = Arc::new(
+        servers
+            .block_on(RedisStore::for_policy(&policy, &redis.url(), false))
+            .expect("redis store"),
+    );
+    let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
+    servers.block_on(gateway.seed_accounts()).expect("seed");
+    (gateway, store)
+}
+
 /// The runtimes, the same for every variant, each with named threads so the bench
 /// can tell whose CPU time is whose: the proxy under test (two workers), the load
 /// generator (two) and the mock backend (one), which starts on its own.
@@ -537,30 +569,15 @@ fn main() {
 
     // The three variants stay up; the load visits them in turn, round after round,
     // so a slow minute on a shared machine hits all three alike.
-    let mem_policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
-    let mem_store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&mem_policy));
-    let gateway =
-        Gateway::new(mem_policy.clone(), mem_store.clone(), Clock::system()).expect("gateway");
+    let (gateway, mem_store) = memory_gateway(&servers, backend_addr);
     // The passthrough proxies to the gateway's own peer: same backend, same timeouts.
     let peer = gateway.peers()[0].clone();
     let passthrough_server =
         start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
-    servers.block_on(gateway.seed_accounts()).expect("seed");
     let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
     let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
-    let redis_policy = Arc::new(policy(
-        backend_addr,
-        &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
-    ));
-    let redis_store: Arc<dyn Store> = Arc::new(
-        servers
-            .block_on(RedisStore::for_policy(&redis_policy, &redis.url(), false))
-            .expect("redis store"),
-    );
-    let gateway =
-        Gateway::new(redis_policy.clone(), redis_store.clone(), Clock::system()).expect("gateway");
-    servers.block_on(gateway.seed_accounts()).expect("seed");
+    let (gateway, redis_store) = redis_gateway(&servers, backend_addr, &redis);
     let redis_before = servers.block_on(all_totals(redis_store.as_ref()));
     let redis_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
@@ -670,32 +687,16 @@ fn profile_one(only: &str) {
     let redis = (only == "redis").then(Redis::start);
     let server = match only {
         "passthrough" => {
-            let policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
-            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
-            let peer = gateway.peers()[0].clone();
+            let peer = memory_gateway(&servers, backend_addr).0.peers()[0].clone();
             start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop))
         }
         "memory" => {
-            let policy = Arc::new(policy(backend_addr, "kind = \"memory\""));
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
-            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
-            servers.block_on(gateway.seed_accounts()).expect("seed");
+            let gateway = memory_gateway(&servers, backend_addr).0;
             start_variant(&servers, |l, stop| serve(l, gateway, stop))
         }
         "redis" => {
             let redis = redis.as_ref().expect("redis started");
-            let policy = Arc::new(policy(
-                backend_addr,
-                &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
-            ));
-            let store: Arc<dyn Store> = Arc::new(
-                servers
-                    .block_on(RedisStore::for_policy(&policy, &redis.url(), false))
-                    .expect("redis store"),
-            );
-            let gateway = Gateway::new(policy, store, Clock::system()).expect("gateway");
-            servers.block_on(gateway.seed_accounts()).expect("seed");
+            let gateway = redis_gateway(&servers, backend_addr, redis).0;
             start_variant(&servers, |l, stop| serve(l, gateway, stop))
         }
         other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough, memory or redis"),
