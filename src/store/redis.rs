@@ -974,3 +974,37 @@ impl Store for RedisStore {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Credits, HoldRequest};
+
+    #[test]
+    fn states_read_back_from_messagepack_and_from_earlier_json() {
+        let mut account = Account::new("acme", "pro");
+        let credits = |text: &str| text.parse::<Credits>().unwrap();
+        account.grant("topup", credits("10"), 30, None, 0).unwrap();
+        let request = HoldRequest {
+            operation: "op".into(),
+            request_id: "r".into(),
+            amount: credits("1.5"),
+            ttl_ms: 1_000,
+            max_holds: 8,
+            quota: None,
+            idempotency: None,
+        };
+        let placed = account.hold(&request, 0, &Catalog::new()).unwrap();
+        account.settle(placed.hold_id, credits("1"), 1).unwrap();
+        account.hold(&request, 2, &Catalog::new()).unwrap();
+        account.take_entries();
+
+        let packed = encode(&account).unwrap();
+        assert_ne!(packed.first(), Some(&b'{'));
+        assert_eq!(decode_state(&packed).unwrap(), account);
+        let json = serde_json::to_vec(&account).unwrap();
+        assert_eq!(decode_state(&json).unwrap(), account);
+        assert!(decode_state(b"{\"id\":").is_err());
+        assert!(decode_state(&packed[..packed.len() / 2]).is_err());
+    }
+}
