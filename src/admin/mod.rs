@@ -268,7 +268,7 @@ pub async fn serve(
 
 async fn readyz(State(state): State<AdminState>) -> Response {
     // Ready when the store answers.
-    match state.store().holds(None, 1, state.now_ms()).await {
+    match state.store().ping().await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => Refusal::from(e).into_response(),
     }

@@ -262,6 +262,10 @@ impl Store for MemoryStore {
         Ok(created)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
         let mut ended = 0;
         for mut stored in self.accounts.iter_mut() {

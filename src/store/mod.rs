@@ -120,6 +120,9 @@ pub trait Store: Send + Sync + 'static {
     /// Returns whether the account was created.
     async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError>;
 
+    /// Whether the store answers at all (`GET /readyz`): one cheap call, no reads.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Releases every hold past its TTL; returns how many ended.
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError>;
 

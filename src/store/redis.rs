@@ -8,7 +8,9 @@
 //!
 //! Besides: `cg:key:HEX` (who a key's SHA-256 belongs to), `cg:keyid:ID` (the hash
 //! of a key id, for revocation) and `cg:holds` (a sorted set: accounts by their
-//! earliest hold expiry, which the sweep reads).
+//! earliest hold expiry, which the sweep reads). On one node that index is kept
+//! lazily — never later than the truth, sometimes earlier or stale, corrected by
+//! the sweep — so a settle or release writes nothing to it (see `COMMIT_LUA`).
 //!
 //! **Rust computes, Lua commits.** A transition is computed by the same ledger core
 //! the memory store runs — so both stores behave identically by construction — on
@@ -73,10 +75,19 @@ enum Start {
 /// Accounts one sweep visits at most.
 const SWEEP_BATCH: isize = 500;
 
+/// Accounts one listing of all holds (`GET /admin/holds`) visits at most.
+const MAX_LISTED_ACCOUNTS: usize = 10_000;
+
 /// Compare-and-set the account, append its new ledger entries and, when KEYS[3]
-/// (the hold index) is given, point it at the account's earliest hold expiry
-/// (ARGV[4]; empty = no holds) in the same atomic step. Returns `{1, new_version}`
-/// or, when the version moved, `{0, version, state}`.
+/// (the hold index) and ARGV[4] (an expiry) are given, lower the account's entry in
+/// the index to that expiry (`ZADD LT`: never raise it), in the same atomic step.
+/// Returns `{1, new_version}` or, when the version moved, `{0, version, state}`.
+///
+/// The index is kept lazily on one node: it must never say an account's earliest
+/// hold expires *later* than it does (the sweep would come too late), but an entry
+/// that is too early, or for an account with no holds left, only costs the sweep
+/// one visit, which corrects it (`REINDEX_LUA`). So an ended hold writes nothing to
+/// the index, and a new hold writes only when it may be the earliest.
 const COMMIT_LUA: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'v') or '0'
 if current ~= ARGV[1] then
@@ -87,14 +98,27 @@ redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[2])
 for i = 6, #ARGV, 2 do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i], 'e', ARGV[i + 1])
 end
-if KEYS[3] then
-  if ARGV[4] == '' then
-    redis.call('ZREM', KEYS[3], ARGV[5])
-  else
-    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
-  end
+if KEYS[3] and ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[3], 'LT', ARGV[4], ARGV[5])
 end
 return {1, next, ''}
+"#;
+
+/// The sweep's correction of one index entry (one node): set it to the account's
+/// exact earliest hold expiry (ARGV[2]; empty = remove it), but only if the account
+/// is still at the version that expiry was read from (ARGV[1]). Otherwise another
+/// transition came first and the entry stays as it is, at worst too early: the next
+/// sweep looks again. Returns 1 when it corrected the entry.
+const REINDEX_LUA: &str = r#"
+if (redis.call('HGET', KEYS[1], 'v') or '0') ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+else
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+end
+return 1
 "#;
 
 /// One connection kind or the other; both multiplexed, both reconnecting.
@@ -155,6 +179,7 @@ pub struct RedisStore {
     conn: Conn,
     stripes: Vec<tokio::sync::Mutex<()>>,
     commit: Script,
+    reindex: Script,
     cache: DashMap<String, Cached>,
     keys: DashMap<[u8; 32], KeyOwner>,
     rules: RwLock<Rules>,
@@ -260,6 +285,7 @@ impl RedisStore {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             commit: Script::new(COMMIT_LUA),
+            reindex: Script::new(REINDEX_LUA),
             cache: DashMap::new(),
             keys: DashMap::new(),
             rules: RwLock::new(Rules {
@@ -348,16 +374,18 @@ impl RedisStore {
 
     /// Commits `account` if Redis still has `version`: `Ok(Ok(new_version))`, or
     /// `Ok(Err(current))` with what Redis has instead.
+    /// `index_at`: lower the account's hold-index entry to this expiry (one node).
     async fn commit(
         &self,
         id: &str,
         version: &str,
         account: &Account,
         entries: &[Entry],
+        index_at: Option<Millis>,
     ) -> Result<Result<String, Option<(String, Account)>>, StoreError> {
         let (_, cap) = self.rules();
         let state = encode(account)?;
-        let earliest = earliest_hold(account).map_or(String::new(), |at| at.to_string());
+        let index_at = index_at.map_or(String::new(), |at| at.to_string());
         let mut invocation = self.commit.prepare_invoke();
         invocation.key(account_key(id)).key(ledger_key(id));
         // On one node the hold index is kept in the same atomic step; in a cluster
@@ -369,7 +397,7 @@ impl RedisStore {
             .arg(version)
             .arg(&state)
             .arg(cap)
-            .arg(earliest)
+            .arg(index_at)
             .arg(id);
         for entry in entries {
             let json = serde_json::to_string(entry).map_err(|e| {
@@ -398,8 +426,19 @@ impl RedisStore {
         id: &str,
         now_ms: Millis,
         start: Start,
-        mut apply: impl FnMut(&mut Account, &Catalog) -> T,
+        apply: impl FnMut(&mut Account, &Catalog) -> T,
     ) -> Result<T, StoreError> {
+        Ok(self.transact_at(id, now_ms, start, apply).await?.0)
+    }
+
+    /// `transact`, also answering the version the account is at after it.
+    async fn transact_at<T>(
+        &self,
+        id: &str,
+        now_ms: Millis,
+        start: Start,
+        mut apply: impl FnMut(&mut Account, &Catalog) -> T,
+    ) -> Result<(T, String), StoreError> {
         let fresh = start == Start::Fresh;
         let (catalog, _) = self.rules();
         let stripe = {
@@ -443,18 +482,24 @@ impl RedisStore {
                     "a hot-path step changed account {id} without a ledger entry"
                 );
                 if unchanged {
-                    return Ok(out);
+                    return Ok((out, version));
                 }
             }
-            match self.commit(id, &version, &account, &entries).await? {
+            let after = earliest_hold(&account);
+            // The index already says `before` or earlier (see COMMIT_LUA): only an
+            // expiry earlier than that, or a first hold, needs writing.
+            let index_at = after.filter(|a| before.is_none_or(|b| *a < b));
+            let cluster = matches!(self.conn, Conn::Cluster(_));
+            match self
+                .commit(id, &version, &account, &entries, index_at)
+                .await?
+            {
                 Ok(new_version) => {
-                    let after = earliest_hold(&account);
-                    self.remember(id, new_version, account);
-                    let cluster = matches!(self.conn, Conn::Cluster(_));
+                    self.remember(id, new_version.clone(), account);
                     if cluster && (before != after || attempt > 0) {
                         self.index_holds(id, after).await?;
                     }
-                    return Ok(out);
+                    return Ok((out, new_version));
                 }
                 Err(theirs) => {
                     if let Some((v, a)) = &theirs {
@@ -487,12 +532,32 @@ impl RedisStore {
             .map(|_| ())
     }
 
+    /// One node: `REINDEX_LUA` for one account read at `version`.
+    async fn reindex(
+        &self,
+        id: &str,
+        version: &str,
+        earliest: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.reindex.prepare_invoke();
+        invocation
+            .key(account_key(id))
+            .key(HOLDS_INDEX)
+            .arg(version)
+            .arg(earliest.map_or(String::new(), |at| at.to_string()))
+            .arg(id);
+        let mut conn = self.conn.clone();
+        call(invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
     /// Creates an account unless it exists: `true` when this call created it.
     async fn create(&self, account: Account) -> Result<bool, StoreError> {
         let mut account = account;
         let entries = account.take_entries();
         let id = account.id.clone();
-        match self.commit(&id, "0", &account, &entries).await? {
+        match self.commit(&id, "0", &account, &entries, None).await? {
             Ok(version) => {
                 self.remember(&id, version, account);
                 Ok(true)
@@ -708,6 +773,11 @@ impl Store for RedisStore {
         Ok(created)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        call(redis::cmd("PING").query_async::<()>(&mut conn)).await
+    }
+
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
         let mut conn = self.conn.clone();
         let due: Vec<String> = call(
@@ -725,16 +795,20 @@ impl Store for RedisStore {
         for id in due {
             // `transact` applies time first: count the holds that expired there.
             let swept = self
-                .transact(&id, now_ms, Start::Fresh, |a, _| {
+                .transact_at(&id, now_ms, Start::Fresh, |a, _| {
                     (a.holds_expired_since_taken(), earliest_hold(a))
                 })
                 .await;
             match swept {
-                Ok((n, earliest)) => {
+                Ok(((n, earliest), version)) => {
                     ended += n;
-                    // Nothing expired, yet the entry was due: it is stale, correct it.
-                    if n == 0 {
-                        self.index_holds(&id, earliest).await?;
+                    match self.conn {
+                        // The entry was due, and may be stale (the index is lazy):
+                        // set it exactly, unless the account moved on meanwhile.
+                        Conn::Single(_) => self.reindex(&id, &version, earliest).await?,
+                        // Nothing expired, yet the entry was due: it is stale, correct it.
+                        Conn::Cluster(_) if n == 0 => self.index_holds(&id, earliest).await?,
+                        Conn::Cluster(_) => {}
                     }
                 }
                 Err(StoreError::UnknownAccount(_)) => self.index_holds(&id, None).await?,
@@ -918,38 +992,46 @@ impl Store for RedisStore {
         limit: usize,
         now_ms: Millis,
     ) -> Result<Vec<(String, Hold)>, StoreError> {
-        let ids: Vec<String> = match account {
-            Some(id) => vec![id.to_string()],
-            None => {
-                let mut conn = self.conn.clone();
-                call(
-                    redis::cmd("ZRANGE")
-                        .arg(HOLDS_INDEX)
-                        .arg(0)
-                        .arg(limit.saturating_sub(1) as isize)
-                        .query_async(&mut conn),
-                )
-                .await?
-            }
-        };
         let mut all = Vec::new();
-        for id in ids {
-            let holds = match self
-                .transact(&id, now_ms, Start::Fresh, |a, _| {
-                    a.holds().cloned().collect::<Vec<_>>()
-                })
-                .await
-            {
-                Ok(h) => h,
-                Err(StoreError::UnknownAccount(_)) if account.is_none() => continue,
-                Err(e) => return Err(e),
+        // All accounts: page through the hold index, whose entries may be stale
+        // (an account with no holds left), so a page can hold fewer than it lists.
+        let page = limit.clamp(1, SWEEP_BATCH as usize);
+        let mut visited = 0;
+        while all.len() < limit && visited < MAX_LISTED_ACCOUNTS {
+            let ids: Vec<String> = match account {
+                Some(id) if visited == 0 => vec![id.to_string()],
+                Some(_) => break,
+                None => {
+                    let mut conn = self.conn.clone();
+                    call(
+                        redis::cmd("ZRANGE")
+                            .arg(HOLDS_INDEX)
+                            .arg(visited)
+                            .arg(visited + page - 1)
+                            .query_async(&mut conn),
+                    )
+                    .await?
+                }
             };
-            all.extend(holds.into_iter().map(|h| (id.clone(), h)));
-            if all.len() >= limit {
-                all.truncate(limit);
+            if ids.is_empty() {
                 break;
             }
+            visited += ids.len();
+            for id in ids {
+                let holds = match self
+                    .transact(&id, now_ms, Start::Fresh, |a, _| {
+                        a.holds().cloned().collect::<Vec<_>>()
+                    })
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(StoreError::UnknownAccount(_)) if account.is_none() => continue,
+                    Err(e) => return Err(e),
+                };
+                all.extend(holds.into_iter().map(|h| (id.clone(), h)));
+            }
         }
+        all.truncate(limit);
         Ok(all)
     }
 

@@ -124,6 +124,26 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     out.note("sweep early", store.sweep(t0 + 1_003).await);
     out.note("sweep due", store.sweep(t0 + 1_004).await);
     out.note("totals", store.totals("acme", t0 + 1_005).await);
+    // A hold that ends leaves the Redis hold index behind (it is lazy); a later hold
+    // that expires after that stale entry must still be swept when it is due.
+    let t1 = t0 + 2_000;
+    let early = store.hold("acme", &hold("1", "lz1", 1_000, None), t1).await;
+    out.note("hold lz1", &early);
+    let early = early.unwrap().unwrap().hold_id;
+    out.note(
+        "settle lz1",
+        store.settle("acme", early, c("1"), t1 + 1).await,
+    );
+    out.note(
+        "hold lz2",
+        store
+            .hold("acme", &hold("1", "lz2", 5_000, None), t1 + 2)
+            .await,
+    );
+    out.note("sweep stale", store.sweep(t1 + 1_000).await);
+    out.note("sweep before lz2", store.sweep(t1 + 5_001).await);
+    out.note("sweep lz2", store.sweep(t1 + 5_002).await);
+    out.note("totals after", store.totals("acme", t1 + 5_003).await);
     out.note("totals of nobody", store.totals("nobody", t0).await);
 
     out.note(
