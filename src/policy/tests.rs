@@ -593,3 +593,142 @@ fn header_injection_through_the_environment_is_refused() {
         "{errs}"
     );
 }
+
+/// A policy where matching, entitlement and pricing each may or may not need the body.
+const STEPS: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[plans.free]
+monthly_credits = 0
+[plans.pro]
+monthly_credits = 0
+features = ["premium"]
+[[operations]]
+name = "video.premium"
+method = "POST"
+path = "/v1/videos/premium"
+requires = ["premium"]
+upstream = "main"
+price = { credits = 2, per = { from = "body:/seconds" } }
+[[operations]]
+name = "mode.patch"
+method = "POST"
+path = "/v1/modes"
+when = { "body:/mode" = "patch", "query:v" = "2" }
+upstream = "main"
+price = 1
+[[operations]]
+name = "mode.fixed"
+method = "POST"
+path = "/v1/modes"
+when = { "query:v" = "1" }
+upstream = "main"
+price = 5
+[[operations]]
+name = "mode.full"
+method = "POST"
+path = "/v1/modes"
+upstream = "main"
+price = 4
+"#;
+
+/// `Policy::evaluate` on a request with no body read yet, then (if it asks) with `body`.
+fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) -> Vec<Evaluation> {
+    let uri: http::Uri = target.parse().unwrap();
+    let route = p.route(uri.path());
+    let headers = http::HeaderMap::new();
+    let json = serde_json::from_str(body).map_err(|e: serde_json::Error| e.to_string());
+    let caller = Caller {
+        plan,
+        premium_disabled: false,
+    };
+    let mut out = Vec::new();
+    for body in [None, Some(&json)] {
+        let facts = RequestFacts {
+            method: &method,
+            headers: &headers,
+            query: uri.query(),
+            path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
+            body,
+        };
+        let evaluation = p.evaluate(route.as_ref(), &facts, Some(&caller));
+        let done = evaluation != Evaluation::NeedsBody;
+        out.push(evaluation);
+        if done {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn evaluation_decides_404_and_403_before_it_needs_the_body() {
+    use Evaluation::{Decided, NeedsBody};
+    let p = parse(STEPS).unwrap();
+    let op = |name: &str| p.operations.iter().position(|o| o.name == name).unwrap();
+    let priced = |name: &str, credits: &str| {
+        Decided(Ok(Verdict::Operation {
+            index: op(name),
+            price: credits.parse().unwrap(),
+        }))
+    };
+    let body = r#"{"seconds": 3, "mode": "patch"}"#;
+    // Entitlement comes before the price that reads the body.
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/videos/premium", "free", body),
+        vec![Decided(Err(Refused::PlanRequired {
+            operation: op("video.premium"),
+            feature: "premium".into()
+        }))]
+    );
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/videos/premium", "pro", body),
+        vec![NeedsBody, priced("video.premium", "6")]
+    );
+    // No operation takes this method or path: nothing to read.
+    for (method, target) in [
+        (Method::GET, "/v1/videos/premium"),
+        (Method::GET, "/v1/modes"),
+        (Method::POST, "/v1/nope"),
+    ] {
+        assert_eq!(
+            evaluate(&p, method, target, "pro", body),
+            vec![Decided(Err(Refused::UnknownOperation))],
+            "{target}"
+        );
+    }
+    // A `when` ruled out by the query needs no body; one that may hold on the body does.
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/modes?v=1", "free", body),
+        vec![priced("mode.fixed", "5")]
+    );
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/modes?v=2", "free", body),
+        vec![NeedsBody, priced("mode.patch", "1")]
+    );
+    assert_eq!(
+        evaluate(
+            &p,
+            Method::POST,
+            "/v1/modes?v=2",
+            "free",
+            r#"{"mode": "full"}"#
+        ),
+        vec![NeedsBody, priced("mode.full", "4")]
+    );
+    // With `unmatched = "allow"`, no match is a free pass-through.
+    let allow = parse(&STEPS.replace(
+        "version = 1\n",
+        "version = 1\n[gateway]\nunmatched = \"allow\"\ndefault_upstream = \"main\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        evaluate(&allow, Method::GET, "/v1/modes", "free", body),
+        vec![Decided(Ok(Verdict::PassThrough { upstream: 0 }))]
+    );
+    assert_eq!(
+        evaluate(&allow, Method::POST, "/v1/modes?v=1", "free", body),
+        vec![priced("mode.fixed", "5")]
+    );
+}
