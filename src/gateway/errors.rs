@@ -6,6 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Credits;
+use crate::policy::{Policy, Refused};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -161,6 +162,29 @@ impl ApiError {
             ApiError::UpstreamTimeout => {
                 "The backend did not answer in time; nothing was charged.".into()
             }
+        }
+    }
+
+    /// The error a refusal of the policy (match, entitle, price) is answered with.
+    pub fn refused(policy: &Policy, refused: Refused) -> ApiError {
+        match refused {
+            Refused::UnknownOperation => ApiError::UnknownOperation,
+            Refused::PlanRequired { operation, feature } => ApiError::PlanRequired {
+                operation: policy.operations[operation].name.clone(),
+                plans: policy
+                    .plans_with_feature(&feature)
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                feature,
+            },
+            Refused::PremiumDisabled { operation } => ApiError::PremiumDisabled {
+                operation: policy.operations[operation].name.clone(),
+            },
+            Refused::InvalidRequest(e) => ApiError::InvalidRequest {
+                source: e.source,
+                message: e.message,
+            },
         }
     }
 

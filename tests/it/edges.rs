@@ -1,0 +1,195 @@
+//! Edges of SPEC §4, §5 and §7: the order of the steps when a body is too large,
+//! and quotes of quotas.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// Body-priced operations behind a 1 KiB body limit; alice is on `free`.
+const SMALL_BODIES: &str = r#"
+version = 1
+[gateway]
+max_body_bytes = "1KiB"
+[upstreams.main]
+url = "${BACKEND_URL}"
+[plans.free]
+monthly_credits = 0
+[plans.pro]
+monthly_credits = 100
+features = ["premium"]
+[[operations]]
+name = "video.premium"
+method = "POST"
+path = "/v1/videos/premium"
+upstream = "main"
+requires = ["premium"]
+price = { credits = 2, per = { from = "body:/duration_seconds", min = 1, max = 60 } }
+[[operations]]
+name = "video.generate"
+method = "POST"
+path = "/v1/videos"
+upstream = "main"
+price = { credits = 2, per = { from = "body:/duration_seconds", min = 1, max = 60 } }
+[[operations]]
+name = "mode.patch"
+method = "POST"
+path = "/v1/modes"
+when = { "body:/mode" = "patch" }
+upstream = "main"
+price = 1
+[[accounts]]
+id = "alice"
+plan = "free"
+grants = [ { kind = "topup", credits = 100 } ]
+keys = [ { member = "alice", key_env = "ALICE_KEY" } ]
+[[accounts]]
+id = "prox"
+plan = "pro"
+keys = [ { member = "p", key_env = "PRO_KEY" } ]
+"#;
+
+/// A JSON body of about `bytes` bytes that prices to 5 seconds.
+fn padded_body(bytes: usize) -> String {
+    let pad = "x".repeat(bytes);
+    json!({"duration_seconds": 5, "mode": "patch", "pad": pad}).to_string()
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    assert_eq!(header(&resp, "content-type"), "application/json");
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_404_or_403_that_needs_no_body_wins_over_413() {
+    let gw = start_policy(|_| SMALL_BODIES.to_string(), |_| None).await;
+    let big = padded_body(4096);
+    let send = |method: Method, path: &str| {
+        gw.call(method, path, ALICE_KEY)
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+    };
+    // Entitlement comes before pricing: the plan lacks the feature, whatever the body.
+    let (status, body) = error_of(send(Method::POST, "/v1/videos/premium").await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (403, Some("plan_required")),
+        "{body}"
+    );
+    assert_eq!(body["error"]["feature"], "premium");
+    // No operation takes this path, or this method on a body-priced path.
+    for (method, path) in [(Method::POST, "/v1/nope"), (Method::PUT, "/v1/videos")] {
+        let (status, body) = error_of(send(method, path).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["type"].as_str()),
+            (404, Some("unknown_operation")),
+            "{path}: {body}"
+        );
+    }
+    // Pricing reads the body: too large is a 413 there — and where matching itself
+    // needs the body (a `when` on it), reading it first cannot be avoided.
+    for path in ["/v1/videos", "/v1/modes"] {
+        let (status, body) = error_of(send(Method::POST, path).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["type"].as_str()),
+            (413, Some("request_too_large")),
+            "{path}: {body}"
+        );
+    }
+    // Within the limit, the same requests are priced from their bodies.
+    let small = padded_body(10);
+    let resp = gw
+        .call(Method::POST, "/v1/videos/premium", PRO_KEY)
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-credits-held"), "10");
+    let resp = gw
+        .post("/v1/videos/premium")
+        .body(small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        gw.backend.received().len(),
+        1,
+        "only the pro request was forwarded"
+    );
+    let t = gw.settled("alice").await;
+    assert_eq!((t.charged, t.available), (credits("0"), credits("100")));
+}
+
+/// Unmatched requests pass through free to `default_upstream`.
+const PASS_THROUGH: &str = r#"
+version = 1
+[gateway]
+unmatched = "allow"
+default_upstream = "main"
+[upstreams.main]
+url = "${BACKEND_URL}"
+[plans.free]
+monthly_credits = 0
+quotas = { basic_images = 2 }
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[operations]]
+name = "image.basic"
+method = "POST"
+path = "/v1/images/basic"
+upstream = "main"
+quota = "basic_images"
+price = 0
+[[accounts]]
+id = "alice"
+plan = "free"
+grants = [ { kind = "topup", credits = 5 } ]
+keys = [ { member = "alice", key_env = "ALICE_KEY" } ]
+"#;
+
+async fn quote(gw: &TestGateway, request: Value) -> Value {
+    let resp = gw
+        .post("/credits/v1/quote")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_quote_says_quota_exhausted_once_the_quota_is_used_up() {
+    let gw = start_policy(|_| PASS_THROUGH.to_string(), |_| None).await;
+    let ask = json!({"method": "POST", "path": "/v1/images/basic"});
+    for _ in 0..2 {
+        assert_eq!(
+            quote(&gw, ask.clone()).await,
+            json!({"allowed": true, "operation": "image.basic", "credits": 0, "available": 5})
+        );
+        let resp = gw.post("/v1/images/basic").send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        gw.settled("alice").await;
+    }
+    let quoted = quote(&gw, ask).await;
+    assert_eq!(quoted["allowed"], false, "{quoted}");
+    assert_eq!(quoted["operation"], "image.basic");
+    assert_eq!(quoted["error"]["type"], "quota_exhausted");
+    assert_eq!(quoted["error"]["quota"], "basic_images");
+    assert_eq!(quoted["error"]["limit"], 2);
+    // The quote placed nothing, and says what the request then gets.
+    assert!(gw.totals("alice").await.held.is_zero());
+    let resp = gw.post("/v1/images/basic").send().await.unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], quoted["error"]["type"]);
+    assert_eq!(body["error"]["message"], quoted["error"]["message"]);
+}
