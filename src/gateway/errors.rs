@@ -190,6 +190,14 @@ impl ApiError {
 
     /// The JSON body, `{"error": {...}}`.
     pub fn body(&self, request_id: &str) -> Value {
+        let mut error = self.fields();
+        error.insert("request_id".into(), json!(request_id));
+        json!({ "error": error })
+    }
+
+    /// The error object without a request id: `type`, `message` and the details
+    /// of this type (`creditgate quote` has no request to name).
+    pub fn fields(&self) -> Map<String, Value> {
         let mut error = Map::new();
         error.insert("type".into(), json!(self.kind()));
         error.insert("message".into(), json!(self.message()));
@@ -238,8 +246,7 @@ impl ApiError {
             }
             _ => {}
         }
-        error.insert("request_id".into(), json!(request_id));
-        json!({ "error": error })
+        error
     }
 }
 
