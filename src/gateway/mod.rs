@@ -850,7 +850,13 @@ impl Gateway {
         if !charges && ctx.hold.is_some() {
             self.end_hold(ctx, Ended::Complete).await;
         }
-        self.add_credit_headers(upstream_response, ctx)
+        self.add_credit_headers(upstream_response, ctx)?;
+        if ctx.operation.is_none() && ctx.identity.is_some() {
+            // An unmatched pass-through (`unmatched = "allow"`) is no operation: it
+            // still carries the header, with an empty name no operation can have.
+            upstream_response.insert_header(HEADER_OPERATION, "")?;
+        }
+        Ok(())
     }
 
     pub(super) fn response_body_filter(

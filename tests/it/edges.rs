@@ -1,5 +1,5 @@
 //! Edges of SPEC §4, §5 and §7: the order of the steps when a body is too large,
-//! and quotes of quotas.
+//! unmatched pass-through, and quotes of quotas and pass-through.
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -164,6 +164,60 @@ async fn quote(gw: &TestGateway, request: Value) -> Value {
         .unwrap();
     assert_eq!(resp.status(), 200);
     resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn unmatched_allow_passes_through_free_with_the_credit_headers() {
+    let gw = start_policy(|_| PASS_THROUGH.to_string(), |_| None).await;
+    // An unknown path, and a known path with another method.
+    for (method, path) in [
+        (Method::GET, "/v1/other/thing?x=1"),
+        (Method::GET, "/v1/images"),
+    ] {
+        let resp = gw
+            .call(method.clone(), path, ALICE_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(
+            resp.headers()
+                .get("x-credits-operation")
+                .map(|v| v.to_str().unwrap()),
+            Some(""),
+            "{path}: present, naming no operation"
+        );
+        assert_eq!(header(&resp, "x-credits-held"), "0");
+        assert_eq!(header(&resp, "x-credits-remaining"), "5");
+        let quoted = quote(&gw, json!({"method": method.as_str(), "path": path})).await;
+        assert_eq!(
+            quoted,
+            json!({"allowed": true, "operation": null, "credits": 0, "available": 5, "pass_through": true})
+        );
+    }
+    let received = gw.backend.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].path, "/v1/other/thing?x=1");
+    assert_eq!(
+        received[0].header("authorization"),
+        None,
+        "the key is not forwarded"
+    );
+    assert_eq!(received[0].header("x-creditgate-account"), Some("alice"));
+    // Still authenticated.
+    let resp = gw
+        .client
+        .get(format!("{}/v1/other/thing", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(gw.backend.received().len(), 2);
+    // A matched operation is still priced, and names itself.
+    let resp = gw.post("/v1/images").send().await.unwrap();
+    assert_eq!(header(&resp, "x-credits-operation"), "image.generate");
+    let t = gw.settled("alice").await;
+    assert_eq!((t.charged, t.available), (credits("3"), credits("2")));
 }
 
 #[tokio::test]
