@@ -1,5 +1,6 @@
 //! Edges of SPEC §4, §5 and §7: the order of the steps when a body is too large,
-//! unmatched pass-through, and quotes of quotas and pass-through.
+//! unmatched pass-through, quotes of quotas and pass-through, and the admin API's
+//! own errors.
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -246,4 +247,41 @@ async fn a_quote_says_quota_exhausted_once_the_quota_is_used_up() {
     assert_eq!(status, 429);
     assert_eq!(body["error"]["type"], quoted["error"]["type"]);
     assert_eq!(body["error"]["message"], quoted["error"]["message"]);
+}
+
+#[tokio::test]
+async fn a_wrong_method_on_an_admin_route_is_a_json_405() {
+    let gw = start("1").await;
+    for (method, path) in [
+        (Method::DELETE, "/admin/accounts/alice"),
+        (Method::GET, "/admin/accounts"),
+        (Method::POST, "/healthz"),
+    ] {
+        let resp = gw.admin(method, path).send().await.unwrap();
+        let (status, body) = error_of(resp).await;
+        assert_eq!(status, 405, "{path}");
+        assert_eq!(
+            body["error"]["type"], "method_not_allowed",
+            "{path}: {body}"
+        );
+        assert!(body["error"]["message"].is_string());
+    }
+    // Without the token too: the method is refused before the token is checked.
+    let resp = gw
+        .client
+        .delete(format!("{}/admin/accounts/alice", gw.admin_url))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    // Unknown routes stay a JSON 404.
+    let (status, body) = error_of(gw.admin(Method::GET, "/admin/nope").send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (404, Some("not_found"))
+    );
 }
