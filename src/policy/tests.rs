@@ -594,6 +594,108 @@ fn header_injection_through_the_environment_is_refused() {
     );
 }
 
+#[test]
+fn ambiguous_overlapping_patterns_are_refused() {
+    let text = format!(
+        "{GOOD}\n[[operations]]\nname = \"sites.any\"\npath = \"/v1/sites/{{*rest}}\"\nupstream = \"main\"\nprice = 1\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("invalid path pattern \"/v1/sites/{*rest}\""),
+        "{errs:?}"
+    );
+    // Located at the later pattern, the one that conflicts.
+    let line = text
+        .lines()
+        .position(|l| l.contains("{*rest}") && l.contains("sites"))
+        .unwrap()
+        + 1;
+    assert!(errs[0].starts_with(&format!("p.toml:{line}:")), "{errs:?}");
+}
+
+#[test]
+fn an_unknown_quota_is_refused() {
+    let text = GOOD.replace(
+        "requires = [\"premium\"]\nprice = 20",
+        "requires = [\"premium\"]\nquota = \"hd_images\"\nprice = 20",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("unknown quota \"hd_images\": no plan has it"),
+        "{errs:?}"
+    );
+    // Once a plan has it, the same operation validates.
+    let text = text.replace(
+        "features = [\"premium\"]",
+        "features = [\"premium\"]\nquotas = { hd_images = 10 }",
+    );
+    assert_eq!(
+        parse(&text).unwrap().operations[1].quota.as_deref(),
+        Some("hd_images")
+    );
+}
+
+#[test]
+fn unmatched_allow_needs_a_default_upstream() {
+    let text = GOOD.replace("[gateway]\n", "[gateway]\nunmatched = \"allow\"\n");
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unmatched = \"allow\" needs default_upstream")),
+        "{errs:?}"
+    );
+    let text = GOOD.replace(
+        "[gateway]\n",
+        "[gateway]\nunmatched = \"allow\"\ndefault_upstream = \"main\"\n",
+    );
+    assert_eq!(
+        parse(&text).unwrap().gateway.unmatched,
+        Unmatched::Allow { upstream: 0 }
+    );
+}
+
+const SPECIFIC: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[[operations]]
+name = "any"
+path = "/v1/{*rest}"
+upstream = "main"
+price = 1
+[[operations]]
+name = "one"
+path = "/v1/things/{id}"
+upstream = "main"
+price = 2
+[[operations]]
+name = "special"
+path = "/v1/things/special"
+upstream = "main"
+price = 3
+"#;
+
+#[test]
+fn the_most_specific_path_wins_whatever_the_file_order() {
+    let p = parse(SPECIFIC).unwrap();
+    let name = |t: &str| quote(&p, Method::GET, t, None).map(|(n, _)| n);
+    assert_eq!(name("/v1/things/special"), Ok("special".into()));
+    assert_eq!(name("/v1/things/t1"), Ok("one".into()));
+    assert_eq!(name("/v1/things/t1/parts"), Ok("any".into()));
+    assert_eq!(name("/v1/things/special/parts"), Ok("any".into()));
+    assert_eq!(name("/v1/other"), Ok("any".into()));
+    assert_eq!(
+        p.route("/v1/things/t1").unwrap().path_params,
+        vec![("id".to_string(), "t1".to_string())]
+    );
+    assert_eq!(
+        p.route("/v1/things/a/b").unwrap().path_params,
+        vec![("rest".to_string(), "things/a/b".to_string())]
+    );
+}
+
 /// A policy where matching, entitlement and pricing each may or may not need the body.
 const STEPS: &str = r#"
 version = 1

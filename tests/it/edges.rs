@@ -1,11 +1,22 @@
 //! Edges of SPEC §4, §5 and §7: the order of the steps when a body is too large,
-//! unmatched pass-through, quotes of quotas and pass-through, and the admin API's
-//! own errors.
+//! unmatched pass-through, quotes of quotas and pass-through, `too_many_holds`,
+//! `on_unavailable = "allow"`, and the admin API's own errors and readiness.
 
+use std::sync::Arc;
+
+use creditgate::admin::AdminState;
+use creditgate::clock::Clock;
+use creditgate::demo::mock::MockBackend;
+use creditgate::gateway::{serve_live, Gateway, LiveGateway};
+use creditgate::policy::Policy;
+use creditgate::store::redis::RedisStore;
 use reqwest::Method;
 use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::harness::*;
+use crate::redis_server::RedisServer;
 
 /// Body-priced operations behind a 1 KiB body limit; alice is on `free`.
 const SMALL_BODIES: &str = r#"
@@ -250,6 +261,50 @@ async fn a_quote_says_quota_exhausted_once_the_quota_is_used_up() {
 }
 
 #[tokio::test]
+async fn too_many_holds_is_a_429_and_nothing_is_forwarded() {
+    let gw = start_policy(
+        |_| {
+            POLICY
+                .replace("{CREDITS}", "100")
+                .replace("{READ_TIMEOUT}", "30s")
+                .replace("[gateway]\n", "[gateway]\nmax_holds_per_account = 1\n")
+        },
+        |_| None,
+    )
+    .await;
+    // A stream the backend pauses keeps its hold open.
+    let mut first = gw
+        .post("/v1/stream/fixed")
+        .header("x-mock-sse", "10")
+        .header("x-mock-sse-pause-after", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(gw.totals("alice").await.held, credits("3"));
+    let resp = gw.post("/v1/images").send().await.unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (429, Some("too_many_holds")),
+        "{body}"
+    );
+    assert_eq!(body["error"]["limit"], 1);
+    assert_eq!(
+        gw.backend.received().len(),
+        1,
+        "the refused request was not forwarded"
+    );
+    gw.backend.open_gate();
+    while first.chunk().await.unwrap().is_some() {}
+    gw.settled("alice").await;
+    // With the hold ended, the next request holds again.
+    assert_eq!(gw.post("/v1/images").send().await.unwrap().status(), 200);
+    let t = gw.settled("alice").await;
+    assert_eq!((t.charged, t.available), (credits("6"), credits("94")));
+}
+
+#[tokio::test]
 async fn a_wrong_method_on_an_admin_route_is_a_json_405() {
     let gw = start("1").await;
     for (method, path) in [
@@ -284,4 +339,138 @@ async fn a_wrong_method_on_an_admin_route_is_a_json_405() {
         (status, body["error"]["type"].as_str()),
         (404, Some("not_found"))
     );
+}
+
+#[tokio::test]
+async fn readyz_needs_no_token_and_says_ready() {
+    let gw = start("1").await;
+    let resp = gw
+        .client
+        .get(format!("{}/readyz", gw.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"status": "ready"})
+    );
+}
+
+/// `on_unavailable = "allow"` on a Redis the test starts and kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_unavailable_allow_forwards_unmetered_and_counts_it() {
+    let mut redis = RedisServer::start();
+    let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+    let text = format!(
+        r#"version = 1
+[store]
+kind = "redis"
+url = "{}"
+on_unavailable = "allow"
+[upstreams.main]
+url = "http://{}"
+[plans.free]
+monthly_credits = 0
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[accounts]]
+id = "shared"
+plan = "free"
+grants = [ {{ kind = "topup", credits = 10 }} ]
+keys = [ {{ member = "m", key_env = "ALICE_KEY" }} ]
+"#,
+        redis.url(),
+        backend.addr
+    );
+    let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
+    let policy = Arc::new(Policy::parse(&text, "redis.toml", &env).unwrap());
+    let store: Arc<dyn creditgate::store::Store> = Arc::new(
+        RedisStore::for_policy(&policy, &redis.url(), false)
+            .await
+            .unwrap(),
+    );
+    let gateway = Gateway::new(policy, store, Clock::system()).unwrap();
+    gateway.seed_accounts().await.unwrap();
+    let metrics = gateway.metrics().clone();
+    let live = LiveGateway::new(gateway);
+    let (_stop, shutdown) = watch::channel(false);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve_live(listener, live.clone(), shutdown.clone()));
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
+    let admin = AdminState::new(live, None, Some(ADMIN_TOKEN));
+    tokio::spawn(creditgate::admin::serve(admin_listener, admin, shutdown));
+
+    let client = reqwest::Client::new();
+    let send = |key: &str| {
+        client
+            .post(format!("{url}/v1/images"))
+            .bearer_auth(key)
+            .send()
+    };
+    let unmetered = || {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("creditgate_unmetered_total "))
+            .map(str::to_string)
+    };
+    let resp = send(ALICE_KEY).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-credits-held"), "3");
+    assert_eq!(unmetered().as_deref(), Some("0"));
+    let ready = client
+        .get(format!("{admin_url}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    redis.kill();
+    // The key was seen a moment ago; the hold cannot be placed: forwarded unmetered.
+    let resp = send(ALICE_KEY).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-credits-held"), "0");
+    assert_eq!(header(&resp, "x-credits-remaining"), "<missing>");
+    assert_eq!(backend.received().len(), 2);
+    assert_eq!(unmetered().as_deref(), Some("1"));
+    // A key nobody has seen is still refused.
+    let resp = send("sk-never-seen-123456").await.unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+    assert_eq!(backend.received().len(), 2);
+    // Not ready while the store does not answer.
+    let ready = client
+        .get(format!("{admin_url}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(ready).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+
+    redis.restart();
+    let url = admin_url.clone();
+    eventually(move || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
 }
