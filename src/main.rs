@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use creditgate::gateway::errors::ApiError;
 use creditgate::gateway::{run_server, Gateway, LiveGateway};
-use creditgate::policy::{format_duration, Policy, RequestFacts, StoreConfig};
+use creditgate::policy::{format_duration, Evaluation, Policy, RequestFacts, StoreConfig, Verdict};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
 
@@ -45,6 +46,10 @@ enum Command {
     Quote {
         #[arg(long)]
         policy: PathBuf,
+        /// A request header, `name: value` (repeatable), for prices and `when`s on
+        /// `header:` values.
+        #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+        headers: Vec<String>,
         method: String,
         path: String,
         /// The request body, as JSON text.
@@ -77,10 +82,11 @@ fn main() -> ExitCode {
         Command::Run { policy } => run(&policy),
         Command::Quote {
             policy,
+            headers,
             method,
             path,
             body,
-        } => quote(&policy, &method, &path, body.as_deref()),
+        } => quote(&policy, &method, &path, &headers, body.as_deref()),
         Command::Demo => demo(),
         Command::MockBackend { listen } => mock_backend(&listen),
     }
@@ -147,7 +153,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>) -> ExitCode {
+/// Prices a request as the gateway would (`Policy::evaluate`, the one the gateway
+/// and `POST /credits/v1/quote` use), without an account: plan features and the
+/// balance are not checked; the features the operation requires are printed.
+fn quote(
+    path: &std::path::Path,
+    method: &str,
+    target: &str,
+    header_lines: &[String],
+    body: Option<&str>,
+) -> ExitCode {
     let policy = match load(path) {
         Ok(policy) => policy,
         Err(code) => return code,
@@ -156,60 +171,66 @@ fn quote(path: &std::path::Path, method: &str, target: &str, body: Option<&str>)
         emit(&format!("{json}\n"));
         code
     };
-    let error = |kind: &str, message: String, source: Option<&str>| {
-        let mut e = serde_json::json!({"type": kind, "message": message});
-        if let Some(source) = source {
-            e["source"] = source.into();
-        }
-        answer(serde_json::json!({ "error": e }), ExitCode::FAILURE)
+    let refuse = |error: ApiError| {
+        answer(
+            serde_json::json!({ "error": error.fields() }),
+            ExitCode::FAILURE,
+        )
+    };
+    let invalid = |source: &str, message: String| {
+        refuse(ApiError::InvalidRequest {
+            source: source.into(),
+            message,
+        })
     };
     let (Ok(method), Ok(uri)) = (
         http::Method::from_bytes(method.as_bytes()),
         target.parse::<http::Uri>(),
     ) else {
-        return error(
-            "invalid_request",
+        return invalid(
+            "request",
             format!("{method} {target} is not a method and a path"),
-            None,
         );
     };
-    let Some(route) = policy.route(uri.path()) else {
-        return error(
-            "unknown_operation",
-            "No operation matches this method and path.".into(),
-            None,
-        );
-    };
+    let mut headers = http::HeaderMap::new();
+    for line in header_lines {
+        let parsed = line.split_once(':').and_then(|(name, value)| {
+            let name = http::HeaderName::try_from(name.trim()).ok()?;
+            let value = http::HeaderValue::try_from(value.trim()).ok()?;
+            Some((name, value))
+        });
+        let Some((name, value)) = parsed else {
+            return invalid("--header", format!("{line:?} is not `name: value`"));
+        };
+        headers.append(name, value);
+    }
     let json = match body {
         Some(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
         None => Err("the request has no body".to_string()),
     };
-    let headers = http::HeaderMap::new();
+    let route = policy.route(uri.path());
     let facts = RequestFacts {
         method: &method,
         headers: &headers,
         query: uri.query(),
-        path_params: &route.path_params,
-        body: route.needs_body.then_some(&json),
+        path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
+        body: Some(&json),
     };
-    let Some(index) = policy.select(&route, &facts) else {
-        return error(
-            "unknown_operation",
-            "No operation matches this method and path.".into(),
-            None,
-        );
-    };
-    let op = &policy.operations[index];
-    match op.price.hold_amount(&facts) {
-        Ok(credits) => answer(
-            serde_json::json!({"operation": op.name, "credits": credits.to_json(), "requires": op.requires}),
+    match policy.evaluate(route.as_ref(), &facts, None) {
+        Evaluation::Decided(Ok(Verdict::Operation { index, price })) => {
+            let op = &policy.operations[index];
+            answer(
+                serde_json::json!({"operation": op.name, "credits": price.to_json(), "requires": op.requires}),
+                ExitCode::SUCCESS,
+            )
+        }
+        Evaluation::Decided(Ok(Verdict::PassThrough { .. })) => answer(
+            serde_json::json!({"operation": null, "credits": 0, "requires": [], "pass_through": true}),
             ExitCode::SUCCESS,
         ),
-        Err(e) => error(
-            "invalid_request",
-            format!("{} {}.", e.source, e.message),
-            Some(&e.source),
-        ),
+        Evaluation::Decided(Err(refused)) => refuse(ApiError::refused(&policy, refused)),
+        // Unreachable: the body (or its absence) is given, so every step can decide.
+        Evaluation::NeedsBody => refuse(ApiError::Internal),
     }
 }
 

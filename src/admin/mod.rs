@@ -247,6 +247,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .merge(protected)
+        // axum's own 404 and 405 have empty bodies; every error here is JSON.
+        .method_not_allowed_fallback(|| async {
+            Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this admin endpoint does not take this method",
+            )
+        })
         .fallback(|| async {
             Refusal::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
         })

@@ -1,8 +1,8 @@
 //! The client APIs on the gateway listener, authenticated by the client's own key:
 //! `GET /credits/v1/balance` and `POST /credits/v1/quote`.
 //!
-//! A quote runs the very `evaluate` a real request runs (match, entitle, price),
-//! so what it says is what the request will be held.
+//! A quote runs the very `Policy::evaluate` a real request runs (match, entitle,
+//! price), so what it says is what the request will be held.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pingora::proxy::Session;
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::errors::ApiError;
 use super::{body, Gateway, RequestCtx};
-use crate::policy::RequestFacts;
+use crate::policy::{Caller, Evaluation, Refused, RequestFacts, Verdict};
 use crate::store::StoreError;
 use crate::views;
 
@@ -101,6 +101,9 @@ impl Gateway {
         Ok(views::ledger(&entries, limit))
     }
 
+    /// What the request would get, read-only: `Policy::evaluate` (as a real request
+    /// runs it), then the checks of the hold in the ledger's order — the quota, then
+    /// the balance — against the account as it is now. Nothing is held.
     async fn quote_json(&self, ctx: &RequestCtx, quote: QuoteRequest) -> Result<Value, ApiError> {
         let Some(identity) = &ctx.identity else {
             return Err(ApiError::MissingApiKey);
@@ -122,49 +125,90 @@ impl Gateway {
         let json_body = quote
             .body
             .ok_or_else(|| "the request has no body".to_string());
-        let totals = self
+        let account = self
             .store
-            .totals(&identity.account, self.now_ms())
+            .account(&identity.account, self.now_ms())
             .await
             .map_err(store_error)?;
+        let available = account.totals.available;
         let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
             json!({"allowed": false, "operation": operation, "credits": credits,
-                   "available": totals.available.to_json(), "error": error.body(&ctx.request_id)["error"]})
+                   "available": available.to_json(), "error": error.body(&ctx.request_id)["error"]})
         };
-        let Some(route) = self.policy.route(uri.path()) else {
-            return Ok(refused(ApiError::UnknownOperation, None, None));
-        };
+        let route = self.policy.route(uri.path());
         let facts = RequestFacts {
             method: &method,
             headers: &headers,
             query: uri.query(),
-            path_params: &route.path_params,
-            body: route.needs_body.then_some(&json_body),
+            path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
+            body: Some(&json_body),
         };
-        let (index, price) = match self.evaluate(identity, &route, &facts) {
-            Ok(priced) => priced,
-            Err(error) => {
-                let operation = self
-                    .policy
-                    .select(&route, &facts)
-                    .map(|i| self.policy.operations[i].name.as_str());
-                return Ok(refused(error, operation, None));
+        let caller = Caller {
+            plan: &identity.plan,
+            premium_disabled: identity.premium_disabled,
+        };
+        let verdict = match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
+            Evaluation::Decided(verdict) => verdict,
+            // Unreachable: the body is given, so every step can decide.
+            Evaluation::NeedsBody => return Err(ApiError::Internal),
+        };
+        let (index, price) = match verdict {
+            Ok(Verdict::Operation { index, price }) => (index, price),
+            // `unmatched = "allow"`: forwarded free, as no operation.
+            Ok(Verdict::PassThrough { .. }) => {
+                return Ok(json!({"allowed": true, "operation": null, "credits": 0,
+                                 "available": available.to_json(), "pass_through": true}))
+            }
+            Err(refusal) => {
+                let operation = match &refusal {
+                    Refused::PlanRequired { operation, .. }
+                    | Refused::PremiumDisabled { operation } => Some(*operation),
+                    Refused::InvalidRequest(_) => {
+                        route.as_ref().and_then(|r| self.policy.select(r, &facts))
+                    }
+                    Refused::UnknownOperation => None,
+                };
+                let operation = operation.map(|i| self.policy.operations[i].name.as_str());
+                return Ok(refused(
+                    ApiError::refused(&self.policy, refusal),
+                    operation,
+                    None,
+                ));
             }
         };
-        let operation = self.policy.operations[index].name.as_str();
-        if price > totals.available {
+        let op = &self.policy.operations[index];
+        let operation = op.name.as_str();
+        let credits = Some(price.to_json());
+        // The ledger checks the quota first: a used-up quota refuses even a free operation.
+        let exhausted = op.quota.as_ref().and_then(|quota| {
+            account
+                .quotas
+                .iter()
+                .find(|q| &q.name == quota)
+                .and_then(|q| q.limit.filter(|&limit| q.used >= limit))
+                .map(|limit| (quota.clone(), limit))
+        });
+        if let Some((quota, limit)) = exhausted {
+            let error = ApiError::QuotaExhausted {
+                operation: operation.to_string(),
+                quota,
+                limit,
+            };
+            return Ok(refused(error, Some(operation), credits));
+        }
+        if price > available {
             let error = ApiError::InsufficientCredits {
                 operation: operation.to_string(),
                 required: price,
-                available: totals.available,
-                held: totals.held,
+                available,
+                held: account.totals.held,
                 plan: identity.plan.clone(),
                 upgrade_url: self.policy.gateway.upgrade_url.clone(),
             };
-            return Ok(refused(error, Some(operation), Some(price.to_json())));
+            return Ok(refused(error, Some(operation), credits));
         }
         Ok(
-            json!({"allowed": true, "operation": operation, "credits": price.to_json(), "available": totals.available.to_json()}),
+            json!({"allowed": true, "operation": operation, "credits": price.to_json(), "available": available.to_json()}),
         )
     }
 }

@@ -6,6 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Credits;
+use crate::policy::{Policy, Refused};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -164,8 +165,39 @@ impl ApiError {
         }
     }
 
+    /// The error a refusal of the policy (match, entitle, price) is answered with.
+    pub fn refused(policy: &Policy, refused: Refused) -> ApiError {
+        match refused {
+            Refused::UnknownOperation => ApiError::UnknownOperation,
+            Refused::PlanRequired { operation, feature } => ApiError::PlanRequired {
+                operation: policy.operations[operation].name.clone(),
+                plans: policy
+                    .plans_with_feature(&feature)
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                feature,
+            },
+            Refused::PremiumDisabled { operation } => ApiError::PremiumDisabled {
+                operation: policy.operations[operation].name.clone(),
+            },
+            Refused::InvalidRequest(e) => ApiError::InvalidRequest {
+                source: e.source,
+                message: e.message,
+            },
+        }
+    }
+
     /// The JSON body, `{"error": {...}}`.
     pub fn body(&self, request_id: &str) -> Value {
+        let mut error = self.fields();
+        error.insert("request_id".into(), json!(request_id));
+        json!({ "error": error })
+    }
+
+    /// The error object without a request id: `type`, `message` and the details
+    /// of this type (`creditgate quote` has no request to name).
+    pub fn fields(&self) -> Map<String, Value> {
         let mut error = Map::new();
         error.insert("type".into(), json!(self.kind()));
         error.insert("message".into(), json!(self.message()));
@@ -214,8 +246,7 @@ impl ApiError {
             }
             _ => {}
         }
-        error.insert("request_id".into(), json!(request_id));
-        json!({ "error": error })
+        error
     }
 }
 

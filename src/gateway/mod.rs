@@ -29,8 +29,8 @@ use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
-    usage_charge, OnMissing, OnUnavailable, Policy, RequestFacts, RouteMatch, StoreConfig,
-    Unmatched,
+    usage_charge, Caller, Evaluation, OnMissing, OnUnavailable, Policy, RequestFacts, StoreConfig,
+    Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -41,9 +41,6 @@ use usage::UsageMeter;
 
 pub use live::{LiveGateway, LiveProxy, ReloadError};
 pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
-
-/// The plan feature a member with "premium disabled" cannot use.
-const PREMIUM_FEATURE: &str = "premium";
 
 const HEADER_OPERATION: &str = "x-credits-operation";
 const HEADER_HELD: &str = "x-credits-held";
@@ -324,51 +321,8 @@ impl Gateway {
         }
     }
 
-    /// Match → entitle → price, exactly as for a real request. Shared by the
-    /// proxy and by quotes, so a quote is what the request will be held.
-    fn evaluate(
-        &self,
-        identity: &Identity,
-        route: &RouteMatch<'_>,
-        facts: &RequestFacts<'_>,
-    ) -> std::result::Result<(usize, Credits), ApiError> {
-        let index = self
-            .policy
-            .select(route, facts)
-            .ok_or(ApiError::UnknownOperation)?;
-        let op = &self.policy.operations[index];
-        let plan = self.policy.plan(&identity.plan);
-        for feature in &op.requires {
-            if !plan.is_some_and(|p| p.features.contains(feature)) {
-                return Err(ApiError::PlanRequired {
-                    operation: op.name.clone(),
-                    feature: feature.clone(),
-                    plans: self
-                        .policy
-                        .plans_with_feature(feature)
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
-                });
-            }
-        }
-        // An admin can switch premium generation off for one member of a team.
-        if identity.premium_disabled && op.requires.iter().any(|f| f == PREMIUM_FEATURE) {
-            return Err(ApiError::PremiumDisabled {
-                operation: op.name.clone(),
-            });
-        }
-        let price = op
-            .price
-            .hold_amount(facts)
-            .map_err(|e| ApiError::InvalidRequest {
-                source: e.source,
-                message: e.message,
-            })?;
-        Ok((index, price))
-    }
-
-    /// Authenticate → match → (read the body) → entitle → price → hold.
+    /// Authenticate → match → entitle → price → hold. The body is read only when a
+    /// step needs it, so a 404 or 403 that needs no body is never a 413.
     /// `Err(answer)` stops the request.
     async fn admit(
         &self,
@@ -387,42 +341,50 @@ impl Gateway {
                 .await
                 .map(|()| Admitted::Answered);
         }
-        let Some(route) = self.policy.route(&path) else {
-            return self.unmatched(ctx, account).await;
+        let caller = Caller {
+            plan: plan_name,
+            premium_disabled: identity.premium_disabled,
         };
-        let body = if route.needs_body {
-            Some(
-                body::read_all(session, self.policy.gateway.max_body_bytes)
-                    .await
-                    .map_err(|e| match e {
-                        BodyError::TooLarge => ApiError::RequestTooLarge {
-                            limit: self.policy.gateway.max_body_bytes,
-                        },
-                        BodyError::NotHttp1 => ApiError::InvalidRequest {
-                            source: "body".into(),
-                            message: "can only be priced over HTTP/1.1".into(),
-                        },
-                        BodyError::Read(e) => ApiError::InvalidRequest {
-                            source: "body".into(),
-                            message: format!("could not be read: {e}"),
-                        },
-                    })?,
-            )
-        } else {
-            None
+        let route = self.policy.route(&path);
+        let path_params = route.as_ref().map_or(&[][..], |r| r.path_params.as_slice());
+        let before_body = {
+            let req = session.req_header();
+            let facts = RequestFacts {
+                method: &req.method,
+                headers: &req.headers,
+                query: req.uri.query(),
+                path_params,
+                body: None,
+            };
+            self.policy.evaluate(route.as_ref(), &facts, Some(&caller))
         };
-        let json = body.as_ref().map(|b| parse_json(b));
-        let req = session.req_header();
-        let facts = RequestFacts {
-            method: &req.method,
-            headers: &req.headers,
-            query: req.uri.query(),
-            path_params: &route.path_params,
-            body: json.as_ref(),
+        let (verdict, body) = match before_body {
+            Evaluation::Decided(verdict) => (verdict, None),
+            Evaluation::NeedsBody => {
+                let body = self.read_body(session).await?;
+                let json = parse_json(&body);
+                let req = session.req_header();
+                let facts = RequestFacts {
+                    method: &req.method,
+                    headers: &req.headers,
+                    query: req.uri.query(),
+                    path_params,
+                    body: Some(&json),
+                };
+                match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
+                    Evaluation::Decided(verdict) => (verdict, Some(body)),
+                    // Unreachable: with the body given, every step can decide.
+                    Evaluation::NeedsBody => return Err(ApiError::Internal),
+                }
+            }
         };
-        let (index, price) = match self.evaluate(&identity, &route, &facts) {
-            Err(ApiError::UnknownOperation) => return self.unmatched(ctx, account).await,
-            other => other?,
+        let (index, price) = match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
+            Verdict::Operation { index, price } => (index, price),
+            Verdict::PassThrough { upstream } => {
+                ctx.upstream = upstream;
+                ctx.remaining = self.available(account).await?;
+                return Ok(Admitted::Forward);
+            }
         };
         let op = &self.policy.operations[index];
         ctx.operation = Some(index);
@@ -434,6 +396,7 @@ impl Gateway {
             ));
         }
 
+        let req = session.req_header();
         ctx.idempotency =
             idempotency_of(req, body.as_deref(), self.policy.gateway.idempotency_ttl_ms)?;
         // A free operation holds nothing — unless it counts against a quota.
@@ -458,20 +421,20 @@ impl Gateway {
         Ok(Admitted::Forward)
     }
 
-    /// No operation matched: 404, or a free pass-through with `unmatched = "allow"`.
-    async fn unmatched(
-        &self,
-        ctx: &mut RequestCtx,
-        account: &str,
-    ) -> std::result::Result<Admitted, ApiError> {
-        match self.policy.gateway.unmatched {
-            Unmatched::Deny => Err(ApiError::UnknownOperation),
-            Unmatched::Allow { upstream } => {
-                ctx.upstream = upstream;
-                ctx.remaining = self.available(account).await?;
-                Ok(Admitted::Forward)
-            }
-        }
+    /// Reads the whole request body, up to `max_body_bytes`, to match or price it.
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, ApiError> {
+        let limit = self.policy.gateway.max_body_bytes;
+        body::read_all(session, limit).await.map_err(|e| match e {
+            BodyError::TooLarge => ApiError::RequestTooLarge { limit },
+            BodyError::NotHttp1 => ApiError::InvalidRequest {
+                source: "body".into(),
+                message: "can only be priced over HTTP/1.1".into(),
+            },
+            BodyError::Read(e) => ApiError::InvalidRequest {
+                source: "body".into(),
+                message: format!("could not be read: {e}"),
+            },
+        })
     }
 
     async fn hold(
@@ -894,7 +857,13 @@ impl Gateway {
         if !charges && ctx.hold.is_some() {
             self.end_hold(ctx, Ended::Complete).await;
         }
-        self.add_credit_headers(upstream_response, ctx)
+        self.add_credit_headers(upstream_response, ctx)?;
+        if ctx.operation.is_none() && ctx.identity.is_some() {
+            // An unmatched pass-through (`unmatched = "allow"`) is no operation: it
+            // still carries the header, with an empty name no operation can have.
+            upstream_response.insert_header(HEADER_OPERATION, "")?;
+        }
+        Ok(())
     }
 
     pub(super) fn response_body_filter(

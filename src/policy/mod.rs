@@ -6,6 +6,7 @@
 //! CLI's `check` runs exactly this validation. Nothing here does IO except reading
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
+mod evaluate;
 mod price;
 mod raw;
 mod units;
@@ -17,6 +18,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::ledger::Credits;
 
+pub use evaluate::{Caller, Evaluation, Refused, Verdict, PREMIUM_FEATURE};
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
 };

@@ -178,10 +178,15 @@ impl RequestFacts<'_> {
     /// Whether every predicate holds. A value that is absent, or a body that is
     /// not JSON, makes a predicate false.
     pub fn all_hold(&self, predicates: &[Predicate]) -> bool {
-        predicates.iter().all(|p| match self.find(&p.source) {
-            Ok(Some(found)) => p.any_of.iter().any(|want| want.matches(&found)),
+        predicates.iter().all(|p| self.holds(p))
+    }
+
+    /// Whether one predicate holds (absent or not JSON: false).
+    pub fn holds(&self, predicate: &Predicate) -> bool {
+        match self.find(&predicate.source) {
+            Ok(Some(found)) => predicate.any_of.iter().any(|want| want.matches(&found)),
             _ => false,
-        })
+        }
     }
 }
 

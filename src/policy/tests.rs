@@ -593,3 +593,244 @@ fn header_injection_through_the_environment_is_refused() {
         "{errs}"
     );
 }
+
+#[test]
+fn ambiguous_overlapping_patterns_are_refused() {
+    let text = format!(
+        "{GOOD}\n[[operations]]\nname = \"sites.any\"\npath = \"/v1/sites/{{*rest}}\"\nupstream = \"main\"\nprice = 1\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("invalid path pattern \"/v1/sites/{*rest}\""),
+        "{errs:?}"
+    );
+    // Located at the later pattern, the one that conflicts.
+    let line = text
+        .lines()
+        .position(|l| l.contains("{*rest}") && l.contains("sites"))
+        .unwrap()
+        + 1;
+    assert!(errs[0].starts_with(&format!("p.toml:{line}:")), "{errs:?}");
+}
+
+#[test]
+fn an_unknown_quota_is_refused() {
+    let text = GOOD.replace(
+        "requires = [\"premium\"]\nprice = 20",
+        "requires = [\"premium\"]\nquota = \"hd_images\"\nprice = 20",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("unknown quota \"hd_images\": no plan has it"),
+        "{errs:?}"
+    );
+    // Once a plan has it, the same operation validates.
+    let text = text.replace(
+        "features = [\"premium\"]",
+        "features = [\"premium\"]\nquotas = { hd_images = 10 }",
+    );
+    assert_eq!(
+        parse(&text).unwrap().operations[1].quota.as_deref(),
+        Some("hd_images")
+    );
+}
+
+#[test]
+fn unmatched_allow_needs_a_default_upstream() {
+    let text = GOOD.replace("[gateway]\n", "[gateway]\nunmatched = \"allow\"\n");
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unmatched = \"allow\" needs default_upstream")),
+        "{errs:?}"
+    );
+    let text = GOOD.replace(
+        "[gateway]\n",
+        "[gateway]\nunmatched = \"allow\"\ndefault_upstream = \"main\"\n",
+    );
+    assert_eq!(
+        parse(&text).unwrap().gateway.unmatched,
+        Unmatched::Allow { upstream: 0 }
+    );
+}
+
+const SPECIFIC: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[[operations]]
+name = "any"
+path = "/v1/{*rest}"
+upstream = "main"
+price = 1
+[[operations]]
+name = "one"
+path = "/v1/things/{id}"
+upstream = "main"
+price = 2
+[[operations]]
+name = "special"
+path = "/v1/things/special"
+upstream = "main"
+price = 3
+"#;
+
+#[test]
+fn the_most_specific_path_wins_whatever_the_file_order() {
+    let p = parse(SPECIFIC).unwrap();
+    let name = |t: &str| quote(&p, Method::GET, t, None).map(|(n, _)| n);
+    assert_eq!(name("/v1/things/special"), Ok("special".into()));
+    assert_eq!(name("/v1/things/t1"), Ok("one".into()));
+    assert_eq!(name("/v1/things/t1/parts"), Ok("any".into()));
+    assert_eq!(name("/v1/things/special/parts"), Ok("any".into()));
+    assert_eq!(name("/v1/other"), Ok("any".into()));
+    assert_eq!(
+        p.route("/v1/things/t1").unwrap().path_params,
+        vec![("id".to_string(), "t1".to_string())]
+    );
+    assert_eq!(
+        p.route("/v1/things/a/b").unwrap().path_params,
+        vec![("rest".to_string(), "things/a/b".to_string())]
+    );
+}
+
+/// A policy where matching, entitlement and pricing each may or may not need the body.
+const STEPS: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[plans.free]
+monthly_credits = 0
+[plans.pro]
+monthly_credits = 0
+features = ["premium"]
+[[operations]]
+name = "video.premium"
+method = "POST"
+path = "/v1/videos/premium"
+requires = ["premium"]
+upstream = "main"
+price = { credits = 2, per = { from = "body:/seconds" } }
+[[operations]]
+name = "mode.patch"
+method = "POST"
+path = "/v1/modes"
+when = { "body:/mode" = "patch", "query:v" = "2" }
+upstream = "main"
+price = 1
+[[operations]]
+name = "mode.fixed"
+method = "POST"
+path = "/v1/modes"
+when = { "query:v" = "1" }
+upstream = "main"
+price = 5
+[[operations]]
+name = "mode.full"
+method = "POST"
+path = "/v1/modes"
+upstream = "main"
+price = 4
+"#;
+
+/// `Policy::evaluate` on a request with no body read yet, then (if it asks) with `body`.
+fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) -> Vec<Evaluation> {
+    let uri: http::Uri = target.parse().unwrap();
+    let route = p.route(uri.path());
+    let headers = http::HeaderMap::new();
+    let json = serde_json::from_str(body).map_err(|e: serde_json::Error| e.to_string());
+    let caller = Caller {
+        plan,
+        premium_disabled: false,
+    };
+    let mut out = Vec::new();
+    for body in [None, Some(&json)] {
+        let facts = RequestFacts {
+            method: &method,
+            headers: &headers,
+            query: uri.query(),
+            path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
+            body,
+        };
+        let evaluation = p.evaluate(route.as_ref(), &facts, Some(&caller));
+        let done = evaluation != Evaluation::NeedsBody;
+        out.push(evaluation);
+        if done {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn evaluation_decides_404_and_403_before_it_needs_the_body() {
+    use Evaluation::{Decided, NeedsBody};
+    let p = parse(STEPS).unwrap();
+    let op = |name: &str| p.operations.iter().position(|o| o.name == name).unwrap();
+    let priced = |name: &str, credits: &str| {
+        Decided(Ok(Verdict::Operation {
+            index: op(name),
+            price: credits.parse().unwrap(),
+        }))
+    };
+    let body = r#"{"seconds": 3, "mode": "patch"}"#;
+    // Entitlement comes before the price that reads the body.
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/videos/premium", "free", body),
+        vec![Decided(Err(Refused::PlanRequired {
+            operation: op("video.premium"),
+            feature: "premium".into()
+        }))]
+    );
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/videos/premium", "pro", body),
+        vec![NeedsBody, priced("video.premium", "6")]
+    );
+    // No operation takes this method or path: nothing to read.
+    for (method, target) in [
+        (Method::GET, "/v1/videos/premium"),
+        (Method::GET, "/v1/modes"),
+        (Method::POST, "/v1/nope"),
+    ] {
+        assert_eq!(
+            evaluate(&p, method, target, "pro", body),
+            vec![Decided(Err(Refused::UnknownOperation))],
+            "{target}"
+        );
+    }
+    // A `when` ruled out by the query needs no body; one that may hold on the body does.
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/modes?v=1", "free", body),
+        vec![priced("mode.fixed", "5")]
+    );
+    assert_eq!(
+        evaluate(&p, Method::POST, "/v1/modes?v=2", "free", body),
+        vec![NeedsBody, priced("mode.patch", "1")]
+    );
+    assert_eq!(
+        evaluate(
+            &p,
+            Method::POST,
+            "/v1/modes?v=2",
+            "free",
+            r#"{"mode": "full"}"#
+        ),
+        vec![NeedsBody, priced("mode.full", "4")]
+    );
+    // With `unmatched = "allow"`, no match is a free pass-through.
+    let allow = parse(&STEPS.replace(
+        "version = 1\n",
+        "version = 1\n[gateway]\nunmatched = \"allow\"\ndefault_upstream = \"main\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        evaluate(&allow, Method::GET, "/v1/modes", "free", body),
+        vec![Decided(Ok(Verdict::PassThrough { upstream: 0 }))]
+    );
+    assert_eq!(
+        evaluate(&allow, Method::POST, "/v1/modes?v=1", "free", body),
+        vec![priced("mode.fixed", "5")]
+    );
+}

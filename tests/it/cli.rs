@@ -391,3 +391,104 @@ fn docker_compose_has_what_the_readme_promises() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `creditgate quote` prices as the gateway does: fixed, from the body, from a
+/// header (`--header`), unmatched pass-through; bad input is a JSON error and exit 1.
+#[test]
+fn quote_prices_fixed_body_and_header_requests_and_refuses_bad_input() {
+    let dir = std::env::temp_dir().join(format!("creditgate-quote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("quote.toml");
+    std::fs::write(
+        &policy,
+        r#"version = 1
+[gateway]
+unmatched = "allow"
+default_upstream = "main"
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[plans.pro]
+monthly_credits = 0
+features = ["premium"]
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+price = 3
+[[operations]]
+name = "video.generate"
+method = "POST"
+path = "/v1/videos"
+requires = ["premium"]
+price = { credits = 2, per = { from = "body:/duration_seconds", min = 1, max = 60 } }
+[[operations]]
+name = "chat.tiered"
+method = "POST"
+path = "/v1/chat"
+price = { credits = { from = "header:x-tier", table = { fast = 1, best = 4.5 } } }
+"#,
+    )
+    .unwrap();
+    let quote = |args: &[&str]| {
+        let out = creditgate()
+            .args(["quote", "--policy"])
+            .arg(&policy)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"));
+        (out.status.code(), json)
+    };
+    let ok = |json: serde_json::Value| (Some(0), json);
+    use serde_json::json;
+    assert_eq!(
+        quote(&["POST", "/v1/images"]),
+        ok(json!({"operation": "image.generate", "credits": 3, "requires": []}))
+    );
+    assert_eq!(
+        quote(&["POST", "/v1/videos", r#"{"duration_seconds": 8}"#]),
+        ok(json!({"operation": "video.generate", "credits": 16, "requires": ["premium"]}))
+    );
+    assert_eq!(
+        quote(&["--header", "x-tier: best", "POST", "/v1/chat"]),
+        ok(json!({"operation": "chat.tiered", "credits": 4.5, "requires": []}))
+    );
+    assert_eq!(
+        quote(&["POST", "/v1/chat", "-H", "X-Tier:fast", "-H", "x-other: 1"]),
+        ok(json!({"operation": "chat.tiered", "credits": 1, "requires": []}))
+    );
+    // unmatched = "allow": what the gateway does, a free pass-through.
+    assert_eq!(
+        quote(&["GET", "/v1/images"]),
+        ok(json!({"operation": null, "credits": 0, "requires": [], "pass_through": true}))
+    );
+    // Bad input: the error a request would get, or what is wrong with the command line.
+    let (code, json) = quote(&["POST", "/v1/chat"]);
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["error"]["type"], "invalid_request");
+    assert_eq!(json["error"]["source"], "header:x-tier");
+    let (code, json) = quote(&["POST", "/v1/videos", "{not json"]);
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["error"]["source"], "body:/duration_seconds");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{json}"
+    );
+    let (code, json) = quote(&["--header", "x-tier best", "POST", "/v1/chat"]);
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["error"]["type"], "invalid_request");
+    assert_eq!(json["error"]["source"], "--header");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not `name: value`"),
+        "{json}"
+    );
+    assert!(json["error"].get("request_id").is_none(), "{json}");
+}

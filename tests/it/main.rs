@@ -4,6 +4,7 @@
 mod accounts;
 mod cli;
 mod conformance;
+mod edges;
 mod harness;
 mod metering;
 mod operations;
