@@ -144,7 +144,8 @@ impl Gateway {
         )
     }
 
-    /// Creates the policy's seeded accounts (once) and registers their keys.
+    /// Creates the policy's seeded accounts that do not exist yet, with their
+    /// members and keys; an existing one is left as it is (a deleted key stays deleted).
     pub async fn seed_accounts(&self) -> std::result::Result<(), StoreError> {
         for seed in &self.policy.accounts {
             self.store.seed(seed, self.now_ms()).await?;

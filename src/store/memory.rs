@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Store,
-    StoreError,
+    seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome,
+    Identity, QuotaView, Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
@@ -226,38 +226,19 @@ impl Store for MemoryStore {
         let mut created = false;
         self.accounts.entry(seed.id.clone()).or_insert_with(|| {
             created = true;
-            let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
-            let mut account = Account::open(
-                &seed.id,
-                &seed.plan,
-                seed.billing_anchor_day,
-                &terms,
-                now_ms,
-            );
-            for g in &seed.grants {
-                // Validation bounds amounts far below the overflow limit.
-                let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-            }
-            Stored::new(account, ledger_max_entries)
+            Stored::new(seeded_account(seed, &catalog, now_ms), ledger_max_entries)
         });
-        for key in &seed.keys {
-            if let Some(mut stored) = self.accounts.get_mut(&seed.id) {
-                // Validation checked the seeded members fit the plan's seats.
-                stored
-                    .account
-                    .members
-                    .entry(key.member.clone())
-                    .or_default();
+        // An existing account is left as it is: a seeded key revoked since stays
+        // revoked, and no member is added past the plan's seats.
+        if created {
+            for key in &seed.keys {
+                self.register(
+                    &seed.id,
+                    &key.member,
+                    &seed_key_id(&key.key_sha256),
+                    &key.key_sha256,
+                );
             }
-            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
-            self.key_ids.insert(key_id.clone(), key.key_sha256);
-            self.keys.insert(
-                key.key_sha256,
-                KeyEntry {
-                    account: seed.id.clone(),
-                    member: key.member.clone(),
-                },
-            );
         }
         Ok(created)
     }
@@ -325,14 +306,7 @@ impl Store for MemoryStore {
         if !known {
             return Ok(Err(AccountRejected::UnknownMember));
         }
-        self.key_ids.insert(key_id.to_string(), *key_sha256);
-        self.keys.insert(
-            *key_sha256,
-            KeyEntry {
-                account: account.to_string(),
-                member: member.to_string(),
-            },
-        );
+        self.register(account, member, key_id, key_sha256);
         Ok(Ok(()))
     }
 
@@ -443,6 +417,20 @@ impl Store for MemoryStore {
         for mut stored in self.accounts.iter_mut() {
             stored.journal.set_cap(ledger_max_entries);
         }
+    }
+}
+
+impl MemoryStore {
+    /// The key's lookup records.
+    fn register(&self, account: &str, member: &str, key_id: &str, key_sha256: &[u8; 32]) {
+        self.key_ids.insert(key_id.to_string(), *key_sha256);
+        self.keys.insert(
+            *key_sha256,
+            KeyEntry {
+                account: account.to_string(),
+                member: member.to_string(),
+            },
+        );
     }
 }
 

@@ -29,8 +29,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
-    Store, StoreError,
+    memory::view, seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest,
+    HoldOutcome, Identity, Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
@@ -673,39 +673,27 @@ impl Store for RedisStore {
     }
 
     async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+        // An existing account is left as it is: a seeded key revoked since stays
+        // revoked (its record is not written again), no member is added past seats.
+        if self.fetch(&seed.id).await?.is_some() {
+            return Ok(false);
+        }
         let (catalog, _) = self.rules();
-        let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
-        let mut account = Account::open(
-            &seed.id,
-            &seed.plan,
-            seed.billing_anchor_day,
-            &terms,
-            now_ms,
-        );
-        for g in &seed.grants {
-            // Validation bounds amounts far below the overflow limit.
-            let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-        }
+        let account = seeded_account(seed, &catalog, now_ms);
+        // Key records before the account: a seed cut off in between leaves records
+        // of an account that does not exist (their keys identify nobody), and the
+        // next start, finding no account, writes them again and creates it.
         for key in &seed.keys {
-            account.members.entry(key.member.clone()).or_default();
-        }
-        let created = self.create(account).await?;
-        if !created {
-            // Existing account: make sure the seeded members exist (seats were validated).
-            let members: Vec<String> = seed.keys.iter().map(|k| k.member.clone()).collect();
-            self.transact(&seed.id, now_ms, Start::Fresh, |a, _| {
-                for m in &members {
-                    a.members.entry(m.clone()).or_default();
-                }
-            })
+            self.register_key(
+                &seed.id,
+                &key.member,
+                &seed_key_id(&key.key_sha256),
+                &key.key_sha256,
+            )
             .await?;
         }
-        for key in &seed.keys {
-            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
-            self.register_key(&seed.id, &key.member, &key_id, &key.key_sha256)
-                .await?;
-        }
-        Ok(created)
+        // Another replica seeding the same policy may create it first: the same account.
+        self.create(account).await
     }
 
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {

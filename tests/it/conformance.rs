@@ -308,6 +308,15 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     out.note("revoke", store.revoke_key("k1").await);
     out.note("revoke again", store.revoke_key("k1").await);
     out.note("identify revoked", store.identify(&[2; 32], later).await);
+
+    // Seeding again leaves an existing account as it is: a revoked seeded key stays revoked.
+    let alice_id = creditgate::store::seed_key_id(&alice);
+    out.note("revoke alice", store.revoke_key(&alice_id).await);
+    out.note("seed after revoke", store.seed(&p.accounts[0], later).await);
+    out.note(
+        "identify alice after reseed",
+        store.identify(&alice, later).await,
+    );
     out.0
 }
 
@@ -340,6 +349,19 @@ async fn memory_and_redis_answer_every_scripted_call_identically() {
         reference.iter().any(|l| l.contains("SeatLimit"))
             && reference.iter().any(|l| l.contains("QuotaExhausted"))
     );
+    let line = |what: &str| {
+        reference
+            .iter()
+            .find(|l| l.starts_with(&format!("{what}: ")))
+            .unwrap_or_else(|| panic!("no {what:?} in the transcript"))
+            .clone()
+    };
+    for (what, answer) in [
+        ("seed after revoke", "Ok(false)"),
+        ("identify alice after reseed", "Ok(None)"),
+    ] {
+        assert_eq!(line(what), format!("{what}: {answer}"));
+    }
 }
 
 #[tokio::test]

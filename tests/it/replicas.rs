@@ -14,7 +14,13 @@ use crate::redis_server::RedisServer;
 struct Gateway {
     child: Child,
     url: String,
+    /// The admin API, when the policy has `admin_listen = "127.0.0.1:{ADMIN_PORT}"`.
+    admin_url: String,
+    /// The policy file it runs (and `POST /admin/policy/reload` reads).
+    file: std::path::PathBuf,
 }
+
+const ADMIN_TOKEN: &str = "replica-admin-token";
 
 impl Drop for Gateway {
     fn drop(&mut self) {
@@ -69,27 +75,36 @@ keys = [ {{ member = "m", key_env = "SHARED_KEY" }} ]
     )
 }
 
-/// Starts `creditgate run` on a free port with `policy` (its `{PORT}` filled in).
+/// Starts `creditgate run` on a free port with `policy` (its `{PORT}` and
+/// `{ADMIN_PORT}` filled in).
 fn start_gateway(policy: &str) -> Gateway {
-    let port = free_port();
+    let (port, admin_port) = (free_port(), free_port());
     let dir =
         std::env::temp_dir().join(format!("creditgate-replica-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("policy.toml");
-    std::fs::write(&file, policy.replace("{PORT}", &port.to_string())).unwrap();
+    let with_admin = policy.contains("{ADMIN_PORT}");
+    let text = policy
+        .replace("{PORT}", &port.to_string())
+        .replace("{ADMIN_PORT}", &admin_port.to_string());
+    std::fs::write(&file, text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["run", "--policy"])
         .arg(&file)
         .env("SHARED_KEY", "sk-shared")
+        .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
     let gateway = Gateway {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        admin_url: format!("http://127.0.0.1:{admin_port}"),
+        file,
     };
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
     for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if listening(port) && (!with_admin || listening(admin_port)) {
             return gateway;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -417,4 +432,144 @@ async fn sigterm_lets_in_flight_requests_finish_and_leaves_no_hold_open() {
         ("3".into(), "27".into())
     );
     assert_invariant(&t);
+}
+
+/// Replicas with an admin API, no seeded account: `pro` has the `premium` feature
+/// (two seats), `free` has none (but credits enough); `image.generate` costs 3,
+/// `image.premium` 5.
+fn standing_policy(redis_url: &str, backend: &str) -> String {
+    format!(
+        r#"version = 1
+[gateway]
+listen = "127.0.0.1:{{PORT}}"
+admin_listen = "127.0.0.1:{{ADMIN_PORT}}"
+[store]
+kind = "redis"
+url = "{redis_url}"
+[upstreams.main]
+url = "{backend}"
+read_timeout = "30s"
+[plans.free]
+monthly_credits = 50
+[plans.pro]
+monthly_credits = 100
+features = ["premium"]
+seats = 2
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[operations]]
+name = "image.premium"
+method = "POST"
+path = "/v1/premium"
+upstream = "main"
+requires = ["premium"]
+price = 5
+"#
+    )
+}
+
+/// An admin call: its status and JSON body.
+async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let resp = request.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A proxied POST with `key`: its status and JSON body (`Null` when not JSON).
+async fn call(gw: &Gateway, path: &str, key: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_key_deleted_stays_revoked_after_a_reload_and_a_restart() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let bob: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-bob").into();
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr))
+        + "[[accounts]]\nid = \"acme\"\nplan = \"pro\"\n\
+           keys = [ { member = \"m\", key_env = \"SHARED_KEY\" } ]\n";
+    let a = start_gateway(&text);
+    assert_eq!(call(&a, "/v1/images", "sk-shared").await.0, 200);
+    // The account's second seat goes to a member added through the admin API.
+    let carol = Some(serde_json::json!({"member": "carol"}));
+    let path = "/admin/accounts/acme/members";
+    assert_eq!(admin(&a, Method::POST, path, carol).await.0, 201);
+    let shared: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-shared").into();
+    let path = format!("/admin/keys/{}", creditgate::store::seed_key_id(&shared));
+    assert_eq!(admin(&a, Method::DELETE, &path, None).await.0, 200);
+    assert_eq!(call(&a, "/v1/images", "sk-shared").await.0, 401);
+
+    // The file now seeds bob as well: a third member, past the plan's two seats.
+    let grow = |policy: &str| {
+        let grown = policy.replace(
+            "key_env = \"SHARED_KEY\" }",
+            &format!(
+                "key_env = \"SHARED_KEY\" }}, {{ member = \"bob\", key_sha256 = \"{}\" }}",
+                hex::encode(bob)
+            ),
+        );
+        assert_ne!(grown, policy);
+        grown
+    };
+    let current = std::fs::read_to_string(&a.file).unwrap();
+    std::fs::write(&a.file, grow(&current)).unwrap();
+    let (status, body) = admin(&a, Method::POST, "/admin/policy/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let members = |view: Value| {
+        let names: Vec<String> = view["members"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        names
+    };
+    // And a replica started afresh on the grown file seeds nothing either.
+    let restarted = start_gateway(&grow(&text));
+    for gw in [&a, &restarted] {
+        let (status, body) = call(gw, "/v1/images", "sk-shared").await;
+        assert_eq!(
+            (status, body["error"]["type"].clone()),
+            (401, Value::from("invalid_api_key")),
+            "the deleted seeded key stays revoked"
+        );
+        assert_eq!(call(gw, "/v1/images", "sk-bob").await.0, 401);
+        // Not even for what holds nothing: the key's record is gone for good.
+        let balance = reqwest::Client::new()
+            .get(format!("{}/credits/v1/balance", gw.url))
+            .bearer_auth("sk-shared")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(balance.status(), 401);
+        let (_, view) = admin(gw, Method::GET, "/admin/accounts/acme", None).await;
+        assert_eq!(
+            members(view),
+            ["carol", "m"],
+            "the account is left as it is"
+        );
+    }
 }
