@@ -161,6 +161,11 @@ impl From<AccountRejected> for Refusal {
             AccountRejected::GrantOverflow => {
                 Refusal::invalid("the grant would overflow the account's total")
             }
+            AccountRejected::KeyLimit { limit } => Refusal::new(
+                StatusCode::CONFLICT,
+                "key_limit",
+                format!("the member has {limit} active keys, the most it may have"),
+            ),
         }
     }
 }

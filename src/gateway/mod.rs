@@ -334,16 +334,7 @@ impl Gateway {
         let plan = self.policy.plan(&identity.plan);
         for feature in &op.requires {
             if !plan.is_some_and(|p| p.features.contains(feature)) {
-                return Err(ApiError::PlanRequired {
-                    operation: op.name.clone(),
-                    feature: feature.clone(),
-                    plans: self
-                        .policy
-                        .plans_with_feature(feature)
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
-                });
+                return Err(self.plan_required(&op.name, feature));
             }
         }
         // An admin can switch premium generation off for one member of a team.
@@ -360,6 +351,20 @@ impl Gateway {
                 message: e.message,
             })?;
         Ok((index, price))
+    }
+
+    /// `403 plan_required`: the feature, and the plans that have it.
+    fn plan_required(&self, operation: &str, feature: &str) -> ApiError {
+        ApiError::PlanRequired {
+            operation: operation.to_string(),
+            feature: feature.to_string(),
+            plans: self
+                .policy
+                .plans_with_feature(feature)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        }
     }
 
     /// Authenticate → match → (read the body) → entitle → price → hold.
@@ -485,6 +490,7 @@ impl Gateway {
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
             idempotency: ctx.idempotency.clone(),
+            caller: None,
         };
         match self
             .metrics
@@ -534,6 +540,13 @@ impl Gateway {
                 })
             }
             Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
+            Ok(Err(HoldRejected::KeyNotActive)) => Err(ApiError::InvalidApiKey),
+            Ok(Err(HoldRejected::PlanRequired { feature })) => {
+                Err(self.plan_required(&op.name, &feature))
+            }
+            Ok(Err(HoldRejected::PremiumDisabled)) => Err(ApiError::PremiumDisabled {
+                operation: op.name.clone(),
+            }),
             Ok(Err(HoldRejected::QuotaExhausted { quota, limit })) => {
                 Err(ApiError::QuotaExhausted {
                     operation: op.name.clone(),

@@ -460,6 +460,7 @@ mod tests {
             seats: 1,
             signup_credits: Some(Credits::from_whole(2).unwrap()),
             keep_unused_on_upgrade: false,
+            features: vec![],
         };
         MemoryStore::new(Catalog::from([("free".to_string(), terms)]), 100)
     }
@@ -510,6 +511,7 @@ mod tests {
             max_holds: 8,
             quota: None,
             idempotency: None,
+            caller: None,
         };
         let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
         assert_eq!(store.sweep(999).await.unwrap(), 0);

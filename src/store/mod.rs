@@ -213,8 +213,8 @@ pub fn seed_key_id(key_sha256: &[u8; 32]) -> String {
 }
 
 /// A policy-seeded account as it is created: the plan grant for the current cycle,
-/// the signup credits and the listed grants, and its members. Shared by both
-/// stores, so they seed alike.
+/// the signup credits and the listed grants, and its members with their keys
+/// listed as active. Shared by both stores, so they seed alike.
 pub(crate) fn seeded_account(seed: &SeedAccount, catalog: &Catalog, now_ms: Millis) -> Account {
     let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
     let mut account = Account::open(
@@ -230,7 +230,12 @@ pub(crate) fn seeded_account(seed: &SeedAccount, catalog: &Catalog, now_ms: Mill
     }
     for key in &seed.keys {
         // Validation checked the seeded members fit the plan's seats.
-        account.members.entry(key.member.clone()).or_default();
+        account
+            .members
+            .entry(key.member.clone())
+            .or_insert_with(|| Member::new(false));
+        // The member exists (just above); a policy lists far fewer keys than the limit.
+        let _ = account.add_key(&key.member, &seed_key_id(&key.key_sha256));
     }
     account
 }

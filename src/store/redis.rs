@@ -981,6 +981,7 @@ mod tests {
             max_holds: 8,
             quota: None,
             idempotency: None,
+            caller: None,
         };
         let placed = account.hold(&request, 0, &Catalog::new()).unwrap();
         account.settle(placed.hold_id, credits("1"), 1).unwrap();

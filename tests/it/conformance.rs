@@ -63,6 +63,7 @@ fn hold(amount: &str, request_id: &str, ttl_ms: u64, quota: Option<&str>) -> Hol
         max_holds: 3,
         quota: quota.map(str::to_string),
         idempotency: None,
+        caller: None,
     }
 }
 
@@ -405,6 +406,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 max_holds: 50,
                 quota: None,
                 idempotency: None,
+                caller: None,
             };
             for store in &stores {
                 answers.push(format!(
