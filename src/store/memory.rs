@@ -24,6 +24,7 @@ use crate::policy::SeedAccount;
 struct KeyEntry {
     account: String,
     member: String,
+    key_id: String,
 }
 
 struct Rules {
@@ -178,6 +179,7 @@ impl Store for MemoryStore {
                     .is_some_and(|m| m.premium_disabled),
                 account: key.account.clone(),
                 member: key.member.clone(),
+                key_id: key.key_id.clone(),
                 plan: a.plan.clone(),
             })
         })
@@ -301,23 +303,36 @@ impl Store for MemoryStore {
         member: &str,
         key_id: &str,
         key_sha256: &[u8; 32],
+        now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        let known = self.with_account(account, 0, |a, _| a.members.contains_key(member))?;
-        if !known {
-            return Ok(Err(AccountRejected::UnknownMember));
+        let listed = self.with_account(account, now_ms, |a, _| a.add_key(member, key_id))?;
+        if listed.is_ok() {
+            self.register(account, member, key_id, key_sha256);
         }
-        self.register(account, member, key_id, key_sha256);
-        Ok(Ok(()))
+        Ok(listed)
     }
 
-    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError> {
-        match self.key_ids.remove(key_id) {
-            Some((_, hash)) => {
-                self.keys.remove(&hash);
-                Ok(Ok(()))
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let Some(hash) = self.key_ids.get(key_id).map(|h| *h) else {
+            return Ok(Err(AccountRejected::UnknownKey));
+        };
+        // Off the member's active keys first, then the lookup records.
+        if let Some(key) = self.keys.get(&hash).map(|k| k.value().clone()) {
+            match self.with_account(&key.account, now_ms, |a, _| {
+                a.revoke_key(&key.member, key_id)
+            }) {
+                // An account that is gone has no key to take off.
+                Ok(_) | Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
             }
-            None => Ok(Err(AccountRejected::UnknownKey)),
         }
+        self.keys.remove(&hash);
+        self.key_ids.remove(key_id);
+        Ok(Ok(()))
     }
 
     async fn grant(
@@ -421,7 +436,7 @@ impl Store for MemoryStore {
 }
 
 impl MemoryStore {
-    /// The key's lookup records.
+    /// The key's lookup records (the account lists it as active separately).
     fn register(&self, account: &str, member: &str, key_id: &str, key_sha256: &[u8; 32]) {
         self.key_ids.insert(key_id.to_string(), *key_sha256);
         self.keys.insert(
@@ -429,6 +444,7 @@ impl MemoryStore {
             KeyEntry {
                 account: account.to_string(),
                 member: member.to_string(),
+                key_id: key_id.to_string(),
             },
         );
     }
@@ -541,7 +557,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            store.add_key("t", "ghost", "k1", &[1; 32]).await.unwrap(),
+            store
+                .add_key("t", "ghost", "k1", &[1; 32], 0)
+                .await
+                .unwrap(),
             Err(AccountRejected::UnknownMember)
         );
         store
@@ -554,7 +573,7 @@ mod tests {
             Err(AccountRejected::SeatLimit { seats: 1 })
         );
         store
-            .add_key("t", "ann", "k1", &[1; 32])
+            .add_key("t", "ann", "k1", &[1; 32], 0)
             .await
             .unwrap()
             .unwrap();
@@ -567,10 +586,10 @@ mod tests {
             ),
             ("t", "ann", true)
         );
-        store.revoke_key("k1").await.unwrap().unwrap();
+        store.revoke_key("k1", 0).await.unwrap().unwrap();
         assert_eq!(store.identify(&[1; 32], 0).await.unwrap(), None);
         assert_eq!(
-            store.revoke_key("k1").await.unwrap(),
+            store.revoke_key("k1", 0).await.unwrap(),
             Err(AccountRejected::UnknownKey)
         );
     }

@@ -27,6 +27,8 @@ use crate::policy::SeedAccount;
 pub struct Identity {
     pub account: String,
     pub member: String,
+    /// The key's id (`key_…`), which holds are checked against (see `ledger::Caller`).
+    pub key_id: String,
     pub plan: String,
     pub premium_disabled: bool,
 }
@@ -148,17 +150,24 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
-    /// Registers a key (by its hash) for an existing member.
+    /// Registers a key (by its hash) for an existing member: the member's active
+    /// keys list it, and a key record maps the hash to it.
     async fn add_key(
         &self,
         account: &str,
         member: &str,
         key_id: &str,
         key_sha256: &[u8; 32],
+        now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
-    /// Revokes a key; `UnknownKey` when there is none with this id.
-    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError>;
+    /// Revokes a key — first off its member's active keys, so no replica places
+    /// another hold for it, then its record; `UnknownKey` when there is none with this id.
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
 
     /// An idempotent grant: `(receipt, created)`.
     async fn grant(
