@@ -26,7 +26,9 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
+use crate::ledger::{
+    Caller, Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded,
+};
 use crate::metrics::Metrics;
 use crate::policy::{
     usage_charge, OnMissing, OnUnavailable, Policy, RequestFacts, RouteMatch, StoreConfig,
@@ -376,7 +378,7 @@ impl Gateway {
     ) -> std::result::Result<Admitted, ApiError> {
         let identity = Arc::new(self.authenticate(session.req_header()).await?);
         ctx.identity = Some(identity.clone());
-        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
+        let account = identity.account.as_str();
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
@@ -438,9 +440,7 @@ impl Gateway {
         // A free operation holds nothing — unless it counts against a quota.
         if price.is_zero() && op.quota.is_none() {
             ctx.remaining = self.available(account).await?;
-        } else if let Held::Replayed(recorded) =
-            self.hold(ctx, account, plan_name, index, price).await?
-        {
+        } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
             self.replay(session, ctx, &recorded)
                 .await
                 .map_err(|_| ApiError::Internal)?;
@@ -476,12 +476,22 @@ impl Gateway {
     async fn hold(
         &self,
         ctx: &mut RequestCtx,
-        account: &str,
-        plan_name: &str,
+        identity: &Identity,
         index: usize,
         price: Credits,
     ) -> std::result::Result<Held, ApiError> {
+        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
         let op = &self.policy.operations[index];
+        // What `evaluate` decided on this replica's view of the key and account —
+        // possibly seconds old on Redis — is checked again by the hold, against
+        // the state it commits on: a key revoked, a plan downgraded or premium
+        // disabled through any replica is refused at once.
+        let caller = Caller {
+            member: identity.member.clone(),
+            key_id: identity.key_id.clone(),
+            requires: op.requires.clone(),
+            premium: op.requires.iter().any(|f| f == PREMIUM_FEATURE),
+        };
         let request = HoldRequest {
             operation: op.name.clone(),
             request_id: ctx.request_id.clone(),
@@ -490,7 +500,7 @@ impl Gateway {
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
             idempotency: ctx.idempotency.clone(),
-            caller: None,
+            caller: Some(caller),
         };
         match self
             .metrics

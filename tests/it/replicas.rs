@@ -490,6 +490,41 @@ async fn admin(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Creates `account` on `plan` with `member` through `gw`'s admin API: `(key, key_id)`.
+async fn open_account(gw: &Gateway, account: &str, plan: &str, member: &str) -> (String, String) {
+    use reqwest::Method;
+    let (status, _) = admin(
+        gw,
+        Method::POST,
+        "/admin/accounts",
+        Some(serde_json::json!({"id": account, "plan": plan})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let path = format!("/admin/accounts/{account}/members");
+    let (status, _) = admin(
+        gw,
+        Method::POST,
+        &path,
+        Some(serde_json::json!({"member": member})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let path = format!("/admin/accounts/{account}/keys");
+    let (status, key) = admin(
+        gw,
+        Method::POST,
+        &path,
+        Some(serde_json::json!({"member": member})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    (
+        key["key"].as_str().unwrap().to_string(),
+        key["key_id"].as_str().unwrap().to_string(),
+    )
+}
+
 /// A proxied POST with `key`: its status and JSON body (`Null` when not JSON).
 async fn call(gw: &Gateway, path: &str, key: &str) -> (u16, Value) {
     let resp = reqwest::Client::new()
@@ -500,6 +535,104 @@ async fn call(gw: &Gateway, path: &str, key: &str) -> (u16, Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until `account` has no open hold in Redis; returns its totals then.
+async fn settled(redis_url: &str, account: &str) -> Totals {
+    eventually(|| async { raw_account(redis_url, account).await.holds().count() == 0 }).await;
+    raw_account(redis_url, account).await.totals()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_through_one_replica_is_refused_at_once_by_another_that_cached_it() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (key, key_id) = open_account(&a, "acct", "pro", "m").await;
+    // B serves the key once: it has the key's owner and the account cached now.
+    assert_eq!(call(&b, "/v1/images", &key).await.0, 200);
+    let before = settled(&redis.url(), "acct").await;
+    assert_eq!(before.charged.to_string(), "3");
+
+    let path = format!("/admin/keys/{key_id}");
+    assert_eq!(admin(&a, reqwest::Method::DELETE, &path, None).await.0, 200);
+    let (status, body) = call(&b, "/v1/images", &key).await;
+    assert_eq!(
+        (status, body["error"]["type"].clone()),
+        (401, Value::from("invalid_api_key")),
+        "{body}"
+    );
+    let account = raw_account(&redis.url(), "acct").await;
+    assert_eq!(account.holds().count(), 0, "nothing held");
+    assert_eq!(account.totals(), before, "nothing charged");
+    assert_eq!(backend.received().len(), 1, "nothing forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_or_premium_switched_off_through_one_replica_binds_another_at_once() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (downgraded, _) = open_account(&a, "down", "pro", "m").await;
+    let (switched, _) = open_account(&a, "team", "pro", "ann").await;
+    // B serves both keys a premium operation: it has their standing cached now.
+    assert_eq!(call(&b, "/v1/premium", &downgraded).await.0, 200);
+    assert_eq!(call(&b, "/v1/premium", &switched).await.0, 200);
+    settled(&redis.url(), "down").await;
+    settled(&redis.url(), "team").await;
+
+    let change = serde_json::json!({"plan": "free", "effective": "now"});
+    let path = "/admin/accounts/down/plan";
+    assert_eq!(admin(&a, Method::POST, path, Some(change)).await.0, 200);
+    let before = raw_account(&redis.url(), "down").await.totals();
+    let (status, body) = call(&b, "/v1/premium", &downgraded).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        (
+            body["error"]["type"].clone(),
+            body["error"]["feature"].clone(),
+            body["error"]["plans"].clone()
+        ),
+        (
+            Value::from("plan_required"),
+            Value::from("premium"),
+            serde_json::json!(["pro"])
+        )
+    );
+    assert_eq!(
+        raw_account(&redis.url(), "down").await.totals(),
+        before,
+        "nothing held or charged"
+    );
+
+    let switch = serde_json::json!({"premium_disabled": true});
+    let path = "/admin/accounts/team/members/ann";
+    assert_eq!(admin(&a, Method::PATCH, path, Some(switch)).await.0, 200);
+    let before = raw_account(&redis.url(), "team").await.totals();
+    let (status, body) = call(&b, "/v1/premium", &switched).await;
+    assert_eq!(
+        (status, body["error"]["type"].clone()),
+        (403, Value::from("premium_disabled")),
+        "{body}"
+    );
+    assert_eq!(
+        raw_account(&redis.url(), "team").await.totals(),
+        before,
+        "nothing held or charged"
+    );
+    assert_eq!(
+        backend.received().len(),
+        2,
+        "the refused requests were not forwarded"
+    );
+    assert_eq!(
+        call(&b, "/v1/images", &switched).await.0,
+        200,
+        "what is not premium still passes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
