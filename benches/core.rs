@@ -37,6 +37,7 @@ fn request() -> HoldRequest {
         max_holds: 1_024,
         quota: None,
         idempotency: None,
+        caller: None,
     }
 }
 

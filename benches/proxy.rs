@@ -400,6 +400,7 @@ async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64,
         max_holds: 1_024,
         quota: None,
         idempotency: None,
+        caller: None,
     };
     let one = |store: Arc<dyn Store>, request: HoldRequest| async move {
         let mut lat = Vec::with_capacity(rounds);

@@ -161,6 +161,11 @@ impl From<AccountRejected> for Refusal {
             AccountRejected::GrantOverflow => {
                 Refusal::invalid("the grant would overflow the account's total")
             }
+            AccountRejected::KeyLimit { limit } => Refusal::new(
+                StatusCode::CONFLICT,
+                "key_limit",
+                format!("the member has {limit} active keys, the most it may have"),
+            ),
         }
     }
 }
@@ -376,7 +381,7 @@ async fn create_key(State(state): State<AdminState>, Path(id): Path<String>, raw
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     state
         .store()
-        .add_key(&id, &req.member, &key_id, &hash)
+        .add_key(&id, &req.member, &key_id, &hash, state.now_ms())
         .await??;
     Ok((
         StatusCode::CREATED,
@@ -385,7 +390,7 @@ async fn create_key(State(state): State<AdminState>, Path(id): Path<String>, raw
 }
 
 async fn revoke_key(State(state): State<AdminState>, Path(key_id): Path<String>) -> Answer {
-    state.store().revoke_key(&key_id).await??;
+    state.store().revoke_key(&key_id, state.now_ms()).await??;
     Ok((
         StatusCode::OK,
         Json(json!({"key_id": key_id, "revoked": true})),

@@ -154,6 +154,7 @@ mod tests {
             max_holds: 8,
             quota: None,
             idempotency: None,
+            caller: None,
         };
         let placed = store.hold("a", &request, now_ms()).await.unwrap().unwrap();
         (store, placed.hold_id)

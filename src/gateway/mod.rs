@@ -29,8 +29,8 @@ use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
-    usage_charge, Caller, Evaluation, OnMissing, OnUnavailable, Policy, RequestFacts, StoreConfig,
-    Verdict,
+    usage_charge, Caller, Evaluation, OnMissing, OnUnavailable, Policy, Refused, RequestFacts,
+    StoreConfig, Verdict, PREMIUM_FEATURE,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -141,7 +141,8 @@ impl Gateway {
         )
     }
 
-    /// Creates the policy's seeded accounts (once) and registers their keys.
+    /// Creates the policy's seeded accounts that do not exist yet, with their
+    /// members and keys; an existing one is left as it is (a deleted key stays deleted).
     pub async fn seed_accounts(&self) -> std::result::Result<(), StoreError> {
         for seed in &self.policy.accounts {
             self.store.seed(seed, self.now_ms()).await?;
@@ -331,7 +332,7 @@ impl Gateway {
     ) -> std::result::Result<Admitted, ApiError> {
         let identity = Arc::new(self.authenticate(session.req_header()).await?);
         ctx.identity = Some(identity.clone());
-        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
+        let account = identity.account.as_str();
 
         let path = session.req_header().uri.path().to_string();
         if path.starts_with(client_api::PREFIX) {
@@ -342,7 +343,7 @@ impl Gateway {
                 .map(|()| Admitted::Answered);
         }
         let caller = Caller {
-            plan: plan_name,
+            plan: &identity.plan,
             premium_disabled: identity.premium_disabled,
         };
         let route = self.policy.route(&path);
@@ -402,9 +403,7 @@ impl Gateway {
         // A free operation holds nothing — unless it counts against a quota.
         if price.is_zero() && op.quota.is_none() {
             ctx.remaining = self.available(account).await?;
-        } else if let Held::Replayed(recorded) =
-            self.hold(ctx, account, plan_name, index, price).await?
-        {
+        } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
             self.replay(session, ctx, &recorded)
                 .await
                 .map_err(|_| ApiError::Internal)?;
@@ -440,12 +439,22 @@ impl Gateway {
     async fn hold(
         &self,
         ctx: &mut RequestCtx,
-        account: &str,
-        plan_name: &str,
+        identity: &Identity,
         index: usize,
         price: Credits,
     ) -> std::result::Result<Held, ApiError> {
+        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
         let op = &self.policy.operations[index];
+        // What `Policy::evaluate` decided on this replica's view of the key and account —
+        // possibly seconds old on Redis — is checked again by the hold, against
+        // the state it commits on: a key revoked, a plan downgraded or premium
+        // disabled through any replica is refused at once.
+        let caller = crate::ledger::Caller {
+            member: identity.member.clone(),
+            key_id: identity.key_id.clone(),
+            requires: op.requires.clone(),
+            premium: op.requires.iter().any(|f| f == PREMIUM_FEATURE),
+        };
         let request = HoldRequest {
             operation: op.name.clone(),
             request_id: ctx.request_id.clone(),
@@ -454,6 +463,7 @@ impl Gateway {
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
             idempotency: ctx.idempotency.clone(),
+            caller: Some(caller),
         };
         match self
             .metrics
@@ -503,6 +513,18 @@ impl Gateway {
                 })
             }
             Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
+            Ok(Err(HoldRejected::KeyNotActive)) => Err(ApiError::InvalidApiKey),
+            Ok(Err(HoldRejected::PlanRequired { feature })) => Err(ApiError::refused(
+                &self.policy,
+                Refused::PlanRequired {
+                    operation: index,
+                    feature,
+                },
+            )),
+            Ok(Err(HoldRejected::PremiumDisabled)) => Err(ApiError::refused(
+                &self.policy,
+                Refused::PremiumDisabled { operation: index },
+            )),
             Ok(Err(HoldRejected::QuotaExhausted { quota, limit })) => {
                 Err(ApiError::QuotaExhausted {
                     operation: op.name.clone(),

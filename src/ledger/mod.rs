@@ -33,7 +33,7 @@ pub const HOLD_TTL_DETAIL: &str = "hold_ttl";
 /// every call; the bound only protects a caller that never does).
 const FRESH_ENTRIES_KEPT: usize = 4_096;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,10 @@ const ENDED_HOLDS_REMEMBERED: usize = 64;
 /// How many admin-grant idempotency keys an account remembers (oldest forgotten first).
 pub const GRANT_KEYS_REMEMBERED: usize = 10_000;
 
+/// Active keys one member may have. The account's state, key ids included, is
+/// written on every hold, so it must stay small.
+pub const KEYS_PER_MEMBER: usize = 100;
+
 /// What a plan gives an account, as the policy says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanTerms {
@@ -67,14 +71,37 @@ pub struct PlanTerms {
     pub signup_credits: Option<Credits>,
     /// An upgrade to this plan keeps the old plan grant's rest until the refill.
     pub keep_unused_on_upgrade: bool,
+    /// The features operations can require (`plan_required` when one is missing).
+    pub features: Vec<String>,
 }
 
 /// Every plan by name.
 pub type Catalog = BTreeMap<String, PlanTerms>;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub premium_disabled: bool,
+    /// The ids of the member's active keys. A hold on behalf of a key not listed
+    /// here is refused, in the same atomic step as the hold: that is what makes a
+    /// revocation bind every replica at once, whatever they cached.
+    ///
+    /// `None` means "not recorded": a state written by an earlier version, which
+    /// kept keys only in the store's key records. The key check is then skipped
+    /// for this member (its keys still stop authenticating once their record is
+    /// gone), and it stays unrecorded: listing only the keys added from now on
+    /// would refuse the member's older keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<BTreeSet<String>>,
+}
+
+impl Member {
+    /// A new member, with no keys yet (recorded: keys added later are listed).
+    pub fn new(premium_disabled: bool) -> Self {
+        Member {
+            premium_disabled,
+            keys: Some(BTreeSet::new()),
+        }
+    }
 }
 
 /// What an idempotent admin grant returns, the first time and every time after.
@@ -100,13 +127,19 @@ pub enum Effective {
 /// Why an account-management request was refused. Outcomes, not failures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccountRejected {
-    SeatLimit { seats: u32 },
+    SeatLimit {
+        seats: u32,
+    },
     MemberExists,
     UnknownMember,
     UnknownPlan,
     GrantOverflow,
     AccountExists,
     UnknownKey,
+    /// The member already has `KEYS_PER_MEMBER` active keys.
+    KeyLimit {
+        limit: usize,
+    },
 }
 
 /// A lot of credits added to an account.
@@ -170,6 +203,26 @@ pub struct HoldRequest {
     pub quota: Option<String>,
     /// The request's `Idempotency-Key`, if it sent one.
     pub idempotency: Option<IdempotencyRequest>,
+    /// Whose key asks, and what the gateway decided it may do; re-checked against
+    /// the account's state. `None` only for holds placed on no key's behalf (the
+    /// ledger's and stores' own tests, the benches).
+    pub caller: Option<Caller>,
+}
+
+/// What the gateway decided a request may do, from its view of the key and the
+/// account — which on a shared store may be a few seconds old. [`Account::hold`]
+/// checks it again against the account's state in the same atomic step as the
+/// hold, so a revoked key, a downgrade or a member's premium switch made through
+/// any replica binds every priced request at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub member: String,
+    /// The id of the key the request presented (`key_…`), not the key.
+    pub key_id: String,
+    /// The plan features the operation requires.
+    pub requires: Vec<String>,
+    /// The operation is premium: a member with premium disabled may not use it.
+    pub premium: bool,
 }
 
 /// A hold that was placed.
@@ -205,6 +258,27 @@ pub enum HoldRejected {
         response: Option<Recorded>,
         recording: bool,
     },
+    /// The caller's key is no longer active (revoked), or its member is gone.
+    KeyNotActive,
+    /// The account's plan lacks a feature the operation requires.
+    PlanRequired {
+        feature: String,
+    },
+    /// The operation is premium and the member has premium disabled.
+    PremiumDisabled,
+}
+
+impl HoldRejected {
+    /// A refusal about who asks rather than about money: the key, the plan's
+    /// features, the member's premium switch.
+    pub fn is_standing(&self) -> bool {
+        matches!(
+            self,
+            HoldRejected::KeyNotActive
+                | HoldRejected::PlanRequired { .. }
+                | HoldRejected::PremiumDisabled
+        )
+    }
 }
 
 /// How a hold ended.
@@ -534,7 +608,66 @@ impl Account {
             return Err(AccountRejected::SeatLimit { seats });
         }
         self.members
-            .insert(member.to_string(), Member { premium_disabled });
+            .insert(member.to_string(), Member::new(premium_disabled));
+        Ok(())
+    }
+
+    /// Lists a new active key of a member (the store keeps the key's lookup
+    /// record beside). A member whose keys were never recorded stays unrecorded
+    /// (see [`Member::keys`]).
+    pub fn add_key(&mut self, member: &str, key_id: &str) -> Result<(), AccountRejected> {
+        let m = self
+            .members
+            .get_mut(member)
+            .ok_or(AccountRejected::UnknownMember)?;
+        if let Some(keys) = &mut m.keys {
+            if keys.len() >= KEYS_PER_MEMBER && !keys.contains(key_id) {
+                return Err(AccountRejected::KeyLimit {
+                    limit: KEYS_PER_MEMBER,
+                });
+            }
+            keys.insert(key_id.to_string());
+        }
+        Ok(())
+    }
+
+    /// Takes a key off its member's active keys: no hold is placed on its behalf
+    /// from now on. Returns whether it was listed.
+    pub fn revoke_key(&mut self, member: &str, key_id: &str) -> bool {
+        self.members
+            .get_mut(member)
+            .and_then(|m| m.keys.as_mut())
+            .is_some_and(|keys| keys.remove(key_id))
+    }
+
+    /// Checks what the gateway decided against this state: the key is still
+    /// active for a member that still exists, the plan has every feature the
+    /// operation requires, and a premium operation is not disabled for the member.
+    fn check_caller(&self, caller: &Caller, catalog: &Catalog) -> Result<(), HoldRejected> {
+        let member = self
+            .members
+            .get(&caller.member)
+            .ok_or(HoldRejected::KeyNotActive)?;
+        // `None`: keys not recorded (an earlier version's state); the store's key
+        // record alone decides, as it did then.
+        if member
+            .keys
+            .as_ref()
+            .is_some_and(|keys| !keys.contains(&caller.key_id))
+        {
+            return Err(HoldRejected::KeyNotActive);
+        }
+        let features = catalog
+            .get(&self.plan)
+            .map_or(&[][..], |t| t.features.as_slice());
+        if let Some(missing) = caller.requires.iter().find(|f| !features.contains(f)) {
+            return Err(HoldRejected::PlanRequired {
+                feature: missing.clone(),
+            });
+        }
+        if caller.premium && member.premium_disabled {
+            return Err(HoldRejected::PremiumDisabled);
+        }
         Ok(())
     }
 
@@ -730,6 +863,10 @@ impl Account {
         catalog: &Catalog,
     ) -> Result<HoldPlaced, HoldRejected> {
         self.tick(now_ms);
+        // Who asks comes first: a revoked key gets nothing, not even a replay.
+        if let Some(caller) = &request.caller {
+            self.check_caller(caller, catalog)?;
+        }
         if let Some(idem) = &request.idempotency {
             match self.idempotency.check(idem) {
                 Check::Proceed => {}

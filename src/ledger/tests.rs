@@ -14,6 +14,7 @@ fn request(amount: &str) -> HoldRequest {
         max_holds: 64,
         quota: None,
         idempotency: None,
+        caller: None,
     }
 }
 
@@ -227,7 +228,7 @@ proptest! {
                     let before = a.available();
                     let amount = Credits::from_millicredits(milli);
                     let r = HoldRequest { operation: "op".into(), request_id: "r".into(),
-                                          amount, ttl_ms: ttl, max_holds: 16, quota: None , idempotency: None,};
+                                          amount, ttl_ms: ttl, max_holds: 16, quota: None , idempotency: None, caller: None,};
                     match a.hold(&r, now, &Catalog::new()) {
                         Ok(p) => {
                             prop_assert!(amount <= before);
@@ -288,6 +289,7 @@ fn terms(monthly: &str, seats: u32, quotas: &[(&str, u64)]) -> PlanTerms {
         seats,
         signup_credits: None,
         keep_unused_on_upgrade: false,
+        features: vec![],
     }
 }
 
@@ -822,4 +824,167 @@ fn a_plan_can_keep_the_unused_allowance_on_upgrade() {
         "at the refill only the new allowance remains"
     );
     a.check_invariant().unwrap();
+}
+
+/// A hold on behalf of `member`'s key `key_id` for an operation requiring `requires`.
+fn by(member: &str, key_id: &str, requires: &[&str]) -> HoldRequest {
+    HoldRequest {
+        caller: Some(Caller {
+            member: member.into(),
+            key_id: key_id.into(),
+            requires: requires.iter().map(|f| f.to_string()).collect(),
+            premium: requires.contains(&"premium"),
+        }),
+        ..request("1")
+    }
+}
+
+/// The team plan with the `premium` feature, the free plan without.
+fn featured() -> Catalog {
+    let mut cat = catalog();
+    cat.get_mut("team").unwrap().features = vec!["premium".into(), "api".into()];
+    cat
+}
+
+#[test]
+fn a_hold_refuses_a_key_that_is_no_longer_active() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.add_key("ann", "key_2").unwrap();
+    a.hold(&by("ann", "key_1", &[]), 0, &cat).unwrap();
+    assert!(a.revoke_key("ann", "key_1"));
+    assert!(!a.revoke_key("ann", "key_1"), "revoked once");
+    let before = a.totals();
+    assert_eq!(
+        a.hold(&by("ann", "key_1", &[]), 0, &cat),
+        Err(HoldRejected::KeyNotActive)
+    );
+    assert_eq!(a.totals(), before, "nothing held");
+    a.hold(&by("ann", "key_2", &[]), 0, &cat).unwrap();
+    assert_eq!(
+        a.hold(&by("ann", "key_9", &[]), 0, &cat),
+        Err(HoldRejected::KeyNotActive),
+        "a key never listed"
+    );
+    assert_eq!(
+        a.hold(&by("bob", "key_2", &[]), 0, &cat),
+        Err(HoldRejected::KeyNotActive),
+        "a member that is gone"
+    );
+    assert_eq!(
+        a.add_key("bob", "key_3"),
+        Err(AccountRejected::UnknownMember)
+    );
+}
+
+#[test]
+fn a_revoked_key_gets_no_replay_either() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    let keyed = HoldRequest {
+        idempotency: Some(IdempotencyRequest {
+            key: "k".into(),
+            fingerprint: "f".into(),
+            ttl_ms: 60_000,
+        }),
+        ..by("ann", "key_1", &[])
+    };
+    let placed = a.hold(&keyed, 0, &cat).unwrap();
+    a.settle(placed.hold_id, c("1"), 1).unwrap();
+    a.revoke_key("ann", "key_1");
+    assert_eq!(a.hold(&keyed, 2, &cat), Err(HoldRejected::KeyNotActive));
+}
+
+#[test]
+fn a_hold_refuses_a_feature_the_current_plan_lacks() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.hold(&by("ann", "key_1", &["api", "premium"]), 0, &cat)
+        .unwrap();
+    a.change_plan("free", Effective::Now, 1, &cat).unwrap();
+    assert_eq!(
+        a.hold(&by("ann", "key_1", &["api", "premium"]), 1, &cat),
+        Err(HoldRejected::PlanRequired {
+            feature: "api".into()
+        }),
+        "the first feature missing, in the operation's order"
+    );
+    a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    // A plan the policy no longer has offers no feature.
+    let mut gone = open("team", None, 0);
+    gone.add_member("ann", false, &cat).unwrap();
+    gone.add_key("ann", "key_1").unwrap();
+    assert_eq!(
+        gone.hold(&by("ann", "key_1", &["api"]), 0, &Catalog::new()),
+        Err(HoldRejected::PlanRequired {
+            feature: "api".into()
+        })
+    );
+}
+
+#[test]
+fn a_hold_refuses_premium_to_a_member_with_premium_disabled() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.hold(&by("ann", "key_1", &["premium"]), 0, &cat).unwrap();
+    a.update_member("ann", true).unwrap();
+    assert_eq!(
+        a.hold(&by("ann", "key_1", &["premium"]), 0, &cat),
+        Err(HoldRejected::PremiumDisabled)
+    );
+    a.hold(&by("ann", "key_1", &["api"]), 0, &cat)
+        .expect("operations that are not premium still pass");
+}
+
+#[test]
+fn members_from_earlier_states_skip_the_key_check_and_stay_unrecorded() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.members.insert(
+        "old".into(),
+        Member {
+            premium_disabled: false,
+            keys: None,
+        },
+    );
+    a.hold(&by("old", "key_any", &[]), 0, &cat)
+        .expect("keys not recorded: the store's key record decides alone");
+    a.add_key("old", "key_new").unwrap();
+    assert!(!a.revoke_key("old", "key_any"));
+    assert_eq!(a.members["old"].keys, None);
+    a.hold(&by("old", "key_any", &[]), 0, &cat).unwrap();
+    a.update_member("old", true).unwrap();
+    assert_eq!(
+        a.hold(&by("old", "key_any", &["premium"]), 0, &cat),
+        Err(HoldRejected::PremiumDisabled),
+        "the other checks still apply"
+    );
+}
+
+#[test]
+fn a_member_has_a_bounded_number_of_keys() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    for i in 0..KEYS_PER_MEMBER {
+        a.add_key("ann", &format!("key_{i}")).unwrap();
+    }
+    assert_eq!(
+        a.add_key("ann", "key_more"),
+        Err(AccountRejected::KeyLimit {
+            limit: KEYS_PER_MEMBER
+        })
+    );
+    a.add_key("ann", "key_0")
+        .expect("adding a listed key again is no new key");
+    a.revoke_key("ann", "key_0");
+    a.add_key("ann", "key_more").unwrap();
 }

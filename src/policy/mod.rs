@@ -365,6 +365,7 @@ impl Policy {
                     seats: p.seats,
                     signup_credits: p.signup_credits,
                     keep_unused_on_upgrade: p.keep_unused_on_upgrade,
+                    features: p.features.clone(),
                 };
                 (p.name.clone(), terms)
             })

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Store,
-    StoreError,
+    seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome,
+    Identity, QuotaView, Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
@@ -24,6 +24,7 @@ use crate::policy::SeedAccount;
 struct KeyEntry {
     account: String,
     member: String,
+    key_id: String,
 }
 
 struct Rules {
@@ -178,6 +179,7 @@ impl Store for MemoryStore {
                     .is_some_and(|m| m.premium_disabled),
                 account: key.account.clone(),
                 member: key.member.clone(),
+                key_id: key.key_id.clone(),
                 plan: a.plan.clone(),
             })
         })
@@ -226,38 +228,19 @@ impl Store for MemoryStore {
         let mut created = false;
         self.accounts.entry(seed.id.clone()).or_insert_with(|| {
             created = true;
-            let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
-            let mut account = Account::open(
-                &seed.id,
-                &seed.plan,
-                seed.billing_anchor_day,
-                &terms,
-                now_ms,
-            );
-            for g in &seed.grants {
-                // Validation bounds amounts far below the overflow limit.
-                let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-            }
-            Stored::new(account, ledger_max_entries)
+            Stored::new(seeded_account(seed, &catalog, now_ms), ledger_max_entries)
         });
-        for key in &seed.keys {
-            if let Some(mut stored) = self.accounts.get_mut(&seed.id) {
-                // Validation checked the seeded members fit the plan's seats.
-                stored
-                    .account
-                    .members
-                    .entry(key.member.clone())
-                    .or_default();
+        // An existing account is left as it is: a seeded key revoked since stays
+        // revoked, and no member is added past the plan's seats.
+        if created {
+            for key in &seed.keys {
+                self.register(
+                    &seed.id,
+                    &key.member,
+                    &seed_key_id(&key.key_sha256),
+                    &key.key_sha256,
+                );
             }
-            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
-            self.key_ids.insert(key_id.clone(), key.key_sha256);
-            self.keys.insert(
-                key.key_sha256,
-                KeyEntry {
-                    account: seed.id.clone(),
-                    member: key.member.clone(),
-                },
-            );
         }
         Ok(created)
     }
@@ -324,30 +307,36 @@ impl Store for MemoryStore {
         member: &str,
         key_id: &str,
         key_sha256: &[u8; 32],
+        now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        let known = self.with_account(account, 0, |a, _| a.members.contains_key(member))?;
-        if !known {
-            return Ok(Err(AccountRejected::UnknownMember));
+        let listed = self.with_account(account, now_ms, |a, _| a.add_key(member, key_id))?;
+        if listed.is_ok() {
+            self.register(account, member, key_id, key_sha256);
         }
-        self.key_ids.insert(key_id.to_string(), *key_sha256);
-        self.keys.insert(
-            *key_sha256,
-            KeyEntry {
-                account: account.to_string(),
-                member: member.to_string(),
-            },
-        );
-        Ok(Ok(()))
+        Ok(listed)
     }
 
-    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError> {
-        match self.key_ids.remove(key_id) {
-            Some((_, hash)) => {
-                self.keys.remove(&hash);
-                Ok(Ok(()))
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let Some(hash) = self.key_ids.get(key_id).map(|h| *h) else {
+            return Ok(Err(AccountRejected::UnknownKey));
+        };
+        // Off the member's active keys first, then the lookup records.
+        if let Some(key) = self.keys.get(&hash).map(|k| k.value().clone()) {
+            match self.with_account(&key.account, now_ms, |a, _| {
+                a.revoke_key(&key.member, key_id)
+            }) {
+                // An account that is gone has no key to take off.
+                Ok(_) | Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
             }
-            None => Ok(Err(AccountRejected::UnknownKey)),
         }
+        self.keys.remove(&hash);
+        self.key_ids.remove(key_id);
+        Ok(Ok(()))
     }
 
     async fn grant(
@@ -450,6 +439,21 @@ impl Store for MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// The key's lookup records (the account lists it as active separately).
+    fn register(&self, account: &str, member: &str, key_id: &str, key_sha256: &[u8; 32]) {
+        self.key_ids.insert(key_id.to_string(), *key_sha256);
+        self.keys.insert(
+            *key_sha256,
+            KeyEntry {
+                account: account.to_string(),
+                member: member.to_string(),
+                key_id: key_id.to_string(),
+            },
+        );
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore::new(Catalog::new(), DEFAULT_LEDGER_MAX_ENTRIES)
@@ -476,6 +480,7 @@ mod tests {
             seats: 1,
             signup_credits: Some(Credits::from_whole(2).unwrap()),
             keep_unused_on_upgrade: false,
+            features: vec![],
         };
         MemoryStore::new(Catalog::from([("free".to_string(), terms)]), 100)
     }
@@ -526,6 +531,7 @@ mod tests {
             max_holds: 8,
             quota: None,
             idempotency: None,
+            caller: None,
         };
         let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
         assert_eq!(store.sweep(999).await.unwrap(), 0);
@@ -555,7 +561,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            store.add_key("t", "ghost", "k1", &[1; 32]).await.unwrap(),
+            store
+                .add_key("t", "ghost", "k1", &[1; 32], 0)
+                .await
+                .unwrap(),
             Err(AccountRejected::UnknownMember)
         );
         store
@@ -568,7 +577,7 @@ mod tests {
             Err(AccountRejected::SeatLimit { seats: 1 })
         );
         store
-            .add_key("t", "ann", "k1", &[1; 32])
+            .add_key("t", "ann", "k1", &[1; 32], 0)
             .await
             .unwrap()
             .unwrap();
@@ -581,10 +590,10 @@ mod tests {
             ),
             ("t", "ann", true)
         );
-        store.revoke_key("k1").await.unwrap().unwrap();
+        store.revoke_key("k1", 0).await.unwrap().unwrap();
         assert_eq!(store.identify(&[1; 32], 0).await.unwrap(), None);
         assert_eq!(
-            store.revoke_key("k1").await.unwrap(),
+            store.revoke_key("k1", 0).await.unwrap(),
             Err(AccountRejected::UnknownKey)
         );
     }

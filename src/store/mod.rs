@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt, Hold,
-    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, Totals,
+    Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
+    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, Totals,
 };
 use crate::policy::SeedAccount;
 
@@ -27,6 +27,8 @@ use crate::policy::SeedAccount;
 pub struct Identity {
     pub account: String,
     pub member: String,
+    /// The key's id (`key_…`), which holds are checked against (see `ledger::Caller`).
+    pub key_id: String,
     pub plan: String,
     pub premium_disabled: bool,
 }
@@ -115,8 +117,9 @@ pub trait Store: Send + Sync + 'static {
     /// The account as its owner or an admin sees it.
     async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError>;
 
-    /// Creates a policy-seeded account if it does not exist yet (plan grant,
-    /// signup credits and listed grants, once) and registers its members and keys.
+    /// Creates a policy-seeded account with its members and keys if it does not
+    /// exist yet (plan grant, signup credits and listed grants, once). An existing
+    /// account is left as it is — its members, and its keys, revoked ones included.
     /// Returns whether the account was created.
     async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError>;
 
@@ -150,17 +153,24 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
-    /// Registers a key (by its hash) for an existing member.
+    /// Registers a key (by its hash) for an existing member: the member's active
+    /// keys list it, and a key record maps the hash to it.
     async fn add_key(
         &self,
         account: &str,
         member: &str,
         key_id: &str,
         key_sha256: &[u8; 32],
+        now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
-    /// Revokes a key; `UnknownKey` when there is none with this id.
-    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError>;
+    /// Revokes a key — first off its member's active keys, so no replica places
+    /// another hold for it, then its record; `UnknownKey` when there is none with this id.
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
 
     /// An idempotent grant: `(receipt, created)`.
     async fn grant(
@@ -206,4 +216,38 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replaces the plans (a policy reload). Accounts keep their plan names.
     fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize);
+}
+
+/// The id a seeded key gets: derived from its hash, so every replica and every
+/// restart names it alike.
+pub fn seed_key_id(key_sha256: &[u8; 32]) -> String {
+    format!("key_seed_{}", hex::encode(&key_sha256[..8]))
+}
+
+/// A policy-seeded account as it is created: the plan grant for the current cycle,
+/// the signup credits and the listed grants, and its members with their keys
+/// listed as active. Shared by both stores, so they seed alike.
+pub(crate) fn seeded_account(seed: &SeedAccount, catalog: &Catalog, now_ms: Millis) -> Account {
+    let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
+    let mut account = Account::open(
+        &seed.id,
+        &seed.plan,
+        seed.billing_anchor_day,
+        &terms,
+        now_ms,
+    );
+    for g in &seed.grants {
+        // Validation bounds amounts far below the overflow limit.
+        let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
+    }
+    for key in &seed.keys {
+        // Validation checked the seeded members fit the plan's seats.
+        account
+            .members
+            .entry(key.member.clone())
+            .or_insert_with(|| Member::new(false));
+        // The member exists (just above); a policy lists far fewer keys than the limit.
+        let _ = account.add_key(&key.member, &seed_key_id(&key.key_sha256));
+    }
+    account
 }

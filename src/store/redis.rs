@@ -31,8 +31,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
-    Store, StoreError,
+    memory::view, seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest,
+    HoldOutcome, Identity, Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
@@ -52,7 +52,10 @@ const MAX_ATTEMPTS: usize = 64;
 const MAX_CACHED_ACCOUNTS: usize = 100_000;
 
 /// How long a cached key lookup or account read is trusted for `identify`.
-/// Writes never trust the cache: the version check does.
+/// Writes never trust the cache: the version check does, and a hold checks the
+/// key, the plan's features and the member's premium switch against the state it
+/// commits on (`ledger::Caller`). So the window is left only to what places no
+/// hold: free operations, pass-through, the client APIs.
 const IDENTITY_FRESHNESS: Duration = Duration::from_secs(5);
 
 /// Transitions of one account on one replica run one at a time, so a replica never
@@ -167,6 +170,7 @@ struct Cached {
 struct KeyOwner {
     account: String,
     member: String,
+    key_id: String,
     fetched: Instant,
 }
 
@@ -428,16 +432,36 @@ impl RedisStore {
         start: Start,
         apply: impl FnMut(&mut Account, &Catalog) -> T,
     ) -> Result<T, StoreError> {
-        Ok(self.transact_at(id, now_ms, start, apply).await?.0)
+        Ok(self
+            .transact_at(id, now_ms, start, apply, |_| false)
+            .await?
+            .0)
     }
 
-    /// `transact`, also answering the version the account is at after it.
+    /// `transact`, where an outcome that `confirm` picks, computed on the cached
+    /// copy without writing, is computed again on Redis's state before it is
+    /// answered. A refusal needs no write, so no version check would catch a stale
+    /// copy: without this, a key registered or a plan upgraded through another
+    /// replica would be refused here until the copy is refreshed.
+    async fn transact_confirmed<T>(
+        &self,
+        id: &str,
+        now_ms: Millis,
+        start: Start,
+        apply: impl FnMut(&mut Account, &Catalog) -> T,
+        confirm: impl Fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        Ok(self.transact_at(id, now_ms, start, apply, confirm).await?.0)
+    }
+
+    /// `transact_confirmed`, also answering the version the account is at after it.
     async fn transact_at<T>(
         &self,
         id: &str,
         now_ms: Millis,
         start: Start,
         mut apply: impl FnMut(&mut Account, &Catalog) -> T,
+        confirm: impl Fn(&T) -> bool,
     ) -> Result<(T, String), StoreError> {
         let fresh = start == Start::Fresh;
         let (catalog, _) = self.rules();
@@ -454,6 +478,8 @@ impl RedisStore {
                 .get(id)
                 .map(|c| (c.version.clone(), c.account.clone()))
         };
+        // Whether `current` is this replica's copy rather than what Redis answered.
+        let mut from_cache = cached.is_some();
         let mut current = match cached {
             Some(hit) => Some(hit),
             None => self.fetch(id).await?,
@@ -482,6 +508,11 @@ impl RedisStore {
                     "a hot-path step changed account {id} without a ledger entry"
                 );
                 if unchanged {
+                    if from_cache && confirm(&out) {
+                        from_cache = false;
+                        current = self.fetch(id).await?;
+                        continue;
+                    }
                     return Ok((out, version));
                 }
             }
@@ -505,6 +536,7 @@ impl RedisStore {
                     if let Some((v, a)) = &theirs {
                         self.remember(id, v.clone(), a.clone());
                     }
+                    from_cache = false;
                     current = theirs;
                 }
             }
@@ -575,11 +607,12 @@ impl RedisStore {
             return Ok(Some(owner.clone()));
         }
         let mut conn = self.conn.clone();
-        let found: (Option<String>, Option<String>) = match call(
+        let found: (Option<String>, Option<String>, Option<String>) = match call(
             redis::cmd("HMGET")
                 .arg(key_key(hash))
                 .arg("account")
                 .arg("member")
+                .arg("key_id")
                 .query_async(&mut conn),
         )
         .await
@@ -589,10 +622,12 @@ impl RedisStore {
             Err(e) => return self.keys.get(hash).map(|o| Some(o.clone())).ok_or(e),
         };
         match found {
-            (Some(account), Some(member)) => {
+            (Some(account), Some(member), key_id) => {
                 let owner = KeyOwner {
                     account,
                     member,
+                    // Every key record has carried its id since keys were stored.
+                    key_id: key_id.unwrap_or_default(),
                     fetched: Instant::now(),
                 };
                 self.keys.insert(*hash, owner.clone());
@@ -686,6 +721,7 @@ impl Store for RedisStore {
             premium_disabled,
             account: owner.account,
             member: owner.member,
+            key_id: owner.key_id,
             plan,
         }))
     }
@@ -696,9 +732,15 @@ impl Store for RedisStore {
         request: &HoldRequest,
         now_ms: Millis,
     ) -> Result<HoldOutcome, StoreError> {
-        self.transact(account, now_ms, Start::HotPath, |a, catalog| {
-            a.hold(request, now_ms, catalog)
-        })
+        // A hold on the cached copy that commits was checked on Redis's state (the
+        // version matched); one refused for who asks is checked there again.
+        self.transact_confirmed(
+            account,
+            now_ms,
+            Start::HotPath,
+            |a, catalog| a.hold(request, now_ms, catalog),
+            |out| out.as_ref().is_err_and(|r| r.is_standing()),
+        )
         .await
     }
 
@@ -738,39 +780,27 @@ impl Store for RedisStore {
     }
 
     async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+        // An existing account is left as it is: a seeded key revoked since stays
+        // revoked (its record is not written again), no member is added past seats.
+        if self.fetch(&seed.id).await?.is_some() {
+            return Ok(false);
+        }
         let (catalog, _) = self.rules();
-        let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
-        let mut account = Account::open(
-            &seed.id,
-            &seed.plan,
-            seed.billing_anchor_day,
-            &terms,
-            now_ms,
-        );
-        for g in &seed.grants {
-            // Validation bounds amounts far below the overflow limit.
-            let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-        }
+        let account = seeded_account(seed, &catalog, now_ms);
+        // Key records before the account: a seed cut off in between leaves records
+        // of an account that does not exist (their keys identify nobody), and the
+        // next start, finding no account, writes them again and creates it.
         for key in &seed.keys {
-            account.members.entry(key.member.clone()).or_default();
-        }
-        let created = self.create(account).await?;
-        if !created {
-            // Existing account: make sure the seeded members exist (seats were validated).
-            let members: Vec<String> = seed.keys.iter().map(|k| k.member.clone()).collect();
-            self.transact(&seed.id, now_ms, Start::Fresh, |a, _| {
-                for m in &members {
-                    a.members.entry(m.clone()).or_default();
-                }
-            })
+            self.register_key(
+                &seed.id,
+                &key.member,
+                &seed_key_id(&key.key_sha256),
+                &key.key_sha256,
+            )
             .await?;
         }
-        for key in &seed.keys {
-            let key_id = format!("key_seed_{}", hex::encode(&key.key_sha256[..8]));
-            self.register_key(&seed.id, &key.member, &key_id, &key.key_sha256)
-                .await?;
-        }
-        Ok(created)
+        // Another replica seeding the same policy may create it first: the same account.
+        self.create(account).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -795,9 +825,13 @@ impl Store for RedisStore {
         for id in due {
             // `transact` applies time first: count the holds that expired there.
             let swept = self
-                .transact_at(&id, now_ms, Start::Fresh, |a, _| {
-                    (a.holds_expired_since_taken(), earliest_hold(a))
-                })
+                .transact_at(
+                    &id,
+                    now_ms,
+                    Start::Fresh,
+                    |a, _| (a.holds_expired_since_taken(), earliest_hold(a)),
+                    |_| false,
+                )
                 .await;
             match swept {
                 Ok(((n, earliest), version)) => {
@@ -870,20 +904,26 @@ impl Store for RedisStore {
         member: &str,
         key_id: &str,
         key_sha256: &[u8; 32],
+        now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        let known = match self.fetch(account).await? {
-            Some((_, a)) => a.members.contains_key(member),
-            None => return Err(StoreError::UnknownAccount(account.to_string())),
-        };
-        if !known {
-            return Ok(Err(AccountRejected::UnknownMember));
-        }
-        self.register_key(account, member, key_id, key_sha256)
+        // Listed as active first, then its record: a key works once both exist.
+        let listed = self
+            .transact(account, now_ms, Start::Fresh, |a, _| {
+                a.add_key(member, key_id)
+            })
             .await?;
-        Ok(Ok(()))
+        if listed.is_ok() {
+            self.register_key(account, member, key_id, key_sha256)
+                .await?;
+        }
+        Ok(listed)
     }
 
-    async fn revoke_key(&self, key_id: &str) -> Result<AdminOutcome<()>, StoreError> {
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
         let mut conn = self.conn.clone();
         let hash: Option<String> = call(
             redis::cmd("GET")
@@ -896,7 +936,31 @@ impl Store for RedisStore {
         };
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(&hex_hash, &mut bytes).map_err(unavailable)?;
-        // The record first: the key stops working at once.
+        let owner: (Option<String>, Option<String>) = call(
+            redis::cmd("HMGET")
+                .arg(key_key(&bytes))
+                .arg("account")
+                .arg("member")
+                .query_async(&mut conn),
+        )
+        .await?;
+        // Off the member's active keys first: from this commit on, no replica places
+        // a hold for the key, whatever it cached. Then the records, so it stops
+        // identifying anyone (other replicas' caches forget it within
+        // IDENTITY_FRESHNESS). A revocation cut off in between is completed by
+        // repeating it: the id is still there.
+        if let (Some(account), Some(member)) = owner {
+            let revoked = self
+                .transact(&account, now_ms, Start::Fresh, |a, _| {
+                    a.revoke_key(&member, key_id)
+                })
+                .await;
+            match revoked {
+                // An account that is gone has no key to take off.
+                Ok(_) | Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         call(
             redis::cmd("DEL")
                 .arg(key_key(&bytes))
@@ -1075,6 +1139,7 @@ mod tests {
             max_holds: 8,
             quota: None,
             idempotency: None,
+            caller: None,
         };
         let placed = account.hold(&request, 0, &Catalog::new()).unwrap();
         account.settle(placed.hold_id, credits("1"), 1).unwrap();
@@ -1088,5 +1153,40 @@ mod tests {
         assert_eq!(decode_state(&json).unwrap(), account);
         assert!(decode_state(b"{\"id\":").is_err());
         assert!(decode_state(&packed[..packed.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn members_active_keys_read_back_and_states_without_them_still_load() {
+        let catalog = Catalog::new();
+        let mut account = Account::new("acme", "pro");
+        account.add_member("ann", false, &catalog).unwrap();
+        account.add_key("ann", "key_1").unwrap();
+        account.add_key("ann", "key_2").unwrap();
+        assert!(account.revoke_key("ann", "key_1"));
+        let packed = encode(&account).unwrap();
+        let back = decode_state(&packed).unwrap();
+        assert_eq!(back, account);
+        let keys = back.members["ann"].keys.clone().unwrap();
+        assert_eq!(keys.into_iter().collect::<Vec<_>>(), ["key_2"]);
+
+        // As an earlier version wrote it: members without a key list, as
+        // MessagePack and as JSON. They load as "not recorded".
+        let mut earlier = serde_json::to_value(&account).unwrap();
+        earlier["members"]["ann"]
+            .as_object_mut()
+            .unwrap()
+            .remove("keys")
+            .unwrap();
+        let packed = rmp_serde::to_vec_named(&earlier).unwrap();
+        let json = serde_json::to_vec(&earlier).unwrap();
+        for state in [packed, json] {
+            let loaded = decode_state(&state).unwrap();
+            assert_eq!(loaded.members["ann"].keys, None);
+            // And stays so: listing only new keys would refuse the member's older ones.
+            let mut loaded = loaded;
+            loaded.add_key("ann", "key_3").unwrap();
+            assert_eq!(loaded.members["ann"].keys, None);
+            assert_eq!(decode_state(&encode(&loaded).unwrap()).unwrap(), loaded);
+        }
     }
 }

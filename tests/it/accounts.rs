@@ -693,3 +693,90 @@ async fn revoked_keys_stop_working_and_holds_are_listed_while_in_flight() {
         "other keys still work"
     );
 }
+
+#[tokio::test]
+async fn a_seeded_key_deleted_stays_revoked_after_a_policy_reload() {
+    let sha = |key: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+    let policy = move |backend: &str, bob: bool| {
+        let bob = if bob {
+            format!(
+                ", {{ member = \"bob\", key_sha256 = \"{}\" }}",
+                sha("sk-seed-bob")
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "version = 1\n[upstreams.main]\nurl = \"{backend}\"\n\
+             [plans.duo]\nmonthly_credits = 100\nseats = 2\n\
+             [[operations]]\nname = \"image.generate\"\nmethod = \"POST\"\npath = \"/v1/images\"\nupstream = \"main\"\nprice = 3\n\
+             [[accounts]]\nid = \"acme\"\nplan = \"duo\"\n\
+             keys = [ {{ member = \"ann\", key_sha256 = \"{}\" }}{bob} ]\n",
+            sha("sk-seed-ann")
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("creditgate-reseed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    let backend_url = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (f, b) = (file.clone(), backend_url.clone());
+    let gw = start_policy_with_file(
+        move |backend| {
+            *b.lock().unwrap() = backend.to_string();
+            let text = policy(backend, false);
+            std::fs::write(&f, &text).unwrap();
+            text
+        },
+        |_| None,
+        Some(file.clone()),
+    )
+    .await;
+    let images = |key: &'static str| gw.call(Method::POST, "/v1/images", key).send();
+    assert_eq!(images("sk-seed-ann").await.unwrap().status(), 200);
+    // The second seat goes to a member added through the admin API.
+    let resp = gw
+        .admin(Method::POST, "/admin/accounts/acme/members")
+        .json(&json!({"member": "carol"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-seed-ann").into();
+    let path = format!("/admin/keys/{}", creditgate::store::seed_key_id(&hash));
+    let resp = gw.admin(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(images("sk-seed-ann").await.unwrap().status(), 401);
+
+    // The file now seeds bob too: a third member, past the plan's two seats.
+    let backend = backend_url.lock().unwrap().clone();
+    std::fs::write(&file, policy(&backend, true)).unwrap();
+    let resp = gw
+        .admin(Method::POST, "/admin/policy/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = status_and_json(images("sk-seed-ann").await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"]["type"].clone()),
+        (401, json!("invalid_api_key")),
+        "the deleted seeded key stays revoked"
+    );
+    assert_eq!(images("sk-seed-bob").await.unwrap().status(), 401);
+    let balance = gw
+        .call(Method::GET, "/credits/v1/balance", "sk-seed-ann")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(balance.status(), 401, "not even for what holds nothing");
+    let (_, view) = status_and_json(
+        gw.admin(Method::GET, "/admin/accounts/acme")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let members: Vec<&String> = view["members"].as_object().unwrap().keys().collect();
+    assert_eq!(members, ["ann", "carol"], "the account is left as it is");
+    assert_eq!(gw.totals("acme").await.charged, credits("3"));
+}

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use creditgate::ledger::{Credits, Effective, HoldRequest, Millis};
+use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, Millis};
 use creditgate::policy::Policy;
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
@@ -25,8 +25,10 @@ signup_credits = 2
 monthly_credits = 100
 seats = 2
 quotas = { basic = 2 }
+features = ["api"]
 [plans.pro]
 monthly_credits = 50
+features = ["api", "premium"]
 [grant_kinds.referral]
 priority = 5
 [[accounts]]
@@ -63,6 +65,20 @@ fn hold(amount: &str, request_id: &str, ttl_ms: u64, quota: Option<&str>) -> Hol
         max_holds: 3,
         quota: quota.map(str::to_string),
         idempotency: None,
+        caller: None,
+    }
+}
+
+/// A hold on behalf of `member`'s key `key_id`, for an operation requiring `requires`.
+fn hold_by(member: &str, key_id: &str, requires: &[&str], request_id: &str) -> HoldRequest {
+    HoldRequest {
+        caller: Some(Caller {
+            member: member.into(),
+            key_id: key_id.into(),
+            requires: requires.iter().map(|f| f.to_string()).collect(),
+            premium: requires.contains(&"premium"),
+        }),
+        ..hold("1", request_id, 60_000, None)
     }
 }
 
@@ -181,11 +197,11 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "key for ghost",
-        store.add_key("team", "ghost", "k0", &[1; 32]).await,
+        store.add_key("team", "ghost", "k0", &[1; 32], t0).await,
     );
     out.note(
         "key for bob",
-        store.add_key("team", "bob", "k1", &[2; 32]).await,
+        store.add_key("team", "bob", "k1", &[2; 32], t0).await,
     );
     out.note("identify bob", store.identify(&[2; 32], t0).await);
 
@@ -325,9 +341,80 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
             )
             .await,
     );
-    out.note("revoke", store.revoke_key("k1").await);
-    out.note("revoke again", store.revoke_key("k1").await);
+
+    // The hold re-checks who asks against the state it commits on.
+    let by_bob = store
+        .hold("team", &hold_by("bob", "k1", &[], "b1"), later)
+        .await;
+    out.note("hold by bob's key", &by_bob);
+    if let Ok(Ok(p)) = by_bob {
+        out.note("release", store.release("team", p.hold_id, later).await);
+    }
+    out.note(
+        "feature the plan lacks",
+        store
+            .hold("team", &hold_by("bob", "k1", &["api"], "b2"), later)
+            .await,
+    );
+    out.note(
+        "key not listed",
+        store
+            .hold("team", &hold_by("ann", "k1", &[], "b3"), later)
+            .await,
+    );
+    out.note(
+        "member gone",
+        store
+            .hold("team", &hold_by("ghost", "k1", &[], "b4"), later)
+            .await,
+    );
+    out.note(
+        "upgrade to premium",
+        store
+            .change_plan("team", "pro", Effective::Now, later)
+            .await,
+    );
+    out.note(
+        "premium disabled",
+        store
+            .hold("team", &hold_by("bob", "k1", &["premium"], "b5"), later)
+            .await,
+    );
+    out.note(
+        "enable bob",
+        store.update_member("team", "bob", false, later).await,
+    );
+    let premium = store
+        .hold("team", &hold_by("bob", "k1", &["premium"], "b6"), later)
+        .await;
+    out.note("premium allowed", &premium);
+    if let Ok(Ok(p)) = premium {
+        out.note("release", store.release("team", p.hold_id, later).await);
+    }
+    out.note("revoke", store.revoke_key("k1", later).await);
+    out.note("revoke again", store.revoke_key("k1", later).await);
     out.note("identify revoked", store.identify(&[2; 32], later).await);
+    out.note(
+        "hold by a revoked key",
+        store
+            .hold("team", &hold_by("bob", "k1", &[], "b7"), later)
+            .await,
+    );
+
+    // Seeding again leaves an existing account as it is: a revoked seeded key stays revoked.
+    let alice_id = creditgate::store::seed_key_id(&alice);
+    out.note("revoke alice", store.revoke_key(&alice_id, later).await);
+    out.note("seed after revoke", store.seed(&p.accounts[0], later).await);
+    out.note(
+        "identify alice after reseed",
+        store.identify(&alice, later).await,
+    );
+    out.note(
+        "hold by alice after reseed",
+        store
+            .hold("acme", &hold_by("alice", &alice_id, &[], "a1"), later)
+            .await,
+    );
     out.0
 }
 
@@ -360,6 +447,29 @@ async fn memory_and_redis_answer_every_scripted_call_identically() {
         reference.iter().any(|l| l.contains("SeatLimit"))
             && reference.iter().any(|l| l.contains("QuotaExhausted"))
     );
+    let line = |what: &str| {
+        reference
+            .iter()
+            .find(|l| l.starts_with(&format!("{what}: ")))
+            .unwrap_or_else(|| panic!("no {what:?} in the transcript"))
+            .clone()
+    };
+    for (what, answer) in [
+        (
+            "feature the plan lacks",
+            "Ok(Err(PlanRequired { feature: \"api\" }))",
+        ),
+        ("key not listed", "Ok(Err(KeyNotActive))"),
+        ("member gone", "Ok(Err(KeyNotActive))"),
+        ("premium disabled", "Ok(Err(PremiumDisabled))"),
+        ("hold by a revoked key", "Ok(Err(KeyNotActive))"),
+        ("seed after revoke", "Ok(false)"),
+        ("identify alice after reseed", "Ok(None)"),
+        ("hold by alice after reseed", "Ok(Err(KeyNotActive))"),
+    ] {
+        assert_eq!(line(what), format!("{what}: {answer}"));
+    }
+    assert!(line("premium allowed").starts_with("premium allowed: Ok(Ok("));
 }
 
 #[tokio::test]
@@ -403,6 +513,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 max_holds: 50,
                 quota: None,
                 idempotency: None,
+                caller: None,
             };
             for store in &stores {
                 answers.push(format!(

@@ -14,7 +14,13 @@ use crate::redis_server::RedisServer;
 struct Gateway {
     child: Child,
     url: String,
+    /// The admin API, when the policy has `admin_listen = "127.0.0.1:{ADMIN_PORT}"`.
+    admin_url: String,
+    /// The policy file it runs (and `POST /admin/policy/reload` reads).
+    file: std::path::PathBuf,
 }
+
+const ADMIN_TOKEN: &str = "replica-admin-token";
 
 impl Drop for Gateway {
     fn drop(&mut self) {
@@ -69,27 +75,36 @@ keys = [ {{ member = "m", key_env = "SHARED_KEY" }} ]
     )
 }
 
-/// Starts `creditgate run` on a free port with `policy` (its `{PORT}` filled in).
+/// Starts `creditgate run` on a free port with `policy` (its `{PORT}` and
+/// `{ADMIN_PORT}` filled in).
 fn start_gateway(policy: &str) -> Gateway {
-    let port = free_port();
+    let (port, admin_port) = (free_port(), free_port());
     let dir =
         std::env::temp_dir().join(format!("creditgate-replica-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("policy.toml");
-    std::fs::write(&file, policy.replace("{PORT}", &port.to_string())).unwrap();
+    let with_admin = policy.contains("{ADMIN_PORT}");
+    let text = policy
+        .replace("{PORT}", &port.to_string())
+        .replace("{ADMIN_PORT}", &admin_port.to_string());
+    std::fs::write(&file, text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["run", "--policy"])
         .arg(&file)
         .env("SHARED_KEY", "sk-shared")
+        .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
     let gateway = Gateway {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        admin_url: format!("http://127.0.0.1:{admin_port}"),
+        file,
     };
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
     for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if listening(port) && (!with_admin || listening(admin_port)) {
             return gateway;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -417,4 +432,277 @@ async fn sigterm_lets_in_flight_requests_finish_and_leaves_no_hold_open() {
         ("3".into(), "27".into())
     );
     assert_invariant(&t);
+}
+
+/// Replicas with an admin API, no seeded account: `pro` has the `premium` feature
+/// (two seats), `free` has none (but credits enough); `image.generate` costs 3,
+/// `image.premium` 5.
+fn standing_policy(redis_url: &str, backend: &str) -> String {
+    format!(
+        r#"version = 1
+[gateway]
+listen = "127.0.0.1:{{PORT}}"
+admin_listen = "127.0.0.1:{{ADMIN_PORT}}"
+[store]
+kind = "redis"
+url = "{redis_url}"
+[upstreams.main]
+url = "{backend}"
+read_timeout = "30s"
+[plans.free]
+monthly_credits = 50
+[plans.pro]
+monthly_credits = 100
+features = ["premium"]
+seats = 2
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[operations]]
+name = "image.premium"
+method = "POST"
+path = "/v1/premium"
+upstream = "main"
+requires = ["premium"]
+price = 5
+"#
+    )
+}
+
+/// An admin call: its status and JSON body.
+async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let resp = request.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Creates `account` on `plan` with `member` through `gw`'s admin API: `(key, key_id)`.
+async fn open_account(gw: &Gateway, account: &str, plan: &str, member: &str) -> (String, String) {
+    use reqwest::Method;
+    let (status, _) = admin(
+        gw,
+        Method::POST,
+        "/admin/accounts",
+        Some(serde_json::json!({"id": account, "plan": plan})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let path = format!("/admin/accounts/{account}/members");
+    let (status, _) = admin(
+        gw,
+        Method::POST,
+        &path,
+        Some(serde_json::json!({"member": member})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let path = format!("/admin/accounts/{account}/keys");
+    let (status, key) = admin(
+        gw,
+        Method::POST,
+        &path,
+        Some(serde_json::json!({"member": member})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    (
+        key["key"].as_str().unwrap().to_string(),
+        key["key_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A proxied POST with `key`: its status and JSON body (`Null` when not JSON).
+async fn call(gw: &Gateway, path: &str, key: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until `account` has no open hold in Redis; returns its totals then.
+async fn settled(redis_url: &str, account: &str) -> Totals {
+    eventually(|| async { raw_account(redis_url, account).await.holds().count() == 0 }).await;
+    raw_account(redis_url, account).await.totals()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_through_one_replica_is_refused_at_once_by_another_that_cached_it() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (key, key_id) = open_account(&a, "acct", "pro", "m").await;
+    // B serves the key once: it has the key's owner and the account cached now.
+    assert_eq!(call(&b, "/v1/images", &key).await.0, 200);
+    let before = settled(&redis.url(), "acct").await;
+    assert_eq!(before.charged.to_string(), "3");
+
+    let path = format!("/admin/keys/{key_id}");
+    assert_eq!(admin(&a, reqwest::Method::DELETE, &path, None).await.0, 200);
+    let (status, body) = call(&b, "/v1/images", &key).await;
+    assert_eq!(
+        (status, body["error"]["type"].clone()),
+        (401, Value::from("invalid_api_key")),
+        "{body}"
+    );
+    let account = raw_account(&redis.url(), "acct").await;
+    assert_eq!(account.holds().count(), 0, "nothing held");
+    assert_eq!(account.totals(), before, "nothing charged");
+    assert_eq!(backend.received().len(), 1, "nothing forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_or_premium_switched_off_through_one_replica_binds_another_at_once() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (downgraded, _) = open_account(&a, "down", "pro", "m").await;
+    let (switched, _) = open_account(&a, "team", "pro", "ann").await;
+    // B serves both keys a premium operation: it has their standing cached now.
+    assert_eq!(call(&b, "/v1/premium", &downgraded).await.0, 200);
+    assert_eq!(call(&b, "/v1/premium", &switched).await.0, 200);
+    settled(&redis.url(), "down").await;
+    settled(&redis.url(), "team").await;
+
+    let change = serde_json::json!({"plan": "free", "effective": "now"});
+    let path = "/admin/accounts/down/plan";
+    assert_eq!(admin(&a, Method::POST, path, Some(change)).await.0, 200);
+    let before = raw_account(&redis.url(), "down").await.totals();
+    let (status, body) = call(&b, "/v1/premium", &downgraded).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        (
+            body["error"]["type"].clone(),
+            body["error"]["feature"].clone(),
+            body["error"]["plans"].clone()
+        ),
+        (
+            Value::from("plan_required"),
+            Value::from("premium"),
+            serde_json::json!(["pro"])
+        )
+    );
+    assert_eq!(
+        raw_account(&redis.url(), "down").await.totals(),
+        before,
+        "nothing held or charged"
+    );
+
+    let switch = serde_json::json!({"premium_disabled": true});
+    let path = "/admin/accounts/team/members/ann";
+    assert_eq!(admin(&a, Method::PATCH, path, Some(switch)).await.0, 200);
+    let before = raw_account(&redis.url(), "team").await.totals();
+    let (status, body) = call(&b, "/v1/premium", &switched).await;
+    assert_eq!(
+        (status, body["error"]["type"].clone()),
+        (403, Value::from("premium_disabled")),
+        "{body}"
+    );
+    assert_eq!(
+        raw_account(&redis.url(), "team").await.totals(),
+        before,
+        "nothing held or charged"
+    );
+    assert_eq!(
+        backend.received().len(),
+        2,
+        "the refused requests were not forwarded"
+    );
+    assert_eq!(
+        call(&b, "/v1/images", &switched).await.0,
+        200,
+        "what is not premium still passes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_key_deleted_stays_revoked_after_a_reload_and_a_restart() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let bob: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-bob").into();
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr))
+        + "[[accounts]]\nid = \"acme\"\nplan = \"pro\"\n\
+           keys = [ { member = \"m\", key_env = \"SHARED_KEY\" } ]\n";
+    let a = start_gateway(&text);
+    assert_eq!(call(&a, "/v1/images", "sk-shared").await.0, 200);
+    // The account's second seat goes to a member added through the admin API.
+    let carol = Some(serde_json::json!({"member": "carol"}));
+    let path = "/admin/accounts/acme/members";
+    assert_eq!(admin(&a, Method::POST, path, carol).await.0, 201);
+    let shared: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-shared").into();
+    let path = format!("/admin/keys/{}", creditgate::store::seed_key_id(&shared));
+    assert_eq!(admin(&a, Method::DELETE, &path, None).await.0, 200);
+    assert_eq!(call(&a, "/v1/images", "sk-shared").await.0, 401);
+
+    // The file now seeds bob as well: a third member, past the plan's two seats.
+    let grow = |policy: &str| {
+        let grown = policy.replace(
+            "key_env = \"SHARED_KEY\" }",
+            &format!(
+                "key_env = \"SHARED_KEY\" }}, {{ member = \"bob\", key_sha256 = \"{}\" }}",
+                hex::encode(bob)
+            ),
+        );
+        assert_ne!(grown, policy);
+        grown
+    };
+    let current = std::fs::read_to_string(&a.file).unwrap();
+    std::fs::write(&a.file, grow(&current)).unwrap();
+    let (status, body) = admin(&a, Method::POST, "/admin/policy/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let members = |view: Value| {
+        let names: Vec<String> = view["members"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        names
+    };
+    // And a replica started afresh on the grown file seeds nothing either.
+    let restarted = start_gateway(&grow(&text));
+    for gw in [&a, &restarted] {
+        let (status, body) = call(gw, "/v1/images", "sk-shared").await;
+        assert_eq!(
+            (status, body["error"]["type"].clone()),
+            (401, Value::from("invalid_api_key")),
+            "the deleted seeded key stays revoked"
+        );
+        assert_eq!(call(gw, "/v1/images", "sk-bob").await.0, 401);
+        // Not even for what holds nothing: the key's record is gone for good.
+        let balance = reqwest::Client::new()
+            .get(format!("{}/credits/v1/balance", gw.url))
+            .bearer_auth("sk-shared")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(balance.status(), 401);
+        let (_, view) = admin(gw, Method::GET, "/admin/accounts/acme", None).await;
+        assert_eq!(
+            members(view),
+            ["carol", "m"],
+            "the account is left as it is"
+        );
+    }
 }
