@@ -268,19 +268,6 @@ pub enum HoldRejected {
     PremiumDisabled,
 }
 
-impl HoldRejected {
-    /// A refusal about who asks rather than about money: the key, the plan's
-    /// features, the member's premium switch.
-    pub fn is_standing(&self) -> bool {
-        matches!(
-            self,
-            HoldRejected::KeyNotActive
-                | HoldRejected::PlanRequired { .. }
-                | HoldRejected::PremiumDisabled
-        )
-    }
-}
-
 /// How a hold ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Ending {

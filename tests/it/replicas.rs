@@ -455,6 +455,8 @@ monthly_credits = 50
 monthly_credits = 100
 features = ["premium"]
 seats = 2
+[plans.none]
+monthly_credits = 0
 [[operations]]
 name = "image.generate"
 method = "POST"
@@ -632,6 +634,34 @@ async fn a_downgrade_or_premium_switched_off_through_one_replica_binds_another_a
         call(&b, "/v1/images", &switched).await.0,
         200,
         "what is not premium still passes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_through_one_replica_is_spendable_at_once_on_another_that_refused() {
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (key, _) = open_account(&a, "poor", "none", "m").await;
+    // B refuses the empty account: it has the account cached, with nothing to spend.
+    let (status, body) = call(&b, "/v1/images", &key).await;
+    assert_eq!(status, 402, "{body}");
+
+    let grant = serde_json::json!({"kind": "topup", "credits": 10, "idempotency_key": "t1"});
+    let path = "/admin/accounts/poor/grants";
+    assert_eq!(
+        admin(&a, reqwest::Method::POST, path, Some(grant)).await.0,
+        201
+    );
+    // A refusal writes nothing, so no version check would catch B's stale copy:
+    // B must look at Redis before it answers 402 again.
+    let (status, body) = call(&b, "/v1/images", &key).await;
+    assert_eq!(status, 200, "{body}");
+    let totals = settled(&redis.url(), "poor").await;
+    assert_eq!(
+        (totals.charged.to_string(), totals.available.to_string()),
+        ("3".to_string(), "7".to_string())
     );
 }
 
