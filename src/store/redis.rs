@@ -160,10 +160,54 @@ impl ConnectionLike for Conn {
 }
 
 #[derive(Clone)]
+/// This replica's copy of one account.
 struct Cached {
     version: String,
-    account: Account,
+    /// `None` while a transition of this replica has the account out (it works on
+    /// it in place instead of on a copy, and puts it back), or after one failed.
+    account: Option<Account>,
+    /// What `identify` reads, kept beside the account so it can be read while a
+    /// transition has the account out.
+    standing: Standing,
     fetched: Instant,
+}
+
+/// An account's plan and the members with premium switched off.
+#[derive(Clone)]
+struct Standing {
+    plan: String,
+    premium_disabled: Vec<String>,
+}
+
+impl Standing {
+    fn of(account: &Account) -> Self {
+        Standing {
+            plan: account.plan.clone(),
+            premium_disabled: Self::disabled(account).cloned().collect(),
+        }
+    }
+
+    fn disabled(account: &Account) -> impl Iterator<Item = &String> {
+        account
+            .members
+            .iter()
+            .filter(|(_, m)| m.premium_disabled)
+            .map(|(name, _)| name)
+    }
+
+    /// Brought up to date with `account`, allocating only for what changed.
+    fn update(&mut self, account: &Account) {
+        if self.plan != account.plan {
+            self.plan.clone_from(&account.plan);
+        }
+        if !Self::disabled(account).eq(self.premium_disabled.iter()) {
+            self.premium_disabled = Self::disabled(account).cloned().collect();
+        }
+    }
+
+    fn premium_disabled(&self, member: &str) -> bool {
+        self.premium_disabled.iter().any(|m| m == member)
+    }
 }
 
 #[derive(Clone)]
@@ -324,14 +368,15 @@ impl RedisStore {
         (rules.catalog.clone(), rules.ledger_max_entries)
     }
 
+    /// Keeps `account` at `version` as this replica's copy (it was just read from
+    /// Redis or committed there).
     fn remember(&self, id: &str, version: String, account: Account) {
         let fetched = Instant::now();
         if let Some(mut cached) = self.cache.get_mut(id) {
-            *cached = Cached {
-                version,
-                account,
-                fetched,
-            };
+            cached.standing.update(&account);
+            cached.version = version;
+            cached.account = Some(account);
+            cached.fetched = fetched;
             return;
         }
         if self.cache.len() >= MAX_CACHED_ACCOUNTS {
@@ -349,10 +394,20 @@ impl RedisStore {
             id.to_string(),
             Cached {
                 version,
-                account,
+                standing: Standing::of(&account),
+                account: Some(account),
                 fetched,
             },
         );
+    }
+
+    /// Takes this replica's copy of an account out of the cache to work on in
+    /// place (the caller is inside the account's stripe lock, so no other
+    /// transition of this replica wants it meanwhile; `identify` reads `standing`).
+    fn take_cached(&self, id: &str) -> Option<(String, Account)> {
+        let mut cached = self.cache.get_mut(id)?;
+        let account = cached.account.take()?;
+        Some((std::mem::take(&mut cached.version), account))
     }
 
     /// The account as Redis has it now: `(version, account)`, `None` if absent.
@@ -367,11 +422,7 @@ impl RedisStore {
         )
         .await?;
         match (version, state) {
-            (Some(v), Some(s)) => {
-                let account = decode_state(&s)?;
-                self.remember(id, v.clone(), account.clone());
-                Ok(Some((v, account)))
-            }
+            (Some(v), Some(s)) => Ok(Some((v, decode_state(&s)?))),
             _ => Ok(None),
         }
     }
@@ -471,13 +522,7 @@ impl RedisStore {
             hasher.hash_one(id) as usize % LOCK_STRIPES
         };
         let _one_at_a_time = self.stripes[stripe].lock().await;
-        let cached = if fresh {
-            None
-        } else {
-            self.cache
-                .get(id)
-                .map(|c| (c.version.clone(), c.account.clone()))
-        };
+        let cached = if fresh { None } else { self.take_cached(id) };
         // Whether `current` is this replica's copy rather than what Redis answered.
         let mut from_cache = cached.is_some();
         let mut current = match cached {
@@ -513,6 +558,9 @@ impl RedisStore {
                         current = self.fetch(id).await?;
                         continue;
                     }
+                    // Time may have been applied to it (an expired idempotency
+                    // record dropped): every replica applies it alike.
+                    self.remember(id, version.clone(), account);
                     return Ok((out, version));
                 }
             }
@@ -532,10 +580,8 @@ impl RedisStore {
                     }
                     return Ok((out, new_version));
                 }
+                // Computed again on what Redis has, which is remembered then.
                 Err(theirs) => {
-                    if let Some((v, a)) = &theirs {
-                        self.remember(id, v.clone(), a.clone());
-                    }
                     from_cache = false;
                     current = theirs;
                 }
@@ -692,28 +738,37 @@ impl Store for RedisStore {
             return Ok(None);
         };
         // The plan and the member's flag, read in place: no copy of the account.
-        let standing = |account: &Account| {
-            let premium_disabled = account
-                .members
-                .get(&owner.member)
-                .is_some_and(|m| m.premium_disabled);
-            (account.plan.clone(), premium_disabled)
+        let standing = |cached: &Cached| {
+            (
+                cached.standing.plan.clone(),
+                cached.standing.premium_disabled(&owner.member),
+            )
         };
         let recent = self
             .cache
             .get(&owner.account)
             .filter(|c| c.fetched.elapsed() < IDENTITY_FRESHNESS)
-            .map(|c| standing(&c.account));
+            .map(|c| standing(&c));
         let (plan, premium_disabled) = match recent {
             Some(found) => found,
             None => match self.fetch(&owner.account).await {
-                Ok(Some((_, account))) => standing(&account),
+                Ok(Some((version, account))) => {
+                    let found = (
+                        account.plan.clone(),
+                        account
+                            .members
+                            .get(&owner.member)
+                            .is_some_and(|m| m.premium_disabled),
+                    );
+                    self.remember(&owner.account, version, account);
+                    found
+                }
                 Ok(None) => return Ok(None),
                 // Redis is down: an account seen before still answers who it is.
                 Err(e) => self
                     .cache
                     .get(&owner.account)
-                    .map(|c| standing(&c.account))
+                    .map(|c| standing(&c))
                     .ok_or(e)?,
             },
         };
@@ -1126,7 +1181,35 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Credits, HoldRequest};
+    use crate::ledger::{Credits, HoldRequest, PlanTerms};
+
+    #[test]
+    fn the_standing_identify_reads_follows_the_account() {
+        let mut account = Account::new("team", "free");
+        let catalog = Catalog::from([(
+            "free".to_string(),
+            PlanTerms {
+                seats: 5,
+                ..PlanTerms::default()
+            },
+        )]);
+        account.add_member("ann", false, &catalog).unwrap();
+        account.add_member("bob", false, &catalog).unwrap();
+        let mut standing = Standing::of(&account);
+        assert_eq!(standing.plan, "free");
+        assert!(!standing.premium_disabled("bob"));
+
+        account.update_member("bob", true).unwrap();
+        account.plan = "pro".into();
+        standing.update(&account);
+        assert_eq!(standing.plan, "pro");
+        assert!(standing.premium_disabled("bob"));
+        assert!(!standing.premium_disabled("ann"));
+
+        account.update_member("bob", false).unwrap();
+        standing.update(&account);
+        assert!(!standing.premium_disabled("bob"));
+    }
 
     #[test]
     fn states_read_back_from_messagepack_and_from_earlier_json() {
