@@ -200,6 +200,21 @@ fn new_request_id() -> String {
     id
 }
 
+/// What the policy reads of a request: its method, headers, query, path and body.
+fn request_facts<'a>(
+    req: &'a RequestHeader,
+    path_params: &'a [(String, String)],
+    body: Option<&'a std::result::Result<serde_json::Value, String>>,
+) -> RequestFacts<'a> {
+    RequestFacts {
+        method: &req.method,
+        headers: &req.headers,
+        query: req.uri.query(),
+        path_params,
+        body,
+    }
+}
+
 /// The key from `Authorization: Bearer KEY` or `x-api-key: KEY`.
 fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
     if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
@@ -348,30 +363,17 @@ impl Gateway {
         };
         let route = self.policy.route(&path);
         let path_params = route.as_ref().map_or(&[][..], |r| r.path_params.as_slice());
-        let before_body = {
-            let req = session.req_header();
-            let facts = RequestFacts {
-                method: &req.method,
-                headers: &req.headers,
-                query: req.uri.query(),
-                path_params,
-                body: None,
-            };
-            self.policy.evaluate(route.as_ref(), &facts, Some(&caller))
-        };
+        let before_body = self.policy.evaluate(
+            route.as_ref(),
+            &request_facts(session.req_header(), path_params, None),
+            Some(&caller),
+        );
         let (verdict, body) = match before_body {
             Evaluation::Decided(verdict) => (verdict, None),
             Evaluation::NeedsBody => {
                 let body = self.read_body(session).await?;
                 let json = parse_json(&body);
-                let req = session.req_header();
-                let facts = RequestFacts {
-                    method: &req.method,
-                    headers: &req.headers,
-                    query: req.uri.query(),
-                    path_params,
-                    body: Some(&json),
-                };
+                let facts = request_facts(session.req_header(), path_params, Some(&json));
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
                     Evaluation::Decided(verdict) => (verdict, Some(body)),
                     // Unreachable: with the body given, every step can decide.
