@@ -80,8 +80,6 @@ pub struct Policy {
 #[derive(Clone, Debug)]
 struct Route {
     operations: Vec<usize>,
-    /// Some operation here reads the body to match or to price.
-    needs_body: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -325,8 +323,6 @@ pub struct SeedAccount {
 pub struct RouteMatch<'p> {
     operations: &'p [usize],
     pub path_params: Vec<(String, String)>,
-    /// The body must be read before an operation can be chosen or priced.
-    pub needs_body: bool,
 }
 
 impl Policy {
@@ -403,7 +399,6 @@ impl Policy {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            needs_body: found.value.needs_body,
         })
     }
 

@@ -821,12 +821,10 @@ impl Validator<'_> {
                 self.error(span, format!("path {pattern:?} must start with /"));
                 continue;
             }
-            let needs_body = indexes.iter().any(|&i| ops[i].needs_body);
             if let Err(e) = router.insert(
                 pattern.clone(),
                 Route {
                     operations: indexes,
-                    needs_body,
                 },
             ) {
                 self.error(span, format!("invalid path pattern {pattern:?}: {e}"));

@@ -159,7 +159,6 @@ impl ConnectionLike for Conn {
     }
 }
 
-#[derive(Clone)]
 /// This replica's copy of one account.
 struct Cached {
     version: String,
@@ -173,7 +172,6 @@ struct Cached {
 }
 
 /// An account's plan and the members with premium switched off.
-#[derive(Clone)]
 struct Standing {
     plan: String,
     premium_disabled: Vec<String>,
