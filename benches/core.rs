@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, PlanTerms};
-use creditgate::policy::{Policy, RequestFacts};
+use creditgate::policy::{normalize_path, Policy, RequestFacts};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
 use creditgate::store::Store;
@@ -44,11 +44,10 @@ fn request() -> HoldRequest {
 fn benches(c: &mut Criterion) {
     let policy = policy_with(200);
     let headers = HeaderMap::new();
+    let path = normalize_path(b"/v1/op151/abc/edit").expect("a normal path");
     c.bench_function("match + price, 200-operation policy", |b| {
         b.iter(|| {
-            let route = policy
-                .route(std::hint::black_box("/v1/op151/abc/edit"))
-                .unwrap();
+            let route = policy.route(std::hint::black_box(&path)).unwrap();
             let facts = RequestFacts {
                 method: &Method::POST,
                 headers: &headers,
@@ -137,6 +136,7 @@ multiplier = { from = "body:/resolution", table = { "720p" = 1, "4k" = 4 }, defa
 "#;
     let policy = Policy::parse(text, "bench.toml", &|_| None).expect("bench policy is valid");
     let headers = HeaderMap::new();
+    let videos = normalize_path(b"/v1/videos").expect("a normal path");
     for (label, size) in [("1 KiB", 1usize << 10), ("1 MiB", 1 << 20)] {
         let body = format!(
             r#"{{"prompt":"{}","kind":"video","model":"veo","resolution":"4k","duration_seconds":8}}"#,
@@ -147,7 +147,7 @@ multiplier = { from = "body:/resolution", table = { "720p" = 1, "4k" = 4 }, defa
                 let json: Result<serde_json::Value, String> =
                     serde_json::from_slice(std::hint::black_box(body.as_bytes()))
                         .map_err(|e| e.to_string());
-                let route = policy.route("/v1/videos").unwrap();
+                let route = policy.route(&videos).unwrap();
                 let facts = RequestFacts {
                     method: &Method::POST,
                     headers: &headers,

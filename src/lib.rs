@@ -4,7 +4,7 @@
 //! Modules in reading order:
 //! - [`clock`]: the only place that reads the wall clock (tests move a manual one).
 //! - [`ledger`]: money and the account state machine (grants, holds). No IO, no clock.
-//! - [`policy`]: the policy file, validated; route matching; prices.
+//! - [`policy`]: the policy file, validated; path normalization; route matching; prices.
 //! - [`store`]: where accounts live (memory); applies the ledger atomically.
 //! - [`views`]: the JSON shapes of accounts and ledger entries, for both APIs.
 //! - [`gateway`]: the Pingora proxy — the only module besides `main.rs` that knows Pingora.

@@ -14,7 +14,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use creditgate::gateway::errors::ApiError;
 use creditgate::gateway::{run_server, Gateway, LiveGateway};
-use creditgate::policy::{format_duration, Evaluation, Policy, RequestFacts, StoreConfig, Verdict};
+use creditgate::policy::{
+    format_duration, normalize_path, split_query, Evaluation, Policy, RequestFacts, StoreConfig,
+    Verdict,
+};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
 
@@ -183,14 +186,14 @@ fn quote(
             message,
         })
     };
-    let (Ok(method), Ok(uri)) = (
-        http::Method::from_bytes(method.as_bytes()),
-        target.parse::<http::Uri>(),
-    ) else {
-        return invalid(
-            "request",
-            format!("{method} {target} is not a method and a path"),
-        );
+    let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+        return invalid("request", format!("{method:?} is not an HTTP method"));
+    };
+    // Normalized as the gateway normalizes it, so the quote prices the same path.
+    let (path, query) = split_query(target);
+    let path = match normalize_path(path.as_bytes()) {
+        Ok(path) => path,
+        Err(e) => return refuse(e.into()),
     };
     let mut headers = http::HeaderMap::new();
     for line in header_lines {
@@ -208,11 +211,11 @@ fn quote(
         Some(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
         None => Err("the request has no body".to_string()),
     };
-    let route = policy.route(uri.path());
+    let route = policy.route(&path);
     let facts = RequestFacts {
         method: &method,
         headers: &headers,
-        query: uri.query(),
+        query,
         path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
         body: Some(&json),
     };

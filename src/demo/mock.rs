@@ -12,7 +12,10 @@
 //! - `x-mock-sse: 100`: stream 100 server-sent events (chunked), each written in
 //!   pieces of `x-mock-chunk-bytes` (default 7) so events split at odd places;
 //!   with `x-mock-sse-pause-after: 50` the stream waits after 50 events until
-//!   [`MockBackend::open_gate`] is called.
+//!   [`MockBackend::open_gate`] is called;
+//! - `x-mock-resolve: nginx`: resolve the path as nginx does ([`nginx_path`]) and
+//!   report it as `"served_path"` in the JSON result — the resource a backend that
+//!   decodes and resolves paths itself would serve (`400` when it climbs above the root).
 //!
 //! It records every request it receives (method, path, headers, body), so tests
 //! can check what reached the backend. HTTP/1.1 with keep-alive; request bodies
@@ -276,6 +279,25 @@ async fn respond(stream: &mut TcpStream, request: &Received, gate: &Notify) -> b
         };
         return stream_events(stream, request, gate, shape).await;
     }
+    let served_path = if request.header("x-mock-resolve") == Some("nginx") {
+        let target = request.path.split('?').next().unwrap_or_default();
+        match nginx_path(target) {
+            Some(path) => {
+                let path = String::from_utf8_lossy(&path).into_owned();
+                format!(",\"served_path\":{}", serde_json::Value::String(path))
+            }
+            None => {
+                let body = "{\"error\":\"the path climbs above the root\"}";
+                let head = format!("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+                return stream
+                    .write_all(format!("{head}{body}").as_bytes())
+                    .await
+                    .is_ok();
+            }
+        }
+    } else {
+        String::new()
+    };
     let usage_header = request
         .header("x-mock-usage-header")
         .map_or(String::new(), |v| format!("x-usage: {v}\r\n"));
@@ -285,7 +307,7 @@ async fn respond(stream: &mut TcpStream, request: &Received, gate: &Notify) -> b
     let body = match request.header("x-mock-body") {
         Some(body) => body.to_string(),
         None if status < 300 => format!(
-            "{{\"id\":\"gen_{:016x}\",\"status\":\"succeeded\",\"path\":{:?}{usage_json}}}",
+            "{{\"id\":\"gen_{:016x}\",\"status\":\"succeeded\",\"path\":{:?}{served_path}{usage_json}}}",
             rand::random::<u64>(),
             request.path
         ),
@@ -372,6 +394,57 @@ async fn stream_events(
         let _ = stream.flush().await;
     }
     stream.write_all(b"0\r\n\r\n").await.is_ok()
+}
+
+/// The path nginx would serve for a request path (without its query): every
+/// percent-escape decoded — `%2F` into a separator too —, repeated slashes merged,
+/// then `.` and `..` segments resolved. `None` where nginx answers 400: a `..` above
+/// the root, or a `%` not followed by two hex digits. Tests use it as the backend
+/// that reads a path differently from a gateway that matches it raw.
+pub fn nginx_path(path: &str) -> Option<Vec<u8>> {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            decoded.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let parts: Vec<&[u8]> = decoded.split(|&b| b == b'/').skip(1).collect();
+    let mut trailing_slash = false;
+    for (n, part) in parts.iter().enumerate() {
+        let last = n + 1 == parts.len();
+        match *part {
+            b"" => trailing_slash = last,
+            b"." => trailing_slash = last,
+            b".." => {
+                segments.pop()?;
+                trailing_slash = last;
+            }
+            segment => {
+                segments.push(segment);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push(b'/');
+        out.extend_from_slice(segment);
+    }
+    if trailing_slash || segments.is_empty() {
+        out.push(b'/');
+    }
+    Some(out)
 }
 
 /// Closes with RST instead of FIN.

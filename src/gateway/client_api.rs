@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 
 use super::errors::ApiError;
 use super::{body, Gateway, RequestCtx};
-use crate::policy::{Caller, Evaluation, Refused, RequestFacts, Verdict};
+use crate::policy::{
+    normalize_path, split_query, Caller, Evaluation, Refused, RequestFacts, Verdict,
+};
 use crate::store::StoreError;
 use crate::views;
 
@@ -110,10 +112,7 @@ impl Gateway {
         };
         let method = Method::from_bytes(quote.method.as_bytes())
             .map_err(|_| invalid(format!("{:?} is not an HTTP method", quote.method)))?;
-        let uri: http::Uri = quote
-            .path
-            .parse()
-            .map_err(|_| invalid(format!("{:?} is not a path", quote.path)))?;
+        let (path, query) = split_query(&quote.path);
         let mut headers = HeaderMap::new();
         for (name, value) in &quote.headers {
             let name = HeaderName::try_from(name.as_str())
@@ -135,11 +134,17 @@ impl Gateway {
             json!({"allowed": false, "operation": operation, "credits": credits,
                    "available": available.to_json(), "error": error.body(&ctx.request_id)["error"]})
         };
-        let route = self.policy.route(uri.path());
+        // The path is normalized as the gateway normalizes it; a path it refuses is
+        // the quoted request's own error, like any other.
+        let path = match normalize_path(path.as_bytes()) {
+            Ok(path) => path,
+            Err(e) => return Ok(refused(e.into(), None, None)),
+        };
+        let route = self.policy.route(&path);
         let facts = RequestFacts {
             method: &method,
             headers: &headers,
-            query: uri.query(),
+            query,
             path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
             body: Some(&json_body),
         };

@@ -6,7 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Credits;
-use crate::policy::{Policy, Refused};
+use crate::policy::{PathError, Policy, Refused};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -247,6 +247,17 @@ impl ApiError {
             _ => {}
         }
         error
+    }
+}
+
+/// A path the gateway will not match: the same 400 from the proxy, the quote API and
+/// `creditgate quote`.
+impl From<PathError> for ApiError {
+    fn from(e: PathError) -> ApiError {
+        ApiError::InvalidRequest {
+            source: "path".into(),
+            message: e.to_string(),
+        }
     }
 }
 

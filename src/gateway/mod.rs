@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::proxy::{FailToProxy, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -29,8 +30,8 @@ use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
-    usage_charge, Caller, Evaluation, OnMissing, OnUnavailable, Policy, Refused, RequestFacts,
-    StoreConfig, Verdict, PREMIUM_FEATURE,
+    normalize_path, usage_charge, Caller, Evaluation, NormalizedPath, OnMissing, OnUnavailable,
+    PathError, Policy, Refused, RequestFacts, StoreConfig, Verdict, PREMIUM_FEATURE,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -157,6 +158,9 @@ pub struct RequestCtx {
     /// The same id, ready for the two headers that carry it.
     request_id_value: HeaderValue,
     identity: Option<Arc<Identity>>,
+    /// The normalized path: what was matched and priced, and what the upstream
+    /// request carries (`upstream_request_filter`). Set when the request is forwarded.
+    path: Option<NormalizedPath>,
     /// Index of the matched operation; `None` for an unmatched pass-through.
     operation: Option<usize>,
     upstream: usize,
@@ -349,11 +353,13 @@ impl Gateway {
         ctx.identity = Some(identity.clone());
         let account = identity.account.as_str();
 
-        let path = session.req_header().uri.path().to_string();
-        if path.starts_with(client_api::PREFIX) {
+        // Everything after this reads the normalized path, the client APIs too: the
+        // path that is priced is the path that is forwarded.
+        let path = request_path(session.req_header())?;
+        if path.as_str().starts_with(client_api::PREFIX) {
             ctx.outcome = Some("client_api");
             return self
-                .client_api(session, ctx, &path)
+                .client_api(session, ctx, path.as_str())
                 .await
                 .map(|()| Admitted::Answered);
         }
@@ -386,6 +392,7 @@ impl Gateway {
             Verdict::PassThrough { upstream } => {
                 ctx.upstream = upstream;
                 ctx.remaining = self.available(account).await?;
+                ctx.path = Some(path);
                 return Ok(Admitted::Forward);
             }
         };
@@ -400,8 +407,13 @@ impl Gateway {
         }
 
         let req = session.req_header();
-        ctx.idempotency =
-            idempotency_of(req, body.as_deref(), self.policy.gateway.idempotency_ttl_ms)?;
+        ctx.idempotency = idempotency_of(
+            req,
+            &path,
+            body.as_deref(),
+            self.policy.gateway.idempotency_ttl_ms,
+        )?;
+        ctx.path = Some(path);
         // A free operation holds nothing — unless it counts against a quota.
         if price.is_zero() && op.quota.is_none() {
             ctx.remaining = self.available(account).await?;
@@ -614,10 +626,11 @@ enum Held {
 /// Longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
-/// The request's `Idempotency-Key` and its fingerprint: method, path and query, and
-/// the body — its bytes when the gateway read them, else its declared length.
+/// The request's `Idempotency-Key` and its fingerprint: method, normalized path and
+/// query, and the body — its bytes when the gateway read them, else its declared length.
 fn idempotency_of(
     req: &RequestHeader,
+    path: &NormalizedPath,
     body: Option<&[u8]>,
     ttl_ms: u64,
 ) -> std::result::Result<Option<IdempotencyRequest>, ApiError> {
@@ -638,7 +651,8 @@ fn idempotency_of(
     let mut hash = Sha256::new();
     hash.update(req.method.as_str());
     hash.update(b"\n");
-    hash.update(req.uri.path_and_query().map_or("", |p| p.as_str()));
+    hash.update(path.as_str());
+    hash.update(target_parts(req.raw_path()).map_or(&[][..], |t| t.query));
     hash.update(b"\n");
     match body {
         Some(bytes) => hash.update(bytes),
@@ -653,6 +667,67 @@ fn idempotency_of(
         fingerprint: hex::encode(hash.finalize()),
         ttl_ms,
     }))
+}
+
+/// A request-target in the parts the gateway reads and rewrites.
+struct Target<'a> {
+    /// `scheme://authority` of an absolute-form target; empty for origin-form.
+    origin: &'a [u8],
+    /// The path as the client sent it; `/` when an absolute-form target has none.
+    path: &'a [u8],
+    /// The query with its `?`, or empty. Never rewritten.
+    query: &'a [u8],
+}
+
+/// Splits a request-target, from its raw bytes (the URI holds a lossy copy of a target
+/// that is not UTF-8). `None` for a target without a path: `*`, an authority, or a
+/// form Pingora finds ambiguous.
+fn target_parts(raw: &[u8]) -> Option<Target<'_>> {
+    let (origin, rest) = if raw.first() == Some(&b'/') {
+        raw.split_at(0)
+    } else {
+        match raw_target_authority(raw) {
+            // The classifier splits on ASCII delimiters: its path and query end the target.
+            RawTargetAuthority::Absolute { path_and_query, .. }
+                if raw.ends_with(path_and_query) =>
+            {
+                raw.split_at(raw.len() - path_and_query.len())
+            }
+            _ => return None,
+        }
+    };
+    let (path, query) = rest.split_at(rest.iter().position(|&b| b == b'?').unwrap_or(rest.len()));
+    let path = if path.is_empty() { &b"/"[..] } else { path };
+    Some(Target {
+        origin,
+        path,
+        query,
+    })
+}
+
+/// The request's path, normalized: the only path the gateway matches, prices and forwards.
+fn request_path(req: &RequestHeader) -> std::result::Result<NormalizedPath, ApiError> {
+    let target = target_parts(req.raw_path()).ok_or(PathError::NotAbsolute)?;
+    Ok(normalize_path(target.path)?)
+}
+
+/// Makes the upstream request carry the normalized path, with the query (and an
+/// absolute-form target's scheme and authority) as the client sent them. A target
+/// already in normal form is left as it is.
+fn forward_path(req: &mut RequestHeader, path: &NormalizedPath) -> Result<()> {
+    let Some(target) = target_parts(req.raw_path()) else {
+        // Unreachable: `admit` refused such a target before choosing to forward it.
+        return Error::e_explain(ErrorType::InternalError, "the request target has no path");
+    };
+    if target.path == path.as_str().as_bytes() {
+        return Ok(());
+    }
+    let mut rewritten =
+        Vec::with_capacity(target.origin.len() + path.as_str().len() + target.query.len());
+    rewritten.extend_from_slice(target.origin);
+    rewritten.extend_from_slice(path.as_str().as_bytes());
+    rewritten.extend_from_slice(target.query);
+    req.set_raw_path(&rewritten)
 }
 
 /// Keeps an idempotent request's response (up to a limit) for replay.
@@ -758,6 +833,7 @@ impl Gateway {
             request_id_value: header_value(&request_id),
             request_id,
             identity: None,
+            path: None,
             operation: None,
             upstream: 0,
             held: Credits::ZERO,
@@ -829,6 +905,10 @@ impl Gateway {
             .collect();
         for name in &present {
             upstream_request.remove_header(name);
+        }
+        // Here rather than in `admit`: re-arming a read body re-parses the request head.
+        if let Some(path) = &ctx.path {
+            forward_path(upstream_request, path)?;
         }
         if let Some(body) = &ctx.body {
             // We answered `Expect` and forward the body whole, with its real length.

@@ -7,6 +7,7 @@
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
 mod evaluate;
+mod path;
 mod price;
 mod raw;
 mod units;
@@ -19,6 +20,7 @@ use http::{HeaderName, HeaderValue, Method};
 use crate::ledger::Credits;
 
 pub use evaluate::{Caller, Evaluation, Refused, Verdict, PREMIUM_FEATURE};
+pub use path::{normalize_path, split_query, NormalizedPath, PathError, MAX_PATH_BYTES};
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
 };
@@ -389,9 +391,11 @@ impl Policy {
             .collect()
     }
 
-    /// The most specific path pattern matching `path`, if any.
-    pub fn route(&self, path: &str) -> Option<RouteMatch<'_>> {
-        let found = self.routes.at(path).ok()?;
+    /// The most specific path pattern matching `path`, if any. Only a normalized path
+    /// can be matched, and it is matched with its escapes decoded, so path parameters
+    /// are decoded text (`o1%3Apro` is `o1:pro`, as a backend reads it).
+    pub fn route(&self, path: &NormalizedPath) -> Option<RouteMatch<'_>> {
+        let found = self.routes.at(path.decoded()).ok()?;
         Some(RouteMatch {
             operations: &found.value.operations,
             path_params: found

@@ -76,6 +76,11 @@ fn errors(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// A path the tests know to be normal.
+fn normal(path: &str) -> NormalizedPath {
+    normalize_path(path.as_bytes()).unwrap()
+}
+
 /// Matches and prices a request against `policy`.
 fn quote(
     policy: &Policy,
@@ -83,14 +88,14 @@ fn quote(
     target: &str,
     body: Option<&str>,
 ) -> Result<(String, Credits), String> {
-    let uri: http::Uri = target.parse().unwrap();
-    let route = policy.route(uri.path()).ok_or("no route")?;
+    let (path, query) = split_query(target);
+    let route = policy.route(&normal(path)).ok_or("no route")?;
     let json = body.map(|b| serde_json::from_str(b).map_err(|e: serde_json::Error| e.to_string()));
     let headers = http::HeaderMap::new();
     let facts = RequestFacts {
         method: &method,
         headers: &headers,
-        query: uri.query(),
+        query,
         path_params: &route.path_params,
         body: json.as_ref(),
     };
@@ -142,12 +147,12 @@ fn matching_prefers_file_order_within_a_path_and_checks_when() {
         Ok("chat.edit".into())
     );
     assert_eq!(
-        p.route("/v1/sites/s1/edits").unwrap().path_params,
+        p.route(&normal("/v1/sites/s1/edits")).unwrap().path_params,
         vec![("site".to_string(), "s1".to_string())]
     );
     assert!(name(Method::GET, "/v1/sites/s1/edits").is_err());
     assert!(name(Method::GET, "/v1/files/a/b/c").is_ok());
-    assert!(p.route("/nope").is_none());
+    assert!(p.route(&normal("/nope")).is_none());
 }
 
 #[test]
@@ -216,6 +221,28 @@ fn duplicate_names_and_invalid_patterns_are_refused() {
         errs.iter().any(|e| e.contains("must start with /")),
         "{errs:?}"
     );
+}
+
+/// Requests are matched normalized, so a pattern in another form could never match.
+#[test]
+fn patterns_no_normalized_path_can_match_are_refused() {
+    for (pattern, says) in [
+        ("/v1//files/{*rest}", "write \"/v1/files/{*rest}\""),
+        ("/v1/./files/{*rest}", "write \"/v1/files/{*rest}\""),
+        ("/v1/x/../files/{*rest}", "write \"/v1/files/{*rest}\""),
+        ("/v1/f%69les/{*rest}", "not percent-escapes"),
+        ("/v1\\\\files/{*rest}", "must not contain \\,"),
+        ("/../files/{*rest}", "above the root"),
+    ] {
+        let errs = errors(&GOOD.replace("/v1/files/{*rest}", pattern));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("p.toml:45:") && e.contains(says)),
+            "{pattern}: {errs:?}"
+        );
+    }
+    // Characters a request would percent-encode are written as they are.
+    assert!(parse(&GOOD.replace("/v1/files/{*rest}", "/v1/files:é/{*rest}")).is_ok());
 }
 
 #[test]
@@ -387,7 +414,7 @@ fn bad_request_values_are_400s_naming_the_source() {
 fn a_body_that_is_not_json_is_named() {
     let p = parse(PRICED).unwrap();
     let uri = "/v1/video";
-    let route = p.route(uri).unwrap();
+    let route = p.route(&normal(uri)).unwrap();
     let json: Result<serde_json::Value, String> = Err("expected value at line 1 column 1".into());
     let headers = http::HeaderMap::new();
     let facts = RequestFacts {
@@ -687,11 +714,11 @@ fn the_most_specific_path_wins_whatever_the_file_order() {
     assert_eq!(name("/v1/things/special/parts"), Ok("any".into()));
     assert_eq!(name("/v1/other"), Ok("any".into()));
     assert_eq!(
-        p.route("/v1/things/t1").unwrap().path_params,
+        p.route(&normal("/v1/things/t1")).unwrap().path_params,
         vec![("id".to_string(), "t1".to_string())]
     );
     assert_eq!(
-        p.route("/v1/things/a/b").unwrap().path_params,
+        p.route(&normal("/v1/things/a/b")).unwrap().path_params,
         vec![("rest".to_string(), "things/a/b".to_string())]
     );
 }
@@ -737,8 +764,8 @@ price = 4
 
 /// `Policy::evaluate` on a request with no body read yet, then (if it asks) with `body`.
 fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) -> Vec<Evaluation> {
-    let uri: http::Uri = target.parse().unwrap();
-    let route = p.route(uri.path());
+    let (path, query) = split_query(target);
+    let route = p.route(&normal(path));
     let headers = http::HeaderMap::new();
     let json = serde_json::from_str(body).map_err(|e: serde_json::Error| e.to_string());
     let caller = Caller {
@@ -750,7 +777,7 @@ fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) ->
         let facts = RequestFacts {
             method: &method,
             headers: &headers,
-            query: uri.query(),
+            query,
             path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
             body,
         };

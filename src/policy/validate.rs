@@ -821,6 +821,11 @@ impl Validator<'_> {
                 self.error(span, format!("path {pattern:?} must start with /"));
                 continue;
             }
+            // Requests are matched normalized: a pattern in another form never matches.
+            if let Err(e) = super::path::check_pattern(&pattern) {
+                self.error(span, format!("path {pattern:?}: {e}"));
+                continue;
+            }
             if let Err(e) = router.insert(
                 pattern.clone(),
                 Route {

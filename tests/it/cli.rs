@@ -492,3 +492,68 @@ price = { credits = { from = "header:x-tier", table = { fast = 1, best = 4.5 } }
     );
     assert!(json["error"].get("request_id").is_none(), "{json}");
 }
+
+/// `creditgate quote` prices the normalized path, and refuses a path the gateway
+/// refuses, with the same error.
+#[test]
+fn quote_normalizes_the_path_as_the_gateway_does() {
+    let dir = std::env::temp_dir().join(format!("creditgate-quote-path-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("quote.toml");
+    std::fs::write(
+        &policy,
+        r#"version = 1
+[gateway]
+unmatched = "allow"
+default_upstream = "main"
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[plans.free]
+monthly_credits = 0
+[[operations]]
+name = "models.get"
+path = "/v1/models/{id}"
+price = 0
+[[operations]]
+name = "fast"
+path = "/v1/fast"
+price = 3
+"#,
+    )
+    .unwrap();
+    let quote = |path: &str| {
+        let out = creditgate()
+            .args(["quote", "--policy"])
+            .arg(&policy)
+            .args(["GET", path])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {stdout}"));
+        (out.status.code(), json)
+    };
+    use serde_json::json;
+    for path in ["/v1/f%61st", "/v1/images/../fast", "/v1//fast?x=%2F"] {
+        assert_eq!(
+            quote(path),
+            (
+                Some(0),
+                json!({"operation": "fast", "credits": 3, "requires": []})
+            ),
+            "{path}"
+        );
+    }
+    for path in [
+        "/v1/models/..%2fimages%2fx",
+        "/v1/models/..\\x",
+        "/..",
+        "/v1/%G1",
+        "v1/fast",
+    ] {
+        let (code, json) = quote(path);
+        assert_eq!(code, Some(1), "{path}: {json}");
+        assert_eq!(json["error"]["type"], "invalid_request", "{path}: {json}");
+        assert_eq!(json["error"]["source"], "path", "{path}: {json}");
+    }
+}

@@ -8,6 +8,7 @@ mod edges;
 mod harness;
 mod metering;
 mod operations;
+mod paths;
 mod proxy;
 mod quotes;
 mod redis_server;
