@@ -30,7 +30,7 @@ use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Mill
 use crate::metrics::Metrics;
 use crate::policy::{
     usage_charge, Caller, Evaluation, OnMissing, OnUnavailable, Policy, Refused, RequestFacts,
-    StoreConfig, Verdict, PREMIUM_FEATURE,
+    StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -455,7 +455,6 @@ impl Gateway {
             member: identity.member.clone(),
             key_id: identity.key_id.clone(),
             requires: op.requires.clone(),
-            premium: op.requires.iter().any(|f| f == PREMIUM_FEATURE),
         };
         let request = HoldRequest {
             operation: op.name.clone(),

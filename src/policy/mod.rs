@@ -18,7 +18,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::ledger::Credits;
 
-pub use evaluate::{Caller, Evaluation, Refused, Verdict, PREMIUM_FEATURE};
+pub use evaluate::{Caller, Evaluation, Refused, Verdict};
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
 };

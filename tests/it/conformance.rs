@@ -76,7 +76,6 @@ fn hold_by(member: &str, key_id: &str, requires: &[&str], request_id: &str) -> H
             member: member.into(),
             key_id: key_id.into(),
             requires: requires.iter().map(|f| f.to_string()).collect(),
-            premium: requires.contains(&"premium"),
         }),
         ..hold("1", request_id, 60_000, None)
     }
