@@ -17,6 +17,7 @@
 //!   number of open holds. The hold and the quote both ask it.
 //! - [`members`]: members and their active keys.
 //! - [`plan`]: plans, billing cycles, refills and plan changes.
+//! - [`seed`]: accounts the policy file lists, opened alike by every store.
 //!
 //! Besides money an account carries what decides who may spend it: its plan and
 //! billing cycle, its members, its per-cycle quotas, and its journal (the ledger
@@ -34,6 +35,7 @@ mod journal;
 mod members;
 mod money;
 mod plan;
+mod seed;
 
 pub use account::{Account, AccountRejected, GrantOverflow, Totals, DEFAULT_LEDGER_MAX_ENTRIES};
 pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
@@ -44,6 +46,7 @@ pub use journal::{Entry, EntryKind, Journal};
 pub use members::Member;
 pub use money::{Draw, EndRejected, Ending, Grant, GrantReceipt, Hold, HoldEnded, HoldRequest};
 pub use plan::{Catalog, Effective, PlanTerms};
+pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 
 /// The `detail` of the ledger entry written when a hold expires.
 pub const HOLD_TTL_DETAIL: &str = "hold_ttl";
