@@ -90,7 +90,7 @@ fn benches(c: &mut Criterion) {
         ..PlanTerms::default()
     };
     let store = Arc::new(MemoryStore::new(
-        Catalog::from([("free".to_string(), plan)]),
+        Arc::new(Catalog::from([("free".to_string(), plan)])),
         1_000,
     ));
     let seed = creditgate::policy::SeedAccount {
@@ -179,7 +179,7 @@ fn redis_store(c: &mut Criterion) {
         .block_on(RedisStore::connect(
             &redis.url(),
             false,
-            Catalog::from([("free".to_string(), plan)]),
+            Arc::new(Catalog::from([("free".to_string(), plan)])),
             1_000,
         ))
         .expect("redis store");

@@ -450,7 +450,7 @@ fn rss_bytes() -> u64 {
 
 async fn memory_per_account(accounts: usize) -> f64 {
     let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
-    let store = MemoryStore::for_policy(&policy);
+    let store = MemoryStore::new(policy.catalog(), policy.gateway.ledger_max_entries);
     let mut seed = policy.accounts[0].clone();
     seed.keys.clear();
     let before = rss_bytes();
@@ -491,7 +491,10 @@ fn memory_gateway(
     backend: SocketAddr,
 ) -> (Gateway, Arc<dyn Store>) {
     let policy = Arc::new(policy(backend, "kind = \"memory\""));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::for_policy(&policy));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
+        policy.catalog(),
+        policy.gateway.ledger_max_entries,
+    ));
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     (gateway, store)
@@ -509,7 +512,12 @@ fn redis_gateway(
     ));
     let store: Arc<dyn Store> = Arc::new(
         servers
-            .block_on(RedisStore::for_policy(&policy, &redis.url(), false))
+            .block_on(RedisStore::connect(
+                &redis.url(),
+                false,
+                policy.catalog(),
+                policy.gateway.ledger_max_entries,
+            ))
             .expect("redis store"),
     );
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");

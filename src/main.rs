@@ -267,9 +267,17 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         };
     let store: Arc<dyn creditgate::store::Store> = match &policy.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::for_policy(&policy)),
+        StoreConfig::Memory => Arc::new(MemoryStore::new(
+            policy.catalog(),
+            policy.gateway.ledger_max_entries,
+        )),
         StoreConfig::Redis { url, cluster, .. } => {
-            match runtime.block_on(RedisStore::for_policy(&policy, url, *cluster)) {
+            match runtime.block_on(RedisStore::connect(
+                url,
+                *cluster,
+                policy.catalog(),
+                policy.gateway.ledger_max_entries,
+            )) {
                 Ok(store) => Arc::new(store),
                 Err(e) => {
                     eprintln!("{}: cannot reach redis at {url}: {e}", path.display());

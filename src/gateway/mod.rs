@@ -31,7 +31,7 @@ use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Mill
 use crate::metrics::Metrics;
 use crate::policy::{
     normalize_path, usage_charge, Caller, Evaluation, NormalizedPath, OnMissing, OnUnavailable,
-    PathError, Policy, Refused, RequestFacts, StoreConfig, Verdict, PREMIUM_FEATURE,
+    PathError, Policy, Refused, RequestFacts, StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -55,8 +55,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
-    /// Each plan's `x-creditgate-features` value, in the policy's order.
-    plan_features: Vec<HeaderValue>,
+    /// Each plan's `x-creditgate-features` value.
+    plan_features: std::collections::BTreeMap<String, HeaderValue>,
 }
 
 impl Gateway {
@@ -86,7 +86,7 @@ impl Gateway {
         let plan_features = policy
             .plans
             .iter()
-            .map(|p| header_value(&p.features.join(",")))
+            .map(|(name, p)| (name.clone(), header_value(&p.features.join(","))))
             .collect();
         Ok(Gateway {
             policy,
@@ -467,7 +467,6 @@ impl Gateway {
             member: identity.member.clone(),
             key_id: identity.key_id.clone(),
             requires: op.requires.clone(),
-            premium: op.requires.iter().any(|f| f == PREMIUM_FEATURE),
         };
         let request = HoldRequest {
             operation: op.name.clone(),
@@ -922,13 +921,10 @@ impl Gateway {
         upstream_request.insert_header("x-request-id", ctx.request_id_value.clone())?;
         if let Some(identity) = &ctx.identity {
             let features = self
-                .policy
-                .plans
-                .iter()
-                .position(|p| p.name == identity.plan)
-                .map_or(HeaderValue::from_static(""), |i| {
-                    self.plan_features[i].clone()
-                });
+                .plan_features
+                .get(&identity.plan)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static(""));
             upstream_request
                 .insert_header("x-creditgate-account", header_value(&identity.account))?;
             upstream_request.insert_header("x-creditgate-plan", header_value(&identity.plan))?;

@@ -833,7 +833,6 @@ fn by(member: &str, key_id: &str, requires: &[&str]) -> HoldRequest {
             member: member.into(),
             key_id: key_id.into(),
             requires: requires.iter().map(|f| f.to_string()).collect(),
-            premium: requires.contains(&"premium"),
         }),
         ..request("1")
     }
@@ -987,4 +986,128 @@ fn a_member_has_a_bounded_number_of_keys() {
         .expect("adding a listed key again is no new key");
     a.revoke_key("ann", "key_0");
     a.add_key("ann", "key_more").unwrap();
+}
+
+// ---- admission: one decision for the hold and the quote ----
+
+#[test]
+fn entitlement_names_the_first_missing_feature_then_premium() {
+    let features = vec!["api".to_string(), "premium".to_string()];
+    let needs = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(entitle(&features, &needs(&["api"]), false), Ok(()));
+    assert_eq!(
+        entitle(&features[..1], &needs(&["lipsync", "premium"]), true),
+        Err(HoldRejected::PlanRequired {
+            feature: "lipsync".into()
+        }),
+        "a missing feature is answered before a locked one"
+    );
+    assert_eq!(
+        entitle(&features, &needs(&["premium"]), true),
+        Err(HoldRejected::PremiumDisabled)
+    );
+    assert_eq!(entitle(&features, &needs(&["api"]), true), Ok(()));
+}
+
+#[derive(Clone, Debug)]
+enum Probe {
+    Grant(u64),
+    Hold {
+        milli: u64,
+        quota: bool,
+        key: u8,
+        requires_premium: bool,
+        idempotency: Option<u8>,
+    },
+    End {
+        nth: usize,
+        settle: bool,
+    },
+    Premium(bool),
+    Revoke(u8),
+}
+
+fn probe() -> impl Strategy<Value = Probe> {
+    prop_oneof![
+        (0u64..5_000).prop_map(Probe::Grant),
+        (
+            0u64..4_000,
+            any::<bool>(),
+            0u8..3,
+            any::<bool>(),
+            proptest::option::of(0u8..3)
+        )
+            .prop_map(
+                |(milli, quota, key, requires_premium, idempotency)| Probe::Hold {
+                    milli,
+                    quota,
+                    key,
+                    requires_premium,
+                    idempotency
+                }
+            ),
+        (0usize..6, any::<bool>()).prop_map(|(nth, settle)| Probe::End { nth, settle }),
+        any::<bool>().prop_map(Probe::Premium),
+        (0u8..3).prop_map(Probe::Revoke),
+    ]
+}
+
+proptest! {
+    /// `admit` (what the quote asks) answers exactly what `hold` answers on the same
+    /// state, and changes nothing — across keys revoked, premium switched, quotas,
+    /// idempotency keys, balances and the open-hold limit.
+    #[test]
+    fn admit_answers_what_the_hold_does_and_changes_nothing(
+        probes in proptest::collection::vec(probe(), 1..60)
+    ) {
+        let mut cat = featured();
+        if let Some(team) = cat.get_mut("team") {
+            team.quotas.insert("basic".into(), 2);
+        }
+        let mut a = open("team", None, 0);
+        a.add_member("ann", false, &cat).unwrap();
+        for k in 0..3 {
+            a.add_key("ann", &format!("key_{k}")).unwrap();
+        }
+        let mut placed = Vec::new();
+        for p in probes {
+            match p {
+                Probe::Grant(milli) => {
+                    a.grant("topup", Credits::from_millicredits(milli), 30, None, 0).unwrap();
+                }
+                Probe::Hold { milli, quota, key, requires_premium, idempotency } => {
+                    let mut request = by(
+                        "ann",
+                        &format!("key_{key}"),
+                        if requires_premium { &["premium"] } else { &[] },
+                    );
+                    request.amount = Credits::from_millicredits(milli);
+                    request.max_holds = 4;
+                    request.quota = quota.then(|| "basic".to_string());
+                    request.idempotency = idempotency.map(|i| IdempotencyRequest {
+                        key: format!("idem-{i}"),
+                        fingerprint: format!("fp-{milli}"),
+                        ttl_ms: 60_000,
+                    });
+                    let before = a.clone();
+                    let admitted = a.admit(&request, &cat);
+                    prop_assert_eq!(&a, &before, "admit changed the account");
+                    let held = a.hold(&request, 0, &cat);
+                    prop_assert_eq!(admitted.clone(), held.clone().map(|_| ()));
+                    if let Ok(h) = held {
+                        placed.push(h.hold_id);
+                    }
+                }
+                Probe::End { nth, settle } => {
+                    if let Some(&id) = placed.get(nth) {
+                        let _ = if settle { a.settle(id, Credits::from_millicredits(1), 0) } else { a.release(id, 0) };
+                    }
+                }
+                Probe::Premium(disabled) => a.update_member("ann", disabled).unwrap(),
+                Probe::Revoke(k) => {
+                    a.revoke_key("ann", &format!("key_{k}"));
+                }
+            }
+        }
+    }
 }

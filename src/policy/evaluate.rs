@@ -7,10 +7,7 @@
 //! the request's facts and, when there is one, who is asking.
 
 use super::{Policy, PriceError, RequestFacts, RouteMatch, Source, Unmatched};
-use crate::ledger::Credits;
-
-/// The plan feature a member with "premium disabled" cannot use.
-pub const PREMIUM_FEATURE: &str = "premium";
+use crate::ledger::{entitle, Credits, HoldRejected};
 
 /// Who asks, as far as entitlement is concerned.
 #[derive(Clone, Copy, Debug)]
@@ -87,20 +84,23 @@ impl Policy {
         };
         let op = &self.operations[index];
         if let Some(caller) = caller {
-            let plan = self.plan(caller.plan);
-            if let Some(feature) = op
-                .requires
-                .iter()
-                .find(|f| !plan.is_some_and(|p| p.features.contains(f)))
-            {
-                return Evaluation::Decided(Err(Refused::PlanRequired {
-                    operation: index,
-                    feature: feature.clone(),
-                }));
-            }
-            // An admin can switch premium generation off for one member of a team.
-            if caller.premium_disabled && op.requires.iter().any(|f| f == PREMIUM_FEATURE) {
-                return Evaluation::Decided(Err(Refused::PremiumDisabled { operation: index }));
+            // The ledger's one entitlement rule, on this caller's view of its plan.
+            let features = self
+                .plan(caller.plan)
+                .map_or(&[][..], |p| p.features.as_slice());
+            match entitle(features, &op.requires, caller.premium_disabled) {
+                Ok(()) => {}
+                Err(HoldRejected::PremiumDisabled) => {
+                    return Evaluation::Decided(Err(Refused::PremiumDisabled { operation: index }))
+                }
+                Err(HoldRejected::PlanRequired { feature }) => {
+                    return Evaluation::Decided(Err(Refused::PlanRequired {
+                        operation: index,
+                        feature,
+                    }))
+                }
+                // `entitle` answers nothing else.
+                Err(_) => return Evaluation::Decided(Err(Refused::UnknownOperation)),
             }
         }
         if op.needs_body && facts.body.is_none() {

@@ -17,9 +17,12 @@ use std::fmt;
 
 use http::{HeaderName, HeaderValue, Method};
 
-use crate::ledger::Credits;
+use std::sync::Arc;
 
-pub use evaluate::{Caller, Evaluation, Refused, Verdict, PREMIUM_FEATURE};
+use crate::ledger::{Catalog, PlanTerms};
+
+pub use crate::ledger::{SeedAccount, SeedGrant, SeedKey};
+pub use evaluate::{Caller, Evaluation, Refused, Verdict};
 pub use path::{normalize_path, split_query, NormalizedPath, PathError, MAX_PATH_BYTES};
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
@@ -69,7 +72,8 @@ pub struct Policy {
     pub gateway: GatewayConfig,
     pub store: StoreConfig,
     pub upstreams: Vec<Upstream>,
-    pub plans: Vec<Plan>,
+    /// Every plan by name, as the ledger reads it (shared with the stores).
+    pub plans: Arc<Catalog>,
     pub operations: Vec<Operation>,
     pub accounts: Vec<SeedAccount>,
     /// Grant kinds and their spend priority: `bonus`, `plan`, `topup` and any the
@@ -136,19 +140,6 @@ pub struct Upstream {
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub name: String,
-    pub monthly_credits: Credits,
-    pub features: Vec<String>,
-    pub quotas: Vec<(String, u64)>,
-    pub seats: u32,
-    pub signup_credits: Option<Credits>,
-    /// An upgrade *to* this plan keeps what is left of the old plan grant for the
-    /// rest of the cycle, instead of expiring it.
-    pub keep_unused_on_upgrade: bool,
 }
 
 /// Where a request value comes from.
@@ -297,29 +288,6 @@ pub struct Operation {
     pub needs_body: bool,
 }
 
-#[derive(Clone, Debug)]
-pub struct SeedGrant {
-    pub kind: String,
-    pub credits: Credits,
-    pub expires_at_ms: Option<u64>,
-    pub priority: u32,
-}
-
-#[derive(Clone, Debug)]
-pub struct SeedKey {
-    pub member: String,
-    pub key_sha256: [u8; 32],
-}
-
-#[derive(Clone, Debug)]
-pub struct SeedAccount {
-    pub id: String,
-    pub plan: String,
-    pub billing_anchor_day: Option<u8>,
-    pub grants: Vec<SeedGrant>,
-    pub keys: Vec<SeedKey>,
-}
-
 /// The operations a path can be, before method, `when` and body are looked at.
 #[derive(Debug)]
 pub struct RouteMatch<'p> {
@@ -353,21 +321,8 @@ impl Policy {
     }
 
     /// What each plan gives an account, for the stores.
-    pub fn catalog(&self) -> crate::ledger::Catalog {
-        self.plans
-            .iter()
-            .map(|p| {
-                let terms = crate::ledger::PlanTerms {
-                    monthly_credits: p.monthly_credits,
-                    quotas: p.quotas.iter().cloned().collect(),
-                    seats: p.seats,
-                    signup_credits: p.signup_credits,
-                    keep_unused_on_upgrade: p.keep_unused_on_upgrade,
-                    features: p.features.clone(),
-                };
-                (p.name.clone(), terms)
-            })
-            .collect()
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.plans.clone()
     }
 
     /// The spend priority of a grant kind, if the kind exists.
@@ -378,16 +333,16 @@ impl Policy {
             .map(|(_, p)| *p)
     }
 
-    pub fn plan(&self, name: &str) -> Option<&Plan> {
-        self.plans.iter().find(|p| p.name == name)
+    pub fn plan(&self, name: &str) -> Option<&PlanTerms> {
+        self.plans.get(name)
     }
 
     /// Plans that have a feature, for `plan_required` errors.
     pub fn plans_with_feature(&self, feature: &str) -> Vec<&str> {
         self.plans
             .iter()
-            .filter(|p| p.features.iter().any(|f| f == feature))
-            .map(|p| p.name.as_str())
+            .filter(|(_, p)| p.features.iter().any(|f| f == feature))
+            .map(|(name, _)| name.as_str())
             .collect()
     }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::ledger::Credits;
 
 const GOOD: &str = r#"
 version = 1
@@ -119,7 +120,7 @@ fn a_good_policy_validates_with_exact_prices() {
     );
     assert_eq!(p.upstreams[0].set_headers[0].1, "Bearer sk-backend");
     assert_eq!(
-        p.plans[1].monthly_credits,
+        p.plans["pro"].monthly_credits,
         Credits::from_whole(1100).unwrap()
     );
     assert_eq!(

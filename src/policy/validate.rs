@@ -12,7 +12,8 @@ use toml::{Spanned, Value};
 use super::raw::*;
 use super::units::{parse_duration_ms, parse_size_bytes};
 use super::*;
-use crate::ledger::{default_priority, Credits};
+use crate::ledger::{default_priority, Catalog, Credits, PlanTerms};
+use std::sync::Arc;
 
 const DEFAULT_MAX_HOLDS_PER_ACCOUNT: usize = 1_024;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -164,12 +165,12 @@ impl Validator<'_> {
         let gateway = self.gateway(&raw.gateway, &upstreams);
         let store = self.store(&raw.store);
         let features: HashSet<&str> = plans
-            .iter()
+            .values()
             .flat_map(|p| p.features.iter().map(String::as_str))
             .collect();
         let quotas: HashSet<&str> = plans
-            .iter()
-            .flat_map(|p| p.quotas.iter().map(|(q, _)| q.as_str()))
+            .values()
+            .flat_map(|p| p.quotas.keys().map(String::as_str))
             .collect();
         let default_upstream = raw
             .gateway
@@ -205,7 +206,7 @@ impl Validator<'_> {
             gateway,
             store,
             upstreams,
-            plans,
+            plans: Arc::new(plans),
             operations,
             accounts,
             grant_kinds,
@@ -412,8 +413,8 @@ impl Validator<'_> {
         out
     }
 
-    fn plans(&mut self, raw: &BTreeMap<String, Spanned<RawPlan>>) -> Vec<Plan> {
-        let mut out = Vec::new();
+    fn plans(&mut self, raw: &BTreeMap<String, Spanned<RawPlan>>) -> Catalog {
+        let mut out = Catalog::new();
         for (name, plan) in raw {
             let plan = plan.get_ref();
             let monthly_credits = self
@@ -423,10 +424,12 @@ impl Validator<'_> {
                 .signup_credits
                 .as_ref()
                 .and_then(|s| self.amount(s, "signup_credits"));
-            let mut quotas = Vec::new();
+            let mut quotas = BTreeMap::new();
             for (quota, count) in &plan.quotas {
                 match u64::try_from(*count.get_ref()) {
-                    Ok(n) => quotas.push((quota.clone(), n)),
+                    Ok(n) => {
+                        quotas.insert(quota.clone(), n);
+                    }
                     Err(_) => {
                         self.error(count.span(), format!("quota {quota} must not be negative"))
                     }
@@ -442,15 +445,15 @@ impl Validator<'_> {
                         1
                     }),
             };
-            out.push(Plan {
-                name: name.clone(),
+            let terms = PlanTerms {
                 monthly_credits,
                 features: plan.features.iter().map(|f| f.get_ref().clone()).collect(),
                 quotas,
                 seats,
                 signup_credits,
                 keep_unused_on_upgrade: plan.keep_unused_on_upgrade.unwrap_or(false),
-            });
+            };
+            out.insert(name.clone(), terms);
         }
         out
     }
@@ -868,7 +871,7 @@ impl Validator<'_> {
     fn accounts(
         &mut self,
         raw: &[Spanned<RawAccount>],
-        plans: &[Plan],
+        plans: &Catalog,
         grant_kinds: &[(String, u32)],
     ) -> Vec<SeedAccount> {
         let mut out = Vec::new();
@@ -891,7 +894,7 @@ impl Validator<'_> {
             if !ids.insert(id.clone()) {
                 self.error(account.id.span(), format!("duplicate account {id:?}"));
             }
-            if !plans.iter().any(|p| p.name == *account.plan.get_ref()) {
+            if !plans.contains_key(account.plan.get_ref()) {
                 self.error(
                     account.plan.span(),
                     format!("unknown plan {:?}", account.plan.get_ref()),
@@ -1000,14 +1003,14 @@ impl Validator<'_> {
             let mut members: Vec<&str> = keys.iter().map(|k| k.member.as_str()).collect();
             members.sort();
             members.dedup();
-            if let Some(plan) = plans.iter().find(|p| p.name == *account.plan.get_ref()) {
+            if let Some(plan) = plans.get(account.plan.get_ref()) {
                 if members.len() > plan.seats as usize {
                     self.error(
                         account.id.span(),
                         format!(
                             "{} members but plan {} has {} seats",
                             members.len(),
-                            plan.name,
+                            account.plan.get_ref(),
                             plan.seats
                         ),
                     );

@@ -11,14 +11,13 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome,
-    Identity, QuotaView, Store, StoreError,
+    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Store,
+    StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
     Millis, Recorded, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
 };
-use crate::policy::SeedAccount;
 
 #[derive(Clone, Debug)]
 struct KeyEntry {
@@ -67,13 +66,13 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    pub fn new(catalog: Catalog, ledger_max_entries: usize) -> Self {
+    pub fn new(catalog: Arc<Catalog>, ledger_max_entries: usize) -> Self {
         MemoryStore {
             accounts: DashMap::new(),
             keys: DashMap::new(),
             key_ids: DashMap::new(),
             rules: RwLock::new(Rules {
-                catalog: Arc::new(catalog),
+                catalog,
                 ledger_max_entries,
             }),
         }
@@ -223,12 +222,16 @@ impl Store for MemoryStore {
         self.with_account(account, now_ms, |a, catalog| view(a, catalog))
     }
 
-    async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+    async fn seed(
+        &self,
+        seed: &crate::ledger::SeedAccount,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
         let (catalog, ledger_max_entries) = self.rules();
         let mut created = false;
         self.accounts.entry(seed.id.clone()).or_insert_with(|| {
             created = true;
-            Stored::new(seeded_account(seed, &catalog, now_ms), ledger_max_entries)
+            Stored::new(Account::seeded(seed, &catalog, now_ms), ledger_max_entries)
         });
         // An existing account is left as it is: a seeded key revoked since stays
         // revoked, and no member is added past the plan's seats.
@@ -237,7 +240,7 @@ impl Store for MemoryStore {
                 self.register(
                     &seed.id,
                     &key.member,
-                    &seed_key_id(&key.key_sha256),
+                    &crate::ledger::seed_key_id(&key.key_sha256),
                     &key.key_sha256,
                 );
             }
@@ -426,10 +429,10 @@ impl Store for MemoryStore {
         })
     }
 
-    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {
+    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         *rules = Rules {
-            catalog: Arc::new(catalog),
+            catalog,
             ledger_max_entries,
         };
         drop(rules);
@@ -456,14 +459,7 @@ impl MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore::new(Catalog::new(), DEFAULT_LEDGER_MAX_ENTRIES)
-    }
-}
-
-impl MemoryStore {
-    /// A memory store with the policy's plans and ledger cap.
-    pub fn for_policy(policy: &crate::policy::Policy) -> Self {
-        MemoryStore::new(policy.catalog(), policy.gateway.ledger_max_entries)
+        MemoryStore::new(Arc::default(), DEFAULT_LEDGER_MAX_ENTRIES)
     }
 }
 
@@ -471,7 +467,7 @@ impl MemoryStore {
 mod tests {
     use super::*;
     use crate::ledger::PlanTerms;
-    use crate::policy::SeedGrant;
+    use crate::ledger::{SeedAccount, SeedGrant};
 
     fn store() -> MemoryStore {
         let terms = PlanTerms {
@@ -482,7 +478,7 @@ mod tests {
             keep_unused_on_upgrade: false,
             features: vec![],
         };
-        MemoryStore::new(Catalog::from([("free".to_string(), terms)]), 100)
+        MemoryStore::new(Arc::new(Catalog::from([("free".to_string(), terms)])), 100)
     }
 
     fn seed() -> SeedAccount {

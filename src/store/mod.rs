@@ -13,14 +13,15 @@ pub mod memory;
 pub mod redis;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
-    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, Totals,
+    AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt, Hold,
+    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, SeedAccount,
+    Totals,
 };
-use crate::policy::SeedAccount;
 
 /// Who a key belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,39 +216,5 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Replaces the plans (a policy reload). Accounts keep their plan names.
-    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize);
-}
-
-/// The id a seeded key gets: derived from its hash, so every replica and every
-/// restart names it alike.
-pub fn seed_key_id(key_sha256: &[u8; 32]) -> String {
-    format!("key_seed_{}", hex::encode(&key_sha256[..8]))
-}
-
-/// A policy-seeded account as it is created: the plan grant for the current cycle,
-/// the signup credits and the listed grants, and its members with their keys
-/// listed as active. Shared by both stores, so they seed alike.
-pub(crate) fn seeded_account(seed: &SeedAccount, catalog: &Catalog, now_ms: Millis) -> Account {
-    let terms = catalog.get(&seed.plan).cloned().unwrap_or_default();
-    let mut account = Account::open(
-        &seed.id,
-        &seed.plan,
-        seed.billing_anchor_day,
-        &terms,
-        now_ms,
-    );
-    for g in &seed.grants {
-        // Validation bounds amounts far below the overflow limit.
-        let _ = account.grant(&g.kind, g.credits, g.priority, g.expires_at_ms, now_ms);
-    }
-    for key in &seed.keys {
-        // Validation checked the seeded members fit the plan's seats.
-        account
-            .members
-            .entry(key.member.clone())
-            .or_insert_with(|| Member::new(false));
-        // The member exists (just above); a policy lists far fewer keys than the limit.
-        let _ = account.add_key(&key.member, &seed_key_id(&key.key_sha256));
-    }
-    account
+    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize);
 }

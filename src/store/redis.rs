@@ -31,14 +31,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    memory::view, seed_key_id, seeded_account, AccountView, AdminOutcome, EndOutcome, GrantRequest,
-    HoldOutcome, Identity, Store, StoreError,
+    memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
+    Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
     Millis, Recorded, Totals,
 };
-use crate::policy::SeedAccount;
 
 /// How long one Redis call may take before the store counts as unavailable. A
 /// healthy Redis answers in well under a millisecond; during an outage this
@@ -311,7 +310,7 @@ impl RedisStore {
     pub async fn connect(
         url: &str,
         cluster: bool,
-        catalog: Catalog,
+        catalog: Arc<Catalog>,
         ledger_max_entries: usize,
     ) -> Result<RedisStore, StoreError> {
         let conn = if cluster {
@@ -342,7 +341,7 @@ impl RedisStore {
             cache: DashMap::new(),
             keys: DashMap::new(),
             rules: RwLock::new(Rules {
-                catalog: Arc::new(catalog),
+                catalog,
                 ledger_max_entries,
             }),
         };
@@ -350,21 +349,6 @@ impl RedisStore {
         let mut conn = store.conn.clone();
         call(store.commit.prepare_invoke().load_async(&mut conn)).await?;
         Ok(store)
-    }
-
-    /// A store with the policy's plans and ledger cap.
-    pub async fn for_policy(
-        policy: &crate::policy::Policy,
-        url: &str,
-        cluster: bool,
-    ) -> Result<RedisStore, StoreError> {
-        RedisStore::connect(
-            url,
-            cluster,
-            policy.catalog(),
-            policy.gateway.ledger_max_entries,
-        )
-        .await
     }
 
     fn rules(&self) -> (Arc<Catalog>, usize) {
@@ -841,14 +825,18 @@ impl Store for RedisStore {
             .await
     }
 
-    async fn seed(&self, seed: &SeedAccount, now_ms: Millis) -> Result<bool, StoreError> {
+    async fn seed(
+        &self,
+        seed: &crate::ledger::SeedAccount,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
         // An existing account is left as it is: a seeded key revoked since stays
         // revoked (its record is not written again), no member is added past seats.
         if self.fetch(&seed.id).await?.is_some() {
             return Ok(false);
         }
         let (catalog, _) = self.rules();
-        let account = seeded_account(seed, &catalog, now_ms);
+        let account = Account::seeded(seed, &catalog, now_ms);
         // Key records before the account: a seed cut off in between leaves records
         // of an account that does not exist (their keys identify nobody), and the
         // next start, finding no account, writes them again and creates it.
@@ -856,7 +844,7 @@ impl Store for RedisStore {
             self.register_key(
                 &seed.id,
                 &key.member,
-                &seed_key_id(&key.key_sha256),
+                &crate::ledger::seed_key_id(&key.key_sha256),
                 &key.key_sha256,
             )
             .await?;
@@ -1174,10 +1162,10 @@ impl Store for RedisStore {
         .await
     }
 
-    fn set_catalog(&self, catalog: Catalog, ledger_max_entries: usize) {
+    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         *rules = Rules {
-            catalog: Arc::new(catalog),
+            catalog,
             ledger_max_entries,
         };
     }

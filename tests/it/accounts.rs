@@ -742,7 +742,7 @@ async fn a_seeded_key_deleted_stays_revoked_after_a_policy_reload() {
         .unwrap();
     assert_eq!(resp.status(), 201);
     let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-seed-ann").into();
-    let path = format!("/admin/keys/{}", creditgate::store::seed_key_id(&hash));
+    let path = format!("/admin/keys/{}", creditgate::ledger::seed_key_id(&hash));
     let resp = gw.admin(Method::DELETE, &path).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(images("sk-seed-ann").await.unwrap().status(), 401);

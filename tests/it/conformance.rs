@@ -76,7 +76,6 @@ fn hold_by(member: &str, key_id: &str, requires: &[&str], request_id: &str) -> H
             member: member.into(),
             key_id: key_id.into(),
             requires: requires.iter().map(|f| f.to_string()).collect(),
-            premium: requires.contains(&"premium"),
         }),
         ..hold("1", request_id, 60_000, None)
     }
@@ -402,7 +401,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
 
     // Seeding again leaves an existing account as it is: a revoked seeded key stays revoked.
-    let alice_id = creditgate::store::seed_key_id(&alice);
+    let alice_id = creditgate::ledger::seed_key_id(&alice);
     out.note("revoke alice", store.revoke_key(&alice_id, later).await);
     out.note("seed after revoke", store.seed(&p.accounts[0], later).await);
     out.note(
@@ -419,14 +418,22 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
 }
 
 async fn memory() -> Arc<dyn Store> {
-    Arc::new(MemoryStore::for_policy(&policy()))
+    Arc::new(MemoryStore::new(
+        policy().catalog(),
+        policy().gateway.ledger_max_entries,
+    ))
 }
 
 async fn redis(url: &str, cluster: bool) -> Arc<dyn Store> {
     Arc::new(
-        RedisStore::for_policy(&policy(), url, cluster)
-            .await
-            .unwrap(),
+        RedisStore::connect(
+            url,
+            cluster,
+            policy().catalog(),
+            policy().gateway.ledger_max_entries,
+        )
+        .await
+        .unwrap(),
     )
 }
 

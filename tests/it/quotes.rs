@@ -150,8 +150,8 @@ async fn every_quote_equals_the_hold_and_the_charge_in_every_shipped_policy() {
             let plans = Policy::parse(&text, "p", &|_| Some("x".into()))
                 .unwrap()
                 .plans
-                .iter()
-                .map(|p| p.name.clone())
+                .keys()
+                .cloned()
                 .collect::<Vec<_>>();
             for plan in plans {
                 text.push_str(&format!(
@@ -177,13 +177,13 @@ async fn every_quote_equals_the_hold_and_the_charge_in_every_shipped_policy() {
         .await;
         let policy = Policy::parse(&backend_text.borrow(), "p", &env).unwrap();
         for (index, op) in policy.operations.iter().enumerate() {
-            let plan = policy
+            let (plan, _) = policy
                 .plans
                 .iter()
-                .find(|p| op.requires.iter().all(|f| p.features.contains(f)))
+                .find(|(_, p)| op.requires.iter().all(|f| p.features.contains(f)))
                 .unwrap_or_else(|| panic!("{}: no plan can run {}", file.display(), op.name));
-            let key = format!("key-{}", plan.name);
-            let account = format!("t-{}", plan.name);
+            let key = format!("key-{plan}");
+            let account = format!("t-{plan}");
             let sample = sample_for(&policy, index);
             let method = op.method.clone().unwrap_or(http::Method::POST);
             let path = sample.path(&op.path);

@@ -681,7 +681,7 @@ async fn a_seeded_key_deleted_stays_revoked_after_a_reload_and_a_restart() {
     let path = "/admin/accounts/acme/members";
     assert_eq!(admin(&a, Method::POST, path, carol).await.0, 201);
     let shared: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"sk-shared").into();
-    let path = format!("/admin/keys/{}", creditgate::store::seed_key_id(&shared));
+    let path = format!("/admin/keys/{}", creditgate::ledger::seed_key_id(&shared));
     assert_eq!(admin(&a, Method::DELETE, &path, None).await.0, 200);
     assert_eq!(call(&a, "/v1/images", "sk-shared").await.0, 401);
 

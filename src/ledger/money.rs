@@ -1,0 +1,426 @@
+//! Money: grants in spend order, holds drawn from them, and how a hold ends
+//! (settled, released or expired) — the only code that moves credits.
+
+use serde::{Deserialize, Serialize};
+
+use super::account::{plus, MAX_GRANTED};
+use super::{
+    Account, AccountRejected, Caller, Catalog, Credits, EntryKind, GrantOverflow, HoldPlaced,
+    HoldRejected, IdempotencyRequest, Millis, GRANT_KEYS_REMEMBERED, HOLD_TTL_DETAIL,
+};
+
+/// How many ended holds an account remembers, so that a late second settle or
+/// release is answered `AlreadyEnded` rather than `UnknownHold`.
+const ENDED_HOLDS_REMEMBERED: usize = 64;
+
+/// What an idempotent admin grant returns, the first time and every time after.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantReceipt {
+    pub grant_id: u64,
+    pub kind: String,
+    pub credits: Credits,
+    pub priority: u32,
+    pub expires_at_ms: Option<Millis>,
+    pub granted_at_ms: Millis,
+}
+
+/// A lot of credits added to an account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: u64,
+    pub kind: String,
+    pub priority: u32,
+    pub expires_at_ms: Option<Millis>,
+    /// The amount originally granted.
+    pub granted: Credits,
+    /// What is left to spend; zero once the grant has expired.
+    pub left: Credits,
+    pub expired: bool,
+}
+
+impl Grant {
+    /// Spend order: lower priority first, then earliest expiry (none = last), then oldest.
+    fn spend_key(&self) -> (u32, Millis, u64) {
+        (
+            self.priority,
+            self.expires_at_ms.unwrap_or(Millis::MAX),
+            self.id,
+        )
+    }
+}
+
+/// The part of a hold taken from one grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Draw {
+    pub grant_id: u64,
+    pub amount: Credits,
+}
+
+/// Credits reserved for one in-flight request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub id: u64,
+    pub operation: String,
+    pub request_id: String,
+    pub amount: Credits,
+    pub draws: Vec<Draw>,
+    pub expires_at_ms: Millis,
+    /// The plan quota this hold uses one unit of.
+    pub quota: Option<String>,
+    /// The idempotency key whose record this hold ends.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// What a hold asks for.
+#[derive(Clone, Debug)]
+pub struct HoldRequest {
+    pub operation: String,
+    pub request_id: String,
+    pub amount: Credits,
+    pub ttl_ms: u64,
+    /// Open holds allowed per account before `TooManyHolds`.
+    pub max_holds: usize,
+    /// One unit of this plan quota is held too.
+    pub quota: Option<String>,
+    /// The request's `Idempotency-Key`, if it sent one.
+    pub idempotency: Option<IdempotencyRequest>,
+    /// Whose key asks, and what the gateway decided it may do; re-checked against
+    /// the account's state. `None` only for holds placed on no key's behalf (the
+    /// ledger's and stores' own tests, the benches).
+    pub caller: Option<Caller>,
+}
+
+/// How a hold ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ending {
+    Settled,
+    Released,
+    Expired,
+}
+
+/// A hold that ended now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldEnded {
+    pub ending: Ending,
+    pub charged: Credits,
+    /// Credits given back to grants (or to `expired`, if their grant expired meanwhile).
+    pub returned: Credits,
+    /// The account's available credits once the hold ended.
+    pub available: Credits,
+}
+
+/// Why a hold could not be ended: it already was, or never existed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndRejected {
+    AlreadyEnded(Ending),
+    UnknownHold,
+}
+
+impl Account {
+    /// An admin grant: a repeated `idempotency_key` returns the first grant's
+    /// receipt and adds nothing.
+    pub fn grant_once(
+        &mut self,
+        idempotency_key: &str,
+        kind: &str,
+        amount: Credits,
+        priority: u32,
+        expires_at_ms: Option<Millis>,
+        now_ms: Millis,
+    ) -> Result<(GrantReceipt, bool), AccountRejected> {
+        if let Some(receipt) = self.grant_receipts.get(idempotency_key) {
+            return Ok((receipt.clone(), false));
+        }
+        let grant_id = self
+            .grant(kind, amount, priority, expires_at_ms, now_ms)
+            .map_err(|_| AccountRejected::GrantOverflow)?;
+        let receipt = GrantReceipt {
+            grant_id,
+            kind: kind.to_string(),
+            credits: amount,
+            priority,
+            expires_at_ms,
+            granted_at_ms: now_ms,
+        };
+        if self.grant_keys_in_order.len() >= GRANT_KEYS_REMEMBERED {
+            if let Some(oldest) = self.grant_keys_in_order.pop_front() {
+                self.grant_receipts.remove(&oldest);
+            }
+        }
+        self.grant_keys_in_order
+            .push_back(idempotency_key.to_string());
+        self.grant_receipts
+            .insert(idempotency_key.to_string(), receipt.clone());
+        Ok((receipt, true))
+    }
+
+    /// Adds a grant, with a `grant` ledger entry. A grant already past its expiry
+    /// is added and expires at once, so it shows as granted and expired.
+    pub fn grant(
+        &mut self,
+        kind: &str,
+        amount: Credits,
+        priority: u32,
+        expires_at_ms: Option<Millis>,
+        now_ms: Millis,
+    ) -> Result<u64, GrantOverflow> {
+        let id = self.add_grant(kind, amount, priority, expires_at_ms)?;
+        self.record(
+            now_ms,
+            EntryKind::Grant,
+            amount,
+            None,
+            None,
+            Some(kind.to_string()),
+        );
+        self.tick(now_ms);
+        Ok(id)
+    }
+
+    pub(super) fn add_grant(
+        &mut self,
+        kind: &str,
+        amount: Credits,
+        priority: u32,
+        expires_at_ms: Option<Millis>,
+    ) -> Result<u64, GrantOverflow> {
+        // Refusing here keeps every later sum of this account's amounts in range.
+        let granted = self.granted.checked_add(amount).ok_or(GrantOverflow)?;
+        if granted > MAX_GRANTED {
+            return Err(GrantOverflow);
+        }
+        self.granted = granted;
+        let id = self.next_grant_id;
+        self.next_grant_id += 1;
+        let grant = Grant {
+            id,
+            kind: kind.to_string(),
+            priority,
+            expires_at_ms,
+            granted: amount,
+            left: amount,
+            expired: false,
+        };
+        let at = self
+            .grants
+            .partition_point(|g| g.spend_key() <= grant.spend_key());
+        self.grants.insert(at, grant);
+        self.debug_check();
+        Ok(id)
+    }
+
+    /// Applies time: grants past expiry lose what is left, holds past their TTL
+    /// are released as `Expired`. Returns the holds that expired.
+    pub fn tick(&mut self, now_ms: Millis) -> Vec<(Hold, HoldEnded)> {
+        self.idempotency.prune(now_ms);
+        let mut expired = Vec::new();
+        for grant in &mut self.grants {
+            if !grant.expired && grant.expires_at_ms.is_some_and(|at| at <= now_ms) {
+                grant.expired = true;
+                self.expired = plus(self.expired, grant.left);
+                expired.push((
+                    grant.expires_at_ms.unwrap_or(now_ms),
+                    grant.left,
+                    grant.kind.clone(),
+                ));
+                grant.left = Credits::ZERO;
+            }
+        }
+        for (at, left, kind) in expired {
+            self.record(at, EntryKind::Expire, left, None, None, Some(kind));
+        }
+        let due: Vec<u64> = self
+            .holds
+            .values()
+            .filter(|h| h.expires_at_ms <= now_ms)
+            .map(|h| h.id)
+            .collect();
+        let mut ended = Vec::with_capacity(due.len());
+        for id in due {
+            if let Some(hold) = self.holds.remove(&id) {
+                let outcome = self.end(&hold, Credits::ZERO, Ending::Expired);
+                self.record(
+                    hold.expires_at_ms,
+                    EntryKind::Expire,
+                    outcome.returned,
+                    Some(&hold.operation),
+                    Some(&hold.request_id),
+                    Some(HOLD_TTL_DETAIL.into()),
+                );
+                ended.push((hold, outcome));
+            }
+        }
+        self.prune_spent_grants();
+        self.debug_check();
+        ended
+    }
+
+    /// Places a hold, drawing from grants in spend order, and one unit of its
+    /// quota (within the plan's limit; a quota the plan does not name is unlimited).
+    pub fn hold(
+        &mut self,
+        request: &HoldRequest,
+        now_ms: Millis,
+        catalog: &Catalog,
+    ) -> Result<HoldPlaced, HoldRejected> {
+        self.tick(now_ms);
+        self.admit(request, catalog)?;
+        let mut wanted = request.amount;
+        let mut draws = Vec::new();
+        for grant in &mut self.grants {
+            if wanted.is_zero() {
+                break;
+            }
+            let take = grant.left.min(wanted);
+            if take.is_zero() {
+                continue;
+            }
+            // `take <= grant.left` and `take <= wanted` by construction.
+            grant.left = grant.left.saturating_sub(take);
+            wanted = wanted.saturating_sub(take);
+            draws.push(Draw {
+                grant_id: grant.id,
+                amount: take,
+            });
+        }
+        let hold_id = self.next_hold_id;
+        self.next_hold_id += 1;
+        self.holds.insert(
+            hold_id,
+            Hold {
+                id: hold_id,
+                operation: request.operation.clone(),
+                request_id: request.request_id.clone(),
+                amount: request.amount,
+                draws,
+                expires_at_ms: now_ms.saturating_add(request.ttl_ms),
+                quota: request.quota.clone(),
+                idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
+            },
+        );
+        if let Some(idem) = &request.idempotency {
+            self.idempotency.start(idem, now_ms);
+        }
+        self.record(
+            now_ms,
+            EntryKind::Hold,
+            request.amount,
+            Some(&request.operation),
+            Some(&request.request_id),
+            None,
+        );
+        self.debug_check();
+        Ok(HoldPlaced {
+            hold_id,
+            available: self.available(),
+        })
+    }
+
+    /// Ends a hold charging `min(charge, held)`; the rest returns to its grants.
+    pub fn settle(
+        &mut self,
+        hold_id: u64,
+        charge: Credits,
+        now_ms: Millis,
+    ) -> Result<HoldEnded, EndRejected> {
+        self.finish(hold_id, charge, Ending::Settled, now_ms)
+    }
+
+    /// Ends a hold charging nothing.
+    pub fn release(&mut self, hold_id: u64, now_ms: Millis) -> Result<HoldEnded, EndRejected> {
+        self.finish(hold_id, Credits::ZERO, Ending::Released, now_ms)
+    }
+
+    pub(super) fn finish(
+        &mut self,
+        hold_id: u64,
+        charge: Credits,
+        ending: Ending,
+        now_ms: Millis,
+    ) -> Result<HoldEnded, EndRejected> {
+        // Time first, so a hold past its TTL is `Expired` — never settled late.
+        self.tick(now_ms);
+        let Some(hold) = self.holds.remove(&hold_id) else {
+            return Err(self
+                .ended
+                .iter()
+                .find(|(id, _)| *id == hold_id)
+                .map(|(_, e)| EndRejected::AlreadyEnded(*e))
+                .unwrap_or(EndRejected::UnknownHold));
+        };
+        let outcome = self.end(&hold, charge, ending);
+        let (kind, credits) = match ending {
+            Ending::Settled => (EntryKind::Settle, outcome.charged),
+            _ => (EntryKind::Release, outcome.returned),
+        };
+        self.record(
+            now_ms,
+            kind,
+            credits,
+            Some(&hold.operation),
+            Some(&hold.request_id),
+            None,
+        );
+        self.prune_spent_grants();
+        self.debug_check();
+        Ok(outcome)
+    }
+
+    /// Charges draws in spend order up to `charge` and returns the rest to the
+    /// grants they came from. The hold has already been removed from `holds`.
+    pub(super) fn end(&mut self, hold: &Hold, charge: Credits, ending: Ending) -> HoldEnded {
+        let mut to_charge = charge.min(hold.amount);
+        let charged = to_charge;
+        let mut returned = Credits::ZERO;
+        for draw in &hold.draws {
+            let charged_here = draw.amount.min(to_charge);
+            to_charge = to_charge.saturating_sub(charged_here);
+            let back = draw.amount.saturating_sub(charged_here);
+            if back.is_zero() {
+                continue;
+            }
+            returned = plus(returned, back);
+            match self.grants.iter_mut().find(|g| g.id == draw.grant_id) {
+                Some(grant) if !grant.expired => {
+                    grant.left = plus(grant.left, back);
+                }
+                // The grant expired while its credits were held: they expire now.
+                _ => self.expired = plus(self.expired, back),
+            }
+        }
+        self.charged = plus(self.charged, charged);
+        if let (Ending::Settled, Some(quota)) = (ending, &hold.quota) {
+            *self.quota_used.entry(quota.clone()).or_default() += 1;
+        }
+        if let Some(key) = &hold.idempotency_key {
+            match ending {
+                Ending::Settled => self.idempotency.settled(key),
+                // Released or expired: a retry runs anew.
+                Ending::Released | Ending::Expired => self.idempotency.forget(key),
+            }
+        }
+        if self.ended.len() == ENDED_HOLDS_REMEMBERED {
+            self.ended.pop_front();
+        }
+        self.ended.push_back((hold.id, ending));
+        HoldEnded {
+            ending,
+            charged,
+            returned,
+            available: self.available(),
+        }
+    }
+
+    /// Drops grants that can never matter again: nothing left, and no open hold
+    /// draws from them. Keeps the grant list bounded by what is live.
+    pub(super) fn prune_spent_grants(&mut self) {
+        let holds = &self.holds;
+        self.grants.retain(|g| {
+            !g.left.is_zero()
+                || holds
+                    .values()
+                    .any(|h| h.draws.iter().any(|d| d.grant_id == g.id))
+        });
+    }
+}

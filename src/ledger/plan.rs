@@ -1,0 +1,191 @@
+//! Plans and billing cycles: opening an account, the monthly refill, plan changes.
+
+use std::collections::BTreeMap;
+
+use super::account::plus;
+use super::{
+    cycle_bounds, day_of_month, default_priority, Account, AccountRejected, Credits, EntryKind,
+    Millis,
+};
+
+/// What a plan gives an account, as the policy says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanTerms {
+    pub monthly_credits: Credits,
+    /// Count allowances per cycle; a quota the plan does not name is unlimited.
+    pub quotas: BTreeMap<String, u64>,
+    pub seats: u32,
+    pub signup_credits: Option<Credits>,
+    /// An upgrade to this plan keeps the old plan grant's rest until the refill.
+    pub keep_unused_on_upgrade: bool,
+    /// The features operations can require (`plan_required` when one is missing).
+    pub features: Vec<String>,
+}
+
+/// Every plan by name.
+pub type Catalog = BTreeMap<String, PlanTerms>;
+
+/// When a plan change takes effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effective {
+    /// Now: the plan grant is set to the new allowance (an upgrade).
+    Now,
+    /// At the next refill (a downgrade).
+    PeriodEnd,
+}
+
+impl Account {
+    /// A new account on `plan`: the plan grant for the current cycle (expiring at
+    /// the next refill) and, once, the plan's signup credits as a bonus.
+    pub fn open(
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        terms: &PlanTerms,
+        now_ms: Millis,
+    ) -> Account {
+        let mut account = Account::new(id, plan);
+        account.billing_anchor_day = billing_anchor_day.unwrap_or_else(|| day_of_month(now_ms));
+        let (start, next) = cycle_bounds(account.billing_anchor_day, now_ms);
+        account.cycle_start_ms = start;
+        account.next_refill_ms = next;
+        // Policy validation bounds amounts far below the overflow limit.
+        let _ = account.grant(
+            "plan",
+            terms.monthly_credits,
+            default_priority("plan"),
+            Some(next),
+            now_ms,
+        );
+        if let Some(signup) = terms.signup_credits.filter(|c| !c.is_zero()) {
+            let _ = account.grant("bonus", signup, default_priority("bonus"), None, now_ms);
+        }
+        account
+    }
+
+    /// Quota units used this cycle (settled and held), by quota.
+    pub fn quota_use(&self) -> BTreeMap<String, u64> {
+        let mut used = self.quota_used.clone();
+        for q in self.holds.values().filter_map(|h| h.quota.as_ref()) {
+            *used.entry(q.clone()).or_default() += 1;
+        }
+        used
+    }
+
+    /// Applies the monthly refill if a new cycle has begun: once, however many
+    /// cycles passed (an account idle for three months gets one refill). A pending
+    /// downgrade takes effect first; the old plan grant expires (nothing rolls
+    /// over) and a new one of the plan's allowance is granted until the next refill.
+    pub fn refill_if_due(&mut self, now_ms: Millis, catalog: &Catalog) {
+        if now_ms < self.next_refill_ms {
+            return;
+        }
+        if let Some(new_plan) = self.pending_plan.take() {
+            let detail = format!("{} -> {}", self.plan, new_plan);
+            self.plan = new_plan;
+            self.record(
+                now_ms,
+                EntryKind::PlanChange,
+                Credits::ZERO,
+                None,
+                None,
+                Some(detail),
+            );
+        }
+        let (start, next) = cycle_bounds(self.billing_anchor_day, now_ms);
+        self.cycle_start_ms = start;
+        self.next_refill_ms = next;
+        self.quota_used.clear();
+        // The old plan grant expired at the old boundary, which has passed.
+        self.tick(now_ms);
+        let allowance = catalog
+            .get(&self.plan)
+            .map_or(Credits::ZERO, |t| t.monthly_credits);
+        if self
+            .add_grant("plan", allowance, default_priority("plan"), Some(next))
+            .is_ok()
+        {
+            self.record(
+                now_ms,
+                EntryKind::Refill,
+                allowance,
+                None,
+                None,
+                Some(self.plan.clone()),
+            );
+        }
+        self.debug_check();
+    }
+
+    /// Switches plan. `Now` expires what is left of the plan grant and grants the
+    /// new allowance for the rest of the cycle; `PeriodEnd` waits for the refill.
+    pub fn change_plan(
+        &mut self,
+        new_plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+        catalog: &Catalog,
+    ) -> Result<(), AccountRejected> {
+        let terms = catalog.get(new_plan).ok_or(AccountRejected::UnknownPlan)?;
+        self.refill_if_due(now_ms, catalog);
+        let detail = format!("{} -> {new_plan}", self.plan);
+        match effective {
+            Effective::PeriodEnd => {
+                self.pending_plan = Some(new_plan.to_string());
+                self.record(
+                    now_ms,
+                    EntryKind::PlanChange,
+                    Credits::ZERO,
+                    None,
+                    None,
+                    Some(format!("{detail} at the next refill")),
+                );
+            }
+            Effective::Now => {
+                self.pending_plan = None;
+                self.plan = new_plan.to_string();
+                let mut expired = Vec::new();
+                // Unless the new plan keeps it, the rest of the old allowance expires.
+                let keep = terms.keep_unused_on_upgrade;
+                for grant in self
+                    .grants
+                    .iter_mut()
+                    .filter(|g| g.kind == "plan" && !g.expired && !keep)
+                {
+                    grant.expired = true;
+                    self.expired = plus(self.expired, grant.left);
+                    expired.push(grant.left);
+                    grant.left = Credits::ZERO;
+                }
+                for left in expired {
+                    self.record(
+                        now_ms,
+                        EntryKind::Expire,
+                        left,
+                        None,
+                        None,
+                        Some("plan".into()),
+                    );
+                }
+                self.add_grant(
+                    "plan",
+                    terms.monthly_credits,
+                    default_priority("plan"),
+                    Some(self.next_refill_ms),
+                )
+                .map_err(|_| AccountRejected::GrantOverflow)?;
+                self.record(
+                    now_ms,
+                    EntryKind::PlanChange,
+                    terms.monthly_credits,
+                    None,
+                    None,
+                    Some(detail),
+                );
+                self.prune_spent_grants();
+            }
+        }
+        self.debug_check();
+        Ok(())
+    }
+}
