@@ -7,6 +7,7 @@
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
 mod evaluate;
+mod exact;
 mod price;
 mod raw;
 mod units;
@@ -19,8 +20,10 @@ use http::{HeaderName, HeaderValue, Method};
 use crate::ledger::Credits;
 
 pub use evaluate::{Caller, Evaluation, Refused, Verdict, PREMIUM_FEATURE};
+pub use exact::Exact;
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
+    TableEntry,
 };
 pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
 
@@ -61,6 +64,22 @@ impl fmt::Display for PolicyErrors {
 
 impl std::error::Error for PolicyErrors {}
 
+/// Something in a valid policy file worth a word: `FILE:LINE:COL: note: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyNote(pub PolicyError);
+
+impl fmt::Display for PolicyNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let PolicyError {
+            file,
+            line,
+            col,
+            message,
+        } = &self.0;
+        write!(f, "{file}:{line}:{col}: note: {message}")
+    }
+}
+
 /// A validated policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -74,6 +93,8 @@ pub struct Policy {
     /// policy declares in `[grant_kinds.NAME]`.
     pub grant_kinds: Vec<(String, u32)>,
     routes: matchit::Router<Route>,
+    /// What `check` prints and `run` logs about a valid file, in file order.
+    pub notes: Vec<PolicyNote>,
 }
 
 /// The operations sharing one path pattern, in file order.

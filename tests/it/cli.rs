@@ -492,3 +492,107 @@ price = { credits = { from = "header:x-tier", table = { fast = 1, best = 4.5 } }
     );
     assert!(json["error"].get("request_id").is_none(), "{json}");
 }
+
+/// A table with `default` and no `otherwise` once priced an unlisted value with the
+/// default; it now refuses it. `check` says so (a note: it still passes) and shows
+/// `otherwise` where a table has one.
+#[test]
+fn check_notes_a_table_whose_default_no_longer_prices_unlisted_values() {
+    let dir = std::env::temp_dir().join(format!("creditgate-note-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tables.toml");
+    std::fs::write(
+        &path,
+        r#"version = 1
+[upstreams.main]
+url = "http://127.0.0.1:1"
+[[operations]]
+name = "batch"
+path = "/v1/batch"
+upstream = "main"
+[operations.price]
+credits = 1
+multiplier = { from = "body:/n", table = { 1 = 1, 2 = 2 }, default = 1 }
+[[operations]]
+name = "batch.lenient"
+path = "/v1/batch/lenient"
+upstream = "main"
+[operations.price]
+credits = 0.5
+per = { from = "body:/seconds", default = 8, min = 1, max = 60 }
+multiplier = { from = "body:/n", table = { 1 = 1, 2 = 2 }, default = 1, otherwise = 3 }
+"#,
+    )
+    .unwrap();
+    let out = creditgate()
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}:10:70: note: default now applies only when body:/n is absent; \
+             a value not in the table is refused with 400 — add otherwise = 1 to keep \
+             pricing it as before"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("note:").count(),
+        1,
+        "only the table without otherwise: {err}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("batch.lenient")
+            && l.contains("body:/seconds[1..60; default 8]")
+            && l.contains("body:/n{1: 1, 2: 2; default 1; otherwise 3}")),
+        "{text}"
+    );
+}
+
+/// `quote` writes the amount exactly, however large: never through a float.
+#[test]
+fn quote_writes_a_huge_price_exactly() {
+    let dir = std::env::temp_dir().join(format!("creditgate-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("huge.toml");
+    std::fs::write(
+        &policy,
+        r#"version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[[operations]]
+name = "everything"
+path = "/v1/everything"
+upstream = "main"
+price = "18446744073709551.615"
+[[operations]]
+name = "almost"
+path = "/v1/almost"
+upstream = "main"
+price = 9999999999999.999
+"#,
+    )
+    .unwrap();
+    for (path, credits) in [
+        ("/v1/everything", "18446744073709551.615"),
+        ("/v1/almost", "9999999999999.999"),
+    ] {
+        let out = creditgate()
+            .args(["quote", "--policy"])
+            .arg(&policy)
+            .args(["POST", path])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(
+            stdout.contains(&format!(r#""credits":{credits}"#)),
+            "{stdout}"
+        );
+    }
+}
