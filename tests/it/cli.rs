@@ -150,6 +150,8 @@ fn run_serves_the_policy_on_its_listen_address() {
         format!(
             "version = 1\n[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\n[upstreams.main]\nurl = \"http://127.0.0.1:{backend_port}\"\n\
              [plans.free]\nmonthly_credits = 5\n[[operations]]\nname = \"image.generate\"\nmethod = \"POST\"\npath = \"/v1/images\"\nupstream = \"main\"\nprice = 2\n\
+             [[operations]]\nname = \"tiered\"\npath = \"/v1/tiered\"\nupstream = \"main\"\n\
+             price = {{ credits = {{ from = \"query:tier\", table = {{ a = 1 }}, default = 1 }} }}\n\
              [[accounts]]\nid = \"acme\"\nplan = \"free\"\nkeys = [ {{ member = \"a\", key_env = \"RUN_TEST_KEY\" }} ]\n"
         ),
     )
@@ -207,6 +209,10 @@ fn run_serves_the_policy_on_its_listen_address() {
     assert!(
         logs.contains("\"request_id\""),
         "request logs carry the request id: {logs}"
+    );
+    assert!(
+        logs.contains("run.toml:18:73: note: default now applies only when query:tier is absent"),
+        "run logs what check notes: {logs}"
     );
     for secret in ["sk-run", "sk-wrong-key-9876"] {
         assert!(!logs.contains(secret), "a key reached the logs: {secret}");
