@@ -113,6 +113,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(policy) => policy,
         Err(code) => return code,
     };
+    // Notes go beside errors, on stderr: the file is valid, and stdout stays the summary.
+    for note in &policy.notes {
+        eprintln!("{note}");
+    }
     let mut out = String::new();
     let _ = writeln!(out, "{}: ok", path.display());
     let _ = writeln!(
@@ -242,6 +246,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(policy) => policy,
         Err(code) => return code,
     };
+    for note in &policy.notes {
+        tracing::warn!("{note}");
+    }
     let token = std::env::var(creditgate::admin::TOKEN_ENV)
         .ok()
         .filter(|t| !t.is_empty());

@@ -24,8 +24,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::gateway::{LiveGateway, ReloadError};
-use crate::ledger::{AccountRejected, Credits, Effective};
-use crate::policy::Policy;
+use crate::ledger::{AccountRejected, Credits, Effective, ParseCreditsError};
+use crate::policy::{Exact, Policy};
 use crate::store::{GrantRequest, Store, StoreError};
 use crate::views;
 
@@ -193,15 +193,23 @@ fn name(what: &str, value: &str) -> Result<(), Refusal> {
     }
 }
 
-/// A JSON amount of credits: a number or a decimal string, at most 3 decimals.
+/// A JSON amount of credits: a number (read exactly, exponent or not) or a
+/// decimal string, at most 3 decimals.
 fn credits(value: &Value) -> Result<Credits, Refusal> {
-    let text = match value {
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => s.clone(),
+    let amount = match value {
+        Value::Number(n) => match Exact::from_json_number(&n.to_string()) {
+            None => Err(ParseCreditsError::NotDecimal),
+            Some(a) if a.is_negative() => Err(ParseCreditsError::Negative),
+            Some(a) if a.decimals() > 3 => Err(ParseCreditsError::TooPrecise),
+            Some(a) => a
+                .scaled_ceil(&[], 3)
+                .map(Credits::from_millicredits)
+                .ok_or(ParseCreditsError::TooLarge),
+        },
+        Value::String(s) => s.parse(),
         _ => return Err(Refusal::invalid("credits must be a number")),
     };
-    text.parse()
-        .map_err(|e| Refusal::invalid(format!("credits: {e}")))
+    amount.map_err(|e| Refusal::invalid(format!("credits: {e}")))
 }
 
 async fn require_token(

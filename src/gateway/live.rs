@@ -99,6 +99,9 @@ impl LiveGateway {
         path: &std::path::Path,
     ) -> std::result::Result<usize, ReloadError> {
         let policy = Policy::load(path).map_err(ReloadError::Invalid)?;
+        for note in &policy.notes {
+            tracing::warn!("{note}");
+        }
         self.reload(policy).await
     }
 }

@@ -583,10 +583,7 @@ impl Gateway {
         }
         let charge = match (&op.settle, ctx.usage.as_ref().and_then(UsageMeter::usage)) {
             (None, _) => ctx.held,
-            // An absurd usage overflows the product: it is capped at the hold like any other.
-            (Some(rule), Some(usage)) => usage_charge(usage, rule.credits_per_unit)
-                .unwrap_or(ctx.held)
-                .min(ctx.held),
+            (Some(rule), Some(usage)) => usage_charge(&usage, rule.credits_per_unit, ctx.held),
             (Some(rule), None) if rule.on_missing == OnMissing::ChargeHold => ctx.held,
             (Some(_), None) => {
                 tracing::info!(request_id = %ctx.request_id, "no usage in the response; releasing as on_missing says");

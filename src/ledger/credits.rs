@@ -76,11 +76,15 @@ impl Credits {
         Credits(self.0.min(other.0))
     }
 
-    /// The amount as a JSON number (`0.5`, `3`), exact for every value a
-    /// policy can express; used only for output.
+    /// The amount as a JSON number written exactly as its decimal text (`0.5`,
+    /// `3`, `18446744073709551.615`), never through a float: serde_json's
+    /// `arbitrary_precision` feature keeps a number's text.
     pub fn to_json(self) -> serde_json::Value {
-        // The decimal text is a valid JSON number, so parsing it back cannot fail.
-        serde_json::from_str(&self.to_string()).unwrap_or(serde_json::Value::Null)
+        // The decimal text is a valid JSON number, so this cannot fail.
+        self.decimal()
+            .as_str()
+            .parse::<serde_json::Number>()
+            .map_or(serde_json::Value::Null, serde_json::Value::Number)
     }
 }
 
@@ -216,6 +220,24 @@ mod tests {
             "18446744073709551.615"
         );
         assert_eq!(Credits(500).to_json().to_string(), "0.5");
+    }
+
+    #[test]
+    fn json_amounts_are_written_exactly_never_through_a_float() {
+        for text in [
+            "18446744073709551.615",
+            "9999999999999.999",
+            "0.001",
+            "3",
+            "12.125",
+        ] {
+            let credits: Credits = text.parse().unwrap();
+            assert_eq!(credits.to_json().to_string(), text);
+            assert_eq!(
+                serde_json::json!({ "c": credits.to_json() }).to_string(),
+                format!("{{\"c\":{text}}}")
+            );
+        }
     }
 
     proptest::proptest! {

@@ -7,6 +7,7 @@
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
 mod evaluate;
+mod exact;
 mod path;
 mod price;
 mod raw;
@@ -23,9 +24,11 @@ use crate::ledger::{Catalog, PlanTerms};
 
 pub use crate::ledger::{SeedAccount, SeedGrant, SeedKey};
 pub use evaluate::{Caller, Evaluation, Refused, Verdict};
+pub use exact::Exact;
 pub use path::{normalize_path, split_query, NormalizedPath, PathError, MAX_PATH_BYTES};
 pub use price::{
     usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
+    TableEntry,
 };
 pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
 
@@ -66,6 +69,22 @@ impl fmt::Display for PolicyErrors {
 
 impl std::error::Error for PolicyErrors {}
 
+/// Something in a valid policy file worth a word: `FILE:LINE:COL: note: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyNote(pub PolicyError);
+
+impl fmt::Display for PolicyNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let PolicyError {
+            file,
+            line,
+            col,
+            message,
+        } = &self.0;
+        write!(f, "{file}:{line}:{col}: note: {message}")
+    }
+}
+
 /// A validated policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -80,6 +99,8 @@ pub struct Policy {
     /// policy declares in `[grant_kinds.NAME]`.
     pub grant_kinds: Vec<(String, u32)>,
     routes: matchit::Router<Route>,
+    /// What `check` prints and `run` logs about a valid file, in file order.
+    pub notes: Vec<PolicyNote>,
 }
 
 /// The operations sharing one path pattern, in file order.

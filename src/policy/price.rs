@@ -1,10 +1,13 @@
 //! Prices from the request: `credits × per × multiplier + addons`, and charges
-//! from actual usage. Exact: rates, quantities and multipliers are decimals with
-//! at most 6 places ([`Micros`]), products are computed in `u128`, and every
-//! result is rounded *up* to a whole millicredit. Overflow is refused, never wrapped.
+//! from actual usage. Exact: the policy's rates and multipliers are decimals with
+//! at most 6 places ([`Micros`]); the request's quantities and the response's
+//! usages are [`Exact`] numbers of any size and precision; every product is
+//! computed exactly and rounded *up* to a whole millicredit. A price that does not
+//! fit is refused, never wrapped; a usage charge that does not fit is the hold.
 //!
-//! A value the price needs that is missing (with no default), of the wrong type
-//! or out of range is a [`PriceError`] naming its source: never a clamp, never free.
+//! A value the price needs that is missing (with no `default`), of the wrong type,
+//! not in its table (with no `otherwise`) or out of range is a [`PriceError`]
+//! naming its source: never a clamp, never free.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -12,6 +15,7 @@ use std::fmt;
 use http::{HeaderMap, Method};
 use serde_json::Value;
 
+use super::exact::Exact;
 use super::{Predicate, Scalar, Source};
 use crate::ledger::Credits;
 
@@ -73,9 +77,33 @@ pub enum Lookup {
     Fixed(Micros),
     Table {
         source: Source,
-        table: Vec<(String, Micros)>,
+        table: Vec<TableEntry>,
+        /// The value when the request has none at `source`.
         default: Option<Micros>,
+        /// The value when the request has one that is not in the table.
+        otherwise: Option<Micros>,
     },
+}
+
+/// One row of a table: its key as the policy writes it, and as a number when
+/// the key is a decimal (`8`, `0.5`). A numeric key matches a request value by
+/// number — a JSON number or a string holding a decimal, in any form that equals
+/// it (`8`, `"8"`, `8.0`, `8e0`); any other key matches the text exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    pub key: String,
+    pub number: Option<Exact>,
+    pub value: Micros,
+}
+
+impl TableEntry {
+    pub fn new(key: String, value: Micros) -> TableEntry {
+        TableEntry {
+            number: Exact::from_decimal(&key),
+            key,
+            value,
+        }
+    }
 }
 
 /// Multiply by a quantity read from the request.
@@ -84,6 +112,8 @@ pub struct Per {
     pub source: Source,
     pub min: Option<Micros>,
     pub max: Option<Micros>,
+    /// The quantity when the request has none; validation keeps it in `min..max`.
+    pub default: Option<Micros>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +135,8 @@ pub struct PriceRule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Price {
     Fixed(Credits),
-    Rule(PriceRule),
+    /// Boxed: a rule is far larger than an amount, and most operations are fixed.
+    Rule(Box<PriceRule>),
 }
 
 /// Why a request cannot be priced: a `400 invalid_request` naming `source`.
@@ -206,20 +237,42 @@ impl Scalar {
     }
 }
 
-/// The text a table is keyed by: strings as they are, numbers and booleans as written.
-fn table_key<'a>(found: &'a Found<'a>, source: &Source) -> Result<Cow<'a, str>, PriceError> {
-    match found {
-        Found::Text(text) => Ok(Cow::Borrowed(text.as_ref())),
-        Found::Json(Value::String(s)) => Ok(Cow::Borrowed(s.as_str())),
-        Found::Json(Value::Number(n)) => Ok(Cow::Owned(n.to_string())),
-        Found::Json(Value::Bool(b)) => Ok(Cow::Owned(b.to_string())),
-        Found::Json(other) => Err(PriceError::new(
-            source,
-            format!(
-                "must be a string, number or boolean, not {}",
-                json_type(other)
-            ),
-        )),
+/// What a table looks a request value up by: its text (strings as they are,
+/// numbers and booleans as written) and, when it is a number or a decimal
+/// string, its exact value.
+fn table_key<'a>(
+    found: &'a Found<'a>,
+    source: &Source,
+) -> Result<(Cow<'a, str>, Option<Exact>), PriceError> {
+    let text = match found {
+        Found::Text(text) => Cow::Borrowed(text.as_ref()),
+        Found::Json(Value::String(s)) => Cow::Borrowed(s.as_str()),
+        Found::Json(Value::Number(n)) => {
+            let text = n.to_string();
+            let number = Exact::from_json_number(&text);
+            return Ok((Cow::Owned(text), number));
+        }
+        Found::Json(Value::Bool(b)) => return Ok((Cow::Owned(b.to_string()), None)),
+        Found::Json(other) => {
+            return Err(PriceError::new(
+                source,
+                format!(
+                    "must be a string, number or boolean, not {}",
+                    json_type(other)
+                ),
+            ))
+        }
+    };
+    let number = Exact::from_decimal(&text);
+    Ok((text, number))
+}
+
+/// Request text in an error message, cut short: a value may be megabytes long.
+fn shown(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}…", &text[..end]),
     }
 }
 
@@ -234,69 +287,99 @@ fn json_type(value: &Value) -> &'static str {
     }
 }
 
-/// A quantity: a JSON number, or text holding a decimal.
-fn quantity(found: &Found<'_>, source: &Source) -> Result<Micros, PriceError> {
-    let text = match found {
-        Found::Text(text) => text.to_string(),
-        Found::Json(Value::Number(n)) => n.to_string(),
+/// A quantity: a JSON number, or a string (or query, header or path text)
+/// holding a plain decimal. Exact, of any precision; never negative (`-0` is 0).
+fn quantity(found: &Found<'_>, source: &Source) -> Result<Exact, PriceError> {
+    let (parsed, text) = match found {
+        Found::Text(text) => (Exact::from_decimal(text), Cow::Borrowed(text.as_ref())),
+        Found::Json(Value::String(s)) => (Exact::from_decimal(s), Cow::Borrowed(s.as_str())),
+        Found::Json(Value::Number(n)) => {
+            let text = n.to_string();
+            (Exact::from_json_number(&text), Cow::Owned(text))
+        }
         Found::Json(other) => {
             return Err(PriceError::new(
                 source,
-                format!("must be a number, not {}", json_type(other)),
+                format!(
+                    "must be a number, or a string holding a decimal, not {}",
+                    json_type(other)
+                ),
             ))
         }
     };
-    Micros::parse(&text).map_err(|e| {
-        PriceError::new(
+    match parsed {
+        None => Err(PriceError::new(
             source,
-            format!("must be a non-negative number with at most 6 decimals: {e}"),
-        )
-    })
+            format!("{} is not a decimal number", shown(&text)),
+        )),
+        Some(q) if q.is_negative() => Err(PriceError::new(
+            source,
+            format!("must be a non-negative number: {q} is negative"),
+        )),
+        Some(q) => Ok(q),
+    }
 }
 
 impl Lookup {
     fn value(&self, facts: &RequestFacts<'_>) -> Result<Micros, PriceError> {
-        let (source, table, default) = match self {
+        let (source, table, default, otherwise) = match self {
             Lookup::Fixed(value) => return Ok(*value),
             Lookup::Table {
                 source,
                 table,
                 default,
-            } => (source, table, default),
+                otherwise,
+            } => (source, table, default, otherwise),
         };
         let Some(found) = facts.find(source)? else {
             return default
                 .ok_or_else(|| PriceError::new(source, "is required to price this request"));
         };
-        let key = table_key(&found, source)?;
-        table
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-            .or(*default)
+        let (text, number) = table_key(&found, source)?;
+        let listed = table.iter().find(|entry| match &number {
+            Some(n) => entry.number.as_ref() == Some(n),
+            None => entry.number.is_none() && entry.key == text,
+        });
+        listed
+            .map(|entry| entry.value)
+            .or(*otherwise)
             .ok_or_else(|| {
-                let known: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
+                let known: Vec<&str> = table.iter().map(|entry| entry.key.as_str()).collect();
                 PriceError::new(
                     source,
-                    format!("{key:?} is not one of: {}", known.join(", ")),
+                    format!("{} is not one of: {}", shown(&text), known.join(", ")),
                 )
             })
     }
 }
 
-/// `a × b × c` (each in millionths) in whole millicredits, rounded up.
-fn product_millicredits(factors: [Micros; 3], source: &str) -> Result<u64, PriceError> {
-    let overflow = || PriceError {
-        source: source.to_string(),
-        message: "makes the price too large".into(),
-    };
-    let product = factors
-        .iter()
-        .try_fold(1u128, |acc, f| acc.checked_mul(f.0 as u128))
-        .ok_or_else(overflow)?;
-    // millionths³ = 1e-18 credits; a millicredit is 1e-3 credits.
-    let scale = 1_000_000_000_000_000u128;
-    u64::try_from(product.div_ceil(scale)).map_err(|_| overflow())
+impl Per {
+    /// The quantity to multiply by: the request's, or the default when it has none.
+    fn quantity(&self, facts: &RequestFacts<'_>) -> Result<Exact, PriceError> {
+        let q = match facts.find(&self.source)? {
+            Some(found) => quantity(&found, &self.source)?,
+            // Validation keeps a default within min..max.
+            None => {
+                return self.default.map(Exact::from).ok_or_else(|| {
+                    PriceError::new(&self.source, "is required to price this request")
+                })
+            }
+        };
+        let below = self.min.is_some_and(|min| q < Exact::from(min));
+        let above = self.max.is_some_and(|max| q > Exact::from(max));
+        if below || above {
+            let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
+            return Err(PriceError::new(
+                &self.source,
+                format!(
+                    "{q} is outside the allowed range {}..{}",
+                    bound(self.min),
+                    bound(self.max)
+                ),
+            ));
+        }
+        Ok(q)
+    }
 }
 
 impl Price {
@@ -308,34 +391,22 @@ impl Price {
         };
         let credits = rule.credits.value(facts)?;
         let (quantity, blame) = match &rule.per {
-            None => (Micros::ONE, "price".to_string()),
-            Some(per) => {
-                let found = facts.find(&per.source)?.ok_or_else(|| {
-                    PriceError::new(&per.source, "is required to price this request")
-                })?;
-                let q = quantity(&found, &per.source)?;
-                if per.min.is_some_and(|min| q < min) || per.max.is_some_and(|max| q > max) {
-                    let range = format!(
-                        "{}..{}",
-                        per.min.map_or(String::new(), |m| m.to_string()),
-                        per.max.map_or(String::new(), |m| m.to_string())
-                    );
-                    return Err(PriceError::new(
-                        &per.source,
-                        format!("{q} is outside the allowed range {range}"),
-                    ));
-                }
-                (q, per.source.to_string())
-            }
+            None => (Exact::one(), "price".to_string()),
+            Some(per) => (per.quantity(facts)?, per.source.to_string()),
         };
         let multiplier = match &rule.multiplier {
             None => Micros::ONE,
             Some(m) => m.value(facts)?,
         };
-        let mut total = Credits::from_millicredits(product_millicredits(
-            [credits, quantity, multiplier],
-            &blame,
-        )?);
+        // quantity × credits (millionths) × multiplier (millionths) is in 1e-12
+        // credits, so 1e-9 millicredits.
+        let millicredits = quantity
+            .scaled_ceil(&[credits.micros(), multiplier.micros()], -9)
+            .ok_or_else(|| PriceError {
+                source: blame.clone(),
+                message: "makes the price too large".into(),
+            })?;
+        let mut total = Credits::from_millicredits(millicredits);
         for addon in &rule.addons {
             if facts.all_hold(&addon.when) {
                 total = total.checked_add(addon.credits).ok_or_else(|| PriceError {
@@ -372,13 +443,20 @@ impl Price {
     }
 }
 
-/// Usage × a per-unit rate, in millicredits rounded up; `None` on overflow.
-pub fn usage_charge(usage: Micros, credits_per_unit: Micros) -> Option<Credits> {
-    let product = (usage.0 as u128).checked_mul(credits_per_unit.0 as u128)?;
-    // millionths² = 1e-12 credits; a millicredit is 1e-3 credits.
-    u64::try_from(product.div_ceil(1_000_000_000))
-        .ok()
-        .map(Credits::from_millicredits)
+/// What a settle charges for a usage: `usage × credits_per_unit`, exact, rounded
+/// up to a whole millicredit, and never more than `held` — a usage too large for
+/// any integer is charged `held`, like any other above it. The meter never gives
+/// a negative usage (it counts as missing); one would charge nothing.
+pub fn usage_charge(usage: &Exact, credits_per_unit: Micros, held: Credits) -> Credits {
+    if usage.is_negative() {
+        return Credits::ZERO;
+    }
+    // usage × millionths of a credit = 1e-3 millicredits.
+    usage
+        .scaled_ceil(&[credits_per_unit.micros()], -3)
+        .map_or(held, |millicredits| {
+            Credits::from_millicredits(millicredits).min(held)
+        })
 }
 
 impl fmt::Display for Lookup {
@@ -389,11 +467,18 @@ impl fmt::Display for Lookup {
                 source,
                 table,
                 default,
+                otherwise,
             } => {
-                let entries: Vec<String> = table.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                let entries: Vec<String> = table
+                    .iter()
+                    .map(|entry| format!("{}: {}", entry.key, entry.value))
+                    .collect();
                 write!(f, "{source}{{{}", entries.join(", "))?;
                 if let Some(d) = default {
                     write!(f, "; default {d}")?;
+                }
+                if let Some(o) = otherwise {
+                    write!(f, "; otherwise {o}")?;
                 }
                 write!(f, "}}")
             }
@@ -401,7 +486,8 @@ impl fmt::Display for Lookup {
     }
 }
 
-/// How `check` shows a price: `32 × body:/seconds[1..60] × body:/res{2k: 2; default 1} + 1 if …`.
+/// How `check` shows a price:
+/// `32 × body:/seconds[1..60; default 8] × body:/res{2k: 2; default 1; otherwise 1} + 1 if …`.
 impl fmt::Display for Price {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rule = match self {
@@ -413,11 +499,15 @@ impl fmt::Display for Price {
             let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
             write!(
                 f,
-                " × {}[{}..{}]",
+                " × {}[{}..{}",
                 per.source,
                 bound(per.min),
                 bound(per.max)
             )?;
+            if let Some(d) = per.default {
+                write!(f, "; default {d}")?;
+            }
+            write!(f, "]")?;
         }
         if let Some(m) = &rule.multiplier {
             write!(f, " × {m}")?;

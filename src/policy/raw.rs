@@ -160,8 +160,11 @@ pub struct RawPriceTable {
 #[serde(deny_unknown_fields)]
 pub struct RawLookupTable {
     pub from: Spanned<String>,
-    pub table: BTreeMap<String, Spanned<Value>>,
+    pub table: BTreeMap<Spanned<String>, Spanned<Value>>,
+    /// When the request has no value.
     pub default: Option<Spanned<Value>>,
+    /// When the request has a value that is not in the table.
+    pub otherwise: Option<Spanned<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +173,8 @@ pub struct RawPer {
     pub from: Spanned<String>,
     pub min: Option<Spanned<Value>>,
     pub max: Option<Spanned<Value>>,
+    /// When the request has no quantity.
+    pub default: Option<Spanned<Value>>,
 }
 
 #[derive(Debug, Deserialize)]

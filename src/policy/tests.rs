@@ -346,10 +346,19 @@ fn price_tables_compute_exactly() {
     assert_eq!(
         q(
             "/v1/video",
-            Some(r#"{"duration_seconds": 8, "resolution": "8k"}"#)
+            Some(r#"{"duration_seconds": 8, "resolution": null}"#)
         ),
         Ok("256".into()),
-        "table default"
+        "table default: the value is absent"
+    );
+    assert!(
+        q(
+            "/v1/video",
+            Some(r#"{"duration_seconds": 8, "resolution": "8k"}"#)
+        )
+        .unwrap_err()
+        .starts_with("body:/resolution: \"8k\" is not one of"),
+        "the default is not for values the table does not list"
     );
     assert_eq!(
         q("/v1/images", Some(r#"{"model": "flux-pro"}"#)),
@@ -393,12 +402,18 @@ fn bad_request_values_are_400s_naming_the_source() {
     assert!(err("/v1/video", Some(r#"{"duration_seconds": 0.5}"#))
         .contains("outside the allowed range"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": -8}"#)).contains("non-negative"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": "8"}"#))
-        .contains("must be a number, not a string"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": "8 s"}"#))
+        .contains("\"8 s\" is not a decimal number"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": 1e300}"#))
-        .starts_with("body:/duration_seconds"));
-    assert!(err("/v1/video", Some(r#"{"duration_seconds": 8.0000001}"#)).contains("6 decimal"));
+        .starts_with("body:/duration_seconds: 1e300 is outside the allowed range 1..60"));
+    assert!(err("/v1/video", Some(r#"{"duration_seconds": true}"#))
+        .contains("must be a number, or a string holding a decimal, not a boolean"));
     assert!(err("/v1/video", Some(r#"{"duration_seconds": [8]}"#)).contains("not an array"));
+    let long = format!(r#"{{"duration_seconds": "{}"}}"#, "x".repeat(100_000));
+    assert!(
+        err("/v1/video", Some(&long)).len() < 200,
+        "a long value is cut short"
+    );
     assert!(
         err("/v1/video", None).contains("is required"),
         "no body at all"
@@ -506,27 +521,308 @@ fn settle_rules_validate() {
 }
 
 #[test]
-fn usage_charges_round_up() {
+fn usage_charges_are_exact_rounded_up_and_capped_at_the_hold() {
     let rate = Micros::parse("0.002").unwrap();
+    let held = Credits::from_millicredits(10_000);
+    let usage = |text: &str| Exact::from_json_number(text).unwrap();
+    let charge = |text: &str| usage_charge(&usage(text), rate, held).to_string();
+    assert_eq!(charge("1234"), "2.468");
+    assert_eq!(charge("0"), "0");
+    assert_eq!(charge("-0"), "0");
+    // 0.0022469134 credits: rounded up, not dropped.
+    assert_eq!(charge("1.1234567"), "0.003");
+    assert_eq!(charge("1e-30"), "0.001");
+    assert_eq!(charge("2.5E+3"), "5");
+    for huge in [
+        "1e15",
+        "1e18",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1e400",
+    ] {
+        assert_eq!(charge(huge), "10", "{huge} is capped at the hold");
+    }
     assert_eq!(
-        usage_charge(Micros::parse("1234").unwrap(), rate),
-        Some(Credits::from_millicredits(2_468))
+        usage_charge(&usage("1"), Micros::parse("0.0001").unwrap(), held),
+        Credits::from_millicredits(1)
+    );
+    assert_eq!(
+        usage_charge(&usage("1e400"), Micros::parse("0").unwrap(), held),
+        Credits::ZERO,
+        "a free unit is free at any usage"
     );
     assert_eq!(
         usage_charge(
-            Micros::parse("1").unwrap(),
-            Micros::parse("0.0001").unwrap()
+            &usage("18446744073709551615"),
+            Micros::from_micros(u64::MAX),
+            Credits::from_millicredits(u64::MAX)
         ),
-        Some(Credits::from_millicredits(1))
+        Credits::from_millicredits(u64::MAX)
     );
+}
+
+const NUMBERS: &str = r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[plans.free]
+monthly_credits = 50
+
+[[operations]]
+name = "batch"
+path = "/v1/batch"
+upstream = "main"
+[operations.price]
+credits = 1
+multiplier = { from = "body:/n", table = { 1 = 1, 2 = 2, "0.5" = 0.5, "08" = 8, "big" = 5 }, default = 1 }
+
+[[operations]]
+name = "lenient"
+path = "/v1/lenient"
+upstream = "main"
+[operations.price]
+credits = { from = "query:tier", table = { "a" = 1, "b" = 2 }, default = 0.5, otherwise = 3 }
+
+[[operations]]
+name = "tokens"
+path = "/v1/tokens"
+upstream = "main"
+[operations.price]
+credits = 0.0015
+per = { from = "body:/max_tokens", default = 4096, min = 1, max = 128000 }
+"#;
+
+#[test]
+fn numeric_table_keys_match_a_number_or_decimal_string_by_exact_value() {
+    let p = parse(NUMBERS).unwrap();
+    let held =
+        |body: &str| quote(&p, Method::POST, "/v1/batch", Some(body)).map(|(_, c)| c.to_string());
+    for (n, want) in [
+        ("2", "2"),
+        ("\"2\"", "2"),
+        ("2.0", "2"),
+        ("2e0", "2"),
+        ("0.2E+1", "2"),
+        ("\"2.000\"", "2"),
+        ("\"02\"", "2"),
+        ("0.5", "0.5"),
+        ("5e-1", "0.5"),
+        ("\"0.50\"", "0.5"),
+        ("8", "8"),
+        ("\"8\"", "8"),
+        ("\"big\"", "5"),
+    ] {
+        assert_eq!(
+            held(&format!(r#"{{"n": {n}}}"#)),
+            Ok(want.into()),
+            "n = {n}"
+        );
+    }
+    assert_eq!(held("{}"), Ok("1".into()), "absent: the default");
+    assert_eq!(held(r#"{"n": null}"#), Ok("1".into()), "null is absent");
+    for n in [
+        "10", "\"10\"", "2.5", "-2", "1e400", "\"two\"", "\"2 \"", "true", "\"BIG\"",
+    ] {
+        let e = held(&format!(r#"{{"n": {n}}}"#)).unwrap_err();
+        assert!(e.starts_with("body:/n: "), "n = {n}: {e}");
+        assert!(e.contains("is not one of"), "n = {n}: {e}");
+    }
+}
+
+#[test]
+fn default_is_for_an_absent_value_and_otherwise_for_an_unlisted_one() {
+    let p = parse(NUMBERS).unwrap();
+    let q = |t: &str| quote(&p, Method::GET, t, None).map(|(_, c)| c.to_string());
+    assert_eq!(q("/v1/lenient?tier=b"), Ok("2".into()));
+    assert_eq!(q("/v1/lenient"), Ok("0.5".into()), "absent: default");
     assert_eq!(
-        usage_charge(Micros::parse("0").unwrap(), rate),
-        Some(Credits::ZERO)
+        q("/v1/lenient?tier=z"),
+        Ok("3".into()),
+        "unlisted: otherwise"
     );
+    // Without `otherwise`, an unlisted value is refused, never the default.
+    let strict = parse(&NUMBERS.replace(", otherwise = 3", "")).unwrap();
+    let e = quote(&strict, Method::GET, "/v1/lenient?tier=z", None).unwrap_err();
+    assert!(
+        e.starts_with("query:tier: \"z\" is not one of: a, b"),
+        "{e}"
+    );
+    // Without `default`, an absent value is refused, whatever `otherwise` says.
+    let no_default = parse(&NUMBERS.replace("default = 0.5, ", "")).unwrap();
+    let e = quote(&no_default, Method::GET, "/v1/lenient", None).unwrap_err();
+    assert!(e.starts_with("query:tier: is required"), "{e}");
     assert_eq!(
-        usage_charge(Micros::from_micros(u64::MAX), Micros::from_micros(u64::MAX)),
-        None
+        quote(&no_default, Method::GET, "/v1/lenient?tier=z", None).map(|(_, c)| c.to_string()),
+        Ok("3".into())
     );
+}
+
+#[test]
+fn per_takes_a_default_and_a_quantity_as_a_decimal_string() {
+    let p = parse(NUMBERS).unwrap();
+    let held =
+        |body: &str| quote(&p, Method::POST, "/v1/tokens", Some(body)).map(|(_, c)| c.to_string());
+    assert_eq!(held("{}"), Ok("6.144".into()), "4096 × 0.0015");
+    assert_eq!(held(r#"{"max_tokens": "1000"}"#), Ok("1.5".into()));
+    assert_eq!(held(r#"{"max_tokens": 1e3}"#), Ok("1.5".into()));
+    // 1.0000001 × 0.0015 = 0.00150000015: rounded up, never dropped.
+    assert_eq!(held(r#"{"max_tokens": 1.0000001}"#), Ok("0.002".into()));
+    assert!(held(r#"{"max_tokens": 0}"#)
+        .unwrap_err()
+        .contains("outside the allowed range 1..128000"));
+    assert!(held(r#"{"max_tokens": -0}"#)
+        .unwrap_err()
+        .contains("outside the allowed range"));
+    assert!(held(r#"{"max_tokens": "-5"}"#)
+        .unwrap_err()
+        .contains("non-negative"));
+    assert!(held(r#"{"max_tokens": "5 tokens"}"#)
+        .unwrap_err()
+        .contains("not a decimal number"));
+    // `-0` is 0.
+    let free = parse(&NUMBERS.replace("min = 1, ", "")).unwrap();
+    assert_eq!(
+        quote(
+            &free,
+            Method::POST,
+            "/v1/tokens",
+            Some(r#"{"max_tokens": -0}"#)
+        )
+        .map(|(_, c)| c.to_string()),
+        Ok("0".into())
+    );
+}
+
+#[test]
+fn table_and_per_defaults_are_validated() {
+    let errs = errors(&NUMBERS.replace("default = 4096", "default = 200000"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("per: default 200000 is outside min..max 1..128000")),
+        "{errs:?}"
+    );
+    let errs = errors(&NUMBERS.replace("\"0.5\" = 0.5", "\"1.0\" = 0.5"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("multiplier: the keys \"1\" and \"1.0\" are the same number")),
+        "{errs:?}"
+    );
+    let errs = errors(&NUMBERS.replace("otherwise = 3", "otherwise = 0.0001"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("more than 3 decimal places")),
+        "{errs:?}"
+    );
+    let errs = errors(&NUMBERS.replace("otherwise = 3", "otherwise = \"x\""));
+    assert!(
+        errs.iter().any(|e| e.contains("not a decimal number")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_default_without_otherwise_is_noted_not_refused() {
+    let p = parse(NUMBERS).unwrap();
+    let notes: Vec<String> = p.notes.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        notes,
+        vec!["p.toml:14:104: note: default now applies only when body:/n is absent; a value not in the table is refused with 400 — add otherwise = 1 to keep pricing it as before".to_string()],
+    );
+    let shown = p.operations[1].price.to_string();
+    assert_eq!(shown, "query:tier{a: 1, b: 2; default 0.5; otherwise 3}");
+    assert_eq!(
+        p.operations[2].price.to_string(),
+        "0.0015 × body:/max_tokens[1..128000; default 4096]"
+    );
+}
+
+/// `⌈n × 10^shift⌉` in big integers: the reference the exact code must match.
+fn ceil_scaled(n: num_bigint::BigUint, shift: i64) -> num_bigint::BigUint {
+    let ten = num_bigint::BigUint::from(10u32);
+    if shift >= 0 {
+        n * ten.pow(shift as u32)
+    } else {
+        let d = ten.pow((-shift) as u32);
+        (n + &d - 1u32) / d
+    }
+}
+
+/// A policy pricing `rate × body:/q × body:/m{key: multiplier}`.
+fn per_and_table(rate: u64, key: &str, multiplier: u64) -> Policy {
+    let text = format!(
+        r#"
+version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9000"
+[[operations]]
+name = "exact"
+path = "/v1/exact"
+upstream = "main"
+[operations.price]
+credits = "{}"
+per = {{ from = "body:/q" }}
+multiplier = {{ from = "body:/m", table = {{ "{key}" = "{}" }} }}
+"#,
+        Micros::from_micros(rate),
+        Micros::from_micros(multiplier)
+    );
+    parse(&text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Any quantity, as a JSON number (exponent or not) or a decimal string, and
+    /// a table key written one way and sent another: the hold is the exact product
+    /// rounded up to a millicredit, or a 400 when it does not fit; a value that is
+    /// not the key's is a 400.
+    #[test]
+    fn holds_are_the_exact_product_of_any_quantity_and_table_key(
+        q_int in prop_oneof![Just("0".to_string()), "[1-9][0-9]{0,22}"],
+        q_frac in prop_oneof![Just(String::new()), "[0-9]{1,22}"],
+        q_exp in -40i64..40,
+        q_form in 0u8..3,
+        key_int in prop_oneof![Just("0".to_string()), "[1-9][0-9]{0,5}"],
+        key_frac in "[0-9]{0,6}",
+        key_zeros in "0{0,2}",
+        m_form in 0u8..3,
+        rate in prop_oneof![0u64..=2_000_000, any::<u64>()],
+        multiplier in prop_oneof![1u64..=10_000_000, any::<u64>()],
+    ) {
+        let key_point = if key_frac.is_empty() { String::new() } else { format!(".{key_frac}") };
+        let policy = per_and_table(rate, &format!("{key_zeros}{key_int}{key_point}"), multiplier);
+        // The key's value sent as digits with an exponent, as a plain number, or
+        // as a string with trailing zeros.
+        let key_digits = format!("{key_int}{key_frac}");
+        let key_digits = key_digits.trim_start_matches('0');
+        let m = match m_form {
+            0 if key_digits.is_empty() => "0e-3".to_string(),
+            0 => format!("{key_digits}e-{}", key_frac.len()),
+            1 => format!("{key_int}{key_point}"),
+            _ => format!("\"{key_int}.{key_frac}00\""),
+        };
+        let q_point = if q_frac.is_empty() { String::new() } else { format!(".{q_frac}") };
+        let (q, shift) = match q_form {
+            0 => (format!("{q_int}{q_point}e{q_exp}"), q_exp),
+            1 => (format!("{q_int}{q_point}"), 0),
+            _ => (format!("\"{q_int}{q_point}\""), 0),
+        };
+        let body = format!(r#"{{"q": {q}, "m": {m}}}"#);
+        let held = quote(&policy, Method::POST, "/v1/exact", Some(&body));
+        let digits = num_bigint::BigUint::parse_bytes(format!("{q_int}{q_frac}").as_bytes(), 10).unwrap();
+        // q × rate millionths × multiplier millionths = 1e-9 millicredits.
+        let expected = ceil_scaled(digits * rate * multiplier, shift - q_frac.len() as i64 - 9);
+        match u64::try_from(&expected) {
+            Ok(millicredits) => prop_assert_eq!(
+                held, Ok(("exact".to_string(), Credits::from_millicredits(millicredits))), "{}", body
+            ),
+            Err(_) => prop_assert!(held.as_ref().unwrap_err().contains("makes the price too large"), "{} {:?}", body, held),
+        }
+        // A value beside the key's is not the key.
+        let beside = format!(r#"{{"q": {q}, "m": "{key_int}.{key_frac:0<6}1"}}"#);
+        let refused = quote(&policy, Method::POST, "/v1/exact", Some(&beside)).unwrap_err();
+        prop_assert!(refused.starts_with("body:/m: ") && refused.contains("is not one of"), "{}", refused);
+    }
 }
 
 // ---- hostile input: never a panic ----

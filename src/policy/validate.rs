@@ -24,6 +24,7 @@ struct Validator<'a> {
     file: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<PolicyError>,
+    notes: Vec<PolicyNote>,
 }
 
 pub(super) fn validate(
@@ -36,6 +37,7 @@ pub(super) fn validate(
         file,
         env,
         errors: Vec::new(),
+        notes: Vec::new(),
     };
     let raw: RawPolicy = match toml::from_str(source) {
         Ok(raw) => raw,
@@ -47,7 +49,9 @@ pub(super) fn validate(
     };
     let policy = v.policy(raw);
     if v.errors.is_empty() {
-        if let Some(policy) = policy {
+        if let Some(mut policy) = policy {
+            v.notes.sort_by_key(|n| (n.0.line, n.0.col));
+            policy.notes = v.notes;
             return Ok(policy);
         }
     }
@@ -56,17 +60,29 @@ pub(super) fn validate(
 }
 
 impl Validator<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+    fn located(&self, span: Range<usize>, message: impl Into<String>) -> PolicyError {
         let at = span.start.min(self.source.len());
         let before = &self.source[..at];
         let line = before.matches('\n').count() + 1;
         let col = before.rfind('\n').map_or(at, |nl| at - nl - 1) + 1;
-        self.errors.push(PolicyError {
+        PolicyError {
             file: self.file.to_string(),
             line,
             col,
             message: message.into(),
-        });
+        }
+    }
+
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let error = self.located(span, message);
+        self.errors.push(error);
+    }
+
+    /// Something valid that may not mean what it meant before: `check` prints it
+    /// and `run` logs it, and neither refuses the policy.
+    fn note(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let note = PolicyNote(self.located(span, message));
+        self.notes.push(note);
     }
 
     /// Expands `${VAR}` from the environment; a missing variable is an error.
@@ -211,6 +227,7 @@ impl Validator<'_> {
             accounts,
             grant_kinds,
             routes,
+            notes: Vec::new(),
         })
     }
 
@@ -618,23 +635,56 @@ impl Validator<'_> {
             OrTable::Scalar(v) => value(self, raw.span(), v).map(Lookup::Fixed),
             OrTable::Table(t) => {
                 let source = self.source_at(&t.from);
-                let mut table = Vec::new();
+                let mut table: Vec<TableEntry> = Vec::new();
                 for (key, v) in &t.table {
-                    if let Some(v) = value(self, v.span(), v.get_ref()) {
-                        table.push((key.clone(), v));
+                    let Some(v) = value(self, v.span(), v.get_ref()) else {
+                        continue;
+                    };
+                    let entry = TableEntry::new(key.get_ref().clone(), v);
+                    // `1` and `1.0` would both match the value 1: which price is meant?
+                    let same = entry
+                        .number
+                        .as_ref()
+                        .and_then(|n| table.iter().find(|e| e.number.as_ref() == Some(n)));
+                    if let Some(same) = same {
+                        let message = format!(
+                            "{what}: the keys {:?} and {:?} are the same number",
+                            same.key, entry.key
+                        );
+                        self.error(key.span(), message);
+                        continue;
                     }
+                    table.push(entry);
                 }
                 let default = t
                     .default
                     .as_ref()
                     .and_then(|d| value(self, d.span(), d.get_ref()));
+                let otherwise = t
+                    .otherwise
+                    .as_ref()
+                    .and_then(|o| value(self, o.span(), o.get_ref()));
                 if t.table.is_empty() {
                     self.error(t.from.span(), format!("{what}: the table is empty"));
+                }
+                // Earlier versions priced a value not in the table with `default`.
+                if let (Some(written), Some(default), None, Some(source)) =
+                    (&t.default, default, &t.otherwise, &source)
+                {
+                    self.note(
+                        written.span(),
+                        format!(
+                            "default now applies only when {source} is absent; a value not in \
+                             the table is refused with 400 — add otherwise = {default} to keep \
+                             pricing it as before"
+                        ),
+                    );
                 }
                 Some(Lookup::Table {
                     source: source?,
                     table,
                     default,
+                    otherwise,
                 })
             }
         }
@@ -658,12 +708,35 @@ impl Validator<'_> {
             let source = self.source_at(&p.from)?;
             let min = p.min.as_ref().and_then(|m| self.micros(m, "min"));
             let max = p.max.as_ref().and_then(|m| self.micros(m, "max"));
+            let default = p
+                .default
+                .as_ref()
+                .and_then(|d| self.micros(d, "per: default"));
             if let (Some(lo), Some(hi)) = (min, max) {
                 if lo > hi {
                     self.error(per.span(), "per: min is larger than max");
                 }
             }
-            Some(Per { source, min, max })
+            // A default outside the range would price what a request cannot ask for.
+            if let (Some(d), Some(written)) = (default, &p.default) {
+                if min.is_some_and(|lo| d < lo) || max.is_some_and(|hi| d > hi) {
+                    let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
+                    self.error(
+                        written.span(),
+                        format!(
+                            "per: default {d} is outside min..max {}..{}",
+                            bound(min),
+                            bound(max)
+                        ),
+                    );
+                }
+            }
+            Some(Per {
+                source,
+                min,
+                max,
+                default,
+            })
         });
         let multiplier = table
             .multiplier
@@ -688,12 +761,12 @@ impl Validator<'_> {
         {
             return None;
         }
-        Some(Price::Rule(PriceRule {
+        Some(Price::Rule(Box::new(PriceRule {
             credits: credits?,
             per,
             multiplier,
             addons,
-        }))
+        })))
     }
 
     fn settle(&mut self, raw: &Spanned<RawSettle>) -> Option<SettleRule> {

@@ -1176,6 +1176,40 @@ mod tests {
     use super::*;
     use crate::ledger::{Credits, HoldRequest, PlanTerms};
 
+    /// A JSON value as MessagePack writes it. serde_json keeps numbers exact
+    /// (`arbitrary_precision`) by serializing each as a one-entry map outside JSON,
+    /// so a `Value` is never handed to MessagePack as it is: its numbers (all
+    /// integers in an account) are written as integers here.
+    struct AsMessagePack<'a>(&'a serde_json::Value);
+
+    impl serde::Serialize for AsMessagePack<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{Error, SerializeMap, SerializeSeq};
+            match self.0 {
+                serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => s.serialize_u64(u),
+                    (None, Some(i)) => s.serialize_i64(i),
+                    _ => Err(S::Error::custom(format!("{n} is not an integer"))),
+                },
+                serde_json::Value::Array(items) => {
+                    let mut seq = s.serialize_seq(Some(items.len()))?;
+                    for item in items {
+                        seq.serialize_element(&AsMessagePack(item))?;
+                    }
+                    seq.end()
+                }
+                serde_json::Value::Object(fields) => {
+                    let mut map = s.serialize_map(Some(fields.len()))?;
+                    for (name, value) in fields {
+                        map.serialize_entry(name, &AsMessagePack(value))?;
+                    }
+                    map.end()
+                }
+                other => other.serialize(s),
+            }
+        }
+    }
+
     #[test]
     fn the_standing_identify_reads_follows_the_account() {
         let mut account = Account::new("team", "free");
@@ -1255,7 +1289,7 @@ mod tests {
             .unwrap()
             .remove("keys")
             .unwrap();
-        let packed = rmp_serde::to_vec_named(&earlier).unwrap();
+        let packed = rmp_serde::to_vec_named(&AsMessagePack(&earlier)).unwrap();
         let json = serde_json::to_vec(&earlier).unwrap();
         for state in [packed, json] {
             let loaded = decode_state(&state).unwrap();

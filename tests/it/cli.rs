@@ -150,6 +150,8 @@ fn run_serves_the_policy_on_its_listen_address() {
         format!(
             "version = 1\n[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\n[upstreams.main]\nurl = \"http://127.0.0.1:{backend_port}\"\n\
              [plans.free]\nmonthly_credits = 5\n[[operations]]\nname = \"image.generate\"\nmethod = \"POST\"\npath = \"/v1/images\"\nupstream = \"main\"\nprice = 2\n\
+             [[operations]]\nname = \"tiered\"\npath = \"/v1/tiered\"\nupstream = \"main\"\n\
+             price = {{ credits = {{ from = \"query:tier\", table = {{ a = 1 }}, default = 1 }} }}\n\
              [[accounts]]\nid = \"acme\"\nplan = \"free\"\nkeys = [ {{ member = \"a\", key_env = \"RUN_TEST_KEY\" }} ]\n"
         ),
     )
@@ -207,6 +209,10 @@ fn run_serves_the_policy_on_its_listen_address() {
     assert!(
         logs.contains("\"request_id\""),
         "request logs carry the request id: {logs}"
+    );
+    assert!(
+        logs.contains("run.toml:18:73: note: default now applies only when query:tier is absent"),
+        "run logs what check notes: {logs}"
     );
     for secret in ["sk-run", "sk-wrong-key-9876"] {
         assert!(!logs.contains(secret), "a key reached the logs: {secret}");
@@ -555,5 +561,109 @@ price = 3
         assert_eq!(code, Some(1), "{path}: {json}");
         assert_eq!(json["error"]["type"], "invalid_request", "{path}: {json}");
         assert_eq!(json["error"]["source"], "path", "{path}: {json}");
+    }
+}
+
+/// A table with `default` and no `otherwise` once priced an unlisted value with the
+/// default; it now refuses it. `check` says so (a note: it still passes) and shows
+/// `otherwise` where a table has one.
+#[test]
+fn check_notes_a_table_whose_default_no_longer_prices_unlisted_values() {
+    let dir = std::env::temp_dir().join(format!("creditgate-note-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tables.toml");
+    std::fs::write(
+        &path,
+        r#"version = 1
+[upstreams.main]
+url = "http://127.0.0.1:1"
+[[operations]]
+name = "batch"
+path = "/v1/batch"
+upstream = "main"
+[operations.price]
+credits = 1
+multiplier = { from = "body:/n", table = { 1 = 1, 2 = 2 }, default = 1 }
+[[operations]]
+name = "batch.lenient"
+path = "/v1/batch/lenient"
+upstream = "main"
+[operations.price]
+credits = 0.5
+per = { from = "body:/seconds", default = 8, min = 1, max = 60 }
+multiplier = { from = "body:/n", table = { 1 = 1, 2 = 2 }, default = 1, otherwise = 3 }
+"#,
+    )
+    .unwrap();
+    let out = creditgate()
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}:10:70: note: default now applies only when body:/n is absent; \
+             a value not in the table is refused with 400 — add otherwise = 1 to keep \
+             pricing it as before"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("note:").count(),
+        1,
+        "only the table without otherwise: {err}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("batch.lenient")
+            && l.contains("body:/seconds[1..60; default 8]")
+            && l.contains("body:/n{1: 1, 2: 2; default 1; otherwise 3}")),
+        "{text}"
+    );
+}
+
+/// `quote` writes the amount exactly, however large: never through a float.
+#[test]
+fn quote_writes_a_huge_price_exactly() {
+    let dir = std::env::temp_dir().join(format!("creditgate-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("huge.toml");
+    std::fs::write(
+        &policy,
+        r#"version = 1
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[[operations]]
+name = "everything"
+path = "/v1/everything"
+upstream = "main"
+price = "18446744073709551.615"
+[[operations]]
+name = "almost"
+path = "/v1/almost"
+upstream = "main"
+price = 9999999999999.999
+"#,
+    )
+    .unwrap();
+    for (path, credits) in [
+        ("/v1/everything", "18446744073709551.615"),
+        ("/v1/almost", "9999999999999.999"),
+    ] {
+        let out = creditgate()
+            .args(["quote", "--policy"])
+            .arg(&policy)
+            .args(["POST", path])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(
+            stdout.contains(&format!(r#""credits":{credits}"#)),
+            "{stdout}"
+        );
     }
 }

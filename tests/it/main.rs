@@ -7,6 +7,7 @@ mod conformance;
 mod edges;
 mod harness;
 mod metering;
+mod numbers;
 mod operations;
 mod paths;
 mod proxy;

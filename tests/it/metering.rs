@@ -145,7 +145,12 @@ async fn bad_pricing_values_are_400s_naming_the_source_and_nothing_is_forwarded(
         ("", "body:/duration_seconds", "no body"),
         ("{}", "body:/duration_seconds", "is required"),
         (
-            r#"{"duration_seconds": "8"}"#,
+            r#"{"duration_seconds": "8 seconds"}"#,
+            "body:/duration_seconds",
+            "not a decimal number",
+        ),
+        (
+            r#"{"duration_seconds": {"s": 8}}"#,
             "body:/duration_seconds",
             "must be a number",
         ),
@@ -162,7 +167,7 @@ async fn bad_pricing_values_are_400s_naming_the_source_and_nothing_is_forwarded(
         (
             r#"{"duration_seconds": 1e400}"#,
             "body:/duration_seconds",
-            "not JSON",
+            "1e400 is outside the allowed range",
         ),
         (
             r#"{"duration_seconds": 99999999999999999999999}"#,

@@ -54,7 +54,7 @@ method = "GET"
 path = "/v1/run/{model}"
 upstream = "main"
 [operations.price]
-credits = { from = "path:model", table = { "o1:pro" = 50 }, default = 1 }
+credits = { from = "path:model", table = { "o1:pro" = 50 }, otherwise = 1 }
 
 [[accounts]]
 id = "alice"

@@ -101,7 +101,7 @@ fn sample_for(policy: &Policy, index: usize) -> Sample {
             .flatten()
         {
             if let Lookup::Table { source, table, .. } = lookup {
-                sample.set(source, json!(table[0].0));
+                sample.set(source, json!(table[0].key));
             }
         }
         if let Some(per) = &rule.per {
