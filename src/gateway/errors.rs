@@ -6,6 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Credits;
+use crate::policy::json::DuplicateKey;
 use crate::policy::{Policy, Refused};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,6 +186,15 @@ impl ApiError {
                 source: e.source,
                 message: e.message,
             },
+        }
+    }
+
+    /// A body read to match or price whose objects repeat a key: the gateway and
+    /// the backend could read different values, so it is refused.
+    pub fn duplicate_key(duplicate: &DuplicateKey) -> ApiError {
+        ApiError::InvalidRequest {
+            source: "body".into(),
+            message: duplicate.to_string(),
         }
     }
 

@@ -372,7 +372,7 @@ impl Gateway {
             Evaluation::Decided(verdict) => (verdict, None),
             Evaluation::NeedsBody => {
                 let body = self.read_body(session).await?;
-                let json = parse_json(&body);
+                let json = parse_json(&body)?;
                 let facts = request_facts(session.req_header(), path_params, Some(&json));
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
                     Evaluation::Decided(verdict) => (verdict, Some(body)),
@@ -712,12 +712,14 @@ impl Recorder {
     }
 }
 
-/// The request body as JSON, or why it is not.
-fn parse_json(body: &[u8]) -> std::result::Result<serde_json::Value, String> {
-    if body.is_empty() {
-        return Err("the request has no body".into());
-    }
-    serde_json::from_slice(body).map_err(|e| e.to_string())
+/// The request body as JSON, or why it is not (the policy then names the value
+/// that needed it). `Err` refuses a body whose objects repeat a key: the gateway
+/// would price one value and the backend might read another.
+#[allow(clippy::type_complexity)]
+fn parse_json(
+    body: &[u8],
+) -> std::result::Result<std::result::Result<serde_json::Value, String>, ApiError> {
+    crate::policy::json::parse_body(body).map_err(|duplicate| ApiError::duplicate_key(&duplicate))
 }
 
 /// Which side a Pingora error came from, for the decision.

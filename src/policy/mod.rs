@@ -7,6 +7,7 @@
 //! the file in [`Policy::load`]; the environment is passed in as a function.
 
 mod evaluate;
+pub mod json;
 mod price;
 mod raw;
 mod units;

@@ -11,4 +11,5 @@ mod operations;
 mod proxy;
 mod quotes;
 mod redis_server;
+mod refusals;
 mod replicas;
