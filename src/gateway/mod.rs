@@ -39,6 +39,7 @@ use errors::ApiError;
 use hold_guard::HoldGuard;
 use usage::UsageMeter;
 
+pub use body::{LINGER_IDLE_TIMEOUT, LINGER_MAX_BYTES, LINGER_TIME};
 pub use live::{LiveGateway, LiveProxy, ReloadError};
 pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
 
@@ -277,11 +278,16 @@ impl Gateway {
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header("idempotent-replayed", "true")?;
         self.add_credit_headers(&mut resp, ctx)?;
-        if !session.is_body_done() {
+        let body_unread = !session.is_body_done();
+        if body_unread {
             session.set_keepalive(None);
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body), true).await?;
+        if body_unread {
+            self.linger(session, ctx).await;
+        }
+        Ok(())
     }
 
     /// Writes a JSON response the gateway makes itself, with the credit headers.
@@ -297,12 +303,28 @@ impl Gateway {
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         self.add_credit_headers(&mut resp, ctx)?;
-        if !session.is_body_done() {
+        let body_unread = !session.is_body_done();
+        if body_unread {
             // The request body was not read: the connection cannot be reused.
             session.set_keepalive(None);
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body), true).await?;
+        if body_unread {
+            self.linger(session, ctx).await;
+        }
+        Ok(())
+    }
+
+    /// After an answer written with the request body unread: drains the rest of it,
+    /// bounded (`body::linger`), so a client still sending can read the answer. Never
+    /// while a hold is open: the wait is the client's, its credits are not held for it.
+    async fn linger(&self, session: &mut Session, ctx: &RequestCtx) {
+        if ctx.hold.is_some() {
+            return;
+        }
+        let lingered = body::linger(session).await;
+        tracing::debug!(request_id = %ctx.request_id, "after an early answer: {lingered:?}");
     }
 
     fn add_credit_headers(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {

@@ -4,7 +4,10 @@
 //! outage may forward unmetered under `on_unavailable = "allow"`; a corrupt or
 //! contended account never is).
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
@@ -144,4 +147,110 @@ async fn a_quote_of_a_body_with_a_duplicate_key_says_what_the_request_gets() {
         quoted,
         json!({"allowed": true, "operation": "count", "credits": 7, "available": 500})
     );
+}
+
+/// Sends `head`, then `body_bytes` bytes of body in 64 KiB writes, all before reading
+/// anything (as Python's http.client and many SDKs do), then reads the answer to its
+/// end. `Err` says what broke: a write or a read.
+async fn send_all_then_read(url: &str, head: &str, body_bytes: usize) -> Result<String, String> {
+    let addr = url.trim_start_matches("http://").parse().unwrap();
+    // A small send buffer, as on a real network, where far less than the body is
+    // in flight: the kernel cannot take the whole body for the gateway.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("writing the head: {e}"))?;
+    let piece = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    while sent < body_bytes {
+        let n = piece.len().min(body_bytes - sent);
+        stream
+            .write_all(&piece[..n])
+            .await
+            .map_err(|e| format!("writing the body after {sent} bytes: {e}"))?;
+        sent += n;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())?
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn head(path: &str, key: Option<&str>, content_length: usize) -> String {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {content_length}\r\n\r\n"
+    )
+}
+
+/// The status and JSON body of one raw HTTP/1.1 answer.
+fn parse_answer(answer: &str) -> (u16, Value) {
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let (_, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no body in {answer:?}"));
+    (status, serde_json::from_str(body).unwrap())
+}
+
+#[tokio::test]
+async fn an_early_answer_is_readable_by_a_client_that_sends_its_whole_body_first() {
+    let gw = start_policy(|_| BODY_PRICED.to_string(), |_| None).await;
+    let two_mib = 2 * 1024 * 1024;
+    let cases = [
+        // Past max_body_bytes: refused from its Content-Length, before reading it.
+        ("/v1/count", Some(ALICE_KEY), 413, "request_too_large"),
+        // No key: refused before anything else.
+        ("/v1/count", None, 401, "missing_api_key"),
+        // No operation on this path.
+        ("/v1/nothing", Some(ALICE_KEY), 404, "unknown_operation"),
+    ];
+    for (path, key, status, kind) in cases {
+        let answer = send_all_then_read(&gw.url, &head(path, key, two_mib), two_mib)
+            .await
+            .unwrap_or_else(|e| panic!("{path} ({status}): {e}"));
+        let (got, body) = parse_answer(&answer);
+        assert_eq!((got, body["error"]["type"].as_str()), (status, Some(kind)));
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    assert!(gw.backend.received().is_empty());
+    let t = gw.settled("alice").await;
+    assert_eq!((t.held, t.charged), (credits("0"), credits("0")));
+}
+
+#[tokio::test]
+async fn the_drain_after_an_early_answer_is_bounded_in_bytes() {
+    let gw = start_policy(|_| BODY_PRICED.to_string(), |_| None).await;
+    // A client that would send a gigabyte is cut off once the drain's cap is read:
+    // its writes fail soon after, instead of the gateway reading all of it.
+    let declared = 1 << 30;
+    let limit = creditgate::gateway::LINGER_MAX_BYTES + 64 * 1024 * 1024;
+    let outcome = send_all_then_read(
+        &gw.url,
+        &head("/v1/count", Some(ALICE_KEY), declared),
+        limit,
+    )
+    .await;
+    let error = outcome.expect_err("the gateway must stop reading at the drain's cap");
+    assert!(error.starts_with("writing the body"), "{error}");
+    // The gateway still serves.
+    let resp = gw
+        .post("/v1/count")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }
