@@ -13,7 +13,6 @@ use super::errors::ApiError;
 use super::{body, Gateway, RequestCtx};
 use crate::policy::json::{self, DuplicateKey};
 use crate::policy::{Caller, Evaluation, Refused, RequestFacts, Verdict};
-use crate::store::StoreError;
 use crate::views;
 
 pub(super) const PREFIX: &str = "/credits/v1/";
@@ -32,13 +31,6 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
         source: "quote".into(),
         message: message.into(),
-    }
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::UnknownAccount(_) => ApiError::InvalidApiKey,
-        StoreError::Unavailable(_) => ApiError::StoreUnavailable,
     }
 }
 
@@ -93,7 +85,7 @@ impl Gateway {
             .store
             .account(&identity.account, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok(views::balance(&account))
     }
 
@@ -108,7 +100,7 @@ impl Gateway {
             .store
             .ledger(&identity.account, limit, cursor, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok(views::ledger(&entries, limit))
     }
 
@@ -147,7 +139,7 @@ impl Gateway {
             .store
             .account(&identity.account, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         let available = account.totals.available;
         let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
             json!({"allowed": false, "operation": operation, "credits": credits,

@@ -257,6 +257,9 @@ impl Gateway {
     ) -> Result<()> {
         ctx.answered = true;
         ctx.outcome = Some(error.kind());
+        if let ApiError::StoreFailed { detail } = &error {
+            tracing::error!(request_id = %ctx.request_id, "store failure, answered 500: {detail}");
+        }
         let body = error.body(&ctx.request_id);
         self.write_json(session, ctx, error.status(), body).await
     }
@@ -354,8 +357,8 @@ impl Gateway {
             .await
         {
             Ok(Some(identity)) => Ok(identity),
-            Ok(None) | Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
-            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            Ok(None) => Err(ApiError::InvalidApiKey),
+            Err(e) => Err(ApiError::store(e)),
         }
     }
 
@@ -556,15 +559,16 @@ impl Gateway {
                     limit,
                 })
             }
-            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
-            Err(StoreError::Unavailable(e)) if self.fails_open() => {
-                // on_unavailable = "allow": forward unmetered, and count it.
-                let forwarded = self.metrics.unmetered();
-                tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "store unavailable, forwarding unmetered: {e}");
-                ctx.remaining = None;
-                Ok(Held::Placed)
-            }
-            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            Err(e) => match unplaced(e, self.fails_open()) {
+                Unplaced::ForwardUnmetered(e) => {
+                    // on_unavailable = "allow": forward unmetered, and count it.
+                    let forwarded = self.metrics.unmetered();
+                    tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "forwarding unmetered: {e}");
+                    ctx.remaining = None;
+                    Ok(Held::Placed)
+                }
+                Unplaced::Refuse(error) => Err(error),
+            },
         }
     }
 
@@ -575,9 +579,10 @@ impl Gateway {
             .await
         {
             Ok(totals) => Ok(Some(totals.available)),
-            // A free request needs the store only for this header: go on without it.
+            // A free request needs the store only for this header: go on without it
+            // through an outage. A contended or corrupt account is never forwarded.
             Err(StoreError::Unavailable(_)) => Ok(None),
-            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+            Err(e) => Err(ApiError::store(e)),
         }
     }
 
@@ -623,6 +628,24 @@ impl Gateway {
         if let Some(available) = guard.release(&ctx.request_id).await {
             ctx.remaining = Some(available);
         }
+    }
+}
+
+/// What a hold the store failed to place becomes.
+#[derive(Debug, PartialEq)]
+enum Unplaced {
+    /// `on_unavailable = "allow"` and the store is down: forward without a hold.
+    ForwardUnmetered(StoreError),
+    Refuse(ApiError),
+}
+
+/// Only an outage may be forwarded unmetered, and only when the policy allows it: a
+/// contended or corrupt account is a 500 whatever `on_unavailable` says — the store
+/// answered, so the account is there, and forwarding would let its requests run free.
+fn unplaced(error: StoreError, fails_open: bool) -> Unplaced {
+    match error {
+        StoreError::Unavailable(_) if fails_open => Unplaced::ForwardUnmetered(error),
+        error => Unplaced::Refuse(ApiError::store(error)),
     }
 }
 
@@ -737,7 +760,6 @@ impl Recorder {
 /// The request body as JSON, or why it is not (the policy then names the value
 /// that needed it). `Err` refuses a body whose objects repeat a key: the gateway
 /// would price one value and the backend might read another.
-#[allow(clippy::type_complexity)]
 fn parse_json(
     body: &[u8],
 ) -> std::result::Result<std::result::Result<serde_json::Value, String>, ApiError> {
@@ -994,6 +1016,35 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_outage_is_forwarded_unmetered_and_only_when_allowed() {
+        let outage = || StoreError::Unavailable("connection refused".into());
+        let contended = || StoreError::Contended("changed 64 times".into());
+        let corrupt = || StoreError::Corrupt("does not decode".into());
+        assert_eq!(
+            unplaced(outage(), true),
+            Unplaced::ForwardUnmetered(outage())
+        );
+        assert_eq!(
+            unplaced(outage(), false),
+            Unplaced::Refuse(ApiError::StoreUnavailable)
+        );
+        for fails_open in [true, false] {
+            for failure in [contended(), corrupt()] {
+                let Unplaced::Refuse(error) = unplaced(failure.clone(), fails_open) else {
+                    panic!("{failure} was forwarded (fails_open = {fails_open})");
+                };
+                assert_eq!((error.status(), error.kind()), (500, "store_error"));
+                let body = error.body("r1").to_string();
+                assert!(!body.contains("decode") && !body.contains("64"), "{body}");
+            }
+            assert_eq!(
+                unplaced(StoreError::UnknownAccount("gone".into()), fails_open),
+                Unplaced::Refuse(ApiError::InvalidApiKey)
+            );
+        }
+    }
 
     #[test]
     fn request_ids_are_32_lowercase_hex_digits_and_differ() {

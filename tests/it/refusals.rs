@@ -4,12 +4,24 @@
 //! outage may forward unmetered under `on_unavailable = "allow"`; a corrupt or
 //! contended account never is).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use creditgate::admin::AdminState;
+use creditgate::clock::Clock;
+use creditgate::demo::mock::MockBackend;
+use creditgate::gateway::{serve_live, Gateway, LiveGateway};
+use creditgate::ledger::{Credits, HoldRequest};
+use creditgate::policy::Policy;
+use creditgate::store::redis::RedisStore;
+use creditgate::store::{GrantRequest, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::harness::*;
+use crate::redis_server::RedisServer;
 
 /// Operations priced and matched from the body, behind a 64 KiB body limit.
 const BODY_PRICED: &str = r#"
@@ -253,4 +265,316 @@ async fn the_drain_after_an_early_answer_is_bounded_in_bytes() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// A gateway on a Redis store with `on_unavailable = "allow"`, and its admin API.
+struct RedisGateway {
+    url: String,
+    admin_url: String,
+    backend: MockBackend,
+    metrics: Arc<creditgate::metrics::Metrics>,
+    /// How seeding the policy's account went.
+    seeded: Result<(), StoreError>,
+    _stop: watch::Sender<bool>,
+}
+
+fn allow_policy(redis_url: &str, backend: &str) -> String {
+    format!(
+        r#"version = 1
+[store]
+kind = "redis"
+url = "{redis_url}"
+on_unavailable = "allow"
+[upstreams.main]
+url = "http://{backend}"
+[plans.free]
+monthly_credits = 0
+[[operations]]
+name = "image.generate"
+method = "POST"
+path = "/v1/images"
+upstream = "main"
+price = 3
+[[accounts]]
+id = "shared"
+plan = "free"
+grants = [ {{ kind = "topup", credits = 10 }} ]
+keys = [ {{ member = "m", key_env = "ALICE_KEY" }} ]
+"#
+    )
+}
+
+async fn redis_gateway(redis: &RedisServer) -> RedisGateway {
+    let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+    let text = allow_policy(&redis.url(), &backend.addr.to_string());
+    let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
+    let policy = Arc::new(Policy::parse(&text, "redis.toml", &env).unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::for_policy(&policy, &redis.url(), false)
+            .await
+            .unwrap(),
+    );
+    let gateway = Gateway::new(policy, store, Clock::system()).unwrap();
+    let seeded = gateway.seed_accounts().await;
+    let metrics = gateway.metrics().clone();
+    let live = LiveGateway::new(gateway);
+    let (stop, shutdown) = watch::channel(false);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve_live(listener, live.clone(), shutdown.clone()));
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
+    let admin = AdminState::new(live, None, Some(ADMIN_TOKEN));
+    tokio::spawn(creditgate::admin::serve(admin_listener, admin, shutdown));
+    RedisGateway {
+        url,
+        admin_url,
+        backend,
+        metrics,
+        seeded,
+        _stop: stop,
+    }
+}
+
+fn series(metrics: &creditgate::metrics::Metrics, name: &str) -> Option<String> {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_account_is_a_500_and_never_forwarded_even_when_outages_are_allowed() {
+    let redis = RedisServer::start();
+    let gw = redis_gateway(&redis).await;
+    assert_eq!(gw.seeded, Ok(()));
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(format!("{}/v1/images", gw.url))
+            .bearer_auth(ALICE_KEY)
+            .send()
+    };
+    let resp = send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(gw.backend.received().len(), 1);
+
+    // Garbage in place of the account's state, at a newer version than the
+    // gateway's copy: the next hold finds it when its compare-and-set fails.
+    let raw = redis::Client::open(redis.url()).unwrap();
+    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("HSET")
+        .arg("cg:{acct:shared}")
+        .arg("v")
+        .arg("1000")
+        .arg("s")
+        .arg(&b"\xc1not an account"[..])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let resp = send().await.unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (500, Some("store_error")),
+        "{body}"
+    );
+    assert_eq!(gw.backend.received().len(), 1, "nothing more was forwarded");
+    assert_eq!(
+        series(&gw.metrics, "creditgate_unmetered_total").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        series(
+            &gw.metrics,
+            r#"creditgate_store_errors_total{kind="corrupt"}"#
+        )
+        .as_deref(),
+        Some("1")
+    );
+    // Reading it is the same error, on the client API and the admin API.
+    let resp = client
+        .get(format!("{}/credits/v1/balance", gw.url))
+        .bearer_auth(ALICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (500, Some("store_error"))
+    );
+    let resp = client
+        .get(format!("{}/admin/accounts/shared", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (500, Some("store_error"))
+    );
+
+    // A replica that never saw the account finds it corrupt when it identifies the key.
+    let other = redis_gateway(&redis).await;
+    // Seeding finds it corrupt too, and leaves it as it is.
+    assert!(
+        matches!(other.seeded, Err(StoreError::Corrupt(_))),
+        "{:?}",
+        other.seeded
+    );
+    let resp = client
+        .post(format!("{}/v1/images", other.url))
+        .bearer_auth(ALICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (500, Some("store_error"))
+    );
+    assert!(other.backend.received().is_empty());
+    assert_eq!(
+        series(&other.metrics, "creditgate_unmetered_total").as_deref(),
+        Some("0")
+    );
+}
+
+fn hold_request(request_id: &str) -> HoldRequest {
+    HoldRequest {
+        operation: "image.generate".into(),
+        request_id: request_id.into(),
+        amount: Credits::from_whole(1).unwrap(),
+        ttl_ms: 600_000,
+        max_holds: 100,
+        quota: None,
+        idempotency: None,
+        caller: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_that_loses_every_compare_and_set_is_contended() {
+    let redis = RedisServer::start();
+    let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
+    let policy = Policy::parse(
+        &allow_policy(&redis.url(), "127.0.0.1:9"),
+        "redis.toml",
+        &env,
+    )
+    .unwrap();
+    // One attempt only, so one concurrent change exhausts the retries.
+    let mine = RedisStore::for_policy(&policy, &redis.url(), false)
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    let theirs = RedisStore::for_policy(&policy, &redis.url(), false)
+        .await
+        .unwrap();
+    let now = Clock::system().now_ms();
+    for seed in &policy.accounts {
+        mine.seed(seed, now).await.unwrap();
+    }
+    // My copy of the account is now current; another replica changes it after.
+    mine.hold("shared", &hold_request("r1"), now)
+        .await
+        .unwrap()
+        .unwrap();
+    let grant = GrantRequest {
+        idempotency_key: "g1".into(),
+        kind: "topup".into(),
+        credits: Credits::from_whole(5).unwrap(),
+        priority: 30,
+        expires_at_ms: None,
+    };
+    theirs.grant("shared", &grant, now).await.unwrap().unwrap();
+    // My hold is computed on my stale copy, loses the compare-and-set, and may not retry.
+    match mine.hold("shared", &hold_request("r2"), now).await {
+        Err(StoreError::Contended(_)) => {}
+        other => panic!("expected Contended, got {other:?}"),
+    }
+    // With its retries, the same transition succeeds.
+    let patient = RedisStore::for_policy(&policy, &redis.url(), false)
+        .await
+        .unwrap();
+    patient
+        .hold("shared", &hold_request("r3"), now)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_state_of_the_wrong_shape_is_corrupt_and_no_answer_is_unavailable() {
+    let mut redis = RedisServer::start();
+    let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
+    let policy = Policy::parse(
+        &allow_policy(&redis.url(), "127.0.0.1:9"),
+        "redis.toml",
+        &env,
+    )
+    .unwrap();
+    let store = RedisStore::for_policy(&policy, &redis.url(), false)
+        .await
+        .unwrap();
+    let raw = redis::Client::open(redis.url()).unwrap();
+    let conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let write = |command: redis::Cmd| {
+        let mut conn = conn.clone();
+        async move { command.query_async::<()>(&mut conn).await.unwrap() }
+    };
+    // A key of another type where the account's hash belongs.
+    write(redis::cmd("SET").arg("cg:{acct:a}").arg("x").to_owned()).await;
+    // A version that is not a number.
+    write(
+        redis::cmd("HSET")
+            .arg("cg:{acct:b}")
+            .arg("v")
+            .arg("seven")
+            .arg("s")
+            .arg("{}")
+            .to_owned(),
+    )
+    .await;
+    // A version that is not even text.
+    write(
+        redis::cmd("HSET")
+            .arg("cg:{acct:c}")
+            .arg("v")
+            .arg(&b"\xff\xfe"[..])
+            .arg("s")
+            .arg("{}")
+            .to_owned(),
+    )
+    .await;
+    // A state that does not decode.
+    write(
+        redis::cmd("HSET")
+            .arg("cg:{acct:d}")
+            .arg("v")
+            .arg("3")
+            .arg("s")
+            .arg(&b"\xc1\xc1"[..])
+            .to_owned(),
+    )
+    .await;
+    let now = Clock::system().now_ms();
+    for id in ["a", "b", "c", "d"] {
+        match store.totals(id, now).await {
+            Err(StoreError::Corrupt(_)) => {}
+            other => panic!("account {id}: expected Corrupt, got {other:?}"),
+        }
+    }
+    match store.totals("missing", now).await {
+        Err(StoreError::UnknownAccount(_)) => {}
+        other => panic!("expected UnknownAccount, got {other:?}"),
+    }
+    redis.kill();
+    match store.totals("d", now).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("with redis down: expected Unavailable, got {other:?}"),
+    }
 }
