@@ -211,19 +211,27 @@ fn quote(
         };
         headers.append(name, value);
     }
-    let json = match body {
-        Some(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
-        None => Err("the request has no body".to_string()),
-    };
     let route = policy.route(&path);
-    let facts = RequestFacts {
+    let mut facts = RequestFacts {
         method: &method,
         headers: &headers,
         query,
         path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
-        body: Some(&json),
+        body: None,
     };
-    match policy.evaluate(route.as_ref(), &facts, None) {
+    // As the gateway does: the body is read only when a step needs it, and one
+    // whose objects repeat a key is refused.
+    let mut evaluation = policy.evaluate(route.as_ref(), &facts, None);
+    let json;
+    if let Evaluation::NeedsBody = evaluation {
+        json = match creditgate::policy::json::parse_body(body.unwrap_or("").as_bytes()) {
+            Ok(json) => json,
+            Err(duplicate) => return refuse(ApiError::duplicate_key(&duplicate)),
+        };
+        facts.body = Some(&json);
+        evaluation = policy.evaluate(route.as_ref(), &facts, None);
+    }
+    match evaluation {
         Evaluation::Decided(Ok(Verdict::Operation { index, price })) => {
             let op = &policy.operations[index];
             answer(

@@ -11,11 +11,15 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::ledger::Credits;
+use crate::store::StoreError;
 
 /// Upper bounds of the store latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
+
+/// The kinds of store failure, as `creditgate_store_errors_total` labels them.
+const STORE_FAILURE_KINDS: [&str; 3] = ["unavailable", "contended", "corrupt"];
 
 /// Most distinct (operation, outcome) pairs counted; past it they count as `other`.
 const MAX_SERIES: usize = 4_096;
@@ -40,7 +44,8 @@ pub struct Metrics {
     expired_holds: AtomicU64,
     holds_in_flight: AtomicI64,
     store_latency: Histogram,
-    store_errors: AtomicU64,
+    /// Per kind, in the order of `STORE_FAILURE_KINDS`.
+    store_errors: [AtomicU64; STORE_FAILURE_KINDS.len()],
     unmetered: AtomicU64,
 }
 
@@ -90,7 +95,9 @@ impl Metrics {
         self.expired_holds.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    pub fn store_call(&self, took: Duration, ok: bool) {
+    /// One store call: how long it took, and how it failed, if it did. An unknown
+    /// account is an answer, not a failure of the store.
+    pub fn store_call(&self, took: Duration, error: Option<&StoreError>) {
         let seconds = took.as_secs_f64();
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
             if seconds <= *bound {
@@ -101,19 +108,20 @@ impl Metrics {
         self.store_latency
             .sum_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        if !ok {
-            self.store_errors.fetch_add(1, Ordering::Relaxed);
+        let kind = error.and_then(StoreError::failure_kind);
+        if let Some(i) = kind.and_then(|k| STORE_FAILURE_KINDS.iter().position(|&s| s == k)) {
+            self.store_errors[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Runs a store call and records how long it took and whether it failed.
-    pub async fn store<T, E>(
+    pub async fn store<T>(
         &self,
-        call: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
         let out = call.await;
-        self.store_call(started.elapsed(), out.is_ok());
+        self.store_call(started.elapsed(), out.as_ref().err());
         out
     }
 
@@ -178,7 +186,14 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP creditgate_holds_expired_total Holds released by the sweep after hold_ttl.\n# TYPE creditgate_holds_expired_total counter\ncreditgate_holds_expired_total {}", self.expired_holds.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP creditgate_holds_in_flight Holds this gateway placed and has not ended.\n# TYPE creditgate_holds_in_flight gauge\ncreditgate_holds_in_flight {}", self.holds_in_flight.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP creditgate_store_errors_total Store calls that failed.\n# TYPE creditgate_store_errors_total counter\ncreditgate_store_errors_total {}", self.store_errors.load(Ordering::Relaxed));
+        out.push_str("# HELP creditgate_store_errors_total Store calls that failed, by kind: unavailable (no answer), contended (retries exhausted), corrupt (state that does not decode).\n# TYPE creditgate_store_errors_total counter\n");
+        for (kind, count) in STORE_FAILURE_KINDS.iter().zip(&self.store_errors) {
+            let _ = writeln!(
+                out,
+                "creditgate_store_errors_total{{kind=\"{kind}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP creditgate_unmetered_total Requests forwarded without a hold because the store was unavailable.\n# TYPE creditgate_unmetered_total counter\ncreditgate_unmetered_total {}", self.unmetered.load(Ordering::Relaxed));
         out.push_str("# HELP creditgate_store_latency_seconds Latency of store calls.\n# TYPE creditgate_store_latency_seconds histogram\n");
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
@@ -234,6 +249,42 @@ mod tests {
         assert_eq!(count_of(&metrics, "image", "settled"), Some(2));
         assert_eq!(count_of(&metrics, "image", "released"), Some(1));
         assert_eq!(count_of(&metrics, "video", "settled"), Some(1));
+    }
+
+    #[test]
+    fn store_errors_are_counted_by_kind() {
+        let metrics = Metrics::default();
+        let took = Duration::from_micros(300);
+        metrics.store_call(took, None);
+        metrics.store_call(took, Some(&StoreError::Unavailable("down".into())));
+        metrics.store_call(took, Some(&StoreError::Unavailable("down".into())));
+        metrics.store_call(took, Some(&StoreError::Corrupt("garbage".into())));
+        metrics.store_call(took, Some(&StoreError::UnknownAccount("gone".into())));
+        let text = metrics.render();
+        let count = |kind: &str| {
+            let prefix = format!("creditgate_store_errors_total{{kind=\"{kind}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(str::to_string)
+        };
+        assert_eq!(count("unavailable").as_deref(), Some("2"));
+        assert_eq!(count("contended").as_deref(), Some("0"));
+        assert_eq!(count("corrupt").as_deref(), Some("1"));
+        assert!(
+            text.contains("creditgate_store_latency_seconds_count 5"),
+            "{text}"
+        );
+        // Every sample line is a valid Prometheus series: name, optional labels, value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -127,6 +127,22 @@ impl From<StoreError> for Refusal {
                 "store_unavailable",
                 "the credit store is unavailable",
             ),
+            StoreError::Contended(detail) => {
+                tracing::error!("admin call failed: {detail}");
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    "the account changed too often while this was being applied; retry",
+                )
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!("admin call failed: {detail}");
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    "the account's stored state does not decode",
+                )
+            }
         }
     }
 }

@@ -14,10 +14,16 @@
 //!    the real body on the last call of each upstream attempt (so retries work),
 //!    and `upstream_request_filter` sets the real `Content-Length`.
 //!
+//! An answer written before the body was read (401, 404, 413, …) is followed by
+//! [`linger`], which reads and discards the rest of the body, bounded, before the
+//! connection closes (see its docs).
+//!
 //! The end-to-end test that sends multi-MiB Content-Length, chunked and `Expect`
 //! bodies and compares what the backend got byte for byte guards these internals
 //! across Pingora upgrades. HTTP/2 clients cannot be re-armed; the gateway refuses
 //! body-priced requests from them with a clear error (the listener speaks HTTP/1).
+
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pingora::protocols::http::ServerSession;
@@ -117,4 +123,63 @@ pub(super) async fn rearm(session: &mut Session) -> Result<(), String> {
 /// upstream attempt; the placeholder byte never does.
 pub(super) fn swap_in(saved: &Bytes, body: &mut Option<Bytes>, end_of_stream: bool) {
     *body = end_of_stream.then(|| saved.clone());
+}
+
+/// Most request-body bytes [`linger`] reads and throws away after an early answer.
+/// A client sending more than this after its answer loses the answer to the reset;
+/// one sending less (up to twice the default `max_body_bytes`) can read it.
+pub const LINGER_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Longest [`linger`] waits for the next piece of the body (nginx's
+/// `lingering_timeout`): a client that stopped sending is not waited for.
+pub const LINGER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest [`linger`] lasts in all (nginx's `lingering_time`), however slowly the
+/// client trickles its body.
+pub const LINGER_TIME: Duration = Duration::from_secs(30);
+
+/// How [`linger`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Lingered {
+    /// The whole body was read: the connection closes cleanly.
+    Drained { bytes: usize },
+    /// More than [`LINGER_MAX_BYTES`] came.
+    TooMuch,
+    /// The client paused longer than [`LINGER_IDLE_TIMEOUT`], or the whole took
+    /// longer than [`LINGER_TIME`].
+    TimedOut,
+    /// The client closed or sent a broken body.
+    Broken,
+}
+
+/// After an answer written before the request body was read, reads and discards the
+/// rest of the body before the connection closes — what nginx calls a lingering close.
+///
+/// Closing a socket whose receive buffer still holds unread bytes makes the kernel
+/// reset the connection, and a client still sending (Python's http.client and many
+/// SDKs write the whole body before they read) then sees a broken pipe or a reset
+/// instead of the answer. Draining lets the body end and the close be orderly. It
+/// is bounded in bytes ([`LINGER_MAX_BYTES`]), per read ([`LINGER_IDLE_TIMEOUT`]) and
+/// in all ([`LINGER_TIME`]): Pingora's own `drain_request_body` has no byte limit and,
+/// by default, no deadline. The caller holds no credits meanwhile (answers before
+/// admission hold nothing) and has turned keep-alive off: the connection closes
+/// after this whatever happened.
+pub(super) async fn linger(session: &mut Session) -> Lingered {
+    let downstream = session.as_downstream_mut();
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut bytes = 0usize;
+    loop {
+        let next_read = (tokio::time::Instant::now() + LINGER_IDLE_TIMEOUT).min(deadline);
+        match tokio::time::timeout_at(next_read, downstream.read_request_body()).await {
+            Err(_) => return Lingered::TimedOut,
+            Ok(Err(_)) => return Lingered::Broken,
+            Ok(Ok(None)) => return Lingered::Drained { bytes },
+            Ok(Ok(Some(chunk))) => {
+                bytes = bytes.saturating_add(chunk.len());
+                if bytes > LINGER_MAX_BYTES {
+                    return Lingered::TooMuch;
+                }
+            }
+        }
+    }
 }

@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 
 use super::errors::ApiError;
 use super::{body, Gateway, RequestCtx};
+use crate::policy::json::{self, DuplicateKey};
 use crate::policy::{
     normalize_path, split_query, Caller, Evaluation, Refused, RequestFacts, Verdict,
 };
-use crate::store::StoreError;
 use crate::views;
 
 pub(super) const PREFIX: &str = "/credits/v1/";
@@ -33,13 +33,6 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
         source: "quote".into(),
         message: message.into(),
-    }
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::UnknownAccount(_) => ApiError::InvalidApiKey,
-        StoreError::Unavailable(_) => ApiError::StoreUnavailable,
     }
 }
 
@@ -68,7 +61,17 @@ impl Gateway {
                         "body must be {{\"method\", \"path\", \"headers\"?, \"body\"?}}: {e}"
                     ))
                 })?;
-                self.quote_json(ctx, quote).await?
+                // A key repeated in the quoted body is the request's own error (when
+                // the request would read its body); anywhere else, the quote's.
+                let duplicate = json::duplicate_key(&bytes).map_err(invalid)?;
+                let body_duplicate = match duplicate {
+                    None => None,
+                    Some(d) => match d.within("body") {
+                        Some(in_body) => Some(in_body),
+                        None => return Err(invalid(d.to_string())),
+                    },
+                };
+                self.quote_json(ctx, quote, body_duplicate).await?
             }
             _ => return Err(ApiError::UnknownOperation),
         };
@@ -84,7 +87,7 @@ impl Gateway {
             .store
             .account(&identity.account, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok(views::balance(&account))
     }
 
@@ -99,14 +102,21 @@ impl Gateway {
             .store
             .ledger(&identity.account, limit, cursor, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok(views::ledger(&entries, limit))
     }
 
     /// What the request would get, read-only: `Policy::evaluate` (as a real request
-    /// runs it), then the checks of the hold in the ledger's order — the quota, then
-    /// the balance — against the account as it is now. Nothing is held.
-    async fn quote_json(&self, ctx: &RequestCtx, quote: QuoteRequest) -> Result<Value, ApiError> {
+    /// runs it: without the body first, then with it if a step needs it, refusing
+    /// a body that repeats a key), then the checks of the hold in the ledger's
+    /// order — the quota, then the balance — against the account as it is now.
+    /// Nothing is held.
+    async fn quote_json(
+        &self,
+        ctx: &RequestCtx,
+        quote: QuoteRequest,
+        body_duplicate: Option<DuplicateKey>,
+    ) -> Result<Value, ApiError> {
         let Some(identity) = &ctx.identity else {
             return Err(ApiError::MissingApiKey);
         };
@@ -128,7 +138,7 @@ impl Gateway {
             .store
             .account(&identity.account, self.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         let available = account.totals.available;
         let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
             json!({"allowed": false, "operation": operation, "credits": credits,
@@ -141,12 +151,12 @@ impl Gateway {
             Err(e) => return Ok(refused(e.into(), None, None)),
         };
         let route = self.policy.route(&path);
-        let facts = RequestFacts {
+        let mut facts = RequestFacts {
             method: &method,
             headers: &headers,
             query,
             path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
-            body: Some(&json_body),
+            body: None,
         };
         let caller = Caller {
             plan: &identity.plan,
@@ -154,8 +164,17 @@ impl Gateway {
         };
         let verdict = match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
             Evaluation::Decided(verdict) => verdict,
-            // Unreachable: the body is given, so every step can decide.
-            Evaluation::NeedsBody => return Err(ApiError::Internal),
+            Evaluation::NeedsBody => {
+                if let Some(duplicate) = &body_duplicate {
+                    return Ok(refused(ApiError::duplicate_key(duplicate), None, None));
+                }
+                facts.body = Some(&json_body);
+                match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
+                    Evaluation::Decided(verdict) => verdict,
+                    // Unreachable: with the body given, every step can decide.
+                    Evaluation::NeedsBody => return Err(ApiError::Internal),
+                }
+            }
         };
         let (index, price) = match verdict {
             Ok(Verdict::Operation { index, price }) => (index, price),

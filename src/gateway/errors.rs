@@ -6,7 +6,9 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Credits;
+use crate::policy::json::DuplicateKey;
 use crate::policy::{PathError, Policy, Refused};
+use crate::store::StoreError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -45,6 +47,11 @@ pub enum ApiError {
         limit: u64,
     },
     StoreUnavailable,
+    /// The store answered, but the account is contended or its state corrupt: a
+    /// 500, never forwarded. `detail` is for the log, never for the body.
+    StoreFailed {
+        detail: String,
+    },
     UpstreamUnavailable,
     UpstreamTimeout,
     /// A bug in the gateway; the body says nothing more.
@@ -69,7 +76,7 @@ impl ApiError {
             ApiError::UpstreamUnavailable => 502,
             ApiError::StoreUnavailable => 503,
             ApiError::UpstreamTimeout => 504,
-            ApiError::Internal => 500,
+            ApiError::Internal | ApiError::StoreFailed { .. } => 500,
             ApiError::IdempotencyInProgress
             | ApiError::IdempotencyKeyReused
             | ApiError::IdempotencyReplayUnavailable => 409,
@@ -89,6 +96,7 @@ impl ApiError {
             ApiError::PremiumDisabled { .. } => "premium_disabled",
             ApiError::QuotaExhausted { .. } => "quota_exhausted",
             ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::StoreFailed { .. } => "store_error",
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Internal => "internal_error",
@@ -156,6 +164,9 @@ impl ApiError {
             ApiError::StoreUnavailable => {
                 "The credit store is unavailable; nothing was charged. Retry shortly.".into()
             }
+            ApiError::StoreFailed { .. } => {
+                "The credit store failed on this account; nothing was charged or forwarded.".into()
+            }
             ApiError::UpstreamUnavailable => {
                 "The backend could not be reached or failed; nothing was charged.".into()
             }
@@ -185,6 +196,29 @@ impl ApiError {
                 source: e.source,
                 message: e.message,
             },
+        }
+    }
+
+    /// The answer to a store failure, by its kind: an unknown account means the
+    /// key's account is gone (401), an outage is a 503, a contended or corrupt
+    /// account a 500. (Whether an outage may be forwarded unmetered instead is the
+    /// hold's decision, not this one's.)
+    pub fn store(error: StoreError) -> ApiError {
+        match error {
+            StoreError::UnknownAccount(_) => ApiError::InvalidApiKey,
+            StoreError::Unavailable(_) => ApiError::StoreUnavailable,
+            StoreError::Contended(_) | StoreError::Corrupt(_) => ApiError::StoreFailed {
+                detail: error.to_string(),
+            },
+        }
+    }
+
+    /// A body read to match or price whose objects repeat a key: the gateway and
+    /// the backend could read different values, so it is refused.
+    pub fn duplicate_key(duplicate: &DuplicateKey) -> ApiError {
+        ApiError::InvalidRequest {
+            source: "body".into(),
+            message: duplicate.to_string(),
         }
     }
 

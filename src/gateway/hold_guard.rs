@@ -83,8 +83,13 @@ impl HoldGuard {
             Ok(Err(EndRejected::UnknownHold)) => {
                 tracing::error!(%request_id, hold = self.hold_id, "{what}: unknown hold")
             }
-            Err(e) => {
+            // Down or contended: the hold is still there, and its TTL ends it.
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Contended(_))) => {
                 tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}")
+            }
+            // Corrupt (or gone): nothing ends the hold until the account is repaired.
+            Err(e @ (StoreError::Corrupt(_) | StoreError::UnknownAccount(_))) => {
+                tracing::error!(%request_id, hold = self.hold_id, "{what} failed on an account the store cannot read: {e}")
             }
         }
     }

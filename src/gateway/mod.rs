@@ -40,6 +40,7 @@ use errors::ApiError;
 use hold_guard::HoldGuard;
 use usage::UsageMeter;
 
+pub use body::{LINGER_IDLE_TIMEOUT, LINGER_MAX_BYTES, LINGER_TIME};
 pub use live::{LiveGateway, LiveProxy, ReloadError};
 pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
 
@@ -260,6 +261,9 @@ impl Gateway {
     ) -> Result<()> {
         ctx.answered = true;
         ctx.outcome = Some(error.kind());
+        if let ApiError::StoreFailed { detail } = &error {
+            tracing::error!(request_id = %ctx.request_id, "store failure, answered 500: {detail}");
+        }
         let body = error.body(&ctx.request_id);
         self.write_json(session, ctx, error.status(), body).await
     }
@@ -281,11 +285,16 @@ impl Gateway {
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header("idempotent-replayed", "true")?;
         self.add_credit_headers(&mut resp, ctx)?;
-        if !session.is_body_done() {
+        let body_unread = !session.is_body_done();
+        if body_unread {
             session.set_keepalive(None);
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body), true).await?;
+        if body_unread {
+            self.linger(session, ctx).await;
+        }
+        Ok(())
     }
 
     /// Writes a JSON response the gateway makes itself, with the credit headers.
@@ -301,12 +310,28 @@ impl Gateway {
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         self.add_credit_headers(&mut resp, ctx)?;
-        if !session.is_body_done() {
+        let body_unread = !session.is_body_done();
+        if body_unread {
             // The request body was not read: the connection cannot be reused.
             session.set_keepalive(None);
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_body(Some(body), true).await?;
+        if body_unread {
+            self.linger(session, ctx).await;
+        }
+        Ok(())
+    }
+
+    /// After an answer written with the request body unread: drains the rest of it,
+    /// bounded (`body::linger`), so a client still sending can read the answer. Never
+    /// while a hold is open: the wait is the client's, its credits are not held for it.
+    async fn linger(&self, session: &mut Session, ctx: &RequestCtx) {
+        if ctx.hold.is_some() {
+            return;
+        }
+        let lingered = body::linger(session).await;
+        tracing::debug!(request_id = %ctx.request_id, "after an early answer: {lingered:?}");
     }
 
     fn add_credit_headers(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
@@ -336,8 +361,8 @@ impl Gateway {
             .await
         {
             Ok(Some(identity)) => Ok(identity),
-            Ok(None) | Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
-            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            Ok(None) => Err(ApiError::InvalidApiKey),
+            Err(e) => Err(ApiError::store(e)),
         }
     }
 
@@ -378,7 +403,7 @@ impl Gateway {
             Evaluation::Decided(verdict) => (verdict, None),
             Evaluation::NeedsBody => {
                 let body = self.read_body(session).await?;
-                let json = parse_json(&body);
+                let json = parse_json(&body)?;
                 let facts = request_facts(session.req_header(), path_params, Some(&json));
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
                     Evaluation::Decided(verdict) => (verdict, Some(body)),
@@ -545,15 +570,16 @@ impl Gateway {
                     limit,
                 })
             }
-            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
-            Err(StoreError::Unavailable(e)) if self.fails_open() => {
-                // on_unavailable = "allow": forward unmetered, and count it.
-                let forwarded = self.metrics.unmetered();
-                tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "store unavailable, forwarding unmetered: {e}");
-                ctx.remaining = None;
-                Ok(Held::Placed)
-            }
-            Err(StoreError::Unavailable(_)) => Err(ApiError::StoreUnavailable),
+            Err(e) => match unplaced(e, self.fails_open()) {
+                Unplaced::ForwardUnmetered(e) => {
+                    // on_unavailable = "allow": forward unmetered, and count it.
+                    let forwarded = self.metrics.unmetered();
+                    tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "forwarding unmetered: {e}");
+                    ctx.remaining = None;
+                    Ok(Held::Placed)
+                }
+                Unplaced::Refuse(error) => Err(error),
+            },
         }
     }
 
@@ -564,9 +590,10 @@ impl Gateway {
             .await
         {
             Ok(totals) => Ok(Some(totals.available)),
-            // A free request needs the store only for this header: go on without it.
+            // A free request needs the store only for this header: go on without it
+            // through an outage. A contended or corrupt account is never forwarded.
             Err(StoreError::Unavailable(_)) => Ok(None),
-            Err(StoreError::UnknownAccount(_)) => Err(ApiError::InvalidApiKey),
+            Err(e) => Err(ApiError::store(e)),
         }
     }
 
@@ -609,6 +636,24 @@ impl Gateway {
         if let Some(available) = guard.release(&ctx.request_id).await {
             ctx.remaining = Some(available);
         }
+    }
+}
+
+/// What a hold the store failed to place becomes.
+#[derive(Debug, PartialEq)]
+enum Unplaced {
+    /// `on_unavailable = "allow"` and the store is down: forward without a hold.
+    ForwardUnmetered(StoreError),
+    Refuse(ApiError),
+}
+
+/// Only an outage may be forwarded unmetered, and only when the policy allows it: a
+/// contended or corrupt account is a 500 whatever `on_unavailable` says — the store
+/// answered, so the account is there, and forwarding would let its requests run free.
+fn unplaced(error: StoreError, fails_open: bool) -> Unplaced {
+    match error {
+        StoreError::Unavailable(_) if fails_open => Unplaced::ForwardUnmetered(error),
+        error => Unplaced::Refuse(ApiError::store(error)),
     }
 }
 
@@ -783,12 +828,13 @@ impl Recorder {
     }
 }
 
-/// The request body as JSON, or why it is not.
-fn parse_json(body: &[u8]) -> std::result::Result<serde_json::Value, String> {
-    if body.is_empty() {
-        return Err("the request has no body".into());
-    }
-    serde_json::from_slice(body).map_err(|e| e.to_string())
+/// The request body as JSON, or why it is not (the policy then names the value
+/// that needed it). `Err` refuses a body whose objects repeat a key: the gateway
+/// would price one value and the backend might read another.
+fn parse_json(
+    body: &[u8],
+) -> std::result::Result<std::result::Result<serde_json::Value, String>, ApiError> {
+    crate::policy::json::parse_body(body).map_err(|duplicate| ApiError::duplicate_key(&duplicate))
 }
 
 /// Which side a Pingora error came from, for the decision.
@@ -1043,6 +1089,35 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_outage_is_forwarded_unmetered_and_only_when_allowed() {
+        let outage = || StoreError::Unavailable("connection refused".into());
+        let contended = || StoreError::Contended("changed 64 times".into());
+        let corrupt = || StoreError::Corrupt("does not decode".into());
+        assert_eq!(
+            unplaced(outage(), true),
+            Unplaced::ForwardUnmetered(outage())
+        );
+        assert_eq!(
+            unplaced(outage(), false),
+            Unplaced::Refuse(ApiError::StoreUnavailable)
+        );
+        for fails_open in [true, false] {
+            for failure in [contended(), corrupt()] {
+                let Unplaced::Refuse(error) = unplaced(failure.clone(), fails_open) else {
+                    panic!("{failure} was forwarded (fails_open = {fails_open})");
+                };
+                assert_eq!((error.status(), error.kind()), (500, "store_error"));
+                let body = error.body("r1").to_string();
+                assert!(!body.contains("decode") && !body.contains("64"), "{body}");
+            }
+            assert_eq!(
+                unplaced(StoreError::UnknownAccount("gone".into()), fails_open),
+                Unplaced::Refuse(ApiError::InvalidApiKey)
+            );
+        }
+    }
 
     #[test]
     fn request_ids_are_32_lowercase_hex_digits_and_differ() {

@@ -8,6 +8,7 @@
 
 mod evaluate;
 mod exact;
+pub mod json;
 mod path;
 mod price;
 mod raw;

@@ -58,13 +58,40 @@ pub struct AccountView {
     pub quotas: Vec<QuotaView>,
 }
 
-/// A failure of the store itself (not an outcome of the ledger).
+/// A failure of the store itself (not an outcome of the ledger), classified where
+/// it happens — never guessed later from a message — because each kind gets its
+/// own answer: only an outage may let a request through unmetered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("account {0} does not exist")]
     UnknownAccount(String),
+    /// The store did not answer: a timeout, a refused or lost connection, a server
+    /// that cannot serve. Answered 503, or forwarded unmetered where the policy
+    /// says `on_unavailable = "allow"`; retrying later may succeed.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, but other writers changed the account every time a
+    /// transition was computed, until the retries ran out. Answered 500, never
+    /// forwarded: the account is there, and a request through would run free.
+    #[error("the account is contended: {0}")]
+    Contended(String),
+    /// The store answered with state that does not decode (or state that cannot be
+    /// encoded). Answered 500, never forwarded, whatever `on_unavailable` says.
+    #[error("the store holds state that does not decode: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// The kind, as the metrics label it; `None` for an unknown account, which is
+    /// an answer about the data rather than a failure of the store.
+    pub fn failure_kind(&self) -> Option<&'static str> {
+        match self {
+            StoreError::UnknownAccount(_) => None,
+            StoreError::Unavailable(_) => Some("unavailable"),
+            StoreError::Contended(_) => Some("contended"),
+            StoreError::Corrupt(_) => Some("corrupt"),
+        }
+    }
 }
 
 pub type HoldOutcome = Result<HoldPlaced, HoldRejected>;

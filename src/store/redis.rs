@@ -228,6 +228,8 @@ pub struct RedisStore {
     cache: DashMap<String, Cached>,
     keys: DashMap<[u8; 32], KeyOwner>,
     rules: RwLock<Rules>,
+    /// Attempts at one transition: `MAX_ATTEMPTS`, or fewer in tests that contend.
+    max_attempts: usize,
 }
 
 /// `cg:{acct:ID}` followed by `suffix` (built on every commit: no formatting machinery).
@@ -262,13 +264,41 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// What a failed Redis call means. A reply of a shape we never write (a value that
+/// is not text where text was stored, a key of another type) is corrupt state:
+/// asking again will not help, and it must never pass as an outage (an outage may
+/// be forwarded unmetered). Every other failure — no connection, a timeout, a
+/// server loading, read-only, out of memory, a cluster resharding — is the store
+/// being unavailable.
+fn failed(e: redis::RedisError) -> StoreError {
+    if e.kind() == redis::ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
+        corrupt(e)
+    } else {
+        unavailable(e)
+    }
+}
+
+/// An account's version as stored in its `v` field: a decimal counter, or corrupt.
+fn checked_version(version: String) -> Result<String, StoreError> {
+    match version.parse::<u64>() {
+        Ok(_) => Ok(version),
+        Err(_) => Err(corrupt(format!(
+            "an account's version in redis is not a number: {version:?}"
+        ))),
+    }
+}
+
 /// Runs one Redis call with the store's timeout.
 async fn call<T>(
     future: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(CALL_TIMEOUT, future).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(failed(e)),
         Err(_) => Err(StoreError::Unavailable(
             "redis did not answer in time".into(),
         )),
@@ -281,7 +311,7 @@ fn encode(account: &Account) -> Result<Vec<u8>, StoreError> {
     // Sized for a typical account up front: growing from empty reallocates ~8 times.
     let mut state = Vec::with_capacity(STATE_BYTES_EXPECTED);
     rmp_serde::encode::write_named(&mut state, account)
-        .map_err(|e| StoreError::Unavailable(format!("cannot encode the account: {e}")))?;
+        .map_err(|e| corrupt(format!("cannot encode the account: {e}")))?;
     Ok(state)
 }
 
@@ -297,8 +327,7 @@ pub fn decode_state(state: &[u8]) -> Result<Account, StoreError> {
     } else {
         rmp_serde::from_slice(state).map_err(|e| e.to_string())
     };
-    decoded
-        .map_err(|e| StoreError::Unavailable(format!("an account in redis does not decode: {e}")))
+    decoded.map_err(|e| corrupt(format!("an account in redis does not decode: {e}")))
 }
 
 fn earliest_hold(account: &Account) -> Option<Millis> {
@@ -344,11 +373,20 @@ impl RedisStore {
                 catalog,
                 ledger_max_entries,
             }),
+            max_attempts: MAX_ATTEMPTS,
         };
         // Load the script once now; `invoke_async` reloads it after a NOSCRIPT.
         let mut conn = store.conn.clone();
         call(store.commit.prepare_invoke().load_async(&mut conn)).await?;
         Ok(store)
+    }
+
+    /// The same store giving up on a transition after `attempts` lost
+    /// compare-and-sets (at least one attempt), so that a test can make a
+    /// transition contended with one concurrent change instead of 64.
+    pub fn with_max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
     }
 
     fn rules(&self) -> (Arc<Catalog>, usize) {
@@ -411,7 +449,7 @@ impl RedisStore {
         )
         .await?;
         match (version, state) {
-            (Some(v), Some(s)) => Ok(Some((v, decode_state(&s)?))),
+            (Some(v), Some(s)) => Ok(Some((checked_version(v)?, decode_state(&s)?))),
             _ => Ok(None),
         }
     }
@@ -444,9 +482,8 @@ impl RedisStore {
             .arg(index_at)
             .arg(id);
         for entry in entries {
-            let json = serde_json::to_string(entry).map_err(|e| {
-                StoreError::Unavailable(format!("cannot encode a ledger entry: {e}"))
-            })?;
+            let json = serde_json::to_string(entry)
+                .map_err(|e| corrupt(format!("cannot encode a ledger entry: {e}")))?;
             invocation.arg(format!("{}-0", entry.seq)).arg(json);
         }
         let mut conn = self.conn.clone();
@@ -458,7 +495,10 @@ impl RedisStore {
         if current.is_empty() {
             return Ok(Err(None));
         }
-        Ok(Err(Some((new_version, decode_state(&current)?))))
+        Ok(Err(Some((
+            checked_version(new_version)?,
+            decode_state(&current)?,
+        ))))
     }
 
     /// Applies time and `apply` to an account and commits the result atomically,
@@ -518,7 +558,7 @@ impl RedisStore {
             Some(hit) => Some(hit),
             None => self.fetch(id).await?,
         };
-        for attempt in 0..MAX_ATTEMPTS {
+        for attempt in 0..self.max_attempts {
             let Some((version, mut account)) = current.take() else {
                 self.cache.remove(id);
                 return Err(StoreError::UnknownAccount(id.to_string()));
@@ -576,8 +616,9 @@ impl RedisStore {
                 }
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "account {id} changed {MAX_ATTEMPTS} times while one transition was computed"
+        Err(StoreError::Contended(format!(
+            "account {id} changed {} times while one transition was computed",
+            self.max_attempts
         )))
     }
 
@@ -654,7 +695,10 @@ impl RedisStore {
         {
             Ok(found) => found,
             // Redis is down: a key seen before still identifies its owner.
-            Err(e) => return self.keys.get(hash).map(|o| Some(o.clone())).ok_or(e),
+            Err(e @ StoreError::Unavailable(_)) => {
+                return self.keys.get(hash).map(|o| Some(o.clone())).ok_or(e)
+            }
+            Err(e) => return Err(e),
         };
         match found {
             (Some(account), Some(member), key_id) => {
@@ -754,11 +798,12 @@ impl Store for RedisStore {
                 }
                 Ok(None) => return Ok(None),
                 // Redis is down: an account seen before still answers who it is.
-                Err(e) => self
+                Err(e @ StoreError::Unavailable(_)) => self
                     .cache
                     .get(&owner.account)
                     .map(|c| standing(&c))
                     .ok_or(e)?,
+                Err(e) => return Err(e),
             },
         };
         Ok(Some(Identity {
@@ -985,7 +1030,8 @@ impl Store for RedisStore {
             return Ok(Err(AccountRejected::UnknownKey));
         };
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(&hex_hash, &mut bytes).map_err(unavailable)?;
+        hex::decode_to_slice(&hex_hash, &mut bytes)
+            .map_err(|e| corrupt(format!("key id {key_id} maps to no key hash: {e}")))?;
         let owner: (Option<String>, Option<String>) = call(
             redis::cmd("HMGET")
                 .arg(key_key(&bytes))
@@ -1093,9 +1139,8 @@ impl Store for RedisStore {
         rows.into_iter()
             .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "e").map(|(_, v)| v))
             .map(|json| {
-                serde_json::from_str(&json).map_err(|e| {
-                    StoreError::Unavailable(format!("a ledger entry does not decode: {e}"))
-                })
+                serde_json::from_str(&json)
+                    .map_err(|e| corrupt(format!("a ledger entry does not decode: {e}")))
             })
             .collect()
     }

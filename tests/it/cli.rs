@@ -485,6 +485,15 @@ price = { credits = { from = "header:x-tier", table = { fast = 1, best = 4.5 } }
             .contains("not JSON"),
         "{json}"
     );
+    // A body that repeats a key is refused, as the gateway refuses it.
+    let (code, json) = quote(&[
+        "POST",
+        "/v1/videos",
+        r#"{"duration_seconds": 60, "duration_seconds": 1}"#,
+    ]);
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["error"]["type"], "invalid_request");
+    assert_eq!(json["error"]["source"], "body");
     let (code, json) = quote(&["--header", "x-tier best", "POST", "/v1/chat"]);
     assert_eq!(code, Some(1), "{json}");
     assert_eq!(json["error"]["type"], "invalid_request");

@@ -13,4 +13,5 @@ mod paths;
 mod proxy;
 mod quotes;
 mod redis_server;
+mod refusals;
 mod replicas;

@@ -78,7 +78,10 @@ async fn metrics_count_real_traffic() {
     assert_eq!(metric(&text, "creditgate_credits_settled_total"), 6.5);
     assert_eq!(metric(&text, "creditgate_credits_released_total"), 3.0);
     assert_eq!(metric(&text, "creditgate_holds_in_flight"), 0.0);
-    assert_eq!(metric(&text, "creditgate_store_errors_total"), 0.0);
+    for kind in ["unavailable", "contended", "corrupt"] {
+        let series = format!("creditgate_store_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&text, &series), 0.0);
+    }
     assert!(metric(&text, "creditgate_store_latency_seconds_count") >= 10.0);
     let resp = gw
         .client
