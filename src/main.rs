@@ -319,9 +319,16 @@ fn run(path: &std::path::Path) -> ExitCode {
             Some(path.to_path_buf()),
             token.as_deref(),
         );
-        (listen, state)
+        pingora::services::background::background_service(
+            "admin API",
+            creditgate::admin::AdminService::new(listen, state),
+        )
     });
-    run_server(live, path.to_path_buf(), admin)
+    let services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = admin
+        .into_iter()
+        .map(|s| Box::new(s) as Box<dyn pingora::services::ServiceWithDependents>)
+        .collect();
+    run_server(live, path.to_path_buf(), services)
 }
 
 /// Runs `task` on a multi-threaded runtime; prints its error and fails if it fails.

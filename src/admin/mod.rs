@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,6 +17,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
 use axum::{Json, Router};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -291,6 +294,36 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` turns true.
+/// The admin API as one of the server's services.
+pub struct AdminService {
+    listen: String,
+    state: AdminState,
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let listener = match TcpListener::bind(&self.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(listen = %self.listen, "cannot bind the admin listener: {e}");
+                return;
+            }
+        };
+        tracing::info!(listen = %self.listen, "admin API is listening");
+        if let Err(e) = serve(listener, self.state.clone(), shutdown).await {
+            tracing::error!("the admin API stopped: {e}");
+        }
+    }
+}
+
+impl AdminService {
+    /// The admin API on `listen`, as a service of `creditgate run`'s server.
+    pub fn new(listen: String, state: AdminState) -> Self {
+        AdminService { listen, state }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,

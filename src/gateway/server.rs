@@ -10,13 +10,13 @@ use pingora::proxy::ProxyHttp;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::ServiceWithDependents;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{Gateway, LiveGateway, LiveProxy};
 use std::path::PathBuf;
 
-use crate::admin::AdminState;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::policy::GatewayConfig;
@@ -131,36 +131,13 @@ where
     }
 }
 
-/// The admin API as one of the server's services.
-struct AdminService {
-    listen: String,
-    state: AdminState,
-}
-
-#[async_trait]
-impl BackgroundService for AdminService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let listener = match TcpListener::bind(&self.listen).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(listen = %self.listen, "cannot bind the admin listener: {e}");
-                return;
-            }
-        };
-        tracing::info!(listen = %self.listen, "admin API is listening");
-        if let Err(e) = crate::admin::serve(listener, self.state.clone(), shutdown).await {
-            tracing::error!("the admin API stopped: {e}");
-        }
-    }
-}
-
 /// Runs the gateway under Pingora's server (signals, graceful shutdown) on the
-/// policy's `listen` address, and the admin API on `admin_listen` when given.
-/// Never returns.
+/// policy's `listen` address, with the caller's other `services` (the admin API)
+/// beside it. Never returns.
 pub fn run_server(
     live: Arc<LiveGateway>,
     policy_file: PathBuf,
-    admin: Option<(String, AdminState)>,
+    services: Vec<Box<dyn ServiceWithDependents>>,
 ) -> ! {
     let gateway = live.current();
     let listen = gateway.policy().gateway.listen.clone();
@@ -180,12 +157,7 @@ pub fn run_server(
         "policy reload on SIGHUP",
         ReloadOnHangup { live, policy_file },
     ));
-    if let Some((listen, state)) = admin {
-        server.add_service(background_service(
-            "admin API",
-            AdminService { listen, state },
-        ));
-    }
+    server.add_services(services);
     tracing::info!(%listen, "creditgate is listening");
     server.run_forever()
 }
