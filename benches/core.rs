@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed assumption should fail loudly
 //! Core benches: the work metering adds to each request, without IO.
 //! `cargo bench --bench core`. The whole-proxy load bench comes with BENCHMARKS.md.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed assumption should fail loudly
 //! The whole proxy under load, in one run: a bare Pingora passthrough (the ceiling),
 //! the gateway on the memory store, and the gateway on Redis — same backend, same
 //! accept loop, same load — then one table with each gateway's ratio to the

@@ -92,42 +92,37 @@ impl Credits {
 /// `0.5`, `12.125`. The gateway writes two on every response, so no allocation.
 pub struct Decimal {
     bytes: [u8; 24],
-    start: usize,
+    len: usize,
 }
 
 impl Decimal {
     pub fn as_str(&self) -> &str {
-        // Only ASCII digits and '.' are ever written.
-        std::str::from_utf8(&self.bytes[self.start..]).unwrap_or("")
+        // Only ASCII digits and '.' are ever written, within the buffer.
+        std::str::from_utf8(self.bytes.get(..self.len).unwrap_or_default()).unwrap_or("")
     }
 }
 
 impl Credits {
     /// This amount as decimal text (see [`Decimal`]); `Display` writes the same.
     pub fn decimal(self) -> Decimal {
+        use std::io::Write as _;
         let mut bytes = [0u8; 24];
-        let mut at = bytes.len();
-        let frac = self.0 % SCALE;
-        if frac != 0 {
-            let digits = [frac / 100, frac / 10 % 10, frac % 10];
-            let kept = 3 - digits.iter().rev().take_while(|d| **d == 0).count();
-            for d in digits[..kept].iter().rev() {
-                at -= 1;
-                bytes[at] = b'0' + *d as u8;
+        let mut rest: &mut [u8] = &mut bytes;
+        let (whole, mut frac) = (self.0 / SCALE, self.0 % SCALE);
+        // The longest amount, u64::MAX millicredits, is 17 digits, a point and 3
+        // decimals: it always fits, so the write cannot fail.
+        let _ = if frac == 0 {
+            write!(rest, "{whole}")
+        } else {
+            let mut width = 3;
+            while frac % 10 == 0 {
+                frac /= 10;
+                width -= 1;
             }
-            at -= 1;
-            bytes[at] = b'.';
-        }
-        let mut whole = self.0 / SCALE;
-        loop {
-            at -= 1;
-            bytes[at] = b'0' + (whole % 10) as u8;
-            whole /= 10;
-            if whole == 0 {
-                break;
-            }
-        }
-        Decimal { bytes, start: at }
+            write!(rest, "{whole}.{frac:0width$}")
+        };
+        let len = 24 - rest.len();
+        Decimal { bytes, len }
     }
 }
 

@@ -47,16 +47,18 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<(u64, End
 }
 
 fn from_bytes<E: de::Error>(bytes: &[u8]) -> Result<VecDeque<(u64, Ending)>, E> {
-    if bytes.len() % WIDTH != 0 {
+    if !bytes.len().is_multiple_of(WIDTH) {
         return Err(E::custom("ended holds: not a whole number of records"));
     }
     bytes
         .chunks_exact(WIDTH)
         .map(|record| {
-            let mut id = [0u8; 8];
-            id.copy_from_slice(&record[..8]);
-            ending(record[8])
-                .map(|how| (u64::from_le_bytes(id), how))
+            let (id, how) = record
+                .split_first_chunk::<8>()
+                .ok_or_else(|| E::custom("ended holds: a record is too short"))?;
+            how.first()
+                .and_then(|&code| ending(code))
+                .map(|how| (u64::from_le_bytes(*id), how))
                 .ok_or_else(|| E::custom("ended holds: unknown ending"))
         })
         .collect()

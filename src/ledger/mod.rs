@@ -25,6 +25,9 @@
 //! before every transition, which is how refills happen lazily and exactly once per
 //! cycle ([`Account::apply_time`] does both).
 
+// Money code: an index that could be out of range is a `get` that says what then.
+#![deny(clippy::indexing_slicing)]
+
 mod account;
 mod admission;
 mod calendar;

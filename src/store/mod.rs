@@ -9,6 +9,9 @@
 //! Every call applies time first: a due monthly refill, expired grants, holds past
 //! their TTL. That is what makes refills lazy and exactly-once per cycle.
 
+// Money code: an index that could be out of range is a `get` that says what then.
+#![deny(clippy::indexing_slicing)]
+
 pub mod memory;
 pub mod redis;
 

@@ -550,6 +550,7 @@ impl RedisStore {
             let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
             hasher.hash_one(id) as usize % LOCK_STRIPES
         };
+        #[allow(clippy::indexing_slicing)] // stripe < LOCK_STRIPES, the number of stripes
         let _one_at_a_time = self.stripes[stripe].lock().await;
         let cached = if fresh { None } else { self.take_cached(id) };
         // Whether `current` is this replica's copy rather than what Redis answered.

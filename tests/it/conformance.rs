@@ -528,13 +528,11 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                     store.hold("acme", &request, now).await.unwrap()
                 ));
             }
-            if let Ok(placed) = stores[0].holds(Some("acme"), 100, now).await.map(|h| {
+            if let Ok(Some((_, h))) = stores[0].holds(Some("acme"), 100, now).await.map(|h| {
                 h.into_iter()
                     .find(|(_, h)| h.request_id == request.request_id)
             }) {
-                if let Some((_, h)) = placed {
-                    model.open.push((h.id, h.amount, h.expires_at_ms));
-                }
+                model.open.push((h.id, h.amount, h.expires_at_ms));
             }
         } else if choice < 70 && !model.open.is_empty() {
             let (id, held, _) = model.open.swap_remove(rng.gen_range(0..model.open.len()));

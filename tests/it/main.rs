@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed assumption should fail loudly
 //! One integration test binary (matklad: builds once, runs fast). Every test
 //! starts its own gateway on `127.0.0.1:0` in front of its own mock backend.
 
