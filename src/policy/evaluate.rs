@@ -1,4 +1,4 @@
-//! Match → entitle → price (SPEC §4, steps 2–4): what the policy makes of one
+//! Match → entitle → price (steps 2 to 4 of a request): what the policy makes of one
 //! request before any balance is looked at. The gateway's requests, the client's
 //! `POST /credits/v1/quote` and `creditgate quote` all ask this one function, so
 //! the three can never disagree on an operation, a refusal or a price.

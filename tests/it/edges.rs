@@ -1,4 +1,4 @@
-//! Edges of SPEC §4, §5 and §7: the order of the steps when a body is too large,
+//! Edges of the request steps, the errors and the client APIs: the order of the steps when a body is too large,
 //! unmatched pass-through, quotes of quotas and pass-through, `too_many_holds`,
 //! `on_unavailable = "allow"`, and the admin API's own errors and readiness.
 
