@@ -46,8 +46,10 @@ pub struct Totals {
     pub expired: Credits,
 }
 
-/// One wallet: its grants and open holds. Serializable, so a shared store can
-/// keep it whole and compare-and-set it.
+/// One wallet: its grants and open holds. Serializable whole (the local stores
+/// keep it so); a shared store keeps the open holds beside the rest
+/// ([`Account::take_holds`]), which the aggregates `held`, `open_holds`,
+/// `quota_held` and each grant's `drawn` let it decide on without them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub id: String,
@@ -62,7 +64,18 @@ pub struct Account {
     pub(super) quota_used: BTreeMap<String, u64>,
     /// Kept sorted in spend order.
     pub(super) grants: Vec<Grant>,
+    /// The open holds this copy knows: all of them, except in a shared store, which
+    /// loads only the ones a transition needs (see [`Account::partial`]).
     pub(super) holds: BTreeMap<u64, Hold>,
+    /// Credits held by open holds: the sum of their amounts.
+    #[serde(default)]
+    pub(super) held: Credits,
+    /// How many holds are open.
+    #[serde(default)]
+    pub(super) open_holds: usize,
+    /// Quota units held by open holds, by quota.
+    #[serde(default)]
+    pub(super) quota_held: BTreeMap<String, u64>,
     pub(super) granted: Credits,
     pub(super) charged: Credits,
     pub(super) expired: Credits,
@@ -77,6 +90,13 @@ pub struct Account {
     /// Ledger entries not yet taken by the store.
     #[serde(skip)]
     pub(super) fresh: VecDeque<Entry>,
+    /// The holds placed and ended since the store last took them (kept only by a
+    /// partial copy: a local store keeps every hold with the account).
+    #[serde(skip)]
+    pub(super) hold_changes: HoldChanges,
+    /// True when `holds` may lack some open holds (a shared store's copy).
+    #[serde(skip)]
+    pub(super) partial: bool,
     pub(super) next_seq: u64,
 }
 
@@ -103,6 +123,26 @@ pub(super) fn sum(amounts: impl Iterator<Item = Credits>) -> Credits {
 #[error("grant would overflow the account's total")]
 pub struct GrantOverflow;
 
+/// Quota units each quota's holds use.
+fn quota_counts<'a>(holds: impl Iterator<Item = &'a Hold>) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for q in holds.filter_map(|h| h.quota.as_ref()) {
+        *counts.entry(q.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// The holds placed and ended since a store last took them ([`Account::take_hold_changes`]):
+/// what a store that keeps holds beside the account writes. A hold placed and
+/// ended between two takes appears in neither.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HoldChanges {
+    /// Ids of holds placed (their records are in the account).
+    pub placed: Vec<u64>,
+    /// Ids of holds that ended.
+    pub ended: Vec<u64>,
+}
+
 /// The default journal cap when the policy names none.
 pub const DEFAULT_LEDGER_MAX_ENTRIES: usize = 1_000;
 
@@ -120,6 +160,9 @@ impl Account {
             quota_used: BTreeMap::new(),
             grants: Vec::new(),
             holds: BTreeMap::new(),
+            held: Credits::ZERO,
+            open_holds: 0,
+            quota_held: BTreeMap::new(),
             granted: Credits::ZERO,
             charged: Credits::ZERO,
             expired: Credits::ZERO,
@@ -130,6 +173,8 @@ impl Account {
             grant_keys_in_order: VecDeque::new(),
             idempotency: Idempotency::default(),
             fresh: VecDeque::new(),
+            hold_changes: HoldChanges::default(),
+            partial: false,
             next_seq: 1,
         }
     }
@@ -187,8 +232,68 @@ impl Account {
         self.next_seq
     }
 
+    /// The open holds this copy knows (all of them unless it is [`partial`](Account::partial)).
     pub fn holds(&self) -> impl Iterator<Item = &Hold> {
         self.holds.values()
+    }
+
+    /// How many holds are open.
+    pub fn open_holds(&self) -> usize {
+        self.open_holds
+    }
+
+    /// The open hold with this id, if this copy knows it.
+    pub fn hold_record(&self, id: u64) -> Option<&Hold> {
+        self.holds.get(&id)
+    }
+
+    /// Whether this copy may lack some open holds: a shared store's copy, which
+    /// loads a hold only when a transition needs it.
+    pub fn partial(&self) -> bool {
+        self.partial
+    }
+
+    /// Takes the open holds out: a shared store writes the rest of the account
+    /// without them (the aggregates still decide every transition) and keeps each
+    /// hold on its own, so what a commit writes does not grow with the open holds.
+    /// The copy is partial from then on.
+    pub fn take_holds(&mut self) -> BTreeMap<u64, Hold> {
+        self.partial = true;
+        std::mem::take(&mut self.holds)
+    }
+
+    /// Makes open holds known again: taken out before, or loaded from the store.
+    /// They are already counted in the aggregates.
+    pub fn know_holds(&mut self, holds: impl IntoIterator<Item = Hold>) {
+        for hold in holds {
+            self.holds.insert(hold.id, hold);
+        }
+    }
+
+    /// Forgets a hold this copy knew, which the store says has ended meanwhile.
+    pub fn forget_hold(&mut self, id: u64) {
+        self.holds.remove(&id);
+    }
+
+    /// The holds placed and ended since the last call.
+    pub fn take_hold_changes(&mut self) -> HoldChanges {
+        std::mem::take(&mut self.hold_changes)
+    }
+
+    /// Counts the open holds into the aggregates, for a state written before the
+    /// aggregates existed (it kept every open hold with the account).
+    pub fn rebuild_aggregates(&mut self) {
+        self.held = sum(self.holds.values().map(|h| h.amount));
+        self.open_holds = self.holds.len();
+        self.quota_held = quota_counts(self.holds.values());
+        for grant in &mut self.grants {
+            grant.drawn = sum(self
+                .holds
+                .values()
+                .flat_map(|h| h.draws.iter())
+                .filter(|d| d.grant_id == grant.id)
+                .map(|d| d.amount));
+        }
     }
 
     pub fn totals(&self) -> Totals {
@@ -206,10 +311,12 @@ impl Account {
     }
 
     pub fn held(&self) -> Credits {
-        sum(self.holds.values().map(|h| h.amount))
+        self.held
     }
 
-    /// The §1 invariant and the internal consistency of holds.
+    /// The invariant: `granted == available + held + charged + expired`, grants
+    /// drawn no more than they were granted, and — when this copy knows every open
+    /// hold — the aggregates equal what the holds add up to.
     pub fn check_invariant(&self) -> Result<(), String> {
         let t = self.totals();
         let rhs = [t.held, t.charged, t.expired]
@@ -222,13 +329,56 @@ impl Account {
                 self.id, t.granted, t.available, t.held, t.charged, t.expired
             ));
         }
+        if self.grants.iter().any(|g| g.expired && !g.left.is_zero()) {
+            return Err("an expired grant still has credits left".into());
+        }
+        if sum(self.grants.iter().map(|g| g.drawn)) != self.held {
+            return Err(format!(
+                "account {}: grants drawn {} != held {}",
+                self.id,
+                sum(self.grants.iter().map(|g| g.drawn)),
+                self.held
+            ));
+        }
         for hold in self.holds.values() {
             if sum(hold.draws.iter().map(|d| d.amount)) != hold.amount {
                 return Err(format!("hold {} draws do not add up", hold.id));
             }
         }
-        if self.grants.iter().any(|g| g.expired && !g.left.is_zero()) {
-            return Err("an expired grant still has credits left".into());
+        if self.partial {
+            return Ok(());
+        }
+        if self.open_holds != self.holds.len()
+            || sum(self.holds.values().map(|h| h.amount)) != self.held
+        {
+            return Err(format!(
+                "account {}: {} holds of {} known, aggregates say {} of {}",
+                self.id,
+                self.holds.len(),
+                sum(self.holds.values().map(|h| h.amount)),
+                self.open_holds,
+                self.held
+            ));
+        }
+        if self.quota_held != quota_counts(self.holds.values()) {
+            return Err(format!(
+                "account {}: quota held does not match its holds",
+                self.id
+            ));
+        }
+        for grant in &self.grants {
+            let drawn = sum(self
+                .holds
+                .values()
+                .flat_map(|h| h.draws.iter())
+                .filter(|d| d.grant_id == grant.id)
+                .map(|d| d.amount));
+            if drawn != grant.drawn {
+                return Err(format!(
+                    "grant {} drawn {} != {} its holds draw",
+                    grant.id, grant.drawn, drawn
+                ));
+            }
         }
         Ok(())
     }

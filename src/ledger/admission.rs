@@ -138,7 +138,7 @@ impl Account {
                 held: self.held(),
             });
         }
-        if self.holds.len() >= request.max_holds {
+        if self.open_holds >= request.max_holds {
             return Err(HoldRejected::TooManyHolds {
                 limit: request.max_holds,
             });

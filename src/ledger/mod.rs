@@ -40,7 +40,9 @@ mod money;
 mod plan;
 mod seed;
 
-pub use account::{Account, AccountRejected, GrantOverflow, Totals, DEFAULT_LEDGER_MAX_ENTRIES};
+pub use account::{
+    Account, AccountRejected, GrantOverflow, HoldChanges, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+};
 pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};

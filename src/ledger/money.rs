@@ -35,6 +35,9 @@ pub struct Grant {
     pub granted: Credits,
     /// What is left to spend; zero once the grant has expired.
     pub left: Credits,
+    /// What open holds have drawn from it and not yet given back or charged.
+    #[serde(default)]
+    pub drawn: Credits,
     pub expired: bool,
 }
 
@@ -200,6 +203,7 @@ impl Account {
             expires_at_ms,
             granted: amount,
             left: amount,
+            drawn: Credits::ZERO,
             expired: false,
         };
         let at = self
@@ -278,6 +282,7 @@ impl Account {
             }
             // `take <= grant.left` and `take <= wanted` by construction.
             grant.left = grant.left.saturating_sub(take);
+            grant.drawn = plus(grant.drawn, take);
             wanted = wanted.saturating_sub(take);
             draws.push(Draw {
                 grant_id: grant.id,
@@ -286,6 +291,14 @@ impl Account {
         }
         let hold_id = self.next_hold_id;
         self.next_hold_id += 1;
+        self.held = plus(self.held, request.amount);
+        self.open_holds += 1;
+        if let Some(quota) = &request.quota {
+            *self.quota_held.entry(quota.clone()).or_default() += 1;
+        }
+        if self.partial {
+            self.hold_changes.placed.push(hold_id);
+        }
         self.holds.insert(
             hold_id,
             Hold {
@@ -377,21 +390,48 @@ impl Account {
             let charged_here = draw.amount.min(to_charge);
             to_charge = to_charge.saturating_sub(charged_here);
             let back = draw.amount.saturating_sub(charged_here);
-            if back.is_zero() {
-                continue;
-            }
             returned = plus(returned, back);
+            // A grant something is drawn from is never pruned, so it is found.
             match self.grants.iter_mut().find(|g| g.id == draw.grant_id) {
-                Some(grant) if !grant.expired => {
-                    grant.left = plus(grant.left, back);
+                Some(grant) => {
+                    grant.drawn = grant.drawn.saturating_sub(draw.amount);
+                    if grant.expired {
+                        // The grant expired while its credits were held: they expire now.
+                        self.expired = plus(self.expired, back);
+                    } else {
+                        grant.left = plus(grant.left, back);
+                    }
                 }
-                // The grant expired while its credits were held: they expire now.
-                _ => self.expired = plus(self.expired, back),
+                None => self.expired = plus(self.expired, back),
             }
         }
         self.charged = plus(self.charged, charged);
-        if let (Ending::Settled, Some(quota)) = (ending, &hold.quota) {
-            *self.quota_used.entry(quota.clone()).or_default() += 1;
+        self.held = self.held.saturating_sub(hold.amount);
+        self.open_holds = self.open_holds.saturating_sub(1);
+        if let Some(quota) = &hold.quota {
+            if let Some(n) = self.quota_held.get_mut(quota) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.quota_held.remove(quota);
+                }
+            }
+            if ending == Ending::Settled {
+                *self.quota_used.entry(quota.clone()).or_default() += 1;
+            }
+        }
+        if self.partial {
+            // Placed and ended before the store took the changes: it never saw it.
+            match self
+                .hold_changes
+                .placed
+                .iter()
+                .position(|&id| id == hold.id)
+            {
+                Some(at) => {
+                    self.hold_changes.placed.swap_remove(at);
+                }
+                None => self.hold_changes.ended.push(hold.id),
+            }
         }
         if let Some(key) = &hold.idempotency_key {
             match ending {
@@ -412,15 +452,10 @@ impl Account {
         }
     }
 
-    /// Drops grants that can never matter again: nothing left, and no open hold
-    /// draws from them. Keeps the grant list bounded by what is live.
+    /// Drops grants that can never matter again: nothing left, and nothing drawn
+    /// by an open hold. Keeps the grant list bounded by what is live.
     pub(super) fn prune_spent_grants(&mut self) {
-        let holds = &self.holds;
-        self.grants.retain(|g| {
-            !g.left.is_zero()
-                || holds
-                    .values()
-                    .any(|h| h.draws.iter().any(|d| d.grant_id == g.id))
-        });
+        self.grants
+            .retain(|g| !g.left.is_zero() || !g.drawn.is_zero());
     }
 }

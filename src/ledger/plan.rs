@@ -66,8 +66,8 @@ impl Account {
     /// Quota units used this cycle (settled and held), by quota.
     pub fn quota_use(&self) -> BTreeMap<String, u64> {
         let mut used = self.quota_used.clone();
-        for q in self.holds.values().filter_map(|h| h.quota.as_ref()) {
-            *used.entry(q.clone()).or_default() += 1;
+        for (quota, held) in &self.quota_held {
+            *used.entry(quota.clone()).or_default() += held;
         }
         used
     }

@@ -1111,3 +1111,96 @@ proptest! {
         }
     }
 }
+
+// ---- a partial copy: what a shared store computes on ----
+
+#[test]
+fn a_partial_copy_decides_on_aggregates_and_reports_its_hold_changes() {
+    let cat = Catalog::new();
+    let mut full = Account::new("a", "free");
+    full.grant("topup", c("10"), 30, None, 0).unwrap();
+    let h1 = full.hold(&request("3"), 0, &cat).unwrap().hold_id;
+    let h2 = full.hold(&request("4"), 0, &cat).unwrap().hold_id;
+
+    let mut part = full.clone();
+    let mut side = part.take_holds();
+    assert!(part.partial());
+    part.know_holds(side.remove(&h1));
+    assert_eq!(
+        part.totals(),
+        full.totals(),
+        "the aggregates carry the totals"
+    );
+    assert_eq!(
+        part.hold(&request("4"), 0, &cat),
+        Err(HoldRejected::InsufficientCredits {
+            required: c("4"),
+            available: c("3"),
+            held: c("7")
+        }),
+        "admission needs no hold records"
+    );
+    let h3 = part.hold(&request("3"), 0, &cat).unwrap().hold_id;
+    part.settle(h1, c("1"), 1).unwrap();
+    assert_eq!(
+        part.take_hold_changes(),
+        HoldChanges {
+            placed: vec![h3],
+            ended: vec![h1]
+        }
+    );
+    let h4 = part.hold(&request("0.5"), 1, &cat).unwrap().hold_id;
+    part.release(h4, 1).unwrap();
+    assert_eq!(
+        part.take_hold_changes(),
+        HoldChanges::default(),
+        "placed and ended between two takes: nothing to write"
+    );
+
+    full.hold(&request("3"), 0, &cat).unwrap();
+    full.settle(h1, c("1"), 1).unwrap();
+    assert_eq!(part.totals(), full.totals());
+    part.check_invariant().unwrap();
+    assert_eq!(
+        full.take_hold_changes(),
+        HoldChanges::default(),
+        "a full copy keeps its holds with it and reports nothing"
+    );
+    assert!(
+        part.settle(h2, c("1"), 2).is_err(),
+        "a hold the copy does not know must be loaded first"
+    );
+}
+
+#[test]
+fn aggregates_are_rebuilt_for_states_that_kept_every_hold() {
+    let cat = catalog();
+    let mut a = open("starter", None, 0);
+    a.hold(
+        &HoldRequest {
+            quota: Some("basic_images".into()),
+            ..request("5")
+        },
+        0,
+        &cat,
+    )
+    .unwrap();
+    a.take_entries();
+    let expected = a.clone();
+    let mut json = serde_json::to_value(&a).unwrap();
+    let object = json.as_object_mut().unwrap();
+    for field in ["held", "open_holds", "quota_held"] {
+        object.remove(field);
+    }
+    for grant in object["grants"].as_array_mut().unwrap() {
+        grant.as_object_mut().unwrap().remove("drawn");
+    }
+    let mut earlier: Account = serde_json::from_value(json).unwrap();
+    assert!(
+        earlier.check_invariant().is_err(),
+        "no aggregates: inconsistent"
+    );
+    earlier.rebuild_aggregates();
+    assert_eq!(earlier, expected);
+    assert_eq!(earlier.quota_use().get("basic_images"), Some(&1));
+}

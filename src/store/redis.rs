@@ -327,7 +327,15 @@ pub fn decode_state(state: &[u8]) -> Result<Account, StoreError> {
     } else {
         rmp_serde::from_slice(state).map_err(|e| e.to_string())
     };
-    decoded.map_err(|e| corrupt(format!("an account in redis does not decode: {e}")))
+    let mut account: Account =
+        decoded.map_err(|e| corrupt(format!("an account in redis does not decode: {e}")))?;
+    // This layout keeps every open hold in the state: count them (states written
+    // before the aggregates existed have none).
+    account.rebuild_aggregates();
+    account
+        .check_invariant()
+        .map_err(|e| corrupt(format!("an account in redis is inconsistent: {e}")))?;
+    Ok(account)
 }
 
 fn earliest_hold(account: &Account) -> Option<Millis> {
