@@ -31,7 +31,7 @@ use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Mill
 use crate::metrics::Metrics;
 use crate::policy::{
     normalize_path, usage_charge, Caller, Evaluation, NormalizedPath, OnMissing, OnUnavailable,
-    PathError, Policy, Refused, RequestFacts, StoreConfig, Verdict,
+    Operation, PathError, Policy, RequestFacts, StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -439,8 +439,7 @@ impl Gateway {
             self.policy.gateway.idempotency_ttl_ms,
         )?;
         ctx.path = Some(path);
-        // A free operation holds nothing — unless it counts against a quota.
-        if price.is_zero() && op.quota.is_none() {
+        if !places_hold(op, price) {
             ctx.remaining = self.available(account).await?;
         } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
             self.replay(session, ctx, &recorded)
@@ -475,14 +474,17 @@ impl Gateway {
         })
     }
 
-    async fn hold(
+    /// The hold a request for operation `index` at `price` asks the store for. Built
+    /// here only, for the request and for its quote alike, so the quote's dry run
+    /// asks exactly what the hold will: the same caller, amount, quota and limits.
+    fn hold_request(
         &self,
-        ctx: &mut RequestCtx,
         identity: &Identity,
         index: usize,
         price: Credits,
-    ) -> std::result::Result<Held, ApiError> {
-        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
+        request_id: &str,
+        idempotency: Option<IdempotencyRequest>,
+    ) -> HoldRequest {
         let op = &self.policy.operations[index];
         // What `Policy::evaluate` decided on this replica's view of the key and account —
         // possibly seconds old on Redis — is checked again by the hold, against
@@ -493,16 +495,33 @@ impl Gateway {
             key_id: identity.key_id.clone(),
             requires: op.requires.clone(),
         };
-        let request = HoldRequest {
+        HoldRequest {
             operation: op.name.clone(),
-            request_id: ctx.request_id.clone(),
+            request_id: request_id.to_string(),
             amount: price,
             ttl_ms: self.policy.gateway.hold_ttl_ms,
             max_holds: self.policy.gateway.max_holds_per_account,
             quota: op.quota.clone(),
-            idempotency: ctx.idempotency.clone(),
+            idempotency,
             caller: Some(caller),
-        };
+        }
+    }
+
+    async fn hold(
+        &self,
+        ctx: &mut RequestCtx,
+        identity: &Identity,
+        index: usize,
+        price: Credits,
+    ) -> std::result::Result<Held, ApiError> {
+        let account = identity.account.as_str();
+        let request = self.hold_request(
+            identity,
+            index,
+            price,
+            &ctx.request_id,
+            ctx.idempotency.clone(),
+        );
         match self
             .metrics
             .store(self.store.hold(account, &request, self.now_ms()))
@@ -527,48 +546,21 @@ impl Gateway {
                 }
                 Ok(Held::Placed)
             }
-            Ok(Err(HoldRejected::IdempotencyInProgress)) => Err(ApiError::IdempotencyInProgress),
-            Ok(Err(HoldRejected::IdempotencyKeyReused)) => Err(ApiError::IdempotencyKeyReused),
-            Ok(Err(HoldRejected::Replay { response, .. })) => match response {
-                Some(recorded) if recorded.body.is_some() => Ok(Held::Replayed(recorded)),
-                Some(_) => Err(ApiError::IdempotencyReplayUnavailable),
-                // Settled a moment ago; its response is being recorded.
-                None => Err(ApiError::IdempotencyInProgress),
-            },
-            Ok(Err(HoldRejected::InsufficientCredits {
-                required,
-                available,
-                held,
-            })) => {
-                ctx.remaining = Some(available);
-                Err(ApiError::InsufficientCredits {
-                    operation: op.name.clone(),
-                    required,
-                    available,
-                    held,
-                    plan: plan_name.to_string(),
-                    upgrade_url: self.policy.gateway.upgrade_url.clone(),
-                })
-            }
-            Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
-            Ok(Err(HoldRejected::KeyNotActive)) => Err(ApiError::InvalidApiKey),
-            Ok(Err(HoldRejected::PlanRequired { feature })) => Err(ApiError::refused(
-                &self.policy,
-                Refused::PlanRequired {
-                    operation: index,
-                    feature,
-                },
-            )),
-            Ok(Err(HoldRejected::PremiumDisabled)) => Err(ApiError::refused(
-                &self.policy,
-                Refused::PremiumDisabled { operation: index },
-            )),
-            Ok(Err(HoldRejected::QuotaExhausted { quota, limit })) => {
-                Err(ApiError::QuotaExhausted {
-                    operation: op.name.clone(),
-                    quota,
-                    limit,
-                })
+            // A repeat of a settled request is answered from its record.
+            Ok(Err(HoldRejected::Replay {
+                response: Some(recorded),
+                ..
+            })) if recorded.body.is_some() => Ok(Held::Replayed(recorded)),
+            Ok(Err(rejection)) => {
+                if let HoldRejected::InsufficientCredits { available, .. } = &rejection {
+                    ctx.remaining = Some(*available);
+                }
+                Err(ApiError::rejected(
+                    &self.policy,
+                    index,
+                    rejection,
+                    &identity.plan,
+                ))
             }
             Err(e) => match unplaced(e, self.fails_open()) {
                 Unplaced::ForwardUnmetered(e) => {
@@ -655,6 +647,13 @@ fn unplaced(error: StoreError, fails_open: bool) -> Unplaced {
         StoreError::Unavailable(_) if fails_open => Unplaced::ForwardUnmetered(error),
         error => Unplaced::Refuse(ApiError::store(error)),
     }
+}
+
+/// Whether a request for `op` at `price` places a hold (and so is admitted by the
+/// store's check): a free operation holds nothing — unless it counts against a
+/// quota. The request and its quote ask this alike.
+fn places_hold(op: &Operation, price: Credits) -> bool {
+    !price.is_zero() || op.quota.is_some()
 }
 
 /// How placing a hold went, when it did not need an error answer.
