@@ -30,12 +30,12 @@ use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
-    normalize_path, usage_charge, Caller, Evaluation, NormalizedPath, OnMissing, OnUnavailable,
-    Operation, PathError, Policy, RequestFacts, StoreConfig, Verdict,
+    normalize_path, Caller, Evaluation, NormalizedPath, OnUnavailable, Operation, PathError,
+    Policy, RequestFacts, StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
-use decision::{decide, Decision, Ended};
+use decision::{decide, released_whatever_follows, Decision, Ended};
 use errors::ApiError;
 use hold_guard::HoldGuard;
 use usage::UsageMeter;
@@ -589,25 +589,19 @@ impl Gateway {
         }
     }
 
-    /// Ends the request's hold, if any, as the decision says. Runs at most once:
-    /// the guard is taken out of the context.
+    /// Ends the request's hold, if any, as [`decide`] says. Runs at most once: the
+    /// guard is taken out of the context.
     async fn end_hold(&self, ctx: &mut RequestCtx, ended: Ended) {
         let Some(guard) = ctx.hold.take() else { return };
         // Only matched operations hold, so an unmatched request has no guard.
         let Some(op) = ctx.operation.map(|i| &self.policy.operations[i]) else {
             return self.release(guard, ctx).await;
         };
-        if decide(&op.charge, ctx.status, ended) == Decision::Release {
+        let usage = ctx.usage.as_ref().and_then(UsageMeter::usage);
+        let decision = decide(op, ctx.status, ended, usage.as_ref(), ctx.held);
+        tracing::debug!(request_id = %ctx.request_id, status = ?ctx.status, ?ended, ?usage, ?decision, "hold ends");
+        let Decision::Settle(charge) = decision else {
             return self.release(guard, ctx).await;
-        }
-        let charge = match (&op.settle, ctx.usage.as_ref().and_then(UsageMeter::usage)) {
-            (None, _) => ctx.held,
-            (Some(rule), Some(usage)) => usage_charge(&usage, rule.credits_per_unit, ctx.held),
-            (Some(rule), None) if rule.on_missing == OnMissing::ChargeHold => ctx.held,
-            (Some(_), None) => {
-                tracing::info!(request_id = %ctx.request_id, "no usage in the response; releasing as on_missing says");
-                return self.release(guard, ctx).await;
-            }
         };
         ctx.outcome = Some("settled");
         guard.settle(charge, &ctx.request_id).await;
@@ -991,12 +985,13 @@ impl Gateway {
                 meter.on_headers(&rule.usage, upstream_response);
             }
         }
-        // A status that does not charge releases whatever happens next, so release
-        // now: the credits return sooner and the headers report the true balance.
-        let charges = ctx
-            .operation
-            .is_some_and(|op| self.policy.operations[op].charge.charges(status));
-        if !charges && ctx.hold.is_some() {
+        // When every way the request can still end releases (a status that does not
+        // charge), release now: the credits return sooner and the headers report
+        // the true balance.
+        let released = ctx.operation.is_some_and(|op| {
+            released_whatever_follows(&self.policy.operations[op], status, ctx.held)
+        });
+        if released && ctx.hold.is_some() {
             self.end_hold(ctx, Ended::Complete).await;
         }
         self.add_credit_headers(upstream_response, ctx)?;
