@@ -1,8 +1,10 @@
 //! The client APIs on the gateway listener, authenticated by the client's own key:
 //! `GET /credits/v1/balance` and `POST /credits/v1/quote`.
 //!
-//! A quote runs the very `Policy::evaluate` a real request runs (match, entitle,
-//! price), so what it says is what the request will be held.
+//! A quote is a dry run of the request: the very `Policy::evaluate` a real request
+//! runs (match, entitle, price), then the hold's own admission check on the hold
+//! the request would ask for, placing nothing — so what it says is what the request
+//! will be held, or the error it will get.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pingora::proxy::Session;
@@ -10,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::{body, Gateway, RequestCtx};
+use super::{body, places_hold, Gateway, RequestCtx};
+use crate::ledger::Credits;
 use crate::policy::json::{self, DuplicateKey};
 use crate::policy::{
     normalize_path, split_query, Caller, Evaluation, Refused, RequestFacts, Verdict,
@@ -108,9 +111,12 @@ impl Gateway {
 
     /// What the request would get, read-only: `Policy::evaluate` (as a real request
     /// runs it: without the body first, then with it if a step needs it, refusing
-    /// a body that repeats a key), then the checks of the hold in the ledger's
-    /// order — the quota, then the balance — against the account as it is now.
-    /// Nothing is held.
+    /// a body that repeats a key), then — for a request that places a hold — the
+    /// hold's own admission check as a dry run ([`Store::quote`]) on the very
+    /// request the hold would send ([`Gateway::hold_request`]): who asks, quota,
+    /// balance, open holds, against the account as it is now. Nothing is held.
+    ///
+    /// [`Store::quote`]: crate::store::Store::quote
     async fn quote_json(
         &self,
         ctx: &RequestCtx,
@@ -134,21 +140,17 @@ impl Gateway {
         let json_body = quote
             .body
             .ok_or_else(|| "the request has no body".to_string());
-        let account = self
-            .store
-            .account(&identity.account, self.now_ms())
-            .await
-            .map_err(ApiError::store)?;
-        let available = account.totals.available;
-        let refused = |error: ApiError, operation: Option<&str>, credits: Option<Value>| {
-            json!({"allowed": false, "operation": operation, "credits": credits,
-                   "available": available.to_json(), "error": error.body(&ctx.request_id)["error"]})
+        let answer = Answer {
+            request_id: &ctx.request_id,
         };
         // The path is normalized as the gateway normalizes it; a path it refuses is
         // the quoted request's own error, like any other.
         let path = match normalize_path(path.as_bytes()) {
             Ok(path) => path,
-            Err(e) => return Ok(refused(e.into(), None, None)),
+            Err(e) => {
+                let available = self.quote_available(&identity.account).await?;
+                return Ok(answer.refused(available, None, None, e.into()));
+            }
         };
         let route = self.policy.route(&path);
         let mut facts = RequestFacts {
@@ -166,7 +168,9 @@ impl Gateway {
             Evaluation::Decided(verdict) => verdict,
             Evaluation::NeedsBody => {
                 if let Some(duplicate) = &body_duplicate {
-                    return Ok(refused(ApiError::duplicate_key(duplicate), None, None));
+                    let available = self.quote_available(&identity.account).await?;
+                    let error = ApiError::duplicate_key(duplicate);
+                    return Ok(answer.refused(available, None, None, error));
                 }
                 facts.body = Some(&json_body);
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
@@ -180,8 +184,9 @@ impl Gateway {
             Ok(Verdict::Operation { index, price }) => (index, price),
             // `unmatched = "allow"`: forwarded free, as no operation.
             Ok(Verdict::PassThrough { .. }) => {
+                let available = self.quote_available(&identity.account).await?;
                 return Ok(json!({"allowed": true, "operation": null, "credits": 0,
-                                 "available": available.to_json(), "pass_through": true}))
+                                 "available": available.to_json(), "pass_through": true}));
             }
             Err(refusal) => {
                 let operation = match &refusal {
@@ -193,46 +198,65 @@ impl Gateway {
                     Refused::UnknownOperation => None,
                 };
                 let operation = operation.map(|i| self.policy.operations[i].name.as_str());
-                return Ok(refused(
-                    ApiError::refused(&self.policy, refusal),
-                    operation,
-                    None,
-                ));
+                let available = self.quote_available(&identity.account).await?;
+                let error = ApiError::refused(&self.policy, refusal);
+                return Ok(answer.refused(available, operation, None, error));
             }
         };
         let op = &self.policy.operations[index];
-        let operation = op.name.as_str();
-        let credits = Some(price.to_json());
-        // The ledger checks the quota first: a used-up quota refuses even a free operation.
-        let exhausted = op.quota.as_ref().and_then(|quota| {
-            account
-                .quotas
-                .iter()
-                .find(|q| &q.name == quota)
-                .and_then(|q| q.limit.filter(|&limit| q.used >= limit))
-                .map(|limit| (quota.clone(), limit))
-        });
-        if let Some((quota, limit)) = exhausted {
-            let error = ApiError::QuotaExhausted {
-                operation: operation.to_string(),
-                quota,
-                limit,
-            };
-            return Ok(refused(error, Some(operation), credits));
+        let operation = Some(op.name.as_str());
+        // A request that places no hold is not asked anything more by the store.
+        if !places_hold(op, price) {
+            let available = self.quote_available(&identity.account).await?;
+            return Ok(answer.allowed(available, operation, price));
         }
-        if price > available {
-            let error = ApiError::InsufficientCredits {
-                operation: operation.to_string(),
-                required: price,
-                available,
-                held: account.totals.held,
-                plan: identity.plan.clone(),
-                upgrade_url: self.policy.gateway.upgrade_url.clone(),
-            };
-            return Ok(refused(error, Some(operation), credits));
-        }
-        Ok(
-            json!({"allowed": true, "operation": operation, "credits": price.to_json(), "available": available.to_json()}),
-        )
+        // The quote has no `Idempotency-Key`: it is not the request, only its question.
+        let request = self.hold_request(identity, index, price, &ctx.request_id, None);
+        let quoted = self
+            .store
+            .quote(&identity.account, &request, self.now_ms())
+            .await
+            .map_err(ApiError::store)?;
+        Ok(match quoted.admitted {
+            Ok(()) => answer.allowed(quoted.available, operation, price),
+            Err(rejection) => {
+                let error = ApiError::rejected(&self.policy, index, rejection, &identity.plan);
+                answer.refused(quoted.available, operation, Some(price), error)
+            }
+        })
+    }
+
+    /// The caller's available credits, for a quote the store is not asked to admit.
+    async fn quote_available(&self, account: &str) -> Result<Credits, ApiError> {
+        let totals = self
+            .store
+            .totals(account, self.now_ms())
+            .await
+            .map_err(ApiError::store)?;
+        Ok(totals.available)
+    }
+}
+
+/// The two shapes of a quote's answer.
+struct Answer<'a> {
+    request_id: &'a str,
+}
+
+impl Answer<'_> {
+    fn allowed(&self, available: Credits, operation: Option<&str>, credits: Credits) -> Value {
+        json!({"allowed": true, "operation": operation, "credits": credits.to_json(),
+               "available": available.to_json()})
+    }
+
+    /// `error` is exactly what the request would be answered.
+    fn refused(
+        &self,
+        available: Credits,
+        operation: Option<&str>,
+        credits: Option<Credits>,
+        error: ApiError,
+    ) -> Value {
+        json!({"allowed": false, "operation": operation, "credits": credits.map(Credits::to_json),
+               "available": available.to_json(), "error": error.body(self.request_id)["error"]})
     }
 }

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::ledger::Credits;
+use crate::ledger::{Credits, HoldRejected};
 use crate::policy::json::DuplicateKey;
 use crate::policy::{PathError, Policy, Refused};
 use crate::store::StoreError;
@@ -199,6 +199,58 @@ impl ApiError {
         }
     }
 
+    /// The error a hold's rejection is answered with — for the request the hold
+    /// refused, and for its quote alike: `operation` is the index of the operation
+    /// the hold was for, `plan` the caller's plan (named in a 402). Who asks is
+    /// answered as the policy's own refusals are (`401`, `403`), so a hold that
+    /// re-checks them answers exactly what the policy would have.
+    ///
+    /// A `Replay` with a recorded body is not an error: the gateway answers it from
+    /// the record before it asks this. Here a replay is one that cannot be answered
+    /// — its response was not kept (`409 idempotency_replay_unavailable`) or is
+    /// still being recorded (`409 idempotency_in_progress`, retry shortly).
+    pub fn rejected(
+        policy: &Policy,
+        operation: usize,
+        rejection: HoldRejected,
+        plan: &str,
+    ) -> ApiError {
+        let name = || policy.operations[operation].name.clone();
+        match rejection {
+            HoldRejected::InsufficientCredits {
+                required,
+                available,
+                held,
+            } => ApiError::InsufficientCredits {
+                operation: name(),
+                required,
+                available,
+                held,
+                plan: plan.to_string(),
+                upgrade_url: policy.gateway.upgrade_url.clone(),
+            },
+            HoldRejected::TooManyHolds { limit } => ApiError::TooManyHolds { limit },
+            HoldRejected::QuotaExhausted { quota, limit } => ApiError::QuotaExhausted {
+                operation: name(),
+                quota,
+                limit,
+            },
+            HoldRejected::IdempotencyInProgress => ApiError::IdempotencyInProgress,
+            HoldRejected::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            HoldRejected::Replay { response: None, .. } => ApiError::IdempotencyInProgress,
+            HoldRejected::Replay {
+                response: Some(_), ..
+            } => ApiError::IdempotencyReplayUnavailable,
+            HoldRejected::KeyNotActive => ApiError::InvalidApiKey,
+            HoldRejected::PlanRequired { feature } => {
+                ApiError::refused(policy, Refused::PlanRequired { operation, feature })
+            }
+            HoldRejected::PremiumDisabled => {
+                ApiError::refused(policy, Refused::PremiumDisabled { operation })
+            }
+        }
+    }
+
     /// The answer to a store failure, by its kind: an unknown account means the
     /// key's account is gone (401), an outage is a 503, a contended or corrupt
     /// account a 500. (Whether an outage may be forwarded unmetered instead is the
@@ -317,6 +369,132 @@ mod tests {
                 "message": "image.generate needs 30 credits; 12.5 are available.",
                 "operation": "image.generate", "required": 30, "available": 12.5, "held": 2,
                 "plan": "free", "upgrade_url": "https://example.com/billing", "request_id": "r1"}})
+        );
+    }
+
+    #[test]
+    fn every_rejection_of_a_hold_is_answered_as_the_request_and_its_quote_are() {
+        let policy = Policy::parse(
+            "version = 1\n[gateway]\nupgrade_url = \"https://example.com/up\"\n\
+             [upstreams.u]\nurl = \"http://127.0.0.1:1\"\n\
+             [plans.free]\nmonthly_credits = 0\n[plans.pro]\nmonthly_credits = 0\nfeatures = [\"premium\"]\n\
+             [[operations]]\nname = \"image.premium\"\npath = \"/p\"\nupstream = \"u\"\nrequires = [\"premium\"]\nprice = 2\n",
+            "p.toml",
+            &|_| None,
+        )
+        .unwrap();
+        let c = |text: &str| text.parse::<Credits>().unwrap();
+        let unkept = crate::ledger::Recorded {
+            status: 200,
+            content_type: None,
+            body: None,
+        };
+        let cases = [
+            (
+                HoldRejected::InsufficientCredits {
+                    required: c("2"),
+                    available: c("1.5"),
+                    held: c("0.5"),
+                },
+                402,
+                "insufficient_credits",
+            ),
+            (
+                HoldRejected::TooManyHolds { limit: 4 },
+                429,
+                "too_many_holds",
+            ),
+            (
+                HoldRejected::QuotaExhausted {
+                    quota: "q".into(),
+                    limit: 3,
+                },
+                429,
+                "quota_exhausted",
+            ),
+            (
+                HoldRejected::IdempotencyInProgress,
+                409,
+                "idempotency_in_progress",
+            ),
+            (
+                HoldRejected::IdempotencyKeyReused,
+                409,
+                "idempotency_key_reused",
+            ),
+            (
+                HoldRejected::Replay {
+                    response: None,
+                    recording: true,
+                },
+                409,
+                "idempotency_in_progress",
+            ),
+            (
+                HoldRejected::Replay {
+                    response: Some(unkept),
+                    recording: false,
+                },
+                409,
+                "idempotency_replay_unavailable",
+            ),
+            (HoldRejected::KeyNotActive, 401, "invalid_api_key"),
+            (
+                HoldRejected::PlanRequired {
+                    feature: "premium".into(),
+                },
+                403,
+                "plan_required",
+            ),
+            (HoldRejected::PremiumDisabled, 403, "premium_disabled"),
+        ];
+        for (rejection, status, kind) in cases {
+            let error = ApiError::rejected(&policy, 0, rejection.clone(), "free");
+            assert_eq!(
+                (error.status(), error.kind()),
+                (status, kind),
+                "{rejection:?}"
+            );
+        }
+        let body = ApiError::rejected(
+            &policy,
+            0,
+            HoldRejected::InsufficientCredits {
+                required: c("2"),
+                available: c("1.5"),
+                held: c("0.5"),
+            },
+            "free",
+        )
+        .body("r1");
+        assert_eq!(
+            body,
+            json!({"error": {"type": "insufficient_credits",
+                "message": "image.premium needs 2 credits; 1.5 are available.",
+                "operation": "image.premium", "required": 2, "available": 1.5, "held": 0.5,
+                "plan": "free", "upgrade_url": "https://example.com/up", "request_id": "r1"}})
+        );
+        // Who asks, refused by the hold, is answered as the policy refuses it.
+        assert_eq!(
+            ApiError::rejected(
+                &policy,
+                0,
+                HoldRejected::PlanRequired {
+                    feature: "premium".into()
+                },
+                "free"
+            ),
+            ApiError::refused(
+                &policy,
+                Refused::PlanRequired {
+                    operation: 0,
+                    feature: "premium".into()
+                }
+            )
+        );
+        assert_eq!(
+            ApiError::rejected(&policy, 0, HoldRejected::PremiumDisabled, "pro"),
+            ApiError::refused(&policy, Refused::PremiumDisabled { operation: 0 })
         );
     }
 }

@@ -135,8 +135,8 @@ mod tests {
         Clock::system().now_ms()
     }
 
-    async fn store_with_hold() -> (Arc<dyn Store>, u64) {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    /// Account "a" with 10 credits (seeded on first use), and a hold of 4 on it.
+    async fn hold_on(store: &dyn Store) -> u64 {
         let grant = SeedGrant {
             kind: "topup".into(),
             credits: Credits::from_whole(10).unwrap(),
@@ -161,8 +161,18 @@ mod tests {
             idempotency: None,
             caller: None,
         };
-        let placed = store.hold("a", &request, now_ms()).await.unwrap().unwrap();
-        (store, placed.hold_id)
+        store
+            .hold("a", &request, now_ms())
+            .await
+            .unwrap()
+            .unwrap()
+            .hold_id
+    }
+
+    async fn store_with_hold() -> (Arc<dyn Store>, u64) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let hold_id = hold_on(&*store).await;
+        (store, hold_id)
     }
 
     /// A request that ends where `logging` never runs (a panic in a hook, a
@@ -198,9 +208,193 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_ended_guard_does_not_release_again() {
-        let (store, hold_id) = store_with_hold().await;
+    /// The memory store, counting the releases asked of each hold.
+    #[derive(Default)]
+    struct CountingStore {
+        inner: MemoryStore,
+        releases: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl CountingStore {
+        fn releases_of(&self, hold_id: u64) -> usize {
+            let releases = self.releases.lock().unwrap();
+            releases.iter().filter(|&&id| id == hold_id).count()
+        }
+    }
+
+    /// Every call but `release` goes straight to the memory store.
+    #[async_trait::async_trait]
+    impl Store for CountingStore {
+        async fn identify(
+            &self,
+            key_sha256: &[u8; 32],
+            now_ms: u64,
+        ) -> Result<Option<crate::store::Identity>, StoreError> {
+            self.inner.identify(key_sha256, now_ms).await
+        }
+        async fn hold(
+            &self,
+            account: &str,
+            request: &HoldRequest,
+            now_ms: u64,
+        ) -> Result<crate::store::HoldOutcome, StoreError> {
+            self.inner.hold(account, request, now_ms).await
+        }
+        async fn quote(
+            &self,
+            account: &str,
+            request: &HoldRequest,
+            now_ms: u64,
+        ) -> Result<crate::store::Quoted, StoreError> {
+            self.inner.quote(account, request, now_ms).await
+        }
+        async fn settle(
+            &self,
+            account: &str,
+            hold_id: u64,
+            charge: Credits,
+            now_ms: u64,
+        ) -> Result<EndOutcome, StoreError> {
+            self.inner.settle(account, hold_id, charge, now_ms).await
+        }
+        async fn release(
+            &self,
+            account: &str,
+            hold_id: u64,
+            now_ms: u64,
+        ) -> Result<EndOutcome, StoreError> {
+            self.releases.lock().unwrap().push(hold_id);
+            self.inner.release(account, hold_id, now_ms).await
+        }
+        async fn totals(
+            &self,
+            account: &str,
+            now_ms: u64,
+        ) -> Result<crate::ledger::Totals, StoreError> {
+            self.inner.totals(account, now_ms).await
+        }
+        async fn account(
+            &self,
+            account: &str,
+            now_ms: u64,
+        ) -> Result<crate::store::AccountView, StoreError> {
+            self.inner.account(account, now_ms).await
+        }
+        async fn seed(&self, seed: &SeedAccount, now_ms: u64) -> Result<bool, StoreError> {
+            self.inner.seed(seed, now_ms).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
+            self.inner.sweep(now_ms).await
+        }
+        async fn create_account(
+            &self,
+            id: &str,
+            plan: &str,
+            billing_anchor_day: Option<u8>,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<crate::store::AccountView>, StoreError> {
+            self.inner
+                .create_account(id, plan, billing_anchor_day, now_ms)
+                .await
+        }
+        async fn add_member(
+            &self,
+            account: &str,
+            member: &str,
+            premium_disabled: bool,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner
+                .add_member(account, member, premium_disabled, now_ms)
+                .await
+        }
+        async fn update_member(
+            &self,
+            account: &str,
+            member: &str,
+            premium_disabled: bool,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner
+                .update_member(account, member, premium_disabled, now_ms)
+                .await
+        }
+        async fn add_key(
+            &self,
+            account: &str,
+            member: &str,
+            key_id: &str,
+            key_sha256: &[u8; 32],
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner
+                .add_key(account, member, key_id, key_sha256, now_ms)
+                .await
+        }
+        async fn revoke_key(
+            &self,
+            key_id: &str,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner.revoke_key(key_id, now_ms).await
+        }
+        async fn grant(
+            &self,
+            account: &str,
+            grant: &crate::store::GrantRequest,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError>
+        {
+            self.inner.grant(account, grant, now_ms).await
+        }
+        async fn change_plan(
+            &self,
+            account: &str,
+            plan: &str,
+            effective: crate::ledger::Effective,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner
+                .change_plan(account, plan, effective, now_ms)
+                .await
+        }
+        async fn ledger(
+            &self,
+            account: &str,
+            limit: usize,
+            before_seq: Option<u64>,
+            now_ms: u64,
+        ) -> Result<Vec<crate::ledger::Entry>, StoreError> {
+            self.inner.ledger(account, limit, before_seq, now_ms).await
+        }
+        async fn holds(
+            &self,
+            account: Option<&str>,
+            limit: usize,
+            now_ms: u64,
+        ) -> Result<Vec<(String, crate::ledger::Hold)>, StoreError> {
+            self.inner.holds(account, limit, now_ms).await
+        }
+        async fn record_response(
+            &self,
+            account: &str,
+            key: &str,
+            response: &crate::ledger::Recorded,
+            now_ms: u64,
+        ) -> Result<bool, StoreError> {
+            self.inner
+                .record_response(account, key, response, now_ms)
+                .await
+        }
+        fn set_catalog(&self, catalog: Arc<crate::ledger::Catalog>, ledger_max_entries: usize) {
+            self.inner.set_catalog(catalog, ledger_max_entries)
+        }
+    }
+
+    fn guard(store: &Arc<CountingStore>, hold_id: u64) -> HoldGuard {
         HoldGuard::new(
             store.clone(),
             Clock::system(),
@@ -208,11 +402,34 @@ mod tests {
             "a".into(),
             hold_id,
         )
-        .settle(Credits::from_whole(4).unwrap(), "r")
-        .await;
-        for _ in 0..100 {
+    }
+
+    /// A settled guard asks no release when it drops. (A second release of a settled
+    /// hold would change nothing in the ledger — `AlreadyEnded` — so the test counts
+    /// the calls instead.)
+    #[tokio::test]
+    async fn an_ended_guard_does_not_release_again() {
+        let store = Arc::new(CountingStore::default());
+        let settled = hold_on(&*store).await;
+        let dropped = hold_on(&*store).await;
+        guard(&store, settled)
+            .settle(Credits::from_whole(4).unwrap(), "r")
+            .await;
+        // A guard dropped after it: once its release has run, a release the settled
+        // guard's drop had spawned (earlier, on this one-thread runtime) has run too.
+        drop(guard(&store, dropped));
+        for _ in 0..1_000 {
+            if store.releases_of(dropped) > 0 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert_eq!(store.releases_of(dropped), 1, "the dropped guard released");
+        assert_eq!(
+            store.releases_of(settled),
+            0,
+            "the settled guard released again"
+        );
         let totals = store.totals("a", now_ms()).await.unwrap();
         assert_eq!(
             (totals.held, totals.charged),

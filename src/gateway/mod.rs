@@ -4,13 +4,33 @@
 //! This module (with `main.rs`) is the only one that knows Pingora. It turns HTTP
 //! into the core's types and the core's outcomes back into HTTP; it never does
 //! ledger arithmetic itself.
+//!
+//! # Layout
+//! - this file: the [`Gateway`], what a request carries ([`RequestCtx`]), Pingora's
+//!   phases in the order a request meets them (`request_filter` … `logging`), then
+//!   the steps they run: `admit` (authenticate → match → entitle → price → hold) and
+//!   `end_hold` (settle or release).
+//! - [`decision`]: what an ending costs — the one settle-or-release function.
+//! - [`errors`]: the JSON errors, and the one mapping of a refusal or a hold's
+//!   rejection to its error.
+//! - `request`: what is read of the request head (key, facts, path) and rewritten
+//!   in the forwarded one.
+//! - `responses`: the gateway's own answers, replays, and the credit headers.
+//! - `idempotency`: `Idempotency-Key`s and the recorder of replayable responses.
+//! - `client_api`: balance, ledger and quote (a dry-run hold) for the caller.
+//! - `body`: reading and re-arming request bodies; `usage`: metering responses.
+//! - `hold_guard`: a hold that ends exactly once; `live`: hot reload; `server`: the
+//!   Pingora services.
 
 mod body;
 mod client_api;
 pub mod decision;
 pub mod errors;
 mod hold_guard;
+mod idempotency;
 mod live;
+mod request;
+mod responses;
 mod server;
 mod usage;
 
@@ -20,7 +40,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::proxy::{FailToProxy, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -30,23 +49,21 @@ use crate::clock::Clock;
 use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
 use crate::metrics::Metrics;
 use crate::policy::{
-    normalize_path, usage_charge, Caller, Evaluation, NormalizedPath, OnMissing, OnUnavailable,
-    PathError, Policy, Refused, RequestFacts, StoreConfig, Verdict,
+    Caller, Evaluation, NormalizedPath, OnUnavailable, Operation, Policy, StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
-use decision::{decide, Decision, Ended};
+use decision::{decide, released_whatever_follows, Decision, Ended};
 use errors::ApiError;
 use hold_guard::HoldGuard;
+use idempotency::{idempotency_of, Recorder};
+use request::{forward_path, is_stripped, parse_json, presented_key, request_facts, request_path};
+use responses::{header_value, HEADER_OPERATION};
 use usage::UsageMeter;
 
 pub use body::{LINGER_IDLE_TIMEOUT, LINGER_MAX_BYTES, LINGER_TIME};
 pub use live::{LiveGateway, LiveProxy, ReloadError};
 pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
-
-const HEADER_OPERATION: &str = "x-credits-operation";
-const HEADER_HELD: &str = "x-credits-held";
-const HEADER_REMAINING: &str = "x-credits-remaining";
 
 /// The metering proxy. Cheap to share: everything is behind `Arc`.
 pub struct Gateway {
@@ -205,666 +222,6 @@ fn new_request_id() -> String {
     id
 }
 
-/// What the policy reads of a request: its method, headers, query, path and body.
-fn request_facts<'a>(
-    req: &'a RequestHeader,
-    path_params: &'a [(String, String)],
-    body: Option<&'a std::result::Result<serde_json::Value, String>>,
-) -> RequestFacts<'a> {
-    RequestFacts {
-        method: &req.method,
-        headers: &req.headers,
-        query: req.uri.query(),
-        path_params,
-        body,
-    }
-}
-
-/// The key from `Authorization: Bearer KEY` or `x-api-key: KEY`.
-fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
-    if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
-        let auth = auth.as_bytes();
-        let scheme = b"bearer ";
-        if auth.len() > scheme.len() && auth[..scheme.len()].eq_ignore_ascii_case(scheme) {
-            let key = auth[scheme.len()..].trim_ascii();
-            return (!key.is_empty()).then_some(key);
-        }
-    }
-    req.headers
-        .get("x-api-key")
-        .map(|v| v.as_bytes().trim_ascii())
-        .filter(|k| !k.is_empty())
-}
-
-fn header_value(text: &str) -> HeaderValue {
-    // Our own values are ids, amounts and policy names, all valid header text;
-    // an invalid one degrades to empty rather than failing the request.
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-fn credits_value(credits: Credits) -> HeaderValue {
-    header_value(credits.decimal().as_str())
-}
-
-/// Whether a request header is one the client may not pass to the backend.
-fn is_stripped(name: &http::HeaderName) -> bool {
-    STRIPPED_REQUEST_HEADERS.contains(&name.as_str())
-}
-
-impl Gateway {
-    /// Writes one of the gateway's own JSON errors, with the credit headers.
-    async fn answer(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        error: ApiError,
-    ) -> Result<()> {
-        ctx.answered = true;
-        ctx.outcome = Some(error.kind());
-        if let ApiError::StoreFailed { detail } = &error {
-            tracing::error!(request_id = %ctx.request_id, "store failure, answered 500: {detail}");
-        }
-        let body = error.body(&ctx.request_id);
-        self.write_json(session, ctx, error.status(), body).await
-    }
-
-    /// Answers a repeated idempotent request from its recorded response: charged
-    /// nothing, marked `idempotent-replayed: true`.
-    async fn replay(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        recorded: &Recorded,
-    ) -> Result<()> {
-        ctx.outcome = Some("replayed");
-        let body = Bytes::from(recorded.body.clone().unwrap_or_default());
-        let mut resp = ResponseHeader::build(recorded.status, Some(8))?;
-        if let Some(content_type) = &recorded.content_type {
-            resp.insert_header(http::header::CONTENT_TYPE, header_value(content_type))?;
-        }
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        resp.insert_header("idempotent-replayed", "true")?;
-        self.add_credit_headers(&mut resp, ctx)?;
-        let body_unread = !session.is_body_done();
-        if body_unread {
-            session.set_keepalive(None);
-        }
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await?;
-        if body_unread {
-            self.linger(session, ctx).await;
-        }
-        Ok(())
-    }
-
-    /// Writes a JSON response the gateway makes itself, with the credit headers.
-    async fn write_json(
-        &self,
-        session: &mut Session,
-        ctx: &RequestCtx,
-        status: u16,
-        json: serde_json::Value,
-    ) -> Result<()> {
-        let body = Bytes::from(json.to_string());
-        let mut resp = ResponseHeader::build(status, Some(6))?;
-        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        self.add_credit_headers(&mut resp, ctx)?;
-        let body_unread = !session.is_body_done();
-        if body_unread {
-            // The request body was not read: the connection cannot be reused.
-            session.set_keepalive(None);
-        }
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await?;
-        if body_unread {
-            self.linger(session, ctx).await;
-        }
-        Ok(())
-    }
-
-    /// After an answer written with the request body unread: drains the rest of it,
-    /// bounded (`body::linger`), so a client still sending can read the answer. Never
-    /// while a hold is open: the wait is the client's, its credits are not held for it.
-    async fn linger(&self, session: &mut Session, ctx: &RequestCtx) {
-        if ctx.hold.is_some() {
-            return;
-        }
-        let lingered = body::linger(session).await;
-        tracing::debug!(request_id = %ctx.request_id, "after an early answer: {lingered:?}");
-    }
-
-    fn add_credit_headers(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id_value.clone())?;
-        if ctx.identity.is_none() {
-            return Ok(());
-        }
-        if let Some(op) = ctx.operation {
-            resp.insert_header(
-                HEADER_OPERATION,
-                header_value(&self.policy.operations[op].name),
-            )?;
-        }
-        resp.insert_header(HEADER_HELD, credits_value(ctx.held))?;
-        if let Some(remaining) = ctx.remaining {
-            resp.insert_header(HEADER_REMAINING, credits_value(remaining))?;
-        }
-        Ok(())
-    }
-
-    async fn authenticate(&self, req: &RequestHeader) -> std::result::Result<Identity, ApiError> {
-        let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
-        let key_sha256: [u8; 32] = Sha256::digest(key).into();
-        match self
-            .metrics
-            .store(self.store.identify(&key_sha256, self.now_ms()))
-            .await
-        {
-            Ok(Some(identity)) => Ok(identity),
-            Ok(None) => Err(ApiError::InvalidApiKey),
-            Err(e) => Err(ApiError::store(e)),
-        }
-    }
-
-    /// Authenticate → match → entitle → price → hold. The body is read only when a
-    /// step needs it, so a 404 or 403 that needs no body is never a 413.
-    /// `Err(answer)` stops the request.
-    async fn admit(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> std::result::Result<Admitted, ApiError> {
-        let identity = Arc::new(self.authenticate(session.req_header()).await?);
-        ctx.identity = Some(identity.clone());
-        let account = identity.account.as_str();
-
-        // Everything after this reads the normalized path, the client APIs too: the
-        // path that is priced is the path that is forwarded.
-        let path = request_path(session.req_header())?;
-        if path.as_str().starts_with(client_api::PREFIX) {
-            ctx.outcome = Some("client_api");
-            return self
-                .client_api(session, ctx, path.as_str())
-                .await
-                .map(|()| Admitted::Answered);
-        }
-        let caller = Caller {
-            plan: &identity.plan,
-            premium_disabled: identity.premium_disabled,
-        };
-        let route = self.policy.route(&path);
-        let path_params = route.as_ref().map_or(&[][..], |r| r.path_params.as_slice());
-        let before_body = self.policy.evaluate(
-            route.as_ref(),
-            &request_facts(session.req_header(), path_params, None),
-            Some(&caller),
-        );
-        let (verdict, body) = match before_body {
-            Evaluation::Decided(verdict) => (verdict, None),
-            Evaluation::NeedsBody => {
-                let body = self.read_body(session).await?;
-                let json = parse_json(&body)?;
-                let facts = request_facts(session.req_header(), path_params, Some(&json));
-                match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
-                    Evaluation::Decided(verdict) => (verdict, Some(body)),
-                    // Unreachable: with the body given, every step can decide.
-                    Evaluation::NeedsBody => return Err(ApiError::Internal),
-                }
-            }
-        };
-        let (index, price) = match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
-            Verdict::Operation { index, price } => (index, price),
-            Verdict::PassThrough { upstream } => {
-                ctx.upstream = upstream;
-                ctx.remaining = self.available(account).await?;
-                ctx.path = Some(path);
-                return Ok(Admitted::Forward);
-            }
-        };
-        let op = &self.policy.operations[index];
-        ctx.operation = Some(index);
-        ctx.upstream = op.upstream;
-        if let Some(rule) = &op.settle {
-            ctx.usage = Some(UsageMeter::new(
-                &rule.usage,
-                self.policy.gateway.max_body_bytes,
-            ));
-        }
-
-        let req = session.req_header();
-        ctx.idempotency = idempotency_of(
-            req,
-            &path,
-            body.as_deref(),
-            self.policy.gateway.idempotency_ttl_ms,
-        )?;
-        ctx.path = Some(path);
-        // A free operation holds nothing — unless it counts against a quota.
-        if price.is_zero() && op.quota.is_none() {
-            ctx.remaining = self.available(account).await?;
-        } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
-            self.replay(session, ctx, &recorded)
-                .await
-                .map_err(|_| ApiError::Internal)?;
-            return Ok(Admitted::Answered);
-        }
-        if let Some(body) = body {
-            // The hold (if any) is in the context: if re-arming fails, its guard releases it.
-            body::rearm(session).await.map_err(|e| {
-                tracing::error!(request_id = %ctx.request_id, "could not re-arm the request body: {e}");
-                ApiError::Internal
-            })?;
-            ctx.body = Some(body);
-        }
-        Ok(Admitted::Forward)
-    }
-
-    /// Reads the whole request body, up to `max_body_bytes`, to match or price it.
-    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, ApiError> {
-        let limit = self.policy.gateway.max_body_bytes;
-        body::read_all(session, limit).await.map_err(|e| match e {
-            BodyError::TooLarge => ApiError::RequestTooLarge { limit },
-            BodyError::NotHttp1 => ApiError::InvalidRequest {
-                source: "body".into(),
-                message: "can only be priced over HTTP/1.1".into(),
-            },
-            BodyError::Read(e) => ApiError::InvalidRequest {
-                source: "body".into(),
-                message: format!("could not be read: {e}"),
-            },
-        })
-    }
-
-    async fn hold(
-        &self,
-        ctx: &mut RequestCtx,
-        identity: &Identity,
-        index: usize,
-        price: Credits,
-    ) -> std::result::Result<Held, ApiError> {
-        let (account, plan_name) = (identity.account.as_str(), identity.plan.as_str());
-        let op = &self.policy.operations[index];
-        // What `Policy::evaluate` decided on this replica's view of the key and account —
-        // possibly seconds old on Redis — is checked again by the hold, against
-        // the state it commits on: a key revoked, a plan downgraded or premium
-        // disabled through any replica is refused at once.
-        let caller = crate::ledger::Caller {
-            member: identity.member.clone(),
-            key_id: identity.key_id.clone(),
-            requires: op.requires.clone(),
-        };
-        let request = HoldRequest {
-            operation: op.name.clone(),
-            request_id: ctx.request_id.clone(),
-            amount: price,
-            ttl_ms: self.policy.gateway.hold_ttl_ms,
-            max_holds: self.policy.gateway.max_holds_per_account,
-            quota: op.quota.clone(),
-            idempotency: ctx.idempotency.clone(),
-            caller: Some(caller),
-        };
-        match self
-            .metrics
-            .store(self.store.hold(account, &request, self.now_ms()))
-            .await
-        {
-            Ok(Ok(placed)) => {
-                ctx.held = price;
-                ctx.remaining = Some(placed.available);
-                self.metrics.held(price);
-                ctx.hold = Some(HoldGuard::new(
-                    self.store.clone(),
-                    self.clock.clone(),
-                    self.metrics.clone(),
-                    account.to_string(),
-                    placed.hold_id,
-                ));
-                if let Some(idem) = &ctx.idempotency {
-                    ctx.recorder = Some(Recorder::new(
-                        idem.key.clone(),
-                        self.policy.gateway.idempotency_replay_max_bytes,
-                    ));
-                }
-                Ok(Held::Placed)
-            }
-            Ok(Err(HoldRejected::IdempotencyInProgress)) => Err(ApiError::IdempotencyInProgress),
-            Ok(Err(HoldRejected::IdempotencyKeyReused)) => Err(ApiError::IdempotencyKeyReused),
-            Ok(Err(HoldRejected::Replay { response, .. })) => match response {
-                Some(recorded) if recorded.body.is_some() => Ok(Held::Replayed(recorded)),
-                Some(_) => Err(ApiError::IdempotencyReplayUnavailable),
-                // Settled a moment ago; its response is being recorded.
-                None => Err(ApiError::IdempotencyInProgress),
-            },
-            Ok(Err(HoldRejected::InsufficientCredits {
-                required,
-                available,
-                held,
-            })) => {
-                ctx.remaining = Some(available);
-                Err(ApiError::InsufficientCredits {
-                    operation: op.name.clone(),
-                    required,
-                    available,
-                    held,
-                    plan: plan_name.to_string(),
-                    upgrade_url: self.policy.gateway.upgrade_url.clone(),
-                })
-            }
-            Ok(Err(HoldRejected::TooManyHolds { limit })) => Err(ApiError::TooManyHolds { limit }),
-            Ok(Err(HoldRejected::KeyNotActive)) => Err(ApiError::InvalidApiKey),
-            Ok(Err(HoldRejected::PlanRequired { feature })) => Err(ApiError::refused(
-                &self.policy,
-                Refused::PlanRequired {
-                    operation: index,
-                    feature,
-                },
-            )),
-            Ok(Err(HoldRejected::PremiumDisabled)) => Err(ApiError::refused(
-                &self.policy,
-                Refused::PremiumDisabled { operation: index },
-            )),
-            Ok(Err(HoldRejected::QuotaExhausted { quota, limit })) => {
-                Err(ApiError::QuotaExhausted {
-                    operation: op.name.clone(),
-                    quota,
-                    limit,
-                })
-            }
-            Err(e) => match unplaced(e, self.fails_open()) {
-                Unplaced::ForwardUnmetered(e) => {
-                    // on_unavailable = "allow": forward unmetered, and count it.
-                    let forwarded = self.metrics.unmetered();
-                    tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "forwarding unmetered: {e}");
-                    ctx.remaining = None;
-                    Ok(Held::Placed)
-                }
-                Unplaced::Refuse(error) => Err(error),
-            },
-        }
-    }
-
-    async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
-        match self
-            .metrics
-            .store(self.store.totals(account, self.now_ms()))
-            .await
-        {
-            Ok(totals) => Ok(Some(totals.available)),
-            // A free request needs the store only for this header: go on without it
-            // through an outage. A contended or corrupt account is never forwarded.
-            Err(StoreError::Unavailable(_)) => Ok(None),
-            Err(e) => Err(ApiError::store(e)),
-        }
-    }
-
-    /// Ends the request's hold, if any, as the decision says. Runs at most once:
-    /// the guard is taken out of the context.
-    async fn end_hold(&self, ctx: &mut RequestCtx, ended: Ended) {
-        let Some(guard) = ctx.hold.take() else { return };
-        // Only matched operations hold, so an unmatched request has no guard.
-        let Some(op) = ctx.operation.map(|i| &self.policy.operations[i]) else {
-            return self.release(guard, ctx).await;
-        };
-        if decide(&op.charge, ctx.status, ended) == Decision::Release {
-            return self.release(guard, ctx).await;
-        }
-        let charge = match (&op.settle, ctx.usage.as_ref().and_then(UsageMeter::usage)) {
-            (None, _) => ctx.held,
-            (Some(rule), Some(usage)) => usage_charge(&usage, rule.credits_per_unit, ctx.held),
-            (Some(rule), None) if rule.on_missing == OnMissing::ChargeHold => ctx.held,
-            (Some(_), None) => {
-                tracing::info!(request_id = %ctx.request_id, "no usage in the response; releasing as on_missing says");
-                return self.release(guard, ctx).await;
-            }
-        };
-        ctx.outcome = Some("settled");
-        guard.settle(charge, &ctx.request_id).await;
-        if let (Some(recorder), Some(identity)) = (ctx.recorder.take(), &ctx.identity) {
-            let (key, recorded) = recorder.finish();
-            let call =
-                self.store
-                    .record_response(&identity.account, &key, &recorded, self.now_ms());
-            if let Err(e) = self.metrics.store(call).await {
-                tracing::warn!(request_id = %ctx.request_id, "the response for idempotency could not be recorded: {e}");
-            }
-        }
-    }
-
-    async fn release(&self, guard: HoldGuard, ctx: &mut RequestCtx) {
-        ctx.held = Credits::ZERO;
-        ctx.outcome = Some("released");
-        if let Some(available) = guard.release(&ctx.request_id).await {
-            ctx.remaining = Some(available);
-        }
-    }
-}
-
-/// What a hold the store failed to place becomes.
-#[derive(Debug, PartialEq)]
-enum Unplaced {
-    /// `on_unavailable = "allow"` and the store is down: forward without a hold.
-    ForwardUnmetered(StoreError),
-    Refuse(ApiError),
-}
-
-/// Only an outage may be forwarded unmetered, and only when the policy allows it: a
-/// contended or corrupt account is a 500 whatever `on_unavailable` says — the store
-/// answered, so the account is there, and forwarding would let its requests run free.
-fn unplaced(error: StoreError, fails_open: bool) -> Unplaced {
-    match error {
-        StoreError::Unavailable(_) if fails_open => Unplaced::ForwardUnmetered(error),
-        error => Unplaced::Refuse(ApiError::store(error)),
-    }
-}
-
-/// How placing a hold went, when it did not need an error answer.
-enum Held {
-    Placed,
-    /// An idempotent repeat of a settled request: answer it from its record.
-    Replayed(Recorded),
-}
-
-/// Longest `Idempotency-Key` accepted.
-const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
-
-/// The request's `Idempotency-Key` and its fingerprint: method, normalized path and
-/// query, and the body — its bytes when the gateway read them, else its declared length.
-fn idempotency_of(
-    req: &RequestHeader,
-    path: &NormalizedPath,
-    body: Option<&[u8]>,
-    ttl_ms: u64,
-) -> std::result::Result<Option<IdempotencyRequest>, ApiError> {
-    let Some(value) = req.headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value.to_str().ok().map(str::trim).filter(|k| {
-        !k.is_empty()
-            && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES
-            && k.bytes().all(|b| b.is_ascii_graphic())
-    });
-    let Some(key) = key else {
-        return Err(ApiError::InvalidRequest {
-            source: "header:idempotency-key".into(),
-            message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"),
-        });
-    };
-    let mut hash = Sha256::new();
-    hash.update(req.method.as_str());
-    hash.update(b"\n");
-    hash.update(path.as_str());
-    hash.update(target_parts(req.raw_path()).map_or(&[][..], |t| t.query));
-    hash.update(b"\n");
-    match body {
-        Some(bytes) => hash.update(bytes),
-        None => hash.update(
-            req.headers
-                .get(http::header::CONTENT_LENGTH)
-                .map_or(&b"-"[..], |v| v.as_bytes()),
-        ),
-    }
-    Ok(Some(IdempotencyRequest {
-        key: key.to_string(),
-        fingerprint: hex::encode(hash.finalize()),
-        ttl_ms,
-    }))
-}
-
-/// A request-target in the parts the gateway reads and rewrites.
-struct Target<'a> {
-    /// `scheme://authority` of an absolute-form target; empty for origin-form.
-    origin: &'a [u8],
-    /// The path as the client sent it; `/` when an absolute-form target has none.
-    path: &'a [u8],
-    /// The query with its `?`, or empty. Never rewritten.
-    query: &'a [u8],
-}
-
-/// Splits a request-target, from its raw bytes (the URI holds a lossy copy of a target
-/// that is not UTF-8). `None` for a target without a path: `*`, an authority, or a
-/// form Pingora finds ambiguous.
-fn target_parts(raw: &[u8]) -> Option<Target<'_>> {
-    let (origin, rest) = if raw.first() == Some(&b'/') {
-        raw.split_at(0)
-    } else {
-        match raw_target_authority(raw) {
-            // The classifier splits on ASCII delimiters: its path and query end the target.
-            RawTargetAuthority::Absolute { path_and_query, .. }
-                if raw.ends_with(path_and_query) =>
-            {
-                raw.split_at(raw.len() - path_and_query.len())
-            }
-            _ => return None,
-        }
-    };
-    let (path, query) = rest.split_at(rest.iter().position(|&b| b == b'?').unwrap_or(rest.len()));
-    let path = if path.is_empty() { &b"/"[..] } else { path };
-    Some(Target {
-        origin,
-        path,
-        query,
-    })
-}
-
-/// The request's path, normalized: the only path the gateway matches, prices and forwards.
-fn request_path(req: &RequestHeader) -> std::result::Result<NormalizedPath, ApiError> {
-    let target = target_parts(req.raw_path()).ok_or(PathError::NotAbsolute)?;
-    Ok(normalize_path(target.path)?)
-}
-
-/// Makes the upstream request carry the normalized path, with the query (and an
-/// absolute-form target's scheme and authority) as the client sent them. A target
-/// already in normal form is left as it is.
-fn forward_path(req: &mut RequestHeader, path: &NormalizedPath) -> Result<()> {
-    let Some(target) = target_parts(req.raw_path()) else {
-        // Unreachable: `admit` refused such a target before choosing to forward it.
-        return Error::e_explain(ErrorType::InternalError, "the request target has no path");
-    };
-    if target.path == path.as_str().as_bytes() {
-        return Ok(());
-    }
-    let mut rewritten =
-        Vec::with_capacity(target.origin.len() + path.as_str().len() + target.query.len());
-    rewritten.extend_from_slice(target.origin);
-    rewritten.extend_from_slice(path.as_str().as_bytes());
-    rewritten.extend_from_slice(target.query);
-    req.set_raw_path(&rewritten)
-}
-
-/// Keeps an idempotent request's response (up to a limit) for replay.
-struct Recorder {
-    key: String,
-    status: u16,
-    content_type: Option<String>,
-    body: Vec<u8>,
-    max_bytes: usize,
-    too_large: bool,
-}
-
-impl Recorder {
-    fn new(key: String, max_bytes: usize) -> Self {
-        Recorder {
-            key,
-            status: 0,
-            content_type: None,
-            body: Vec::new(),
-            max_bytes,
-            too_large: false,
-        }
-    }
-
-    fn head(&mut self, status: u16, response: &ResponseHeader) {
-        self.status = status;
-        self.content_type = response
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-    }
-
-    fn body(&mut self, chunk: &[u8]) {
-        if self.too_large || self.body.len() + chunk.len() > self.max_bytes {
-            self.too_large = true;
-            self.body = Vec::new();
-        } else {
-            self.body.extend_from_slice(chunk);
-        }
-    }
-
-    fn finish(self) -> (String, Recorded) {
-        let body = if self.too_large {
-            None
-        } else {
-            String::from_utf8(self.body).ok()
-        };
-        (
-            self.key,
-            Recorded {
-                status: self.status,
-                content_type: self.content_type,
-                body,
-            },
-        )
-    }
-}
-
-/// The request body as JSON, or why it is not (the policy then names the value
-/// that needed it). `Err` refuses a body whose objects repeat a key: the gateway
-/// would price one value and the backend might read another.
-fn parse_json(
-    body: &[u8],
-) -> std::result::Result<std::result::Result<serde_json::Value, String>, ApiError> {
-    crate::policy::json::parse_body(body).map_err(|duplicate| ApiError::duplicate_key(&duplicate))
-}
-
-/// Which side a Pingora error came from, for the decision.
-fn ended_by(error: Option<&Error>) -> Ended {
-    match error.map(|e| e.esource()) {
-        None => Ended::Complete,
-        Some(ErrorSource::Upstream) => Ended::UpstreamFailed,
-        Some(ErrorSource::Downstream) => Ended::ClientAborted,
-        Some(ErrorSource::Internal) | Some(ErrorSource::Unset) => Ended::GatewayFailed,
-    }
-}
-
-fn is_timeout(error: &Error) -> bool {
-    matches!(
-        error.etype(),
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-    )
-}
-
-/// Headers a client must not be able to send to the backend: its own key, and
-/// anything that pretends to come from the gateway.
-const STRIPPED_REQUEST_HEADERS: [&str; 6] = [
-    "authorization",
-    "x-api-key",
-    "x-creditgate-account",
-    "x-creditgate-plan",
-    "x-creditgate-features",
-    "x-request-id",
-];
-
 /// Pingora's hooks, served through [`LiveProxy`] (which picks the gateway in service
 /// for each request). Plain methods rather than a second `ProxyHttp` impl: the live
 /// proxy awaits them directly, with no boxed future per hook.
@@ -992,12 +349,13 @@ impl Gateway {
                 meter.on_headers(&rule.usage, upstream_response);
             }
         }
-        // A status that does not charge releases whatever happens next, so release
-        // now: the credits return sooner and the headers report the true balance.
-        let charges = ctx
-            .operation
-            .is_some_and(|op| self.policy.operations[op].charge.charges(status));
-        if !charges && ctx.hold.is_some() {
+        // When every way the request can still end releases (a status that does not
+        // charge), release now: the credits return sooner and the headers report
+        // the true balance.
+        let released = ctx.operation.is_some_and(|op| {
+            released_whatever_follows(&self.policy.operations[op], status, ctx.held)
+        });
+        if released && ctx.hold.is_some() {
             self.end_hold(ctx, Ended::Complete).await;
         }
         self.add_credit_headers(upstream_response, ctx)?;
@@ -1084,6 +442,324 @@ impl Gateway {
             tracing::warn!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
         }
     }
+}
+
+/// The steps `request_filter` runs: authenticate → match → entitle → price → hold;
+/// then, when the request ends, settle or release.
+impl Gateway {
+    /// Authenticate → match → entitle → price → hold. The body is read only when a
+    /// step needs it, so a 404 or 403 that needs no body is never a 413.
+    /// `Err(answer)` stops the request.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<Admitted, ApiError> {
+        let identity = Arc::new(self.authenticate(session.req_header()).await?);
+        ctx.identity = Some(identity.clone());
+        let account = identity.account.as_str();
+
+        // Everything after this reads the normalized path, the client APIs too: the
+        // path that is priced is the path that is forwarded.
+        let path = request_path(session.req_header())?;
+        if path.as_str().starts_with(client_api::PREFIX) {
+            ctx.outcome = Some("client_api");
+            return self
+                .client_api(session, ctx, path.as_str())
+                .await
+                .map(|()| Admitted::Answered);
+        }
+        let caller = Caller {
+            plan: &identity.plan,
+            premium_disabled: identity.premium_disabled,
+        };
+        let route = self.policy.route(&path);
+        let path_params = route.as_ref().map_or(&[][..], |r| r.path_params.as_slice());
+        let before_body = self.policy.evaluate(
+            route.as_ref(),
+            &request_facts(session.req_header(), path_params, None),
+            Some(&caller),
+        );
+        let (verdict, body) = match before_body {
+            Evaluation::Decided(verdict) => (verdict, None),
+            Evaluation::NeedsBody => {
+                let body = self.read_body(session).await?;
+                let json = parse_json(&body)?;
+                let facts = request_facts(session.req_header(), path_params, Some(&json));
+                match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
+                    Evaluation::Decided(verdict) => (verdict, Some(body)),
+                    // Unreachable: with the body given, every step can decide.
+                    Evaluation::NeedsBody => return Err(ApiError::Internal),
+                }
+            }
+        };
+        let (index, price) = match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
+            Verdict::Operation { index, price } => (index, price),
+            Verdict::PassThrough { upstream } => {
+                ctx.upstream = upstream;
+                ctx.remaining = self.available(account).await?;
+                ctx.path = Some(path);
+                return Ok(Admitted::Forward);
+            }
+        };
+        let op = &self.policy.operations[index];
+        ctx.operation = Some(index);
+        ctx.upstream = op.upstream;
+        if let Some(rule) = &op.settle {
+            ctx.usage = Some(UsageMeter::new(
+                &rule.usage,
+                self.policy.gateway.max_body_bytes,
+            ));
+        }
+
+        let req = session.req_header();
+        ctx.idempotency = idempotency_of(
+            req,
+            &path,
+            body.as_deref(),
+            self.policy.gateway.idempotency_ttl_ms,
+        )?;
+        ctx.path = Some(path);
+        if !places_hold(op, price) {
+            ctx.remaining = self.available(account).await?;
+        } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
+            self.replay(session, ctx, &recorded)
+                .await
+                .map_err(|_| ApiError::Internal)?;
+            return Ok(Admitted::Answered);
+        }
+        if let Some(body) = body {
+            // The hold (if any) is in the context: if re-arming fails, its guard releases it.
+            body::rearm(session).await.map_err(|e| {
+                tracing::error!(request_id = %ctx.request_id, "could not re-arm the request body: {e}");
+                ApiError::Internal
+            })?;
+            ctx.body = Some(body);
+        }
+        Ok(Admitted::Forward)
+    }
+
+    /// Who the request's key is, by its SHA-256.
+    async fn authenticate(&self, req: &RequestHeader) -> std::result::Result<Identity, ApiError> {
+        let key = presented_key(req).ok_or(ApiError::MissingApiKey)?;
+        let key_sha256: [u8; 32] = Sha256::digest(key).into();
+        match self
+            .metrics
+            .store(self.store.identify(&key_sha256, self.now_ms()))
+            .await
+        {
+            Ok(Some(identity)) => Ok(identity),
+            Ok(None) => Err(ApiError::InvalidApiKey),
+            Err(e) => Err(ApiError::store(e)),
+        }
+    }
+
+    /// Reads the whole request body, up to `max_body_bytes`, to match or price it.
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, ApiError> {
+        let limit = self.policy.gateway.max_body_bytes;
+        body::read_all(session, limit).await.map_err(|e| match e {
+            BodyError::TooLarge => ApiError::RequestTooLarge { limit },
+            BodyError::NotHttp1 => ApiError::InvalidRequest {
+                source: "body".into(),
+                message: "can only be priced over HTTP/1.1".into(),
+            },
+            BodyError::Read(e) => ApiError::InvalidRequest {
+                source: "body".into(),
+                message: format!("could not be read: {e}"),
+            },
+        })
+    }
+
+    /// The hold a request for operation `index` at `price` asks the store for. Built
+    /// here only, for the request and for its quote alike, so the quote's dry run
+    /// asks exactly what the hold will: the same caller, amount, quota and limits.
+    fn hold_request(
+        &self,
+        identity: &Identity,
+        index: usize,
+        price: Credits,
+        request_id: &str,
+        idempotency: Option<IdempotencyRequest>,
+    ) -> HoldRequest {
+        let op = &self.policy.operations[index];
+        // What `Policy::evaluate` decided on this replica's view of the key and account —
+        // possibly seconds old on Redis — is checked again by the hold, against
+        // the state it commits on: a key revoked, a plan downgraded or premium
+        // disabled through any replica is refused at once.
+        let caller = crate::ledger::Caller {
+            member: identity.member.clone(),
+            key_id: identity.key_id.clone(),
+            requires: op.requires.clone(),
+        };
+        HoldRequest {
+            operation: op.name.clone(),
+            request_id: request_id.to_string(),
+            amount: price,
+            ttl_ms: self.policy.gateway.hold_ttl_ms,
+            max_holds: self.policy.gateway.max_holds_per_account,
+            quota: op.quota.clone(),
+            idempotency,
+            caller: Some(caller),
+        }
+    }
+
+    async fn hold(
+        &self,
+        ctx: &mut RequestCtx,
+        identity: &Identity,
+        index: usize,
+        price: Credits,
+    ) -> std::result::Result<Held, ApiError> {
+        let account = identity.account.as_str();
+        let request = self.hold_request(
+            identity,
+            index,
+            price,
+            &ctx.request_id,
+            ctx.idempotency.clone(),
+        );
+        match self
+            .metrics
+            .store(self.store.hold(account, &request, self.now_ms()))
+            .await
+        {
+            Ok(Ok(placed)) => {
+                ctx.held = price;
+                ctx.remaining = Some(placed.available);
+                self.metrics.held(price);
+                ctx.hold = Some(HoldGuard::new(
+                    self.store.clone(),
+                    self.clock.clone(),
+                    self.metrics.clone(),
+                    account.to_string(),
+                    placed.hold_id,
+                ));
+                if let Some(idem) = &ctx.idempotency {
+                    ctx.recorder = Some(Recorder::new(
+                        idem.key.clone(),
+                        self.policy.gateway.idempotency_replay_max_bytes,
+                    ));
+                }
+                Ok(Held::Placed)
+            }
+            // A repeat of a settled request is answered from its record.
+            Ok(Err(HoldRejected::Replay {
+                response: Some(recorded),
+                ..
+            })) if recorded.body.is_some() => Ok(Held::Replayed(recorded)),
+            Ok(Err(rejection)) => {
+                if let HoldRejected::InsufficientCredits { available, .. } = &rejection {
+                    ctx.remaining = Some(*available);
+                }
+                Err(ApiError::rejected(
+                    &self.policy,
+                    index,
+                    rejection,
+                    &identity.plan,
+                ))
+            }
+            Err(e) => match unplaced(e, self.fails_open()) {
+                Unplaced::ForwardUnmetered(e) => {
+                    // on_unavailable = "allow": forward unmetered, and count it.
+                    let forwarded = self.metrics.unmetered();
+                    tracing::warn!(request_id = %ctx.request_id, unmetered = forwarded, "forwarding unmetered: {e}");
+                    ctx.remaining = None;
+                    Ok(Held::Placed)
+                }
+                Unplaced::Refuse(error) => Err(error),
+            },
+        }
+    }
+
+    async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
+        match self
+            .metrics
+            .store(self.store.totals(account, self.now_ms()))
+            .await
+        {
+            Ok(totals) => Ok(Some(totals.available)),
+            // A free request needs the store only for this header: go on without it
+            // through an outage. A contended or corrupt account is never forwarded.
+            Err(StoreError::Unavailable(_)) => Ok(None),
+            Err(e) => Err(ApiError::store(e)),
+        }
+    }
+
+    /// Ends the request's hold, if any, as [`decide`] says. Runs at most once: the
+    /// guard is taken out of the context.
+    async fn end_hold(&self, ctx: &mut RequestCtx, ended: Ended) {
+        let Some(guard) = ctx.hold.take() else { return };
+        // Only matched operations hold, so an unmatched request has no guard.
+        let Some(op) = ctx.operation.map(|i| &self.policy.operations[i]) else {
+            return self.release(guard, ctx).await;
+        };
+        let usage = ctx.usage.as_ref().and_then(UsageMeter::usage);
+        let decision = decide(op, ctx.status, ended, usage.as_ref(), ctx.held);
+        tracing::debug!(request_id = %ctx.request_id, status = ?ctx.status, ?ended, ?usage, ?decision, "hold ends");
+        let Decision::Settle(charge) = decision else {
+            return self.release(guard, ctx).await;
+        };
+        ctx.outcome = Some("settled");
+        guard.settle(charge, &ctx.request_id).await;
+        self.record_response(ctx).await;
+    }
+
+    async fn release(&self, guard: HoldGuard, ctx: &mut RequestCtx) {
+        ctx.held = Credits::ZERO;
+        ctx.outcome = Some("released");
+        if let Some(available) = guard.release(&ctx.request_id).await {
+            ctx.remaining = Some(available);
+        }
+    }
+}
+
+/// What a hold the store failed to place becomes.
+#[derive(Debug, PartialEq)]
+enum Unplaced {
+    /// `on_unavailable = "allow"` and the store is down: forward without a hold.
+    ForwardUnmetered(StoreError),
+    Refuse(ApiError),
+}
+
+/// Only an outage may be forwarded unmetered, and only when the policy allows it: a
+/// contended or corrupt account is a 500 whatever `on_unavailable` says — the store
+/// answered, so the account is there, and forwarding would let its requests run free.
+fn unplaced(error: StoreError, fails_open: bool) -> Unplaced {
+    match error {
+        StoreError::Unavailable(_) if fails_open => Unplaced::ForwardUnmetered(error),
+        error => Unplaced::Refuse(ApiError::store(error)),
+    }
+}
+
+/// Whether a request for `op` at `price` places a hold (and so is admitted by the
+/// store's check): a free operation holds nothing — unless it counts against a
+/// quota. The request and its quote ask this alike.
+fn places_hold(op: &Operation, price: Credits) -> bool {
+    !price.is_zero() || op.quota.is_some()
+}
+
+/// How placing a hold went, when it did not need an error answer.
+enum Held {
+    Placed,
+    /// An idempotent repeat of a settled request: answer it from its record.
+    Replayed(Recorded),
+}
+
+/// Which side a Pingora error came from, for the decision.
+fn ended_by(error: Option<&Error>) -> Ended {
+    match error.map(|e| e.esource()) {
+        None => Ended::Complete,
+        Some(ErrorSource::Upstream) => Ended::UpstreamFailed,
+        Some(ErrorSource::Downstream) => Ended::ClientAborted,
+        Some(ErrorSource::Internal) | Some(ErrorSource::Unset) => Ended::GatewayFailed,
+    }
+}
+
+fn is_timeout(error: &Error) -> bool {
+    matches!(
+        error.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
 }
 
 #[cfg(test)]

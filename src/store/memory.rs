@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Store,
-    StoreError,
+    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Quoted,
+    Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
@@ -192,6 +192,17 @@ impl Store for MemoryStore {
     ) -> Result<HoldOutcome, StoreError> {
         self.with_account(account, now_ms, |a, catalog| {
             a.hold(request, now_ms, catalog)
+        })
+    }
+
+    async fn quote(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<Quoted, StoreError> {
+        self.with_account(account, now_ms, |a, catalog| {
+            Quoted::of(a, request, catalog)
         })
     }
 

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt, Hold,
-    HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, SeedAccount,
+    Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
+    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, SeedAccount,
     Totals,
 };
 
@@ -98,6 +98,26 @@ impl StoreError {
 }
 
 pub type HoldOutcome = Result<HoldPlaced, HoldRejected>;
+
+/// What a hold would do now, asked without placing it (the client's quote).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    /// The account's available credits now, before any hold.
+    pub available: Credits,
+    /// What [`Account::admit`] says of the request: the hold's own answer.
+    pub admitted: Result<(), HoldRejected>,
+}
+
+impl Quoted {
+    /// Asks `account` (time already applied) whether it would admit `request`.
+    /// Every store answers a quote with this, so a quote is the hold's own check.
+    pub fn of(account: &Account, request: &HoldRequest, catalog: &Catalog) -> Quoted {
+        Quoted {
+            available: account.available(),
+            admitted: account.admit(request, catalog),
+        }
+    }
+}
 pub type EndOutcome = Result<HoldEnded, EndRejected>;
 pub type AdminOutcome<T> = Result<T, AccountRejected>;
 
@@ -126,6 +146,16 @@ pub trait Store: Send + Sync + 'static {
         request: &HoldRequest,
         now_ms: Millis,
     ) -> Result<HoldOutcome, StoreError>;
+
+    /// A dry-run hold: what [`Store::hold`] would answer for `request` now — who
+    /// asks, idempotency, quota, balance, open holds — on the account as the store
+    /// has it (time applied), placing nothing and writing nothing a hold would.
+    async fn quote(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<Quoted, StoreError>;
 
     async fn settle(
         &self,

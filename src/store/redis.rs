@@ -32,7 +32,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
     memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
-    Store, StoreError,
+    Quoted, Store, StoreError,
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
@@ -842,6 +842,24 @@ impl Store for RedisStore {
             |out| out.is_err(),
         )
         .await
+    }
+
+    async fn quote(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<Quoted, StoreError> {
+        // Redis's state, as a refused hold confirms it (never this replica's copy,
+        // which may be stale), with time applied to a copy: nothing is committed or
+        // cached. What time changed is written by the account's next transition.
+        let (catalog, _) = self.rules();
+        let Some((_, mut state)) = self.fetch(account).await? else {
+            return Err(StoreError::UnknownAccount(account.to_string()));
+        };
+        state.refill_if_due(now_ms, &catalog);
+        state.tick(now_ms);
+        Ok(Quoted::of(&state, request, &catalog))
     }
 
     async fn settle(

@@ -8,7 +8,7 @@ use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, Millis};
 use creditgate::policy::Policy;
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
-use creditgate::store::{GrantRequest, Store};
+use creditgate::store::{GrantRequest, HoldOutcome, Store, StoreError};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -90,7 +90,48 @@ impl Transcript {
     }
 }
 
+/// A store whose every hold is quoted first: the quote (a dry-run hold) must
+/// answer what the hold then does, and leave the account as the hold finds it.
+struct Quoting(Arc<dyn Store>);
+
+impl std::ops::Deref for Quoting {
+    type Target = dyn Store;
+    fn deref(&self) -> &dyn Store {
+        &*self.0
+    }
+}
+
+impl Quoting {
+    async fn hold(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<HoldOutcome, StoreError> {
+        let quoted = self.0.quote(account, request, now_ms).await;
+        let again = self.0.quote(account, request, now_ms).await;
+        assert_eq!(quoted, again, "a quote changed what the next one sees");
+        let held = self.0.hold(account, request, now_ms).await;
+        match (&quoted, &held) {
+            (Ok(quoted), Ok(held)) => {
+                let admitted = held.as_ref().map(|_| ()).map_err(Clone::clone);
+                assert_eq!(quoted.admitted, admitted, "{request:?}");
+                if let Ok(placed) = held {
+                    assert_eq!(
+                        Some(placed.available),
+                        quoted.available.checked_sub(request.amount)
+                    );
+                }
+            }
+            (Err(quoted), Err(held)) => assert_eq!(quoted, held),
+            _ => panic!("quoted {quoted:?}, held {held:?}"),
+        }
+        held
+    }
+}
+
 async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
+    let store = Quoting(store);
     let p = policy();
     let mut out = Transcript(Vec::new());
     let t0 = t("2026-01-31T10:00:00Z");
@@ -523,6 +564,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 caller: None,
             };
             for store in &stores {
+                let store = Quoting(store.clone());
                 answers.push(format!(
                     "{:?}",
                     store.hold("acme", &request, now).await.unwrap()

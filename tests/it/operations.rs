@@ -108,10 +108,12 @@ fn reload_policy(backend: &str, price: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     let dir = std::env::temp_dir().join(format!("creditgate-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("policy.toml");
-    let backend_url = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let backend_url = Arc::new(std::sync::Mutex::new(String::new()));
     let (f, b) = (file.clone(), backend_url.clone());
     let gw = start_policy_with_file(
         move |backend| {
@@ -125,29 +127,55 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
     )
     .await;
     let backend = backend_url.lock().unwrap().clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Requests of the load completed so far, by the price they were held at.
+    let done_at = |price: &str| match price {
+        "3" => 0,
+        "5" => 1,
+        other => panic!("a request held {other}"),
+    };
+    let done: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
     for _ in 0..4 {
-        let (client, url, stop) = (
+        let (client, url, stop, done) = (
             gw.client.clone(),
             format!("{}/v1/images", gw.url),
             stop.clone(),
+            done.clone(),
         );
         load.push(tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let status = client
+            let mut outcomes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let outcome = match client
                     .post(&url)
                     .bearer_auth(RELOAD_KEY)
                     .header("x-mock-delay-ms", "3")
                     .send()
                     .await
-                    .map(|r| r.status().as_u16());
-                statuses.push(status.unwrap_or(0));
+                {
+                    Ok(resp) => (
+                        resp.status().as_u16(),
+                        header(&resp, "x-credits-held").to_string(),
+                    ),
+                    Err(e) => (0, e.to_string()),
+                };
+                if outcome.0 == 200 {
+                    done[done_at(&outcome.1)].fetch_add(1, Ordering::SeqCst);
+                }
+                outcomes.push(outcome);
             }
-            statuses
+            outcomes
         }));
     }
+    // Waits until the load has completed `more` requests held at `price`.
+    let completed = |price: &'static str, more: u64| {
+        let done = done.clone();
+        let target = done[done_at(price)].load(Ordering::SeqCst) + more;
+        eventually(move || {
+            let done = done.clone();
+            async move { done[done_at(price)].load(Ordering::SeqCst) >= target }
+        })
+    };
     let held = || async {
         let resp = gw
             .client
@@ -158,8 +186,19 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
             .unwrap();
         header(&resp, "x-credits-held").to_string()
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    completed("3", 8).await;
     assert_eq!(held().await, "3");
+    // One request certainly in flight across the reload: its stream waits at the gate.
+    let mut across = gw
+        .client
+        .post(format!("{}/v1/images", gw.url))
+        .bearer_auth(RELOAD_KEY)
+        .header("x-mock-sse", "10")
+        .header("x-mock-sse-pause-after", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&across, "x-credits-held"), "3");
 
     std::fs::write(&file, reload_policy(&backend, "5")).unwrap();
     let resp = gw
@@ -169,6 +208,7 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     assert_eq!(held().await, "5", "new requests see the new price at once");
+    completed("5", 8).await;
 
     std::fs::write(&file, reload_policy(&backend, "0.0001")).unwrap();
     let resp = gw
@@ -204,28 +244,32 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 409, "addresses change only with a restart");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    completed("5", 8).await;
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut served = 3u64; // the three `held()` probes
+    // The request held before the reload ends under the price it was held at.
+    gw.backend.open_gate();
+    while across.chunk().await.unwrap().is_some() {}
+    stop.store(true, Ordering::Relaxed);
+    // The three `held()` probes at 3, 5, 5 and the request across the reload at 3.
+    let mut expected = 3 + 5 + 5 + 3;
+    let mut at = [0u64; 2];
     for task in load {
-        let statuses = task.await.unwrap();
-        assert!(
-            statuses.iter().all(|s| *s == 200),
-            "a request failed during the reloads: {statuses:?}"
-        );
-        served += statuses.len() as u64;
+        for (status, held) in task.await.unwrap() {
+            assert_eq!(status, 200, "a request failed during the reloads: {held}");
+            at[done_at(&held)] += 1;
+            expected += if held == "3" { 3 } else { 5 };
+        }
     }
-    let t = gw.settled("r").await;
-    // Every request paid 3 or 5: charged = 3a + 5b with a + b = served.
-    let charged = t.charged.millicredits() / 1_000;
-    let at_five = (charged - 3 * served) / 2;
-    assert_eq!(
-        3 * (served - at_five) + 5 * at_five,
-        charged,
-        "charges are whole requests at 3 or 5"
+    assert!(
+        at[0] >= 8 && at[1] >= 16,
+        "the load ran before and after the reloads: {at:?}"
     );
-    assert!(at_five >= 2 && at_five < served);
+    let t = gw.settled("r").await;
+    assert_eq!(
+        t.charged,
+        credits(&expected.to_string()),
+        "every request was charged the price it was held at"
+    );
 }
 
 #[tokio::test]
@@ -321,25 +365,29 @@ async fn an_idempotency_key_replays_a_settled_request_and_charges_once() {
 #[tokio::test]
 async fn an_idempotency_key_in_flight_is_409_and_a_released_one_runs_anew() {
     let gw = start("100").await;
-    let slow = with_key(&gw, "k-slow", "/v1/images")
+    // A stream the backend pauses keeps the first request in flight, its key open,
+    // until the gate opens: the repeat is sent while it certainly is.
+    let mut first = with_key(&gw, "k-slow", "/v1/images")
         .await
-        .header("x-mock-delay-ms", "700")
-        .send();
-    let second = async {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        with_key(&gw, "k-slow", "/v1/images")
-            .await
-            .send()
-            .await
-            .unwrap()
-    };
-    let (first, second) = tokio::join!(slow, second);
-    assert_eq!(first.unwrap().status(), 200);
+        .header("x-mock-sse", "10")
+        .header("x-mock-sse-pause-after", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let second = with_key(&gw, "k-slow", "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
     assert_eq!(second.status(), 409);
     assert_eq!(
         second.json::<serde_json::Value>().await.unwrap()["error"]["type"],
         "idempotency_in_progress"
     );
+    gw.backend.open_gate();
+    while first.chunk().await.unwrap().is_some() {}
+    assert_eq!(gw.settled("alice").await.charged, credits("3"));
 
     let failed = with_key(&gw, "k-fail", "/v1/images")
         .await

@@ -1,5 +1,7 @@
 //! For every operation in every shipped policy: a request that selects it is
 //! quoted, then sent for real — the quote, the hold and the charge must agree.
+//! And a quote is a dry-run hold: whatever the hold refuses, the quote refuses
+//! alike (here what one gateway can show; across replicas in `replicas`).
 
 use std::collections::BTreeMap;
 
@@ -237,4 +239,78 @@ async fn every_quote_equals_the_hold_and_the_charge_in_every_shipped_policy() {
         }
     }
     assert!(exercised >= 50, "only {exercised} operations exercised");
+}
+
+/// What `POST /credits/v1/quote` says of `request`, sent with alice's key.
+async fn quote(gw: &TestGateway, request: Value) -> Value {
+    let resp = gw
+        .post("/credits/v1/quote")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// The quote once answered `allowed` for a request the hold then refused with
+/// `429 too_many_holds`: it checked the quota and the balance itself, not the
+/// number of open holds.
+#[tokio::test]
+async fn a_quote_while_the_account_has_its_limit_of_holds_open_says_too_many_holds() {
+    let gw = start_policy(
+        |_| {
+            POLICY
+                .replace("{CREDITS}", "100")
+                .replace("{READ_TIMEOUT}", "30s")
+                .replace("[gateway]\n", "[gateway]\nmax_holds_per_account = 1\n")
+        },
+        |_| None,
+    )
+    .await;
+    let ask = json!({"method": "POST", "path": "/v1/images"});
+    assert_eq!(
+        quote(&gw, ask.clone()).await,
+        json!({"allowed": true, "operation": "image.generate", "credits": 3, "available": 100})
+    );
+    // A stream the backend pauses keeps the account's one hold open.
+    let mut open = gw
+        .post("/v1/stream/fixed")
+        .header("x-mock-sse", "10")
+        .header("x-mock-sse-pause-after", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let quoted = quote(&gw, ask.clone()).await;
+    assert_eq!(
+        (
+            &quoted["allowed"],
+            &quoted["operation"],
+            &quoted["error"]["type"]
+        ),
+        (
+            &json!(false),
+            &json!("image.generate"),
+            &json!("too_many_holds")
+        ),
+        "{quoted}"
+    );
+    assert_eq!(quoted["error"]["limit"], 1, "{quoted}");
+    assert_eq!(quoted["available"], 97, "{quoted}");
+    // The request itself gets exactly that.
+    let resp = gw.post("/v1/images").send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], quoted["error"]["type"]);
+    assert_eq!(body["error"]["message"], quoted["error"]["message"]);
+    assert_eq!(
+        gw.totals("alice").await.held,
+        credits("3"),
+        "the quote held nothing"
+    );
+    gw.backend.open_gate();
+    while open.chunk().await.unwrap().is_some() {}
+    gw.settled("alice").await;
+    assert_eq!(quote(&gw, ask).await["allowed"], true);
 }

@@ -736,3 +736,69 @@ async fn a_seeded_key_deleted_stays_revoked_after_a_reload_and_a_restart() {
         );
     }
 }
+
+/// What B's `POST /credits/v1/quote` says a POST to `path` with `key` gets: the
+/// error type it names, or `allowed`. A quote answered `401` itself (the key no
+/// longer authenticates on B at all) says the same as a quote naming the 401.
+async fn quoted(gw: &Gateway, path: &str, key: &str) -> String {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/credits/v1/quote", gw.url))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"method": "POST", "path": path}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    match (status, body["allowed"].as_bool()) {
+        (200, Some(true)) => "allowed".into(),
+        (200, Some(false)) => body["error"]["type"].as_str().unwrap().into(),
+        (401, None) => body["error"]["type"].as_str().unwrap().into(),
+        _ => panic!("{status} {body}"),
+    }
+}
+
+/// The quote once checked who asks on the replica's cached view of the key and
+/// the account (up to 5 s old) while the hold checks Redis's state: after a key
+/// revoked, a plan downgraded or premium switched off through replica A, replica
+/// B quoted `allowed` for requests its hold refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quote_on_a_replica_that_cached_the_key_says_what_its_hold_says() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (revoked, key_id) = open_account(&a, "gone", "pro", "m").await;
+    let (downgraded, _) = open_account(&a, "down", "pro", "m").await;
+    let (switched, _) = open_account(&a, "team", "pro", "ann").await;
+    // B serves each key: it has who they are, and their account's standing, cached.
+    for key in [&revoked, &downgraded, &switched] {
+        assert_eq!(quoted(&b, "/v1/premium", key).await, "allowed");
+        assert_eq!(call(&b, "/v1/premium", key).await.0, 200);
+    }
+
+    let path = format!("/admin/keys/{key_id}");
+    assert_eq!(admin(&a, Method::DELETE, &path, None).await.0, 200);
+    let change = serde_json::json!({"plan": "free", "effective": "now"});
+    let path = "/admin/accounts/down/plan";
+    assert_eq!(admin(&a, Method::POST, path, Some(change)).await.0, 200);
+    let switch = serde_json::json!({"premium_disabled": true});
+    let path = "/admin/accounts/team/members/ann";
+    assert_eq!(admin(&a, Method::PATCH, path, Some(switch)).await.0, 200);
+
+    for (key, refusal) in [
+        (&revoked, "invalid_api_key"),
+        (&downgraded, "plan_required"),
+        (&switched, "premium_disabled"),
+    ] {
+        assert_eq!(quoted(&b, "/v1/premium", key).await, refusal);
+        let (_, body) = call(&b, "/v1/premium", key).await;
+        assert_eq!(body["error"]["type"], refusal, "{body}");
+    }
+    assert_eq!(
+        backend.received().len(),
+        3,
+        "the refused requests were not forwarded"
+    );
+}
