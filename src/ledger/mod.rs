@@ -21,9 +21,9 @@
 //!
 //! Besides money an account carries what decides who may spend it: its plan and
 //! billing cycle, its members, its per-cycle quotas, and its journal (the ledger
-//! its owner reads). Stores call [`Account::refill_if_due`] and [`Account::tick`]
-//! before every transition, which is how refills happen lazily and exactly once per
-//! cycle ([`Account::apply_time`] does both).
+//! its owner reads). Stores call [`Account::apply_time`] (a due refill, then
+//! expiries) before every transition and read, which is how refills happen lazily
+//! and exactly once per cycle.
 
 // Money code: an index that could be out of range is a `get` that says what then.
 #![deny(clippy::indexing_slicing)]
@@ -50,7 +50,7 @@ pub use idempotency::{IdempotencyRequest, Recorded};
 pub use journal::{Entry, EntryKind, Journal};
 pub use members::Member;
 pub use money::{Draw, EndRejected, Ending, Grant, GrantReceipt, Hold, HoldEnded, HoldRequest};
-pub use plan::{Catalog, Effective, PlanTerms};
+pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 
 /// The `detail` of the ledger entry written when a hold expires.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::account::plus;
 use super::{
     cycle_bounds, day_of_month, default_priority, Account, AccountRejected, Credits, EntryKind,
-    Millis,
+    Hold, HoldEnded, Millis,
 };
 
 /// What a plan gives an account, as the policy says.
@@ -32,6 +32,22 @@ pub enum Effective {
     Now,
     /// At the next refill (a downgrade).
     PeriodEnd,
+}
+
+/// The plan an account is on at `now_ms`, from its plan, the plan waiting for the
+/// next refill and when that refill is due: the waiting plan once the refill is
+/// due, even before a transition applies it. Readers that change nothing (who a
+/// key is) ask this, so that every store names the same plan at the same moment.
+pub fn plan_in_force<'a>(
+    plan: &'a str,
+    pending_plan: Option<&'a str>,
+    next_refill_ms: Millis,
+    now_ms: Millis,
+) -> &'a str {
+    match pending_plan {
+        Some(pending) if now_ms >= next_refill_ms => pending,
+        _ => plan,
+    }
 }
 
 impl Account {
@@ -70,6 +86,25 @@ impl Account {
             *used.entry(quota.clone()).or_default() += held;
         }
         used
+    }
+
+    /// Applies time, as every store does before every transition and read: a due
+    /// refill (and the plan change waiting for it), then expired grants and holds
+    /// past their TTL. Returns the holds that expired.
+    pub fn apply_time(&mut self, now_ms: Millis, catalog: &Catalog) -> Vec<(Hold, HoldEnded)> {
+        self.refill_if_due(now_ms, catalog);
+        self.tick(now_ms)
+    }
+
+    /// The plan in force at `now_ms`, for a reader that does not apply time: see
+    /// [`plan_in_force`].
+    pub fn plan_at(&self, now_ms: Millis) -> &str {
+        plan_in_force(
+            &self.plan,
+            self.pending_plan.as_deref(),
+            self.next_refill_ms,
+            now_ms,
+        )
     }
 
     /// Applies the monthly refill if a new cycle has begun: once, however many

@@ -50,9 +50,9 @@ impl Stored {
         self.journal.append(fresh);
     }
 
-    /// Applies time (without a refill); returns how many holds expired.
-    fn tick(&mut self, now_ms: Millis) -> usize {
-        let expired = self.account.tick(now_ms).len();
+    /// Applies time; returns how many holds expired.
+    fn apply_time(&mut self, now_ms: Millis, catalog: &Catalog) -> usize {
+        let expired = self.account.apply_time(now_ms, catalog).len();
         self.file_entries();
         expired
     }
@@ -117,8 +117,7 @@ impl MemoryStore {
             .get_mut(account)
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
         let stored = entry.value_mut();
-        stored.account.refill_if_due(now_ms, &catalog);
-        stored.account.tick(now_ms);
+        stored.account.apply_time(now_ms, &catalog);
         let out = apply(stored, &catalog);
         stored.file_entries();
         Ok(out)
@@ -170,18 +169,22 @@ impl Store for MemoryStore {
         let Some(key) = self.keys.get(key_sha256).map(|k| k.value().clone()) else {
             return Ok(None);
         };
-        self.with_account(&key.account, now_ms, |a, _| {
-            Some(Identity {
-                premium_disabled: a
-                    .members
-                    .get(&key.member)
-                    .is_some_and(|m| m.premium_disabled),
-                account: key.account.clone(),
-                member: key.member.clone(),
-                key_id: key.key_id.clone(),
-                plan: a.plan.clone(),
-            })
-        })
+        // Who a key is changes nothing: read in place, the plan as it is in force now.
+        let stored = self
+            .accounts
+            .get(&key.account)
+            .ok_or_else(|| StoreError::UnknownAccount(key.account.clone()))?;
+        let a = &stored.account;
+        Ok(Some(Identity {
+            premium_disabled: a
+                .members
+                .get(&key.member)
+                .is_some_and(|m| m.premium_disabled),
+            plan: a.plan_at(now_ms).to_string(),
+            account: key.account,
+            member: key.member,
+            key_id: key.key_id,
+        }))
     }
 
     async fn hold(
@@ -264,9 +267,10 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
+        let (catalog, _) = self.rules();
         let mut ended = 0;
         for mut stored in self.accounts.iter_mut() {
-            ended += stored.tick(now_ms);
+            ended += stored.apply_time(now_ms, &catalog);
         }
         Ok(ended)
     }
@@ -414,9 +418,10 @@ impl Store for MemoryStore {
                     h
                 }),
             None => {
+                let (catalog, _) = self.rules();
                 let mut all = Vec::new();
                 for mut stored in self.accounts.iter_mut() {
-                    stored.tick(now_ms);
+                    stored.apply_time(now_ms, &catalog);
                     all.extend(collect(&stored.account));
                     if all.len() >= limit {
                         all.truncate(limit);

@@ -573,8 +573,7 @@ impl RedisStore {
                 return Err(StoreError::UnknownAccount(id.to_string()));
             };
             let before = earliest_hold(&account);
-            account.refill_if_due(now_ms, &catalog);
-            account.tick(now_ms);
+            account.apply_time(now_ms, &catalog);
             // A step that changed nothing needs no write. Time alone changes the
             // account only through ledger entries (a refill, an expiry) or by dropping
             // lapsed idempotency records, which every replica drops alike. A hot-path
@@ -857,8 +856,7 @@ impl Store for RedisStore {
         let Some((_, mut state)) = self.fetch(account).await? else {
             return Err(StoreError::UnknownAccount(account.to_string()));
         };
-        state.refill_if_due(now_ms, &catalog);
-        state.tick(now_ms);
+        state.apply_time(now_ms, &catalog);
         Ok(Quoted::of(&state, request, &catalog))
     }
 
