@@ -170,9 +170,12 @@ struct Cached {
     fetched: Instant,
 }
 
-/// An account's plan and the members with premium switched off.
+/// An account's plan (and the one waiting for its next refill) and the members
+/// with premium switched off.
 struct Standing {
     plan: String,
+    pending_plan: Option<String>,
+    next_refill_ms: Millis,
     premium_disabled: Vec<String>,
 }
 
@@ -180,8 +183,20 @@ impl Standing {
     fn of(account: &Account) -> Self {
         Standing {
             plan: account.plan.clone(),
+            pending_plan: account.pending_plan.clone(),
+            next_refill_ms: account.next_refill_ms,
             premium_disabled: Self::disabled(account).cloned().collect(),
         }
+    }
+
+    /// The plan in force at `now_ms` (the ledger's rule, as the memory store reads it).
+    fn plan_at(&self, now_ms: Millis) -> &str {
+        crate::ledger::plan_in_force(
+            &self.plan,
+            self.pending_plan.as_deref(),
+            self.next_refill_ms,
+            now_ms,
+        )
     }
 
     fn disabled(account: &Account) -> impl Iterator<Item = &String> {
@@ -197,6 +212,10 @@ impl Standing {
         if self.plan != account.plan {
             self.plan.clone_from(&account.plan);
         }
+        if self.pending_plan != account.pending_plan {
+            self.pending_plan.clone_from(&account.pending_plan);
+        }
+        self.next_refill_ms = account.next_refill_ms;
         if !Self::disabled(account).eq(self.premium_disabled.iter()) {
             self.premium_disabled = Self::disabled(account).cloned().collect();
         }
@@ -769,19 +788,19 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     // Who a key is needs no write: it reads the cached (or fetched) account without
-    // applying time; a refill or pending downgrade shows at the account's next transition.
+    // applying time, and names the plan in force at `now_ms` as the ledger rules it.
     async fn identify(
         &self,
         key_sha256: &[u8; 32],
-        _now_ms: Millis,
+        now_ms: Millis,
     ) -> Result<Option<Identity>, StoreError> {
         let Some(owner) = self.key_owner(key_sha256).await? else {
             return Ok(None);
         };
-        // The plan and the member's flag, read in place: no copy of the account.
+        // The plan in force and the member's flag, read in place: no copy of the account.
         let standing = |cached: &Cached| {
             (
-                cached.standing.plan.clone(),
+                cached.standing.plan_at(now_ms).to_string(),
                 cached.standing.premium_disabled(&owner.member),
             )
         };
@@ -795,7 +814,7 @@ impl Store for RedisStore {
             None => match self.fetch(&owner.account).await {
                 Ok(Some((version, account))) => {
                     let found = (
-                        account.plan.clone(),
+                        account.plan_at(now_ms).to_string(),
                         account
                             .members
                             .get(&owner.member)

@@ -304,6 +304,18 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
 
     // Twenty days on: the bonus expired, a refill happened, the downgrade applied.
     let later = t0 + 20 * 86_400_000;
+    // Who a key is changes nothing, yet names the plan in force: the downgrade
+    // waiting for the refill, once the refill is due, before anything applies it.
+    let bob = store.identify(&[2; 32], later).await;
+    assert_eq!(
+        bob.as_ref()
+            .ok()
+            .and_then(|i| i.as_ref())
+            .map(|i| i.plan.as_str()),
+        Some("free"),
+        "{bob:?}"
+    );
+    out.note("identify bob once the refill is due", bob);
     out.note("view later", store.account("team", later).await);
     out.note("view acme later", store.account("acme", later).await);
     let page = store.ledger("team", 5, None, later).await;
