@@ -137,7 +137,7 @@ pub struct GatewayConfig {
     pub idempotency_replay_max_bytes: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnUnavailable {
     Reject,
     Allow,

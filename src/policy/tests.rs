@@ -1158,3 +1158,52 @@ fn evaluation_decides_404_and_403_before_it_needs_the_body() {
         vec![priced("mode.fixed", "5")]
     );
 }
+
+#[test]
+fn every_named_choice_refuses_another_value_at_it_listing_the_allowed_ones() {
+    // Each setting with a fixed set of values, written wrong: one error each, at
+    // the value, with the same words as ever.
+    let cases = [
+        (
+            GOOD.replace("[gateway]\n", "[gateway]\nunmatched = \"maybe\"\n"),
+            r#"p.toml:5:13: unmatched must be "deny" or "allow", not "maybe""#,
+        ),
+        (
+            format!("{GOOD}\n[store]\nkind = \"disk\"\n"),
+            r#"store kind must be "memory" or "redis", not "disk""#,
+        ),
+        (
+            format!("{GOOD}\n[store]\nkind = \"redis\"\nurl = \"redis://x\"\non_unavailable = \"pass\"\n"),
+            r#"on_unavailable must be "reject" or "allow", not "pass""#,
+        ),
+        (
+            GOOD.replace("price = 0\n", "price = 0\ncharge = { on_client_abort = \"refund\" }\n"),
+            r#"on_client_abort must be "settle" or "release", not "refund""#,
+        ),
+        (
+            GOOD.replace("price = 0\n", "price = 0\ncharge = { on_upstream_cut = \"half\" }\n"),
+            r#"on_upstream_cut must be "release" or "settle", not "half""#,
+        ),
+        (
+            GOOD.replace(
+                "price = 0\n",
+                "price = 0\nsettle = { usage = \"json:/n\", credits_per_unit = 1, on_missing = \"free\" }\n",
+            ),
+            r#"on_missing must be "charge_hold" or "release", not "free""#,
+        ),
+    ];
+    for (text, expected) in cases {
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].ends_with(expected), "{errs:?}");
+        let value = expected.rsplit("not ").next().unwrap();
+        let (line, col) = {
+            let mut parts = errs[0].split(':').skip(1);
+            let line: usize = parts.next().unwrap().parse().unwrap();
+            let col: usize = parts.next().unwrap().parse().unwrap();
+            (line, col)
+        };
+        let at = &text.lines().nth(line - 1).unwrap()[col - 1..];
+        assert!(at.starts_with(value), "located at the value: {at:?}");
+    }
+}
