@@ -451,7 +451,7 @@ fn rss_bytes() -> u64 {
 
 async fn memory_per_account(accounts: usize) -> f64 {
     let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
-    let store = MemoryStore::new(policy.catalog(), policy.gateway.ledger_max_entries);
+    let store = MemoryStore::new(policy.catalog(), policy.limits());
     let mut seed = policy.accounts[0].clone();
     seed.keys.clear();
     let before = rss_bytes();
@@ -492,10 +492,7 @@ fn memory_gateway(
     backend: SocketAddr,
 ) -> (Gateway, Arc<dyn Store>) {
     let policy = Arc::new(policy(backend, "kind = \"memory\""));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    ));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     (gateway, store)
@@ -517,7 +514,7 @@ fn redis_gateway(
                 &redis.url(),
                 false,
                 policy.catalog(),
-                policy.gateway.ledger_max_entries,
+                policy.limits(),
             ))
             .expect("redis store"),
     );

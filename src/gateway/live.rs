@@ -80,10 +80,8 @@ impl LiveGateway {
         let next = old
             .with_policy(Arc::new(policy))
             .map_err(ReloadError::Failed)?;
-        next.store().set_catalog(
-            next.policy().catalog(),
-            next.policy().gateway.ledger_max_entries,
-        );
+        next.store()
+            .set_catalog(next.policy().catalog(), next.policy().limits());
         next.seed_accounts()
             .await
             .map_err(|e| ReloadError::Failed(format!("seeding accounts failed: {e}")))?;

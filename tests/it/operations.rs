@@ -373,3 +373,27 @@ async fn an_idempotency_key_in_flight_is_409_and_a_released_one_runs_anew() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test]
+async fn an_idempotency_key_is_at_most_as_long_as_an_accounts_state_counts_it() {
+    // The bound on one account's state counts each key at this length.
+    let longest = creditgate::ledger::IDEMPOTENCY_KEY_MAX_BYTES;
+    let gw = start("100").await;
+    let fits = with_key(&gw, &"k".repeat(longest), "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 200);
+    let over = with_key(&gw, &"k".repeat(longest + 1), "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 400);
+    assert_eq!(
+        gw.backend.received().len(),
+        1,
+        "the long key never reached it"
+    );
+}

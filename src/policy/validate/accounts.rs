@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::Validator;
-use crate::ledger::{default_priority, Catalog};
+use crate::ledger::{default_priority, Catalog, NAME_MAX_BYTES};
 use crate::policy::raw::{RawAccount, RawGrantKind};
 use crate::policy::{SeedAccount, SeedGrant, SeedKey};
 impl Validator<'_> {
@@ -54,7 +54,7 @@ impl Validator<'_> {
             let account = account.get_ref();
             let id = account.id.get_ref().clone();
             if id.is_empty()
-                || id.len() > 128
+                || id.len() > NAME_MAX_BYTES
                 || !id
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))

@@ -7,7 +7,8 @@
 //! - this file: the [`Validator`] (errors and notes located by span), `${VAR}`
 //!   expansion, numbers, durations, the one parser of a string naming one of a
 //!   fixed set of choices ([`Validator::choice`]), and the order sections are read in;
-//! - [`gateway`] reads `[gateway]` — addresses and limits;
+//! - [`gateway`] reads `[gateway]` — addresses, limits, and the bound on what one
+//!   account's state may hold under them;
 //! - [`store`] reads `[store]`;
 //! - [`upstreams`] reads `[upstreams.NAME]`;
 //! - [`plans`] reads `[plans.NAME]`;
@@ -277,6 +278,14 @@ impl Validator<'_> {
         let routes = self.routes(&raw.operations, &operations);
         let grant_kinds = self.grant_kinds(&raw.grant_kinds);
         let accounts = self.accounts(&raw.accounts, &plans, &grant_kinds);
+        self.account_state(
+            &raw.gateway,
+            &gateway,
+            &plans,
+            &operations,
+            &grant_kinds,
+            &accounts,
+        );
         if !self.errors.is_empty() || operations.len() != raw.operations.len() {
             return None;
         }
