@@ -579,8 +579,10 @@ fn main() {
     let (gateway, mem_store) = memory_gateway(&servers, backend_addr);
     // The passthrough proxies to the gateway's own peer: same backend, same timeouts.
     let peer = gateway.peers()[0].clone();
-    let passthrough_server =
-        start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
+    let cap = gateway.policy().gateway.max_connections;
+    let passthrough_server = start_variant(&servers, |l, stop| {
+        serve_proxy(l, Passthrough(peer), cap, stop)
+    });
     let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
     let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
@@ -694,8 +696,14 @@ fn profile_one(only: &str) {
     let redis = (only == "redis").then(Redis::start);
     let server = match only {
         "passthrough" => {
-            let peer = memory_gateway(&servers, backend_addr).0.peers()[0].clone();
-            start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop))
+            let gateway = memory_gateway(&servers, backend_addr).0;
+            let (peer, cap) = (
+                gateway.peers()[0].clone(),
+                gateway.policy().gateway.max_connections,
+            );
+            start_variant(&servers, |l, stop| {
+                serve_proxy(l, Passthrough(peer), cap, stop)
+            })
         }
         "memory" => {
             let gateway = memory_gateway(&servers, backend_addr).0;

@@ -67,9 +67,12 @@ impl LiveGateway {
     pub async fn reload(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
         let old = self.current();
         let (was, now) = (&old.policy().gateway, &policy.gateway);
-        if was.listen != now.listen || was.admin_listen != now.admin_listen {
+        if was.listen != now.listen
+            || was.admin_listen != now.admin_listen
+            || was.max_connections != now.max_connections
+        {
             return Err(ReloadError::NeedsRestart(
-                "listen and admin_listen change only with a restart".into(),
+                "listen, admin_listen and max_connections change only with a restart".into(),
             ));
         }
         if old.policy().store != policy.store {
