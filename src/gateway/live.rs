@@ -62,7 +62,7 @@ impl LiveGateway {
         self.current().policy().clone()
     }
 
-    /// Switches to `policy` for new requests: plans and ledger cap go to the store,
+    /// Switches to `policy` for new requests: plans and limits go to the store,
     /// new seeded accounts are created. Returns the number of operations.
     pub async fn reload(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
         let old = self.current();
