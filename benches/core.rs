@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, PlanTerms};
+use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, Limits, PlanTerms};
 use creditgate::policy::{normalize_path, Policy, RequestFacts};
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
@@ -75,7 +75,9 @@ fn benches(c: &mut Criterion) {
     c.bench_function("ledger hold + settle", |b| {
         b.iter(|| {
             let placed = account.hold(&req, 1, &Catalog::new()).unwrap();
-            let ended = account.settle(placed.hold_id, req.amount, 1).unwrap();
+            let ended = account
+                .settle(placed.hold_id, req.amount, 1, &Limits::default())
+                .unwrap();
             // A store takes the ledger entries after every call.
             account.take_entries();
             ended
@@ -92,7 +94,7 @@ fn benches(c: &mut Criterion) {
     };
     let store = Arc::new(MemoryStore::new(
         Arc::new(Catalog::from([("free".to_string(), plan)])),
-        1_000,
+        Limits::default(),
     ));
     let seed = creditgate::policy::SeedAccount {
         id: "a".into(),
@@ -181,7 +183,7 @@ fn redis_store(c: &mut Criterion) {
             &redis.url(),
             false,
             Arc::new(Catalog::from([("free".to_string(), plan)])),
-            1_000,
+            Limits::default(),
         ))
         .expect("redis store");
     let seed = creditgate::policy::SeedAccount {

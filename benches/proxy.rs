@@ -451,7 +451,7 @@ fn rss_bytes() -> u64 {
 
 async fn memory_per_account(accounts: usize) -> f64 {
     let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
-    let store = MemoryStore::new(policy.catalog(), policy.gateway.ledger_max_entries);
+    let store = MemoryStore::new(policy.catalog(), policy.limits());
     let mut seed = policy.accounts[0].clone();
     seed.keys.clear();
     let before = rss_bytes();
@@ -492,10 +492,7 @@ fn memory_gateway(
     backend: SocketAddr,
 ) -> (Gateway, Arc<dyn Store>) {
     let policy = Arc::new(policy(backend, "kind = \"memory\""));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    ));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     (gateway, store)
@@ -517,7 +514,7 @@ fn redis_gateway(
                 &redis.url(),
                 false,
                 policy.catalog(),
-                policy.gateway.ledger_max_entries,
+                policy.limits(),
             ))
             .expect("redis store"),
     );
@@ -582,8 +579,10 @@ fn main() {
     let (gateway, mem_store) = memory_gateway(&servers, backend_addr);
     // The passthrough proxies to the gateway's own peer: same backend, same timeouts.
     let peer = gateway.peers()[0].clone();
-    let passthrough_server =
-        start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop));
+    let cap = gateway.policy().gateway.max_connections;
+    let passthrough_server = start_variant(&servers, |l, stop| {
+        serve_proxy(l, Passthrough(peer), cap, stop)
+    });
     let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
     let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
@@ -697,8 +696,14 @@ fn profile_one(only: &str) {
     let redis = (only == "redis").then(Redis::start);
     let server = match only {
         "passthrough" => {
-            let peer = memory_gateway(&servers, backend_addr).0.peers()[0].clone();
-            start_variant(&servers, |l, stop| serve_proxy(l, Passthrough(peer), stop))
+            let gateway = memory_gateway(&servers, backend_addr).0;
+            let (peer, cap) = (
+                gateway.peers()[0].clone(),
+                gateway.policy().gateway.max_connections,
+            );
+            start_variant(&servers, |l, stop| {
+                serve_proxy(l, Passthrough(peer), cap, stop)
+            })
         }
         "memory" => {
             let gateway = memory_gateway(&servers, backend_addr).0;

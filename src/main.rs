@@ -282,16 +282,13 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         };
     let store: Arc<dyn creditgate::store::Store> = match &policy.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::new(
-            policy.catalog(),
-            policy.gateway.ledger_max_entries,
-        )),
+        StoreConfig::Memory => Arc::new(MemoryStore::new(policy.catalog(), policy.limits())),
         StoreConfig::Redis { url, cluster, .. } => {
             match runtime.block_on(RedisStore::connect(
                 url,
                 *cluster,
                 policy.catalog(),
-                policy.gateway.ledger_max_entries,
+                policy.limits(),
             )) {
                 Ok(store) => Arc::new(store),
                 Err(e) => {

@@ -38,8 +38,9 @@ pub const TOKEN_ENV: &str = "CREDITGATE_ADMIN_TOKEN";
 /// Most open holds `GET /admin/holds` lists.
 const MAX_HOLDS_LISTED: usize = 1_000;
 
-/// Longest account id, member name or idempotency key accepted.
-const MAX_NAME_BYTES: usize = 128;
+/// Longest account id, member name or idempotency key accepted: the length the
+/// worst case of an account's state is computed with.
+const MAX_NAME_BYTES: usize = crate::ledger::NAME_MAX_BYTES;
 
 #[derive(Clone)]
 pub struct AdminState {

@@ -37,10 +37,7 @@ pub async fn run() -> Result<(), String> {
     };
     let policy =
         Policy::parse(DEMO_POLICY, "policies/demo.toml", &env).map_err(|e| e.to_string())?;
-    let store = Arc::new(MemoryStore::new(
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    ));
+    let store = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
     let gateway = Gateway::new(Arc::new(policy), store, crate::clock::Clock::system())?;
     gateway.seed_accounts().await.map_err(|e| e.to_string())?;
     let listener = bind("127.0.0.1:8080")

@@ -389,8 +389,8 @@ mod tests {
                 .record_response(account, key, response, now_ms)
                 .await
         }
-        fn set_catalog(&self, catalog: Arc<crate::ledger::Catalog>, ledger_max_entries: usize) {
-            self.inner.set_catalog(catalog, ledger_max_entries)
+        fn set_catalog(&self, catalog: Arc<crate::ledger::Catalog>, limits: crate::ledger::Limits) {
+            self.inner.set_catalog(catalog, limits)
         }
     }
 

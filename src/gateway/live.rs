@@ -62,14 +62,17 @@ impl LiveGateway {
         self.current().policy().clone()
     }
 
-    /// Switches to `policy` for new requests: plans and ledger cap go to the store,
+    /// Switches to `policy` for new requests: plans and limits go to the store,
     /// new seeded accounts are created. Returns the number of operations.
     pub async fn reload(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
         let old = self.current();
         let (was, now) = (&old.policy().gateway, &policy.gateway);
-        if was.listen != now.listen || was.admin_listen != now.admin_listen {
+        if was.listen != now.listen
+            || was.admin_listen != now.admin_listen
+            || was.max_connections != now.max_connections
+        {
             return Err(ReloadError::NeedsRestart(
-                "listen and admin_listen change only with a restart".into(),
+                "listen, admin_listen and max_connections change only with a restart".into(),
             ));
         }
         if old.policy().store != policy.store {
@@ -80,10 +83,8 @@ impl LiveGateway {
         let next = old
             .with_policy(Arc::new(policy))
             .map_err(ReloadError::Failed)?;
-        next.store().set_catalog(
-            next.policy().catalog(),
-            next.policy().gateway.ledger_max_entries,
-        );
+        next.store()
+            .set_catalog(next.policy().catalog(), next.policy().limits());
         next.seed_accounts()
             .await
             .map_err(|e| ReloadError::Failed(format!("seeding accounts failed: {e}")))?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::ended;
 use super::idempotency::Idempotency;
 use super::{
-    Credits, Ending, Entry, EntryKind, Grant, GrantReceipt, Hold, Member, Millis, Recorded,
+    Credits, Ending, Entry, EntryKind, Grant, GrantReceipt, Hold, Limits, Member, Millis, Recorded,
     HOLD_TTL_DETAIL,
 };
 
@@ -204,9 +204,10 @@ impl Account {
         self.next_seq += 1;
     }
 
-    /// Attaches the recorded response to a settled idempotency record.
-    pub fn record_response(&mut self, key: &str, response: Recorded) -> bool {
-        self.idempotency.record(key, response)
+    /// Attaches the recorded response to a settled idempotency record (within
+    /// `limits`: see [`Idempotency::record`]).
+    pub fn record_response(&mut self, key: &str, response: Recorded, limits: &Limits) -> bool {
+        self.idempotency.record(key, response, limits)
     }
 
     /// How many holds expired (past their TTL) since the entries were last taken.

@@ -9,11 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::Millis;
-
-/// Settled records an account keeps (oldest forgotten first); in-flight records are
-/// bounded by the account's open holds.
-const SETTLED_KEPT: usize = 64;
+use super::limits::CONTENT_TYPE_MAX_BYTES;
+use super::{Limits, Millis};
 
 /// A response recorded for replay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,12 +91,19 @@ impl Idempotency {
         self.records.insert(request.key.clone(), record);
     }
 
+    /// Marks the record settled; [`Idempotency::keep_settled`] then forgets the
+    /// oldest settled records beyond the limit.
     pub fn settled(&mut self, key: &str) {
         if let Some(r) = self.records.get_mut(key) {
             r.state = State::Settled(None);
             self.settled_order.push_back(key.to_string());
         }
-        while self.settled_order.len() > SETTLED_KEPT {
+    }
+
+    /// Forgets the oldest settled records beyond `kept`; in-flight records are
+    /// bounded by the account's open holds.
+    pub fn keep_settled(&mut self, kept: usize) {
+        while self.settled_order.len() > kept {
             if let Some(oldest) = self.settled_order.pop_front() {
                 self.records.remove(&oldest);
             }
@@ -111,8 +115,23 @@ impl Idempotency {
         self.settled_order.retain(|k| k != key);
     }
 
-    /// Attaches the response to a settled record; false if there is none.
-    pub fn record(&mut self, key: &str, response: Recorded) -> bool {
+    /// Attaches the response to a settled record; false if there is none. A body
+    /// larger than `idempotency_replay_max_bytes`, or a content type longer than
+    /// [`CONTENT_TYPE_MAX_BYTES`], is not kept: the response is recorded as not
+    /// replayable, so the record stays within what the limits count.
+    pub fn record(&mut self, key: &str, mut response: Recorded, limits: &Limits) -> bool {
+        let too_large = response
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > limits.idempotency_replay_max_bytes)
+            || response
+                .content_type
+                .as_ref()
+                .is_some_and(|t| t.len() > CONTENT_TYPE_MAX_BYTES);
+        if too_large {
+            response.body = None;
+            response.content_type = None;
+        }
         match self.records.get_mut(key) {
             Some(r) if matches!(r.state, State::Settled(_)) => {
                 r.state = State::Settled(Some(response));

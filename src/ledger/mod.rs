@@ -17,6 +17,7 @@
 //!   number of open holds. The hold and the quote both ask it.
 //! - [`members`]: members and their active keys.
 //! - [`plan`]: plans, billing cycles, refills and plan changes.
+//! - [`limits`]: the caps on what one account's state holds, and its worst-case size.
 //! - [`seed`]: accounts the policy file lists, opened alike by every store.
 //!
 //! Besides money an account carries what decides who may spend it: its plan and
@@ -35,6 +36,7 @@ mod credits;
 mod ended;
 mod idempotency;
 mod journal;
+mod limits;
 mod members;
 mod money;
 mod plan;
@@ -48,8 +50,15 @@ pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
 pub use idempotency::{IdempotencyRequest, Recorded};
 pub use journal::{Entry, EntryKind, Journal};
+pub use limits::{
+    Limits, StateBytes, StateShape, CONTENT_TYPE_MAX_BYTES, DEFAULT_GRANT_RECEIPTS_KEPT,
+    DEFAULT_IDEMPOTENCY_RECORDS_KEPT, DEFAULT_IDEMPOTENCY_REPLAY_MAX_BYTES, DRAW_BYTES,
+    IDEMPOTENCY_KEY_MAX_BYTES, NAME_MAX_BYTES,
+};
 pub use members::Member;
-pub use money::{Draw, EndRejected, Ending, Grant, GrantReceipt, Hold, HoldEnded, HoldRequest};
+pub use money::{
+    Draw, EndRejected, Ending, Grant, GrantReceipt, GrantRequest, Hold, HoldEnded, HoldRequest,
+};
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 
@@ -68,9 +77,6 @@ pub fn default_priority(kind: &str) -> u32 {
         _ => 25,
     }
 }
-
-/// How many admin-grant idempotency keys an account remembers (oldest forgotten first).
-pub const GRANT_KEYS_REMEMBERED: usize = 10_000;
 
 /// Active keys one member may have. The account's state, key ids included, is
 /// written on every hold, so it must stay small.

@@ -6,12 +6,22 @@ use serde::{Deserialize, Serialize};
 use super::account::{plus, MAX_GRANTED};
 use super::{
     Account, AccountRejected, Caller, Catalog, Credits, EntryKind, GrantOverflow, HoldPlaced,
-    HoldRejected, IdempotencyRequest, Millis, GRANT_KEYS_REMEMBERED, HOLD_TTL_DETAIL,
+    HoldRejected, IdempotencyRequest, Limits, Millis, HOLD_TTL_DETAIL,
 };
 
 /// How many ended holds an account remembers, so that a late second settle or
 /// release is answered `AlreadyEnded` rather than `UnknownHold`.
-const ENDED_HOLDS_REMEMBERED: usize = 64;
+pub(super) const ENDED_HOLDS_REMEMBERED: usize = 64;
+
+/// An admin grant, made once per idempotency key.
+#[derive(Clone, Debug)]
+pub struct GrantRequest {
+    pub idempotency_key: String,
+    pub kind: String,
+    pub credits: Credits,
+    pub priority: u32,
+    pub expires_at_ms: Option<Millis>,
+}
 
 /// What an idempotent admin grant returns, the first time and every time after.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,39 +132,42 @@ pub enum EndRejected {
 
 impl Account {
     /// An admin grant: a repeated `idempotency_key` returns the first grant's
-    /// receipt and adds nothing.
+    /// receipt and adds nothing. The account keeps the newest
+    /// `grant_receipts_kept` receipts; a key older than those grants again.
     pub fn grant_once(
         &mut self,
-        idempotency_key: &str,
-        kind: &str,
-        amount: Credits,
-        priority: u32,
-        expires_at_ms: Option<Millis>,
+        request: &GrantRequest,
         now_ms: Millis,
+        limits: &Limits,
     ) -> Result<(GrantReceipt, bool), AccountRejected> {
-        if let Some(receipt) = self.grant_receipts.get(idempotency_key) {
+        let key = request.idempotency_key.as_str();
+        if let Some(receipt) = self.grant_receipts.get(key) {
             return Ok((receipt.clone(), false));
         }
         let grant_id = self
-            .grant(kind, amount, priority, expires_at_ms, now_ms)
+            .grant(
+                &request.kind,
+                request.credits,
+                request.priority,
+                request.expires_at_ms,
+                now_ms,
+            )
             .map_err(|_| AccountRejected::GrantOverflow)?;
         let receipt = GrantReceipt {
             grant_id,
-            kind: kind.to_string(),
-            credits: amount,
-            priority,
-            expires_at_ms,
+            kind: request.kind.clone(),
+            credits: request.credits,
+            priority: request.priority,
+            expires_at_ms: request.expires_at_ms,
             granted_at_ms: now_ms,
         };
-        if self.grant_keys_in_order.len() >= GRANT_KEYS_REMEMBERED {
+        self.grant_keys_in_order.push_back(key.to_string());
+        self.grant_receipts.insert(key.to_string(), receipt.clone());
+        while self.grant_keys_in_order.len() > limits.grant_receipts_kept {
             if let Some(oldest) = self.grant_keys_in_order.pop_front() {
                 self.grant_receipts.remove(&oldest);
             }
         }
-        self.grant_keys_in_order
-            .push_back(idempotency_key.to_string());
-        self.grant_receipts
-            .insert(idempotency_key.to_string(), receipt.clone());
         Ok((receipt, true))
     }
 
@@ -331,13 +344,19 @@ impl Account {
     }
 
     /// Ends a hold charging `min(charge, held)`; the rest returns to its grants.
+    /// Its idempotency record, if any, is kept among the newest
+    /// `idempotency_records_kept` settled ones.
     pub fn settle(
         &mut self,
         hold_id: u64,
         charge: Credits,
         now_ms: Millis,
+        limits: &Limits,
     ) -> Result<HoldEnded, EndRejected> {
-        self.finish(hold_id, charge, Ending::Settled, now_ms)
+        let ended = self.finish(hold_id, charge, Ending::Settled, now_ms)?;
+        self.idempotency
+            .keep_settled(limits.idempotency_records_kept);
+        Ok(ended)
     }
 
     /// Ends a hold charging nothing.

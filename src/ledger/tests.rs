@@ -5,6 +5,27 @@ fn c(text: &str) -> Credits {
     text.parse().unwrap()
 }
 
+fn limits() -> Limits {
+    Limits::default()
+}
+
+/// An admin grant of `credits` under `key`.
+fn grant_request(
+    key: &str,
+    kind: &str,
+    credits: &str,
+    priority: u32,
+    expires_at_ms: Option<Millis>,
+) -> GrantRequest {
+    GrantRequest {
+        idempotency_key: key.into(),
+        kind: kind.into(),
+        credits: c(credits),
+        priority,
+        expires_at_ms,
+    }
+}
+
 fn request(amount: &str) -> HoldRequest {
     HoldRequest {
         operation: "op".into(),
@@ -62,12 +83,12 @@ fn settle_charges_min_of_actual_and_held_and_returns_the_rest() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("10"), 20, None, 0).unwrap();
     let h = a.hold(&request("4"), 0, &Catalog::new()).unwrap().hold_id;
-    let ended = a.settle(h, c("1.5"), 1).unwrap();
+    let ended = a.settle(h, c("1.5"), 1, &limits()).unwrap();
     assert_eq!(ended.charged, c("1.5"));
     assert_eq!(ended.returned, c("2.5"));
     assert_eq!(a.available(), c("8.5"));
     let h = a.hold(&request("2"), 2, &Catalog::new()).unwrap().hold_id;
-    assert_eq!(a.settle(h, c("100"), 3).unwrap().charged, c("2"));
+    assert_eq!(a.settle(h, c("100"), 3, &limits()).unwrap().charged, c("2"));
     assert_eq!(a.totals().charged, c("3.5"));
 }
 
@@ -76,9 +97,9 @@ fn a_hold_ends_exactly_once() {
     let mut a = Account::new("a", "free");
     a.grant("plan", c("10"), 20, None, 0).unwrap();
     let h = a.hold(&request("3"), 0, &Catalog::new()).unwrap().hold_id;
-    a.settle(h, c("3"), 1).unwrap();
+    a.settle(h, c("3"), 1, &limits()).unwrap();
     assert_eq!(
-        a.settle(h, c("3"), 2),
+        a.settle(h, c("3"), 2, &limits()),
         Err(EndRejected::AlreadyEnded(Ending::Settled))
     );
     assert_eq!(
@@ -89,7 +110,7 @@ fn a_hold_ends_exactly_once() {
     let h = a.hold(&request("3"), 3, &Catalog::new()).unwrap().hold_id;
     a.release(h, 4).unwrap();
     assert_eq!(
-        a.settle(h, c("3"), 5),
+        a.settle(h, c("3"), 5, &limits()),
         Err(EndRejected::AlreadyEnded(Ending::Released))
     );
     assert_eq!(a.release(999, 5), Err(EndRejected::UnknownHold));
@@ -136,7 +157,7 @@ fn hold_past_ttl_expires_and_cannot_be_settled() {
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].1.ending, Ending::Expired);
     assert_eq!(
-        a.settle(h, c("4"), 1_001),
+        a.settle(h, c("4"), 1_001, &limits()),
         Err(EndRejected::AlreadyEnded(Ending::Expired))
     );
     assert_eq!(a.available(), c("10"));
@@ -244,7 +265,7 @@ proptest! {
                 Step::Settle { nth, milli } => {
                     if let Some(&id) = placed.get(nth) {
                         let held = a.holds().find(|h| h.id == id).map(|h| h.amount);
-                        match a.settle(id, Credits::from_millicredits(milli), now) {
+                        match a.settle(id, Credits::from_millicredits(milli), now, &limits()) {
                             Ok(e) => {
                                 prop_assert_eq!(Some(e.charged), held.map(|h| h.min(Credits::from_millicredits(milli))));
                                 charged_by_us = charged_by_us.checked_add(e.charged).unwrap();
@@ -362,7 +383,7 @@ fn refills_reset_the_plan_grant_once_per_cycle_across_month_ends() {
             &cat,
         )
         .unwrap();
-    a.settle(p.hold_id, c("150"), at("2026-01-31T09:00:00Z"))
+    a.settle(p.hold_id, c("150"), at("2026-01-31T09:00:00Z"), &limits())
         .unwrap();
     assert_eq!(plan_left(&a), c("50"));
     // February has no 31st: the cycle turns on the 28th, not before.
@@ -449,7 +470,7 @@ fn a_bonus_is_spent_before_plan_credits_and_expires_on_time() {
             &cat,
         )
         .unwrap();
-    a.settle(p.hold_id, c("20"), t0 + DAY).unwrap();
+    a.settle(p.hold_id, c("20"), t0 + DAY, &limits()).unwrap();
     assert_eq!(plan_left(&a), c("200"), "the bonus paid");
     a.refill_if_due(t0 + 60 * DAY - 1, &cat);
     a.tick(t0 + 60 * DAY - 1);
@@ -485,7 +506,7 @@ fn upgrades_apply_now_and_downgrades_at_the_next_refill() {
             &cat,
         )
         .unwrap();
-    a.settle(p.hold_id, c("120"), t0).unwrap();
+    a.settle(p.hold_id, c("120"), t0, &limits()).unwrap();
     a.change_plan("creator", Effective::Now, t0 + DAY, &cat)
         .unwrap();
     assert_eq!(a.plan, "creator");
@@ -562,8 +583,8 @@ fn quotas_are_held_settled_released_and_reset_by_the_refill() {
     );
     a.release(second.hold_id, t0).unwrap();
     let third = a.hold(&basic, t0, &cat).unwrap();
-    a.settle(first.hold_id, c("0"), t0).unwrap();
-    a.settle(third.hold_id, c("0"), t0).unwrap();
+    a.settle(first.hold_id, c("0"), t0, &limits()).unwrap();
+    a.settle(third.hold_id, c("0"), t0, &limits()).unwrap();
     assert_eq!(a.quota_use()["basic_images"], 2);
     assert!(a.hold(&basic, t0, &cat).is_err());
     a.refill_if_due(at("2026-08-01T00:00:00Z"), &cat);
@@ -587,16 +608,29 @@ fn quotas_are_held_settled_released_and_reset_by_the_refill() {
 fn grants_with_the_same_idempotency_key_add_nothing() {
     let mut a = Account::new("a", "free");
     let (first, created) = a
-        .grant_once("ref-1", "bonus", c("30"), 10, Some(99), 0)
+        .grant_once(
+            &grant_request("ref-1", "bonus", "30", 10, Some(99)),
+            0,
+            &limits(),
+        )
         .unwrap();
     assert!(created);
     let (again, created) = a
-        .grant_once("ref-1", "bonus", c("999"), 10, None, 5)
+        .grant_once(
+            &grant_request("ref-1", "bonus", "999", 10, None),
+            5,
+            &limits(),
+        )
         .unwrap();
     assert!(!created);
     assert_eq!(first, again, "the first grant is returned");
     assert_eq!(a.totals().granted, c("30"));
-    a.grant_once("ref-2", "topup", c("5"), 30, None, 5).unwrap();
+    a.grant_once(
+        &grant_request("ref-2", "topup", "5", 30, None),
+        5,
+        &limits(),
+    )
+    .unwrap();
     assert_eq!(a.totals().granted, c("35"));
 }
 
@@ -621,7 +655,7 @@ fn the_journal_pages_newest_first_and_is_capped() {
         "only 5 entries are kept"
     );
     let p = a.hold(&request("2"), 10, &Catalog::new()).unwrap();
-    a.settle(p.hold_id, c("1.5"), 11).unwrap();
+    a.settle(p.hold_id, c("1.5"), 11, &limits()).unwrap();
     journal.append(a.take_entries());
     let latest = &journal.page(1, None)[0];
     assert_eq!(
@@ -641,15 +675,8 @@ fn an_account_survives_serialization_whole() {
     let cat = catalog();
     let mut a = open("starter", Some(3), at("2026-03-03T00:00:00Z"));
     a.add_member("ann", true, &cat).unwrap();
-    a.grant_once(
-        "k",
-        "bonus",
-        c("7.5"),
-        10,
-        Some(at("2026-09-01T00:00:00Z")),
-        0,
-    )
-    .unwrap();
+    let bonus = grant_request("k", "bonus", "7.5", 10, Some(at("2026-09-01T00:00:00Z")));
+    a.grant_once(&bonus, 0, &limits()).unwrap();
     let p = a
         .hold(
             &HoldRequest {
@@ -664,7 +691,7 @@ fn an_account_survives_serialization_whole() {
     let mut back: Account = serde_json::from_str(&text).unwrap();
     assert_eq!(serde_json::to_string(&back).unwrap(), text);
     assert_eq!(back.totals(), a.totals());
-    back.settle(p.hold_id, c("1"), at("2026-03-04T00:00:00Z"))
+    back.settle(p.hold_id, c("1"), at("2026-03-04T00:00:00Z"), &limits())
         .unwrap();
     assert_eq!(back.quota_use()["basic_images"], 1);
     back.check_invariant().unwrap();
@@ -703,7 +730,7 @@ proptest! {
                 Life::Spend { milli, settle } => {
                     let r = HoldRequest { amount: Credits::from_millicredits(milli), ttl_ms: 3 * DAY, ..request("0") };
                     if let Ok(p) = a.hold(&r, now, &cat) {
-                        if settle { a.settle(p.hold_id, r.amount, now).unwrap(); }
+                        if settle { a.settle(p.hold_id, r.amount, now, &limits()).unwrap(); }
                     }
                 }
                 Life::Bonus { milli, days } => {
@@ -743,7 +770,7 @@ fn idempotency_keys_follow_their_hold() {
         a.hold(&first, 1, &cat),
         Err(HoldRejected::IdempotencyInProgress)
     );
-    a.settle(placed.hold_id, c("3"), 2).unwrap();
+    a.settle(placed.hold_id, c("3"), 2, &limits()).unwrap();
     assert_eq!(
         a.hold(&first, 3, &cat),
         Err(HoldRejected::Replay {
@@ -756,7 +783,7 @@ fn idempotency_keys_follow_their_hold() {
         content_type: Some("application/json".into()),
         body: Some("{}".into()),
     };
-    assert!(a.record_response("k", recorded.clone()));
+    assert!(a.record_response("k", recorded.clone(), &limits()));
     assert_eq!(
         a.hold(&first, 4, &cat),
         Err(HoldRejected::Replay {
@@ -808,7 +835,7 @@ fn a_plan_can_keep_the_unused_allowance_on_upgrade() {
             &cat,
         )
         .unwrap();
-    a.settle(p.hold_id, c("120"), t0).unwrap();
+    a.settle(p.hold_id, c("120"), t0, &limits()).unwrap();
     a.change_plan("creator", Effective::Now, t0 + DAY, &cat)
         .unwrap();
     assert_eq!(
@@ -893,7 +920,7 @@ fn a_revoked_key_gets_no_replay_either() {
         ..by("ann", "key_1", &[])
     };
     let placed = a.hold(&keyed, 0, &cat).unwrap();
-    a.settle(placed.hold_id, c("1"), 1).unwrap();
+    a.settle(placed.hold_id, c("1"), 1, &limits()).unwrap();
     a.revoke_key("ann", "key_1");
     assert_eq!(a.hold(&keyed, 2, &cat), Err(HoldRejected::KeyNotActive));
 }
@@ -1100,7 +1127,7 @@ proptest! {
                 }
                 Probe::End { nth, settle } => {
                     if let Some(&id) = placed.get(nth) {
-                        let _ = if settle { a.settle(id, Credits::from_millicredits(1), 0) } else { a.release(id, 0) };
+                        let _ = if settle { a.settle(id, Credits::from_millicredits(1), 0, &limits()) } else { a.release(id, 0) };
                     }
                 }
                 Probe::Premium(disabled) => a.update_member("ann", disabled).unwrap(),
@@ -1141,7 +1168,7 @@ fn a_partial_copy_decides_on_aggregates_and_reports_its_hold_changes() {
         "admission needs no hold records"
     );
     let h3 = part.hold(&request("3"), 0, &cat).unwrap().hold_id;
-    part.settle(h1, c("1"), 1).unwrap();
+    part.settle(h1, c("1"), 1, &limits()).unwrap();
     assert_eq!(
         part.take_hold_changes(),
         HoldChanges {
@@ -1158,7 +1185,7 @@ fn a_partial_copy_decides_on_aggregates_and_reports_its_hold_changes() {
     );
 
     full.hold(&request("3"), 0, &cat).unwrap();
-    full.settle(h1, c("1"), 1).unwrap();
+    full.settle(h1, c("1"), 1, &limits()).unwrap();
     assert_eq!(part.totals(), full.totals());
     part.check_invariant().unwrap();
     assert_eq!(
@@ -1167,7 +1194,7 @@ fn a_partial_copy_decides_on_aggregates_and_reports_its_hold_changes() {
         "a full copy keeps its holds with it and reports nothing"
     );
     assert!(
-        part.settle(h2, c("1"), 2).is_err(),
+        part.settle(h2, c("1"), 2, &limits()).is_err(),
         "a hold the copy does not know must be loaded first"
     );
 }

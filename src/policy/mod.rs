@@ -21,7 +21,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use std::sync::Arc;
 
-use crate::ledger::{Catalog, PlanTerms};
+use crate::ledger::{Catalog, Limits, PlanTerms};
 
 pub use crate::ledger::{SeedAccount, SeedGrant, SeedKey};
 pub use evaluate::{Caller, Evaluation, Refused, Verdict};
@@ -135,9 +135,29 @@ pub struct GatewayConfig {
     pub idempotency_ttl_ms: u64,
     /// Largest response body recorded for replay.
     pub idempotency_replay_max_bytes: usize,
+    /// Settled idempotency records an account keeps.
+    pub idempotency_records_kept: usize,
+    /// Receipts of admin grants an account keeps (their keys are remembered).
+    pub grant_receipts_kept: usize,
+    /// The bound the worst case of one account's state was checked against.
+    pub max_account_state_bytes: u64,
+    /// Client connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl GatewayConfig {
+    /// The limits the ledger applies to an account's state, for the stores.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            ledger_max_entries: self.ledger_max_entries,
+            idempotency_records_kept: self.idempotency_records_kept,
+            idempotency_replay_max_bytes: self.idempotency_replay_max_bytes,
+            grant_receipts_kept: self.grant_receipts_kept,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnUnavailable {
     Reject,
     Allow,
@@ -345,6 +365,11 @@ impl Policy {
     /// What each plan gives an account, for the stores.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.plans.clone()
+    }
+
+    /// The limits on an account's state, for the stores (with the catalog).
+    pub fn limits(&self) -> Limits {
+        self.gateway.limits()
     }
 
     /// The spend priority of a grant kind, if the kind exists.

@@ -45,6 +45,10 @@ pub struct RawGateway {
     pub shutdown_grace: Option<Spanned<String>>,
     pub idempotency_ttl: Option<Spanned<String>>,
     pub idempotency_replay_max_bytes: Option<Spanned<String>>,
+    pub idempotency_records_kept: Option<Spanned<i64>>,
+    pub grant_receipts_kept: Option<Spanned<i64>>,
+    pub max_account_state_bytes: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

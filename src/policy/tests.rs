@@ -1158,3 +1158,134 @@ fn evaluation_decides_404_and_403_before_it_needs_the_body() {
         vec![priced("mode.fixed", "5")]
     );
 }
+
+#[test]
+fn every_named_choice_refuses_another_value_at_it_listing_the_allowed_ones() {
+    // Each setting with a fixed set of values, written wrong: one error each, at
+    // the value, with the same words as ever.
+    let cases = [
+        (
+            GOOD.replace("[gateway]\n", "[gateway]\nunmatched = \"maybe\"\n"),
+            r#"p.toml:5:13: unmatched must be "deny" or "allow", not "maybe""#,
+        ),
+        (
+            format!("{GOOD}\n[store]\nkind = \"disk\"\n"),
+            r#"store kind must be "memory" or "redis", not "disk""#,
+        ),
+        (
+            format!("{GOOD}\n[store]\nkind = \"redis\"\nurl = \"redis://x\"\non_unavailable = \"pass\"\n"),
+            r#"on_unavailable must be "reject" or "allow", not "pass""#,
+        ),
+        (
+            GOOD.replace("price = 0\n", "price = 0\ncharge = { on_client_abort = \"refund\" }\n"),
+            r#"on_client_abort must be "settle" or "release", not "refund""#,
+        ),
+        (
+            GOOD.replace("price = 0\n", "price = 0\ncharge = { on_upstream_cut = \"half\" }\n"),
+            r#"on_upstream_cut must be "release" or "settle", not "half""#,
+        ),
+        (
+            GOOD.replace(
+                "price = 0\n",
+                "price = 0\nsettle = { usage = \"json:/n\", credits_per_unit = 1, on_missing = \"free\" }\n",
+            ),
+            r#"on_missing must be "charge_hold" or "release", not "free""#,
+        ),
+    ];
+    for (text, expected) in cases {
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].ends_with(expected), "{errs:?}");
+        let value = expected.rsplit("not ").next().unwrap();
+        let (line, col) = {
+            let mut parts = errs[0].split(':').skip(1);
+            let line: usize = parts.next().unwrap().parse().unwrap();
+            let col: usize = parts.next().unwrap().parse().unwrap();
+            (line, col)
+        };
+        let at = &text.lines().nth(line - 1).unwrap()[col - 1..];
+        assert!(at.starts_with(value), "located at the value: {at:?}");
+    }
+}
+
+#[test]
+fn limits_have_defaults_and_ranges() {
+    let p = parse(GOOD).unwrap();
+    assert_eq!(p.gateway.max_connections, 10_000);
+    assert_eq!(
+        p.limits(),
+        crate::ledger::Limits::default(),
+        "the defaults are the ledger's"
+    );
+    assert_eq!(p.gateway.max_account_state_bytes, 16 << 20);
+    let with = |line: &str| GOOD.replace("[gateway]\n", &format!("[gateway]\n{line}\n"));
+    let p = parse(&with(
+        "max_connections = 2\nidempotency_records_kept = 0\ngrant_receipts_kept = 5",
+    ))
+    .unwrap();
+    assert_eq!(p.gateway.max_connections, 2);
+    assert_eq!(p.limits().idempotency_records_kept, 0);
+    assert_eq!(p.limits().grant_receipts_kept, 5);
+    for (line, message) in [
+        (
+            "max_connections = 0",
+            "max_connections must be between 1 and 1000000",
+        ),
+        (
+            "idempotency_records_kept = -1",
+            "idempotency_records_kept must be between 0 and 1000000",
+        ),
+        (
+            "grant_receipts_kept = 1000001",
+            "grant_receipts_kept must be between 0 and 1000000",
+        ),
+        (
+            "max_account_state_bytes = \"0\"",
+            "max_account_state_bytes must be more than 0",
+        ),
+    ] {
+        assert_eq!(
+            errors(&with(line)),
+            [format!(
+                "p.toml:5:{}: {message}",
+                line.find('=').unwrap() + 3
+            )]
+        );
+    }
+}
+
+#[test]
+fn the_worst_case_of_one_account_state_must_fit_its_bound() {
+    let with = |lines: &str| GOOD.replace("[gateway]\n", &format!("[gateway]\n{lines}\n"));
+    // 64 records of up to 1 MiB each: 64 MiB, over the 16 MiB default.
+    let errs = errors(&with("idempotency_replay_max_bytes = \"1MiB\""));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("p.toml:5:32: one account's state could reach "),
+        "at the setting that weighs most: {errs:?}"
+    );
+    for named in [
+        "over max_account_state_bytes (16384 KiB)",
+        "idempotency_records_kept × idempotency_replay_max_bytes 6",
+        "grant_receipts_kept ",
+        "max_holds_per_account ",
+        "or raise max_account_state_bytes",
+    ] {
+        assert!(errs[0].contains(named), "{named:?} in {errs:?}");
+    }
+    // Lowering what weighs, or raising the bound, is what the error says to do.
+    parse(&with(
+        "idempotency_replay_max_bytes = \"1MiB\"\nidempotency_records_kept = 8",
+    ))
+    .unwrap();
+    parse(&with(
+        "idempotency_replay_max_bytes = \"1MiB\"\nmax_account_state_bytes = \"80MiB\"",
+    ))
+    .unwrap();
+    // A bound written is where the error points.
+    let errs = errors(&with("max_account_state_bytes = \"1MiB\""));
+    assert!(errs[0].starts_with("p.toml:5:27: "), "{errs:?}");
+    // Receipts weigh too: a million of them is far past the bound.
+    let errs = errors(&with("grant_receipts_kept = 1000000"));
+    assert!(errs[0].starts_with("p.toml:5:23: "), "{errs:?}");
+}

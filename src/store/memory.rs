@@ -16,7 +16,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
-    Millis, Recorded, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+    Limits, Millis, Recorded, Totals,
 };
 
 #[derive(Clone, Debug)]
@@ -26,9 +26,11 @@ struct KeyEntry {
     key_id: String,
 }
 
+/// The plans and the limits on an account's state, as the policy last set them.
+#[derive(Clone)]
 struct Rules {
     catalog: Arc<Catalog>,
-    ledger_max_entries: usize,
+    limits: Limits,
 }
 
 /// An account and the ledger entries kept for it.
@@ -66,15 +68,12 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    pub fn new(catalog: Arc<Catalog>, ledger_max_entries: usize) -> Self {
+    pub fn new(catalog: Arc<Catalog>, limits: Limits) -> Self {
         MemoryStore {
             accounts: DashMap::new(),
             keys: DashMap::new(),
             key_ids: DashMap::new(),
-            rules: RwLock::new(Rules {
-                catalog,
-                ledger_max_entries,
-            }),
+            rules: RwLock::new(Rules { catalog, limits }),
         }
     }
 
@@ -85,10 +84,9 @@ impl MemoryStore {
             .try_for_each(|s| s.account.check_invariant())
     }
 
-    fn rules(&self) -> (Arc<Catalog>, usize) {
+    fn rules(&self) -> Rules {
         // A poisoned lock only means a panic elsewhere; the data is a plain Arc swap.
-        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
-        (rules.catalog.clone(), rules.ledger_max_entries)
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Runs `apply` on one account after applying time (refill, expiries).
@@ -96,10 +94,10 @@ impl MemoryStore {
         &self,
         account: &str,
         now_ms: Millis,
-        apply: impl FnOnce(&mut Account, &Catalog) -> T,
+        apply: impl FnOnce(&mut Account, &Rules) -> T,
     ) -> Result<T, StoreError> {
-        self.with_stored(account, now_ms, |stored, catalog| {
-            apply(&mut stored.account, catalog)
+        self.with_stored(account, now_ms, |stored, rules| {
+            apply(&mut stored.account, rules)
         })
     }
 
@@ -109,16 +107,16 @@ impl MemoryStore {
         &self,
         account: &str,
         now_ms: Millis,
-        apply: impl FnOnce(&mut Stored, &Catalog) -> T,
+        apply: impl FnOnce(&mut Stored, &Rules) -> T,
     ) -> Result<T, StoreError> {
-        let (catalog, _) = self.rules();
+        let rules = self.rules();
         let mut entry = self
             .accounts
             .get_mut(account)
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
         let stored = entry.value_mut();
-        stored.account.apply_time(now_ms, &catalog);
-        let out = apply(stored, &catalog);
+        stored.account.apply_time(now_ms, &rules.catalog);
+        let out = apply(stored, &rules);
         stored.file_entries();
         Ok(out)
     }
@@ -193,8 +191,8 @@ impl Store for MemoryStore {
         request: &HoldRequest,
         now_ms: Millis,
     ) -> Result<HoldOutcome, StoreError> {
-        self.with_account(account, now_ms, |a, catalog| {
-            a.hold(request, now_ms, catalog)
+        self.with_account(account, now_ms, |a, rules| {
+            a.hold(request, now_ms, &rules.catalog)
         })
     }
 
@@ -205,7 +203,7 @@ impl Store for MemoryStore {
         now_ms: Millis,
     ) -> Result<Quoted, StoreError> {
         self.with_account(account, now_ms, |a, catalog| {
-            Quoted::of(a, request, catalog)
+            Quoted::of(a, request, &catalog.catalog)
         })
     }
 
@@ -216,7 +214,9 @@ impl Store for MemoryStore {
         charge: Credits,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.with_account(account, now_ms, |a, _| a.settle(hold_id, charge, now_ms))
+        self.with_account(account, now_ms, |a, rules| {
+            a.settle(hold_id, charge, now_ms, &rules.limits)
+        })
     }
 
     async fn release(
@@ -233,7 +233,7 @@ impl Store for MemoryStore {
     }
 
     async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError> {
-        self.with_account(account, now_ms, |a, catalog| view(a, catalog))
+        self.with_account(account, now_ms, |a, rules| view(a, &rules.catalog))
     }
 
     async fn seed(
@@ -241,11 +241,12 @@ impl Store for MemoryStore {
         seed: &crate::ledger::SeedAccount,
         now_ms: Millis,
     ) -> Result<bool, StoreError> {
-        let (catalog, ledger_max_entries) = self.rules();
+        let rules = self.rules();
         let mut created = false;
         self.accounts.entry(seed.id.clone()).or_insert_with(|| {
             created = true;
-            Stored::new(Account::seeded(seed, &catalog, now_ms), ledger_max_entries)
+            let account = Account::seeded(seed, &rules.catalog, now_ms);
+            Stored::new(account, rules.limits.ledger_max_entries)
         });
         // An existing account is left as it is: a seeded key revoked since stays
         // revoked, and no member is added past the plan's seats.
@@ -267,10 +268,10 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
-        let (catalog, _) = self.rules();
+        let rules = self.rules();
         let mut ended = 0;
         for mut stored in self.accounts.iter_mut() {
-            ended += stored.apply_time(now_ms, &catalog);
+            ended += stored.apply_time(now_ms, &rules.catalog);
         }
         Ok(ended)
     }
@@ -282,7 +283,7 @@ impl Store for MemoryStore {
         billing_anchor_day: Option<u8>,
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError> {
-        let (catalog, ledger_max_entries) = self.rules();
+        let Rules { catalog, limits } = self.rules();
         let Some(terms) = catalog.get(plan) else {
             return Ok(Err(AccountRejected::UnknownPlan));
         };
@@ -290,7 +291,7 @@ impl Store for MemoryStore {
         self.accounts.entry(id.to_string()).or_insert_with(|| {
             let account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
             outcome = Ok(view(&account, &catalog));
-            Stored::new(account, ledger_max_entries)
+            Stored::new(account, limits.ledger_max_entries)
         });
         Ok(outcome)
     }
@@ -302,8 +303,8 @@ impl Store for MemoryStore {
         premium_disabled: bool,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.with_account(account, now_ms, |a, catalog| {
-            a.add_member(member, premium_disabled, catalog)
+        self.with_account(account, now_ms, |a, rules| {
+            a.add_member(member, premium_disabled, &rules.catalog)
         })
     }
 
@@ -363,15 +364,8 @@ impl Store for MemoryStore {
         grant: &GrantRequest,
         now_ms: Millis,
     ) -> Result<AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError> {
-        self.with_account(account, now_ms, |a, _| {
-            a.grant_once(
-                &grant.idempotency_key,
-                &grant.kind,
-                grant.credits,
-                grant.priority,
-                grant.expires_at_ms,
-                now_ms,
-            )
+        self.with_account(account, now_ms, |a, rules| {
+            a.grant_once(grant, now_ms, &rules.limits)
         })
     }
 
@@ -382,8 +376,8 @@ impl Store for MemoryStore {
         effective: Effective,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.with_account(account, now_ms, |a, catalog| {
-            a.change_plan(plan, effective, now_ms, catalog)
+        self.with_account(account, now_ms, |a, rules| {
+            a.change_plan(plan, effective, now_ms, &rules.catalog)
         })
     }
 
@@ -418,10 +412,10 @@ impl Store for MemoryStore {
                     h
                 }),
             None => {
-                let (catalog, _) = self.rules();
+                let rules = self.rules();
                 let mut all = Vec::new();
                 for mut stored in self.accounts.iter_mut() {
-                    stored.apply_time(now_ms, &catalog);
+                    stored.apply_time(now_ms, &rules.catalog);
                     all.extend(collect(&stored.account));
                     if all.len() >= limit {
                         all.truncate(limit);
@@ -440,20 +434,17 @@ impl Store for MemoryStore {
         response: &Recorded,
         now_ms: Millis,
     ) -> Result<bool, StoreError> {
-        self.with_account(account, now_ms, |a, _| {
-            a.record_response(key, response.clone())
+        self.with_account(account, now_ms, |a, rules| {
+            a.record_response(key, response.clone(), &rules.limits)
         })
     }
 
-    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize) {
+    fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
-        *rules = Rules {
-            catalog,
-            ledger_max_entries,
-        };
+        *rules = Rules { catalog, limits };
         drop(rules);
         for mut stored in self.accounts.iter_mut() {
-            stored.journal.set_cap(ledger_max_entries);
+            stored.journal.set_cap(limits.ledger_max_entries);
         }
     }
 }
@@ -475,7 +466,7 @@ impl MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore::new(Arc::default(), DEFAULT_LEDGER_MAX_ENTRIES)
+        MemoryStore::new(Arc::default(), Limits::default())
     }
 }
 
@@ -494,7 +485,14 @@ mod tests {
             keep_unused_on_upgrade: false,
             features: vec![],
         };
-        MemoryStore::new(Arc::new(Catalog::from([("free".to_string(), terms)])), 100)
+        let limits = Limits {
+            ledger_max_entries: 100,
+            ..Limits::default()
+        };
+        MemoryStore::new(
+            Arc::new(Catalog::from([("free".to_string(), terms)])),
+            limits,
+        )
     }
 
     fn seed() -> SeedAccount {

@@ -22,9 +22,12 @@ use async_trait::async_trait;
 
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
-    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Member, Millis, Recorded, SeedAccount,
-    Totals,
+    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member, Millis, Recorded,
+    SeedAccount, Totals,
 };
+
+/// A new admin grant (the ledger's: the store passes it on as it is).
+pub use crate::ledger::GrantRequest;
 
 /// Who a key belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,16 +123,6 @@ impl Quoted {
 }
 pub type EndOutcome = Result<HoldEnded, EndRejected>;
 pub type AdminOutcome<T> = Result<T, AccountRejected>;
-
-/// A new admin grant.
-#[derive(Clone, Debug)]
-pub struct GrantRequest {
-    pub idempotency_key: String,
-    pub kind: String,
-    pub credits: Credits,
-    pub priority: u32,
-    pub expires_at_ms: Option<Millis>,
-}
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -275,6 +268,8 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<bool, StoreError>;
 
-    /// Replaces the plans (a policy reload). Accounts keep their plan names.
-    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize);
+    /// Replaces the plans and the limits on an account's state (a policy reload).
+    /// Accounts keep their plan names; a lower limit applies at an account's next
+    /// transition that grows what it limits.
+    fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits);
 }

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
-    Millis, Recorded, Totals,
+    Limits, Millis, Recorded, Totals,
 };
 
 /// How long one Redis call may take before the store counts as unavailable. A
@@ -234,9 +234,11 @@ struct KeyOwner {
     fetched: Instant,
 }
 
+/// The plans and the limits on an account's state, as the policy last set them.
+#[derive(Clone)]
 struct Rules {
     catalog: Arc<Catalog>,
-    ledger_max_entries: usize,
+    limits: Limits,
 }
 
 pub struct RedisStore {
@@ -367,7 +369,7 @@ impl RedisStore {
         url: &str,
         cluster: bool,
         catalog: Arc<Catalog>,
-        ledger_max_entries: usize,
+        limits: Limits,
     ) -> Result<RedisStore, StoreError> {
         let conn = if cluster {
             let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
@@ -396,10 +398,7 @@ impl RedisStore {
             reindex: Script::new(REINDEX_LUA),
             cache: DashMap::new(),
             keys: DashMap::new(),
-            rules: RwLock::new(Rules {
-                catalog,
-                ledger_max_entries,
-            }),
+            rules: RwLock::new(Rules { catalog, limits }),
             max_attempts: MAX_ATTEMPTS,
         };
         // Load the script once now; `invoke_async` reloads it after a NOSCRIPT.
@@ -416,10 +415,9 @@ impl RedisStore {
         self
     }
 
-    fn rules(&self) -> (Arc<Catalog>, usize) {
+    fn rules(&self) -> Rules {
         // A poisoned lock only means a panic elsewhere; the data is a plain Arc swap.
-        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
-        (rules.catalog.clone(), rules.ledger_max_entries)
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Keeps `account` at `version` as this replica's copy (it was just read from
@@ -492,7 +490,7 @@ impl RedisStore {
         entries: &[Entry],
         index_at: Option<Millis>,
     ) -> Result<Result<String, Option<(String, Account)>>, StoreError> {
-        let (_, cap) = self.rules();
+        let cap = self.rules().limits.ledger_max_entries;
         let state = encode(account)?;
         let index_at = index_at.map_or(String::new(), |at| at.to_string());
         let mut invocation = self.commit.prepare_invoke();
@@ -537,7 +535,7 @@ impl RedisStore {
         id: &str,
         now_ms: Millis,
         start: Start,
-        apply: impl FnMut(&mut Account, &Catalog) -> T,
+        apply: impl FnMut(&mut Account, &Rules) -> T,
     ) -> Result<T, StoreError> {
         Ok(self
             .transact_at(id, now_ms, start, apply, |_| false)
@@ -555,7 +553,7 @@ impl RedisStore {
         id: &str,
         now_ms: Millis,
         start: Start,
-        apply: impl FnMut(&mut Account, &Catalog) -> T,
+        apply: impl FnMut(&mut Account, &Rules) -> T,
         confirm: impl Fn(&T) -> bool,
     ) -> Result<T, StoreError> {
         Ok(self.transact_at(id, now_ms, start, apply, confirm).await?.0)
@@ -567,11 +565,11 @@ impl RedisStore {
         id: &str,
         now_ms: Millis,
         start: Start,
-        mut apply: impl FnMut(&mut Account, &Catalog) -> T,
+        mut apply: impl FnMut(&mut Account, &Rules) -> T,
         confirm: impl Fn(&T) -> bool,
     ) -> Result<(T, String), StoreError> {
         let fresh = start == Start::Fresh;
-        let (catalog, _) = self.rules();
+        let rules = self.rules();
         let stripe = {
             use std::hash::{BuildHasher, BuildHasherDefault};
             let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
@@ -592,7 +590,7 @@ impl RedisStore {
                 return Err(StoreError::UnknownAccount(id.to_string()));
             };
             let before = earliest_hold(&account);
-            account.apply_time(now_ms, &catalog);
+            account.apply_time(now_ms, &rules.catalog);
             // A step that changed nothing needs no write. Time alone changes the
             // account only through ledger entries (a refill, an expiry) or by dropping
             // lapsed idempotency records, which every replica drops alike. A hot-path
@@ -600,7 +598,7 @@ impl RedisStore {
             // pay for a copy to compare with (debug builds check the hot-path rule).
             let timed =
                 (start != Start::HotPath || cfg!(debug_assertions)).then(|| account.clone());
-            let out = apply(&mut account, &catalog);
+            let out = apply(&mut account, &rules);
             let entries = account.take_entries();
             if entries.is_empty() {
                 let unchanged = timed.as_ref().is_none_or(|t| *t == account);
@@ -856,7 +854,7 @@ impl Store for RedisStore {
             account,
             now_ms,
             Start::HotPath,
-            |a, catalog| a.hold(request, now_ms, catalog),
+            |a, rules| a.hold(request, now_ms, &rules.catalog),
             |out| out.is_err(),
         )
         .await
@@ -871,12 +869,12 @@ impl Store for RedisStore {
         // Redis's state, as a refused hold confirms it (never this replica's copy,
         // which may be stale), with time applied to a copy: nothing is committed or
         // cached. What time changed is written by the account's next transition.
-        let (catalog, _) = self.rules();
+        let rules = self.rules();
         let Some((_, mut state)) = self.fetch(account).await? else {
             return Err(StoreError::UnknownAccount(account.to_string()));
         };
-        state.apply_time(now_ms, &catalog);
-        Ok(Quoted::of(&state, request, &catalog))
+        state.apply_time(now_ms, &rules.catalog);
+        Ok(Quoted::of(&state, request, &rules.catalog))
     }
 
     async fn settle(
@@ -886,8 +884,8 @@ impl Store for RedisStore {
         charge: Credits,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.transact(account, now_ms, Start::HotPath, |a, _| {
-            a.settle(hold_id, charge, now_ms)
+        self.transact(account, now_ms, Start::HotPath, |a, rules| {
+            a.settle(hold_id, charge, now_ms, &rules.limits)
         })
         .await
     }
@@ -910,8 +908,10 @@ impl Store for RedisStore {
     }
 
     async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError> {
-        self.transact(account, now_ms, Start::Fresh, |a, catalog| view(a, catalog))
-            .await
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            view(a, &rules.catalog)
+        })
+        .await
     }
 
     async fn seed(
@@ -924,8 +924,7 @@ impl Store for RedisStore {
         if self.fetch(&seed.id).await?.is_some() {
             return Ok(false);
         }
-        let (catalog, _) = self.rules();
-        let account = Account::seeded(seed, &catalog, now_ms);
+        let account = Account::seeded(seed, &self.rules().catalog, now_ms);
         // Key records before the account: a seed cut off in between leaves records
         // of an account that does not exist (their keys identify nobody), and the
         // next start, finding no account, writes them again and creates it.
@@ -998,7 +997,7 @@ impl Store for RedisStore {
         billing_anchor_day: Option<u8>,
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError> {
-        let (catalog, _) = self.rules();
+        let Rules { catalog, .. } = self.rules();
         let Some(terms) = catalog.get(plan) else {
             return Ok(Err(AccountRejected::UnknownPlan));
         };
@@ -1018,8 +1017,8 @@ impl Store for RedisStore {
         premium_disabled: bool,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.transact(account, now_ms, Start::Fresh, |a, catalog| {
-            a.add_member(member, premium_disabled, catalog)
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.add_member(member, premium_disabled, &rules.catalog)
         })
         .await
     }
@@ -1123,15 +1122,8 @@ impl Store for RedisStore {
         grant: &GrantRequest,
         now_ms: Millis,
     ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError> {
-        self.transact(account, now_ms, Start::Fresh, |a, _| {
-            a.grant_once(
-                &grant.idempotency_key,
-                &grant.kind,
-                grant.credits,
-                grant.priority,
-                grant.expires_at_ms,
-                now_ms,
-            )
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.grant_once(grant, now_ms, &rules.limits)
         })
         .await
     }
@@ -1143,8 +1135,8 @@ impl Store for RedisStore {
         effective: Effective,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.transact(account, now_ms, Start::Fresh, |a, catalog| {
-            a.change_plan(plan, effective, now_ms, catalog)
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.change_plan(plan, effective, now_ms, &rules.catalog)
         })
         .await
     }
@@ -1167,7 +1159,7 @@ impl Store for RedisStore {
         // The stream is trimmed in whole blocks (`MAXLEN ~`, far cheaper on every
         // commit than trimming exactly), so it may hold a few entries past the cap:
         // show exactly the newest `ledger_max_entries`, as the memory store does.
-        let (_, cap) = self.rules();
+        let cap = self.rules().limits.ledger_max_entries;
         let oldest = format!("{}-0", next_seq.saturating_sub(cap as u64));
         let mut conn = self.conn.clone();
         let rows: Vec<(String, Vec<(String, String)>)> = call(
@@ -1245,18 +1237,15 @@ impl Store for RedisStore {
         response: &Recorded,
         now_ms: Millis,
     ) -> Result<bool, StoreError> {
-        self.transact(account, now_ms, Start::Cached, |a, _| {
-            a.record_response(key, response.clone())
+        self.transact(account, now_ms, Start::Cached, |a, rules| {
+            a.record_response(key, response.clone(), &rules.limits)
         })
         .await
     }
 
-    fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize) {
+    fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
-        *rules = Rules {
-            catalog,
-            ledger_max_entries,
-        };
+        *rules = Rules { catalog, limits };
     }
 }
 
@@ -1343,7 +1332,9 @@ mod tests {
             caller: None,
         };
         let placed = account.hold(&request, 0, &Catalog::new()).unwrap();
-        account.settle(placed.hold_id, credits("1"), 1).unwrap();
+        account
+            .settle(placed.hold_id, credits("1"), 1, &Limits::default())
+            .unwrap();
         account.hold(&request, 2, &Catalog::new()).unwrap();
         account.take_entries();
 

@@ -471,22 +471,14 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
 }
 
 async fn memory() -> Arc<dyn Store> {
-    Arc::new(MemoryStore::new(
-        policy().catalog(),
-        policy().gateway.ledger_max_entries,
-    ))
+    Arc::new(MemoryStore::new(policy().catalog(), policy().limits()))
 }
 
 async fn redis(url: &str, cluster: bool) -> Arc<dyn Store> {
     Arc::new(
-        RedisStore::connect(
-            url,
-            cluster,
-            policy().catalog(),
-            policy().gateway.ledger_max_entries,
-        )
-        .await
-        .unwrap(),
+        RedisStore::connect(url, cluster, policy().catalog(), policy().limits())
+            .await
+            .unwrap(),
     )
 }
 

@@ -390,14 +390,9 @@ keys = [ {{ member = "m", key_env = "ALICE_KEY" }} ]
     let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
     let policy = Arc::new(Policy::parse(&text, "redis.toml", &env).unwrap());
     let store: Arc<dyn creditgate::store::Store> = Arc::new(
-        RedisStore::connect(
-            &redis.url(),
-            false,
-            policy.catalog(),
-            policy.gateway.ledger_max_entries,
-        )
-        .await
-        .unwrap(),
+        RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+            .await
+            .unwrap(),
     );
     let gateway = Gateway::new(policy, store, Clock::system()).unwrap();
     gateway.seed_accounts().await.unwrap();

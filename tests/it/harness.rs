@@ -276,10 +276,7 @@ pub async fn start_policy_with_file(
     };
     let policy =
         Arc::new(Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}")));
-    let store = Arc::new(MemoryStore::new(
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    ));
+    let store = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
     let now = Arc::new(AtomicU64::new(Clock::system().now_ms()));
     let clock = Clock::manual(now.clone());
     let gateway = Gateway::new(policy.clone(), store.clone(), clock.clone()).unwrap();

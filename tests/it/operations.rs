@@ -245,6 +245,20 @@ async fn a_reload_under_load_changes_prices_at_once_and_drops_no_request() {
         .unwrap();
     assert_eq!(resp.status(), 409, "addresses change only with a restart");
     completed("5", 8).await;
+    std::fs::write(
+        &file,
+        reload_policy(&backend, "5").replace(
+            "version = 1\n",
+            "version = 1\n[gateway]\nmax_connections = 7\n",
+        ),
+    )
+    .unwrap();
+    let resp = gw
+        .admin(Method::POST, "/admin/policy/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409, "so does the connection cap");
 
     // The request held before the reload ends under the price it was held at.
     gw.backend.open_gate();
@@ -420,4 +434,119 @@ async fn an_idempotency_key_in_flight_is_409_and_a_released_one_runs_anew() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_is_at_most_as_long_as_an_accounts_state_counts_it() {
+    // The bound on one account's state counts each key at this length.
+    let longest = creditgate::ledger::IDEMPOTENCY_KEY_MAX_BYTES;
+    let gw = start("100").await;
+    let fits = with_key(&gw, &"k".repeat(longest), "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 200);
+    let over = with_key(&gw, &"k".repeat(longest + 1), "/v1/images")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 400);
+    assert_eq!(
+        gw.backend.received().len(),
+        1,
+        "the long key never reached it"
+    );
+}
+
+/// One keep-alive client connection, spoken to by hand so that the test decides
+/// when it opens, sends and closes.
+struct Connection(tokio::net::TcpStream);
+
+impl Connection {
+    async fn open(gw: &TestGateway) -> Connection {
+        let addr = gw.url.trim_start_matches("http://");
+        Connection(tokio::net::TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// Sends `GET /v1/models` (a free operation) tagged `x-order: {tag}`.
+    async fn send(&mut self, tag: &str) {
+        use tokio::io::AsyncWriteExt;
+        let request = format!(
+            "GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ALICE_KEY}\r\n\
+             x-order: {tag}\r\n\r\n"
+        );
+        self.0.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    /// Reads one response (its head, then a body of its content-length) and
+    /// returns its status.
+    async fn response(&mut self) -> u16 {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = async {
+            while !got.ends_with(b"\r\n\r\n") {
+                assert_eq!(self.0.read(&mut byte).await.unwrap(), 1, "closed early");
+                got.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |n| n.trim().parse().unwrap());
+            let mut body = vec![0u8; length];
+            self.0.read_exact(&mut body).await.unwrap();
+            head[9..12].parse().unwrap()
+        };
+        // A guard against a hung test, not a measure: every answer comes at once.
+        tokio::time::timeout(std::time::Duration::from_secs(30), read)
+            .await
+            .expect("an answer")
+    }
+
+    async fn request(&mut self, tag: &str) -> u16 {
+        self.send(tag).await;
+        self.response().await
+    }
+}
+
+#[tokio::test]
+async fn past_max_connections_a_connection_waits_until_one_closes() {
+    let text = POLICY
+        .replace("[gateway]\n", "[gateway]\nmax_connections = 2\n")
+        .replace("{CREDITS}", "10")
+        .replace("{READ_TIMEOUT}", "2s");
+    let gw = start_policy(|_| text, |_| None).await;
+    let mut a = Connection::open(&gw).await;
+    let mut b = Connection::open(&gw).await;
+    assert_eq!(a.request("a1").await, 200);
+    assert_eq!(b.request("b1").await, 200);
+
+    // A third client connects (the kernel queues it) and sends its request; the
+    // first two go on being served on their connections meanwhile.
+    let mut c = Connection::open(&gw).await;
+    c.send("c1").await;
+    for round in 2..=4 {
+        assert_eq!(a.request(&format!("a{round}")).await, 200);
+        assert_eq!(b.request(&format!("b{round}")).await, 200);
+    }
+    // One of the two closes: the third is served in its place.
+    drop(a);
+    assert_eq!(c.response().await, 200);
+    assert_eq!(c.request("c2").await, 200);
+    assert_eq!(b.request("b5").await, 200, "the other one still works");
+
+    let order: Vec<String> = gw
+        .backend
+        .received()
+        .iter()
+        .filter_map(|r| r.header("x-order").map(str::to_string))
+        .collect();
+    assert_eq!(
+        order,
+        ["a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4", "c1", "c2", "b5"],
+        "the third connection was served only after the first closed"
+    );
 }

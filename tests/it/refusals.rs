@@ -310,14 +310,9 @@ async fn redis_gateway(redis: &RedisServer) -> RedisGateway {
     let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
     let policy = Arc::new(Policy::parse(&text, "redis.toml", &env).unwrap());
     let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(
-            &redis.url(),
-            false,
-            policy.catalog(),
-            policy.gateway.ledger_max_entries,
-        )
-        .await
-        .unwrap(),
+        RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+            .await
+            .unwrap(),
     );
     let gateway = Gateway::new(policy, store, Clock::system()).unwrap();
     let seeded = gateway.seed_accounts().await;
@@ -483,23 +478,13 @@ async fn a_transition_that_loses_every_compare_and_set_is_contended() {
     )
     .unwrap();
     // One attempt only, so one concurrent change exhausts the retries.
-    let mine = RedisStore::connect(
-        &redis.url(),
-        false,
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    )
-    .await
-    .unwrap()
-    .with_max_attempts(1);
-    let theirs = RedisStore::connect(
-        &redis.url(),
-        false,
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    )
-    .await
-    .unwrap();
+    let mine = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    let theirs = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap();
     let now = Clock::system().now_ms();
     for seed in &policy.accounts {
         mine.seed(seed, now).await.unwrap();
@@ -523,14 +508,9 @@ async fn a_transition_that_loses_every_compare_and_set_is_contended() {
         other => panic!("expected Contended, got {other:?}"),
     }
     // With its retries, the same transition succeeds.
-    let patient = RedisStore::connect(
-        &redis.url(),
-        false,
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    )
-    .await
-    .unwrap();
+    let patient = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap();
     patient
         .hold("shared", &hold_request("r3"), now)
         .await
@@ -548,14 +528,9 @@ async fn stored_state_of_the_wrong_shape_is_corrupt_and_no_answer_is_unavailable
         &env,
     )
     .unwrap();
-    let store = RedisStore::connect(
-        &redis.url(),
-        false,
-        policy.catalog(),
-        policy.gateway.ledger_max_entries,
-    )
-    .await
-    .unwrap();
+    let store = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap();
     let raw = redis::Client::open(redis.url()).unwrap();
     let conn = raw.get_multiplexed_async_connection().await.unwrap();
     let write = |command: redis::Cmd| {
