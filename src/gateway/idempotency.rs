@@ -12,11 +12,8 @@ use sha2::{Digest, Sha256};
 use super::errors::ApiError;
 use super::request::target_parts;
 use super::{Gateway, RequestCtx};
-use crate::ledger::{IdempotencyRequest, Recorded};
+use crate::ledger::{IdempotencyRequest, Recorded, IDEMPOTENCY_KEY_MAX_BYTES};
 use crate::policy::NormalizedPath;
-
-/// Longest `Idempotency-Key` accepted.
-const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// The request's `Idempotency-Key` and its fingerprint: method, normalized path and
 /// query, and the body — its bytes when the gateway read them, else its declared length.
@@ -31,13 +28,13 @@ pub(super) fn idempotency_of(
     };
     let key = value.to_str().ok().map(str::trim).filter(|k| {
         !k.is_empty()
-            && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES
+            && k.len() <= IDEMPOTENCY_KEY_MAX_BYTES
             && k.bytes().all(|b| b.is_ascii_graphic())
     });
     let Some(key) = key else {
         return Err(ApiError::InvalidRequest {
             source: "header:idempotency-key".into(),
-            message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"),
+            message: format!("must be 1 to {IDEMPOTENCY_KEY_MAX_BYTES} visible ASCII characters"),
         });
     };
     let mut hash = Sha256::new();
