@@ -44,6 +44,7 @@ mod seed;
 
 pub use account::{
     Account, AccountRejected, GrantOverflow, HoldChanges, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+    MAX_GRANTED,
 };
 pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
 pub use calendar::{cycle_bounds, day_of_month};
@@ -58,6 +59,7 @@ pub use limits::{
 pub use members::Member;
 pub use money::{
     Draw, EndRejected, Ending, Grant, GrantReceipt, GrantRequest, Hold, HoldEnded, HoldRequest,
+    HoldTerms,
 };
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
