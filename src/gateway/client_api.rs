@@ -230,8 +230,14 @@ impl Gateway {
         Ok(match quoted.admitted {
             Ok(held) => {
                 let mut allowed = answer.allowed(quoted.available, operation, price);
-                allowed["held"] = held.to_json();
-                allowed["estimate"] = json!(estimate);
+                // Only when they say something: a hold of less than the price
+                // (`hold = "available"`), a price that is an estimate.
+                if held != price {
+                    allowed["held"] = held.to_json();
+                }
+                if estimate {
+                    allowed["estimate"] = json!(true);
+                }
                 allowed
             }
             Err(rejection) => {

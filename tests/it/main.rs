@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod edges;
 mod harness;
+mod llm;
 mod metering;
 mod numbers;
 mod operations;
