@@ -17,3 +17,4 @@ mod quotes;
 mod redis_server;
 mod refusals;
 mod replicas;
+mod sdk;
