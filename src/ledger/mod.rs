@@ -6,8 +6,10 @@
 //! calls stores.
 //!
 //! Invariant, checked after every transition in debug and test builds:
-//! `granted == available + held + charged + expired`, and nothing is negative
-//! (amounts are unsigned, and every subtraction is checked).
+//! `granted + debt == available + held + charged + expired`, and nothing is negative
+//! (amounts are unsigned, and every subtraction is checked). Debt comes only from a
+//! settle above its hold (`over_hold = "overdraft"`), within the plan's overdraft
+//! limit, and the next grant repays it first.
 //!
 //! # Layout
 //! - [`account`]: the `Account` state, its totals, its ledger entries, the invariant.
