@@ -18,3 +18,4 @@ mod redis_server;
 mod refusals;
 mod replicas;
 mod sdk;
+mod stream_trap;
