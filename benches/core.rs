@@ -39,6 +39,7 @@ fn request() -> HoldRequest {
         quota: None,
         idempotency: None,
         caller: None,
+        terms: creditgate::ledger::HoldTerms::default(),
     }
 }
 
@@ -55,6 +56,7 @@ fn benches(c: &mut Criterion) {
                 query: None,
                 path_params: &route.path_params,
                 body: None,
+                body_bytes: None,
             };
             let index = policy.select(&route, &facts).unwrap();
             policy.operations[index].price.hold_amount(&facts).unwrap()
@@ -157,6 +159,7 @@ multiplier = { from = "body:/resolution", table = { "720p" = 1, "4k" = 4 }, defa
                     query: None,
                     path_params: &route.path_params,
                     body: Some(&json),
+                    body_bytes: None,
                 };
                 let index = policy.select(&route, &facts).unwrap();
                 policy.operations[index].price.hold_amount(&facts).unwrap()

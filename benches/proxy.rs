@@ -344,6 +344,7 @@ async fn all_totals(store: &dyn Store) -> Totals {
             granted: add(sum.granted, t.granted),
             available: add(sum.available, t.available),
             held: add(sum.held, t.held),
+            debt: add(sum.debt, t.debt),
             charged: add(sum.charged, t.charged),
             expired: add(sum.expired, t.expired),
         };
@@ -402,6 +403,7 @@ async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64,
         quota: None,
         idempotency: None,
         caller: None,
+        terms: creditgate::ledger::HoldTerms::default(),
     };
     let one = |store: Arc<dyn Store>, request: HoldRequest| async move {
         let mut lat = Vec::with_capacity(rounds);

@@ -139,13 +139,29 @@ fn check(path: &std::path::Path) -> ExitCode {
             notes.push(format!("requires {}", op.requires.join(", ")));
         }
         if let Some(quota) = &op.quota {
-            notes.push(format!("uses 1 of the plan quota {quota}"));
+            match &quota.per {
+                None => notes.push(format!("uses 1 of the plan quota {}", quota.name)),
+                Some(per) => notes.push(format!(
+                    "uses {} of the plan quota {}",
+                    per.source, quota.name
+                )),
+            }
         }
         if let Some(settle) = &op.settle {
+            let sources: Vec<String> = settle.usage.iter().map(|u| u.to_string()).collect();
             notes.push(format!(
-                "settles {} × {} credits",
-                settle.usage, settle.credits_per_unit
+                "settles the usage from {} at {} credits",
+                sources.join(" or "),
+                settle.rate
             ));
+        }
+        if let creditgate::policy::HoldRule::Available { min_hold } = op.charge.hold {
+            notes.push(format!(
+                "holds what is available when less, at least {min_hold}"
+            ));
+        }
+        if op.charge.over_hold == creditgate::policy::OverHold::Overdraft {
+            notes.push("may charge above the hold, into the plan's overdraft".into());
         }
         let _ = writeln!(
             out,
@@ -218,6 +234,7 @@ fn quote(
         query,
         path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
         body: None,
+        body_bytes: None,
     };
     // As the gateway does: the body is read only when a step needs it, and one
     // whose objects repeat a key is refused.
@@ -229,10 +246,11 @@ fn quote(
             Err(duplicate) => return refuse(ApiError::duplicate_key(&duplicate)),
         };
         facts.body = Some(&json);
+        facts.body_bytes = Some(body.map_or(0, str::len));
         evaluation = policy.evaluate(route.as_ref(), &facts, None);
     }
     match evaluation {
-        Evaluation::Decided(Ok(Verdict::Operation { index, price })) => {
+        Evaluation::Decided(Ok(Verdict::Operation { index, price, .. })) => {
             let op = &policy.operations[index];
             answer(
                 serde_json::json!({"operation": op.name, "credits": price.to_json(), "requires": op.requires}),

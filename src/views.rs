@@ -31,6 +31,7 @@ pub fn balance(a: &AccountView) -> Value {
         "grants": grants,
         "held": a.totals.held.to_json(),
         "available": a.totals.available.to_json(),
+        "debt": a.totals.debt.to_json(),
         "quotas": quotas,
         "next_refill_at": time(a.next_refill_ms),
     })
@@ -58,12 +59,13 @@ pub fn account(a: &AccountView) -> Value {
         "held": a.totals.held.to_json(),
         "charged": a.totals.charged.to_json(),
         "expired": a.totals.expired.to_json(),
+        "debt": a.totals.debt.to_json(),
     });
     v
 }
 
 pub fn entry(e: &Entry) -> Value {
-    json!({
+    let mut entry = json!({
         "id": e.seq,
         "at": time(e.at_ms),
         "type": e.kind.as_str(),
@@ -71,7 +73,16 @@ pub fn entry(e: &Entry) -> Value {
         "operation": e.operation,
         "request_id": e.request_id,
         "detail": e.detail,
-    })
+    });
+    // Only on the entries they concern: a settle past the overdraft limit, a
+    // grant or refill that repaid debt.
+    if let Some(uncollected) = e.uncollected {
+        entry["uncollected"] = uncollected.to_json();
+    }
+    if let Some(repaid) = e.repaid {
+        entry["repaid"] = repaid.to_json();
+    }
+    entry
 }
 
 /// A page of the ledger, newest first, with the cursor of the next page.

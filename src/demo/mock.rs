@@ -17,6 +17,15 @@
 //!   report it as `"served_path"` in the JSON result — the resource a backend that
 //!   decodes and resolves paths itself would serve (`400` when it climbs above the root).
 //!
+//! A JSON request with a `"model"` to an OpenAI path is answered as OpenAI's API
+//! answers it (see [`openai`]): `/v1/chat/completions` (a completion, or with
+//! `"stream": true` an event stream of chunks, its usage in a last chunk when
+//! `stream_options.include_usage` is set — in every chunk with vLLM's
+//! `continuous_usage_stats`), `/v1/embeddings`, `/v1/images/generations` (`n`
+//! images) and `/v1/videos`. Token counts: `x-mock-prompt-tokens` (default: the
+//! body's bytes / 4, rounded up) and `x-mock-completion-tokens` (default 17);
+//! `x-mock-sse-pause-after` pauses a stream as above.
+//!
 //! It records every request it receives (method, path, headers, body), so tests
 //! can check what reached the backend. HTTP/1.1 with keep-alive; request bodies
 //! with Content-Length or chunked. Small and strict, not a general server.
@@ -254,6 +263,15 @@ async fn respond(stream: &mut TcpStream, request: &Received, gate: &Notify) -> b
         reset(stream);
         return false;
     }
+    // `x-mock-body` says what to answer, whatever the path.
+    let openai = request
+        .header("x-mock-body")
+        .is_none()
+        .then(|| openai::answer(request))
+        .flatten();
+    if let Some(answer) = openai {
+        return openai::send(stream, request, gate, answer).await;
+    }
     let status: u16 = request
         .header("x-mock-status")
         .and_then(|v| v.parse().ok())
@@ -445,6 +463,176 @@ pub fn nginx_path(path: &str) -> Option<Vec<u8>> {
         out.push(b'/');
     }
     Some(out)
+}
+
+/// OpenAI-shaped answers, for the examples of LLM, image and video pricing and
+/// for the OpenAI SDK as a client.
+pub mod openai {
+    use serde_json::{json, Value};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    use tokio::sync::Notify;
+
+    use super::Received;
+
+    /// What to send back.
+    pub enum Answer {
+        Json(Value),
+        /// A chat completion as a stream of chunks.
+        Stream {
+            tokens: u64,
+            usage: Value,
+            include_usage: bool,
+            continuous: bool,
+            model: String,
+        },
+    }
+
+    fn count(request: &Received, header: &str, default: u64) -> u64 {
+        request
+            .header(header)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// The answer to an OpenAI-shaped request, or `None` for any other.
+    pub fn answer(request: &Received) -> Option<Answer> {
+        let path = request.path.split('?').next().unwrap_or_default();
+        let body: Value = serde_json::from_slice(&request.body).ok()?;
+        let model = body.get("model")?.as_str()?.to_string();
+        let prompt = count(
+            request,
+            "x-mock-prompt-tokens",
+            (request.body.len() as u64).div_ceil(4),
+        );
+        let completion = count(request, "x-mock-completion-tokens", 17);
+        let id = format!("{:016x}", rand::random::<u64>());
+        Some(match path {
+            "/v1/chat/completions" => {
+                let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion,
+                                   "total_tokens": prompt + completion});
+                if body.get("stream") == Some(&Value::Bool(true)) {
+                    let option = |name: &str| {
+                        body.pointer(&format!("/stream_options/{name}")) == Some(&Value::Bool(true))
+                    };
+                    Answer::Stream {
+                        tokens: completion,
+                        usage,
+                        include_usage: option("include_usage"),
+                        continuous: option("continuous_usage_stats"),
+                        model,
+                    }
+                } else {
+                    let words = vec!["token"; completion.min(64) as usize].join(" ");
+                    Answer::Json(json!({
+                        "id": format!("chatcmpl-{id}"), "object": "chat.completion",
+                        "created": 1_700_000_000, "model": model,
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": words}}],
+                        "usage": usage,
+                    }))
+                }
+            }
+            "/v1/embeddings" => Answer::Json(json!({
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5, 0.125]}],
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+            })),
+            "/v1/images/generations" => {
+                let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).min(10);
+                let data: Vec<Value> = (0..n)
+                    .map(|i| json!({"url": format!("https://images.example/{id}/{i}.png")}))
+                    .collect();
+                Answer::Json(json!({"created": 1_700_000_000, "data": data}))
+            }
+            "/v1/videos" => Answer::Json(json!({
+                "id": format!("video_{id}"), "object": "video", "model": model,
+                "status": "queued", "progress": 0,
+                "seconds": body.get("seconds").cloned().unwrap_or(json!("4")),
+                "size": body.get("size").cloned().unwrap_or(json!("720x1280")),
+            })),
+            _ => return None,
+        })
+    }
+
+    /// Sends the answer; false when the connection is done.
+    pub async fn send(
+        stream: &mut TcpStream,
+        request: &Received,
+        gate: &Notify,
+        answer: Answer,
+    ) -> bool {
+        let (tokens, usage, include_usage, continuous, model) = match answer {
+            Answer::Json(body) => {
+                let body = body.to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                return stream
+                    .write_all(format!("{head}{body}").as_bytes())
+                    .await
+                    .is_ok();
+            }
+            Answer::Stream {
+                tokens,
+                usage,
+                include_usage,
+                continuous,
+                model,
+            } => (tokens, usage, include_usage, continuous, model),
+        };
+        let pause_after = request
+            .header("x-mock-sse-pause-after")
+            .and_then(|v| v.parse::<u64>().ok());
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return false;
+        }
+        let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
+        let chunk = |delta: Value, finish: Value, usage: Value| {
+            let mut event = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "created": 1_700_000_000, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            if include_usage {
+                event["usage"] = usage;
+            }
+            format!("data: {event}\n\n")
+        };
+        let mut events = vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+            Value::Null,
+        )];
+        for i in 0..tokens {
+            let so_far = if continuous {
+                json!({"prompt_tokens": prompt, "completion_tokens": i + 1,
+                       "total_tokens": prompt + i + 1})
+            } else {
+                Value::Null
+            };
+            events.push(chunk(json!({"content": " token"}), Value::Null, so_far));
+        }
+        events.push(chunk(json!({}), json!("stop"), Value::Null));
+        if include_usage {
+            let last = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
+            events.push(format!("data: {last}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".to_string());
+        for (i, event) in events.iter().enumerate() {
+            if pause_after == Some(i as u64) {
+                gate.notified().await;
+            }
+            let mut out = format!("{:x}\r\n", event.len()).into_bytes();
+            out.extend_from_slice(event.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+                return false;
+            }
+        }
+        stream.write_all(b"0\r\n\r\n").await.is_ok()
+    }
 }
 
 /// Closes with RST instead of FIN.

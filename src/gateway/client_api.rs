@@ -137,6 +137,8 @@ impl Gateway {
                 .map_err(|_| invalid(format!("the value of {name} is not a header value")))?;
             headers.insert(name, value);
         }
+        // The quoted body's length as a client sends it: compact JSON.
+        let body_bytes = quote.body.as_ref().map_or(0, |b| b.to_string().len());
         let json_body = quote
             .body
             .ok_or_else(|| "the request has no body".to_string());
@@ -159,6 +161,7 @@ impl Gateway {
             query,
             path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
             body: None,
+            body_bytes: None,
         };
         let caller = Caller {
             plan: &identity.plan,
@@ -173,6 +176,7 @@ impl Gateway {
                     return Ok(answer.refused(available, None, None, error));
                 }
                 facts.body = Some(&json_body);
+                facts.body_bytes = Some(body_bytes);
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
                     Evaluation::Decided(verdict) => verdict,
                     // Unreachable: with the body given, every step can decide.
@@ -180,8 +184,12 @@ impl Gateway {
                 }
             }
         };
-        let (index, price) = match verdict {
-            Ok(Verdict::Operation { index, price }) => (index, price),
+        let (index, price, quota_units) = match verdict {
+            Ok(Verdict::Operation {
+                index,
+                price,
+                quota_units,
+            }) => (index, price, quota_units),
             // `unmatched = "allow"`: forwarded free, as no operation.
             Ok(Verdict::PassThrough { .. }) => {
                 let available = self.quote_available(&identity.account).await?;
@@ -211,14 +219,27 @@ impl Gateway {
             return Ok(answer.allowed(available, operation, price));
         }
         // The quote has no `Idempotency-Key`: it is not the request, only its question.
-        let request = self.hold_request(identity, index, price, &ctx.request_id, None);
+        let request =
+            self.hold_request(identity, index, (price, quota_units), &ctx.request_id, None);
         let quoted = self
             .store
             .quote(&identity.account, &request, self.now_ms())
             .await
             .map_err(ApiError::store)?;
+        let estimate = op.price_is_estimate();
         Ok(match quoted.admitted {
-            Ok(()) => answer.allowed(quoted.available, operation, price),
+            Ok(held) => {
+                let mut allowed = answer.allowed(quoted.available, operation, price);
+                // Only when they say something: a hold of less than the price
+                // (`hold = "available"`), a price that is an estimate.
+                if held != price {
+                    allowed["held"] = held.to_json();
+                }
+                if estimate {
+                    allowed["estimate"] = json!(true);
+                }
+                allowed
+            }
             Err(rejection) => {
                 let error = ApiError::rejected(&self.policy, index, rejection, &identity.plan);
                 answer.refused(quoted.available, operation, Some(price), error)

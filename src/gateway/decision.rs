@@ -14,8 +14,10 @@
 //! Pingora, no store, no clock — so it is tested for every status, every ending and
 //! every kind of usage.
 
-use crate::ledger::Credits;
-use crate::policy::{usage_charge, Exact, OnClientAbort, OnMissing, OnUpstreamCut, Operation};
+use crate::ledger::{Credits, MAX_GRANTED};
+use crate::policy::{
+    Exact, OnClientAbort, OnMissing, OnUpstreamCut, Operation, OverHold, SettleRule, Usage,
+};
 
 /// How the request ended, as far as the hold is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +46,10 @@ impl Ended {
 /// How the hold ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Charge this much (never more than was held); the rest returns to the account.
+    /// Charge this much; the rest of the hold returns to the account. Never more
+    /// than was held, unless the operation may overdraw (`over_hold =
+    /// "overdraft"`): then the ledger takes what is above the hold from what is
+    /// available and as debt, within the plan's limit.
     Settle(Credits),
     /// Charge nothing.
     Release,
@@ -57,14 +62,18 @@ pub enum Decision {
 /// A status that does not charge releases; a charging one settles when the response
 /// was delivered, and as `on_client_abort` / `on_upstream_cut` say when the client
 /// left or the upstream cut the body; a gateway failure releases. A settlement
-/// charges the hold, or with a `settle` rule the usage's exact price rounded up and
-/// capped at the hold — a missing usage charging the hold or releasing as
-/// `on_missing` says.
+/// charges the hold, or with a `settle` rule the usage's exact price rounded up —
+/// capped at the hold, or under `over_hold = "overdraft"` not capped here (a usage
+/// too large for any amount is charged the most any account can be) — a missing
+/// usage charging the hold or releasing as `on_missing` says. A client that left
+/// under `on_client_abort = "settle"` is charged in full (the hold): the usage the
+/// end of the response would report was never seen; under `"usage_so_far"` it is
+/// charged the usage seen before it left, or as `on_missing` says.
 pub fn decide(
     operation: &Operation,
     status: Option<u16>,
     ending: Ended,
-    usage: Option<&Exact>,
+    usage: Option<&Usage>,
     held: Credits,
 ) -> Decision {
     let rule = &operation.charge;
@@ -76,22 +85,36 @@ pub fn decide(
     }
     let settles = match ending {
         Ended::Complete => true,
-        Ended::ClientAborted => rule.on_client_abort == OnClientAbort::Settle,
+        Ended::ClientAborted => rule.on_client_abort != OnClientAbort::Release,
         Ended::UpstreamFailed => rule.on_upstream_cut == OnUpstreamCut::Settle,
         Ended::GatewayFailed => false,
     };
     if !settles {
         return Decision::Release;
     }
-    match (&operation.settle, usage) {
-        (None, _) => Decision::Settle(held),
-        (Some(meter), Some(usage)) => {
-            Decision::Settle(usage_charge(usage, meter.credits_per_unit, held))
-        }
-        (Some(meter), None) => match meter.on_missing {
+    let Some(meter) = &operation.settle else {
+        return Decision::Settle(held);
+    };
+    if ending == Ended::ClientAborted && rule.on_client_abort == OnClientAbort::Settle {
+        return Decision::Settle(held);
+    }
+    match usage {
+        Some(usage) => Decision::Settle(usage_charge(operation, meter, usage, held)),
+        None => match meter.on_missing {
             OnMissing::ChargeHold => Decision::Settle(held),
             OnMissing::Release => Decision::Release,
         },
+    }
+}
+
+/// What a usage costs under the operation's rules: its exact price rounded up,
+/// capped at the hold unless the operation may overdraw. A price too large for
+/// any amount is the hold, or under overdraft the most any account can be charged.
+fn usage_charge(operation: &Operation, rule: &SettleRule, usage: &Usage, held: Credits) -> Credits {
+    let price = rule.rate.charge(usage);
+    match operation.charge.over_hold {
+        OverHold::Cap => price.map_or(held, |price| price.min(held)),
+        OverHold::Overdraft => price.map_or(MAX_GRANTED, |price| price.min(MAX_GRANTED)),
     }
 }
 
@@ -100,8 +123,9 @@ pub fn decide(
 /// released at once, so the credits return sooner and the response's headers
 /// report the balance after the release.
 pub fn released_whatever_follows(operation: &Operation, status: u16, held: Credits) -> bool {
+    let zero = Usage::one(Exact::ZERO);
     Ended::ALL.into_iter().all(|ending| {
-        [None, Some(&Exact::ZERO)]
+        [None, Some(&zero)]
             .into_iter()
             .all(|usage| decide(operation, Some(status), ending, usage, held) == Decision::Release)
     })
@@ -150,26 +174,37 @@ path = "/counted"
 upstream = "u"
 price = 0
 quota = "q"
+[[operations]]
+name = "overdraft"
+path = "/overdraft"
+upstream = "u"
+price = 10
+settle = { usage = ["json:/usage", "sse:/usage"], credits_per_unit = 0.002 }
+charge = { over_hold = "overdraft", on_client_abort = "settle" }
 "#;
 
     fn c(text: &str) -> Credits {
         text.parse().unwrap()
     }
 
-    /// Usages and what each costs at 0.002 a unit with 10 held.
-    fn usages() -> Vec<(Option<Exact>, &'static str)> {
-        let u = |text: &str| Some(Exact::from_json_number(text).unwrap());
+    /// Usages and what each costs at 0.002 a unit with 10 held: capped at the
+    /// hold, and not capped (`over_hold = "overdraft"`).
+    fn usages() -> Vec<(Option<Usage>, (&'static str, &'static str))> {
+        let u = |text: &str| Some(Usage::one(Exact::from_json_number(text).unwrap()));
+        let most = MAX_GRANTED.to_string();
+        let most: &'static str = Box::leak(most.into_boxed_str());
         vec![
-            (None, "missing"),
-            (u("0"), "0"),
+            (None, ("missing", "missing")),
+            (u("0"), ("0", "0")),
             // 2e-10 credits: rounded up to a millicredit, never dropped.
-            (u("0.0000001"), "0.001"),
-            (u("1234"), "2.468"),
-            (u("1234.5"), "2.469"),
-            // 12 credits: capped at the hold.
-            (u("6000"), "10"),
-            // Too large for any integer: a usage all the same, charged at the hold.
-            (u("1e400"), "10"),
+            (u("0.0000001"), ("0.001", "0.001")),
+            (u("1234"), ("2.468", "2.468")),
+            (u("1234.5"), ("2.469", "2.469")),
+            // 12 credits: capped at the hold, or charged above it.
+            (u("6000"), ("10", "12")),
+            // Too large for any integer: a usage all the same, charged at the hold,
+            // or the most any account can be charged (the ledger charges what it can).
+            (u("1e400"), ("10", most)),
         ]
     }
 
@@ -178,7 +213,7 @@ quota = "q"
         name: &str,
         status: Option<u16>,
         ending: Ended,
-        usage: (Option<&Exact>, &str),
+        usage: (Option<&Usage>, (&str, &str)),
         held: Credits,
     ) -> Decision {
         let Some(status) = status else {
@@ -200,9 +235,13 @@ quota = "q"
             return Decision::Release;
         }
         match (name, usage) {
-            ("metered", (None, _)) => Decision::Settle(held),
+            ("metered" | "overdraft", (None, _)) => Decision::Settle(held),
             ("metered.release", (None, _)) => Decision::Release,
-            ("metered" | "metered.release", (Some(_), charge)) => Decision::Settle(c(charge)),
+            // A client leaving a metered response charges its usage so far
+            // (their default), except under `on_client_abort = "settle"`: in full.
+            ("overdraft", _) if ending == Ended::ClientAborted => Decision::Settle(held),
+            ("metered" | "metered.release", (Some(_), (capped, _))) => Decision::Settle(c(capped)),
+            ("overdraft", (Some(_), (_, uncapped))) => Decision::Settle(c(uncapped)),
             _ => Decision::Settle(held),
         }
     }
@@ -217,7 +256,7 @@ quota = "q"
             for ending in Ended::ALL {
                 for op in &policy.operations {
                     let held = match op.name.as_str() {
-                        "metered" | "metered.release" => c("10"),
+                        "metered" | "metered.release" | "overdraft" => c("10"),
                         "counted" => Credits::ZERO,
                         _ => c("3"),
                     };
@@ -227,7 +266,7 @@ quota = "q"
                         assert_eq!(
                             decision,
                             expected(&op.name, status, ending, usage, held),
-                            "{} {status:?} {ending:?} usage {}",
+                            "{} {status:?} {ending:?} usage {:?}",
                             op.name,
                             usage.1
                         );
@@ -285,6 +324,139 @@ quota = "q"
                     "{status} {ending:?}"
                 );
             }
+        }
+    }
+
+    use num_bigint::BigUint;
+    use proptest::prelude::*;
+
+    use crate::policy::{
+        ChargeRule, Micros, OnMissing, Price, SettleRule, UnitRate, UsageRate, UsageSource,
+    };
+
+    /// `⌈n × 10^shift⌉` in big integers: the reference the exact code must match.
+    fn ceil_scaled(n: BigUint, shift: i64) -> BigUint {
+        let ten = BigUint::from(10u32);
+        if shift >= 0 {
+            n * ten.pow(shift as u32)
+        } else {
+            let d = ten.pow((-shift) as u32);
+            (n + &d - 1u32) / d
+        }
+    }
+
+    /// A metered operation priced per field of a usage object `{f0, f1, ...}`.
+    fn priced_per_field(rates: &[u64], over_hold: OverHold) -> Operation {
+        let units = rates
+            .iter()
+            .enumerate()
+            .map(|(i, rate)| UnitRate {
+                field: format!("f{i}"),
+                pointer: format!("/f{i}"),
+                credits: Micros::from_micros(*rate),
+            })
+            .collect();
+        let mut charge = ChargeRule::default_rule();
+        charge.over_hold = over_hold;
+        Operation {
+            name: "llm".into(),
+            method: None,
+            path: "/llm".into(),
+            when: Vec::new(),
+            upstream: 0,
+            requires: Vec::new(),
+            quota: None,
+            price: Price::Fixed(Credits::ZERO),
+            settle: Some(SettleRule {
+                usage: vec![
+                    UsageSource::Json("/usage".into()),
+                    UsageSource::Sse("/usage".into()),
+                ],
+                rate: UsageRate::Units(units),
+                on_missing: OnMissing::ChargeHold,
+            }),
+            charge,
+            needs_body: false,
+        }
+    }
+
+    /// A usage number as a response writes it: (JSON text, digits, exponent of the last digit).
+    fn number() -> impl Strategy<Value = (String, String, i64)> {
+        ("[1-9][0-9]{0,14}", "[0-9]{0,12}", -30i64..30, any::<bool>()).prop_map(
+            |(int, frac, exp, as_string)| {
+                let point = if frac.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{frac}")
+                };
+                let digits = format!("{int}{frac}");
+                if as_string {
+                    // A string holds a plain decimal: no exponent.
+                    (format!("\"{int}{point}\""), digits, -(frac.len() as i64))
+                } else {
+                    (
+                        format!("{int}{point}e{exp}"),
+                        digits,
+                        exp - frac.len() as i64,
+                    )
+                }
+            },
+        )
+    }
+
+    proptest! {
+        /// Random usage objects and rates, read from a real JSON answer or a real
+        /// event stream: the charge is the exact decimal sum Σ value × rate rounded
+        /// up once to a millicredit, capped at the hold — or under `over_hold =
+        /// "overdraft"` not capped but at the most any account can be charged.
+        #[test]
+        fn a_usage_object_is_charged_the_exact_sum_rounded_up_and_capped(
+            fields in proptest::collection::vec(number(), 1..5),
+            rates in proptest::collection::vec(prop_oneof![0u64..=5_000, 0u64..=5_000_000], 5),
+            held in prop_oneof![0u64..=100_000, any::<u64>()],
+            overdraft in any::<bool>(),
+            as_stream in any::<bool>(),
+        ) {
+            let rates = &rates[..fields.len()];
+            let over_hold = if overdraft { OverHold::Overdraft } else { OverHold::Cap };
+            let op = priced_per_field(rates, over_hold);
+            let object: Vec<String> = fields
+                .iter()
+                .enumerate()
+                .map(|(i, (text, _, _))| format!("\"f{i}\":{text}"))
+                .collect();
+            let usage_json = format!("{{{}}}", object.join(","));
+            let mut meter = super::super::usage::UsageMeter::new(op.settle.as_ref().unwrap(), 1 << 20);
+            let mut response = pingora::http::ResponseHeader::build(200, None).unwrap();
+            let content_type = if as_stream { "text/event-stream" } else { "application/json" };
+            response.insert_header("content-type", content_type).unwrap();
+            meter.on_headers(&response);
+            if as_stream {
+                meter.on_body(format!("data: {{\"usage\":null}}\n\ndata: {{\"usage\":{usage_json}}}\n\ndata: [DONE]\n\n").as_bytes());
+            } else {
+                meter.on_body(format!("{{\"usage\":{usage_json}}}").as_bytes());
+            }
+            let usage = meter.usage();
+            prop_assert!(usage.is_some(), "{usage_json} is a usage");
+            let held = Credits::from_millicredits(held);
+            let decision = decide(&op, Some(200), Ended::Complete, usage.as_ref(), held);
+
+            // value × rate millionths of a credit = value × rate × 1e-3 millicredits,
+            // summed exactly at the lowest exponent, then rounded up once.
+            let lowest = fields.iter().map(|(_, _, e)| e - 3).min().unwrap();
+            let mut sum = BigUint::from(0u32);
+            for ((_, digits, exp), rate) in fields.iter().zip(rates) {
+                let digits = BigUint::parse_bytes(digits.as_bytes(), 10).unwrap();
+                sum += digits * *rate * BigUint::from(10u32).pow((exp - 3 - lowest) as u32);
+            }
+            let exact = ceil_scaled(sum, lowest);
+            let cap = if overdraft { MAX_GRANTED } else { held };
+            let expected = exact.min(BigUint::from(cap.millicredits()));
+            prop_assert_eq!(
+                decision,
+                Decision::Settle(Credits::from_millicredits(expected.try_into().unwrap())),
+                "{} at {:?}", usage_json, rates
+            );
         }
     }
 }

@@ -29,11 +29,15 @@ pub enum ApiError {
     },
     InsufficientCredits {
         operation: String,
+        /// The hold the request needs (with `hold = "available"`: at least `min_hold`).
         required: Credits,
         available: Credits,
         held: Credits,
         plan: String,
         upgrade_url: Option<String>,
+        /// `required` is an estimate of the most the request can cost, not its
+        /// price: the operation is charged its actual usage.
+        estimate: bool,
     },
     TooManyHolds {
         limit: usize,
@@ -142,9 +146,19 @@ impl ApiError {
                 operation,
                 required,
                 available,
+                estimate: false,
                 ..
             } => {
                 format!("{operation} needs {required} credits; {available} are available.")
+            }
+            ApiError::InsufficientCredits {
+                operation,
+                required,
+                available,
+                estimate: true,
+                ..
+            } => {
+                format!("{operation} holds up to {required} credits, an estimate of the most it can cost (it is charged its actual usage); {available} are available.")
             }
             ApiError::TooManyHolds { limit } => {
                 format!(
@@ -228,6 +242,7 @@ impl ApiError {
                 held,
                 plan: plan.to_string(),
                 upgrade_url: policy.gateway.upgrade_url.clone(),
+                estimate: policy.operations[operation].price_is_estimate(),
             },
             HoldRejected::TooManyHolds { limit } => ApiError::TooManyHolds { limit },
             HoldRejected::QuotaExhausted { quota, limit } => ApiError::QuotaExhausted {
@@ -304,7 +319,11 @@ impl ApiError {
                 held,
                 plan,
                 upgrade_url,
+                estimate,
             } => {
+                if *estimate {
+                    error.insert("estimate".into(), json!(true));
+                }
                 error.insert("operation".into(), json!(operation));
                 error.insert("required".into(), required.to_json());
                 error.insert("available".into(), available.to_json());
@@ -360,6 +379,7 @@ mod tests {
             held: "2".parse().unwrap(),
             plan: "free".into(),
             upgrade_url: Some("https://example.com/billing".into()),
+            estimate: false,
         };
         assert_eq!(e.status(), 402);
         let body = e.body("r1");

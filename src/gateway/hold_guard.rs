@@ -40,7 +40,8 @@ impl HoldGuard {
         }
     }
 
-    /// Charges `min(charge, held)`; the rest returns to the account.
+    /// Charges `charge` as the ledger settles it: at most the hold, unless the
+    /// hold was placed to overdraw; the rest returns to the account.
     pub(super) async fn settle(mut self, charge: Credits, request_id: &str) {
         self.ended = true;
         let call = self
@@ -160,6 +161,7 @@ mod tests {
             quota: None,
             idempotency: None,
             caller: None,
+            terms: crate::ledger::HoldTerms::default(),
         };
         store
             .hold("a", &request, now_ms())

@@ -46,10 +46,13 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::ledger::{Credits, HoldRejected, HoldRequest, IdempotencyRequest, Millis, Recorded};
+use crate::ledger::{
+    Credits, HoldRejected, HoldRequest, HoldTerms, IdempotencyRequest, Millis, Recorded,
+};
 use crate::metrics::Metrics;
 use crate::policy::{
-    Caller, Evaluation, NormalizedPath, OnUnavailable, Operation, Policy, StoreConfig, Verdict,
+    Caller, Evaluation, HoldRule, NormalizedPath, OnUnavailable, Operation, OverHold, Policy,
+    StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -344,10 +347,8 @@ impl Gateway {
         if let Some(recorder) = ctx.recorder.as_mut() {
             recorder.head(status, upstream_response);
         }
-        if let (Some(meter), Some(op)) = (ctx.usage.as_mut(), ctx.operation) {
-            if let Some(rule) = &self.policy.operations[op].settle {
-                meter.on_headers(&rule.usage, upstream_response);
-            }
+        if let Some(meter) = ctx.usage.as_mut() {
+            meter.on_headers(upstream_response);
         }
         // When every way the request can still end releases (a status that does not
         // charge), release now: the credits return sooner and the headers report
@@ -485,7 +486,8 @@ impl Gateway {
             Evaluation::NeedsBody => {
                 let body = self.read_body(session).await?;
                 let json = parse_json(&body)?;
-                let facts = request_facts(session.req_header(), path_params, Some(&json));
+                let facts =
+                    request_facts(session.req_header(), path_params, Some((&json, body.len())));
                 match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
                     Evaluation::Decided(verdict) => (verdict, Some(body)),
                     // Unreachable: with the body given, every step can decide.
@@ -493,23 +495,25 @@ impl Gateway {
                 }
             }
         };
-        let (index, price) = match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
-            Verdict::Operation { index, price } => (index, price),
-            Verdict::PassThrough { upstream } => {
-                ctx.upstream = upstream;
-                ctx.remaining = self.available(account).await?;
-                ctx.path = Some(path);
-                return Ok(Admitted::Forward);
-            }
-        };
+        let (index, price, quota_units) =
+            match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
+                Verdict::Operation {
+                    index,
+                    price,
+                    quota_units,
+                } => (index, price, quota_units),
+                Verdict::PassThrough { upstream } => {
+                    ctx.upstream = upstream;
+                    ctx.remaining = self.available(account).await?;
+                    ctx.path = Some(path);
+                    return Ok(Admitted::Forward);
+                }
+            };
         let op = &self.policy.operations[index];
         ctx.operation = Some(index);
         ctx.upstream = op.upstream;
         if let Some(rule) = &op.settle {
-            ctx.usage = Some(UsageMeter::new(
-                &rule.usage,
-                self.policy.gateway.max_body_bytes,
-            ));
+            ctx.usage = Some(UsageMeter::new(rule, self.policy.gateway.max_body_bytes));
         }
 
         let req = session.req_header();
@@ -522,7 +526,10 @@ impl Gateway {
         ctx.path = Some(path);
         if !places_hold(op, price) {
             ctx.remaining = self.available(account).await?;
-        } else if let Held::Replayed(recorded) = self.hold(ctx, &identity, index, price).await? {
+        } else if let Held::Replayed(recorded) = self
+            .hold(ctx, &identity, index, (price, quota_units))
+            .await?
+        {
             self.replay(session, ctx, &recorded)
                 .await
                 .map_err(|_| ApiError::Internal)?;
@@ -570,18 +577,27 @@ impl Gateway {
         })
     }
 
-    /// The hold a request for operation `index` at `price` asks the store for. Built
-    /// here only, for the request and for its quote alike, so the quote's dry run
-    /// asks exactly what the hold will: the same caller, amount, quota and limits.
+    /// The hold a request for operation `index` at `price`, using `quota_units` of
+    /// its quota, asks the store for. Built here only, for the request and for its
+    /// quote alike, so the quote's dry run asks exactly what the hold will: the same
+    /// caller, amount, quota, terms and limits.
     fn hold_request(
         &self,
         identity: &Identity,
         index: usize,
-        price: Credits,
+        (price, quota_units): (Credits, u64),
         request_id: &str,
         idempotency: Option<IdempotencyRequest>,
     ) -> HoldRequest {
         let op = &self.policy.operations[index];
+        let terms = HoldTerms {
+            partial_min: match op.charge.hold {
+                HoldRule::Full => None,
+                HoldRule::Available { min_hold } => Some(min_hold),
+            },
+            overdraft: op.charge.over_hold == OverHold::Overdraft,
+            quota_units,
+        };
         // What `Policy::evaluate` decided on this replica's view of the key and account —
         // possibly seconds old on Redis — is checked again by the hold, against
         // the state it commits on: a key revoked, a plan downgraded or premium
@@ -597,9 +613,10 @@ impl Gateway {
             amount: price,
             ttl_ms: self.policy.gateway.hold_ttl_ms,
             max_holds: self.policy.gateway.max_holds_per_account,
-            quota: op.quota.clone(),
+            quota: op.quota.as_ref().map(|q| q.name.clone()),
             idempotency,
             caller: Some(caller),
+            terms,
         }
     }
 
@@ -608,7 +625,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         identity: &Identity,
         index: usize,
-        price: Credits,
+        price: (Credits, u64),
     ) -> std::result::Result<Held, ApiError> {
         let account = identity.account.as_str();
         let request = self.hold_request(
@@ -624,9 +641,9 @@ impl Gateway {
             .await
         {
             Ok(Ok(placed)) => {
-                ctx.held = price;
+                ctx.held = placed.held;
                 ctx.remaining = Some(placed.available);
-                self.metrics.held(price);
+                self.metrics.held(placed.held);
                 ctx.hold = Some(HoldGuard::new(
                     self.store.clone(),
                     self.clock.clone(),

@@ -11,18 +11,20 @@ use pingora::{Error, ErrorType, Result};
 use super::errors::ApiError;
 use crate::policy::{normalize_path, NormalizedPath, PathError, RequestFacts};
 
-/// What the policy reads of a request: its method, headers, query, path and body.
+/// What the policy reads of a request: its method, headers, query, path and body
+/// (parsed, with its length in bytes).
 pub(super) fn request_facts<'a>(
     req: &'a RequestHeader,
     path_params: &'a [(String, String)],
-    body: Option<&'a std::result::Result<serde_json::Value, String>>,
+    body: Option<(&'a std::result::Result<serde_json::Value, String>, usize)>,
 ) -> RequestFacts<'a> {
     RequestFacts {
         method: &req.method,
         headers: &req.headers,
         query: req.uri.query(),
         path_params,
-        body,
+        body: body.map(|(json, _)| json),
+        body_bytes: body.map(|(_, bytes)| bytes),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Totals {
     pub held: Credits,
     pub charged: Credits,
     pub expired: Credits,
+    /// Charged beyond what was granted (`over_hold = "overdraft"`), repaid first
+    /// from the next grant or refill.
+    pub debt: Credits,
 }
 
 /// One wallet: its grants and open holds. Serializable whole (the local stores
@@ -79,6 +82,10 @@ pub struct Account {
     pub(super) granted: Credits,
     pub(super) charged: Credits,
     pub(super) expired: Credits,
+    /// Charged beyond what was granted, within the overdraft limit of the holds
+    /// that charged it; the next grants repay it before anything is available.
+    #[serde(default)]
+    pub(super) debt: Credits,
     pub(super) next_grant_id: u64,
     pub(super) next_hold_id: u64,
     #[serde(with = "ended")]
@@ -103,7 +110,8 @@ pub struct Account {
 /// The most one account may ever be granted: a quarter of what a `u64` counts, in
 /// millicredits. [`Account::grant`] refuses a grant past it. Every amount inside an
 /// account — what is left of its grants, held, charged, expired — is a part of what
-/// was granted, so a sum of a few of them stays far below `u64::MAX`.
+/// was granted plus its debt, and the debt is bounded by an overdraft limit the
+/// policy keeps far below this, so a sum of a few of them stays far below `u64::MAX`.
 pub const MAX_GRANTED: Credits = Credits::from_millicredits(u64::MAX / 4);
 
 /// `a + b` for amounts of one account. By [`MAX_GRANTED`] this cannot overflow; if
@@ -126,8 +134,10 @@ pub struct GrantOverflow;
 /// Quota units each quota's holds use.
 fn quota_counts<'a>(holds: impl Iterator<Item = &'a Hold>) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
-    for q in holds.filter_map(|h| h.quota.as_ref()) {
-        *counts.entry(q.clone()).or_default() += 1;
+    for hold in holds {
+        if let Some(q) = &hold.quota {
+            *counts.entry(q.clone()).or_default() += hold.quota_units;
+        }
     }
     counts
 }
@@ -166,6 +176,7 @@ impl Account {
             granted: Credits::ZERO,
             charged: Credits::ZERO,
             expired: Credits::ZERO,
+            debt: Credits::ZERO,
             next_grant_id: 1,
             next_hold_id: 1,
             ended: VecDeque::new(),
@@ -200,8 +211,25 @@ impl Account {
             operation: operation.map(str::to_string),
             request_id: request_id.map(str::to_string),
             detail,
+            uncollected: None,
+            repaid: None,
         });
         self.next_seq += 1;
+    }
+
+    /// Notes on the entry just recorded (a settle) what it could not charge.
+    pub(super) fn note_uncollected(&mut self, uncollected: Credits) {
+        if let Some(entry) = self.fresh.back_mut().filter(|_| !uncollected.is_zero()) {
+            entry.uncollected = Some(uncollected);
+        }
+    }
+
+    /// Notes on the entry just recorded (a grant, refill or plan change) how much
+    /// of its grant repaid debt.
+    pub(super) fn note_repaid(&mut self, repaid: Credits) {
+        if let Some(entry) = self.fresh.back_mut().filter(|_| !repaid.is_zero()) {
+            entry.repaid = Some(repaid);
+        }
     }
 
     /// Attaches the recorded response to a settled idempotency record (within
@@ -304,7 +332,13 @@ impl Account {
             held: self.held(),
             charged: self.charged,
             expired: self.expired,
+            debt: self.debt,
         }
+    }
+
+    /// What the account owes: charged beyond what was granted.
+    pub fn debt(&self) -> Credits {
+        self.debt
     }
 
     pub fn available(&self) -> Credits {
@@ -315,19 +349,23 @@ impl Account {
         self.held
     }
 
-    /// The invariant: `granted == available + held + charged + expired`, grants
-    /// drawn no more than they were granted, and — when this copy knows every open
-    /// hold — the aggregates equal what the holds add up to.
+    /// The invariant: `granted + debt == available + held + charged + expired`
+    /// (every amount unsigned, so none is negative), grants drawn no more than
+    /// they were granted, and — when this copy knows every open hold — the
+    /// aggregates equal what the holds add up to. That the debt stays within the
+    /// overdraft limit is the settle's to keep (the limit is the plan's, which this
+    /// state does not hold): see [`Account::check_debt`].
     pub fn check_invariant(&self) -> Result<(), String> {
         let t = self.totals();
         let rhs = [t.held, t.charged, t.expired]
             .into_iter()
             .try_fold(t.available, |acc, c| acc.checked_add(c))
             .ok_or("totals overflow")?;
-        if t.granted != rhs {
+        let lhs = t.granted.checked_add(t.debt).ok_or("totals overflow")?;
+        if lhs != rhs {
             return Err(format!(
-                "account {}: granted {} != available {} + held {} + charged {} + expired {}",
-                self.id, t.granted, t.available, t.held, t.charged, t.expired
+                "account {}: granted {} + debt {} != available {} + held {} + charged {} + expired {}",
+                self.id, t.granted, t.debt, t.available, t.held, t.charged, t.expired
             ));
         }
         if self.grants.iter().any(|g| g.expired && !g.left.is_zero()) {
@@ -380,6 +418,22 @@ impl Account {
                     grant.id, grant.drawn, drawn
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The debt is within the overdraft limit of the account's plan in `catalog`
+    /// (0 when the plan has none). Holds whose settle may go into debt carry the
+    /// limit they were placed under, so this holds while the catalog is unchanged.
+    pub fn check_debt(&self, catalog: &super::Catalog) -> Result<(), String> {
+        let limit = catalog
+            .get(&self.plan)
+            .map_or(Credits::ZERO, |terms| terms.overdraft_limit);
+        if self.debt > limit {
+            return Err(format!(
+                "account {}: debt {} is above the overdraft limit {limit}",
+                self.id, self.debt
+            ));
         }
         Ok(())
     }

@@ -35,6 +35,9 @@ pub struct Caller {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HoldPlaced {
     pub hold_id: u64,
+    /// What was held: the request's amount, or under `hold = "available"` what
+    /// was available when that was less.
+    pub held: Credits,
     /// Available credits after the hold.
     pub available: Credits,
 }
@@ -94,11 +97,14 @@ pub fn entitle(
 }
 
 impl Account {
-    /// Whether `request` may be held now, in the order a refusal is answered: who
-    /// asks (a revoked key gets nothing, not even a replay), what the idempotency key
-    /// says, the quota, the balance, the number of open holds. Reads only: time must
-    /// have been applied first (the store does, and so does [`Account::hold`]).
-    pub fn admit(&self, request: &HoldRequest, catalog: &Catalog) -> Result<(), HoldRejected> {
+    /// Whether `request` may be held now, and how much: in the order a refusal is
+    /// answered, who asks (a revoked key gets nothing, not even a replay), what the
+    /// idempotency key says, the quota, the balance, the number of open holds.
+    /// The amount is the request's, or — when its terms allow a partial hold
+    /// (`hold = "available"`) and the account cannot pay it all but has at least
+    /// the minimum — what is available. Reads only: time must have been applied
+    /// first (the store does, and so does [`Account::hold`]).
+    pub fn admit(&self, request: &HoldRequest, catalog: &Catalog) -> Result<Credits, HoldRejected> {
         if let Some(caller) = &request.caller {
             self.check_caller(caller, catalog)?;
         }
@@ -122,7 +128,8 @@ impl Account {
                 .and_then(|t| t.quotas.get(quota))
                 .copied();
             if let Some(limit) = limit {
-                if self.quota_use().get(quota).copied().unwrap_or(0) >= limit {
+                let used = self.quota_use().get(quota).copied().unwrap_or(0);
+                if used.saturating_add(request.terms.quota_units) > limit {
                     return Err(HoldRejected::QuotaExhausted {
                         quota: quota.clone(),
                         limit,
@@ -131,19 +138,23 @@ impl Account {
             }
         }
         let available = self.available();
-        if available < request.amount {
-            return Err(HoldRejected::InsufficientCredits {
-                required: request.amount,
-                available,
-                held: self.held(),
-            });
-        }
+        let amount = match request.terms.partial_min {
+            _ if available >= request.amount => request.amount,
+            Some(min) if available >= min => available,
+            _ => {
+                return Err(HoldRejected::InsufficientCredits {
+                    required: request.amount,
+                    available,
+                    held: self.held(),
+                })
+            }
+        };
         if self.open_holds >= request.max_holds {
             return Err(HoldRejected::TooManyHolds {
                 limit: request.max_holds,
             });
         }
-        Ok(())
+        Ok(amount)
     }
 
     /// Checks who asks against this state: the key is still active for a member

@@ -47,6 +47,13 @@ pub struct Entry {
     pub request_id: Option<String>,
     /// Grant kind, plan change (`free -> pro`), or why (`hold_ttl`).
     pub detail: Option<String>,
+    /// A settle above its hold: what was past the overdraft limit, not charged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncollected: Option<Credits>,
+    /// A grant, refill or plan change to an account in debt: how much of it
+    /// repaid the debt (and so never became available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaid: Option<Credits>,
 }
 
 /// The entries a store keeps for one account, oldest dropped first past `cap`.

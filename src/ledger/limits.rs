@@ -86,7 +86,7 @@ const STRING_HEADER_SLACK: usize = 4;
 /// An account with no grants, holds, records, receipts or members, its id
 /// [`NAME_MAX_BYTES`] long and its plan names empty, remembering the most ended
 /// holds it does.
-pub const ACCOUNT_BASE_BYTES: usize = 1_064;
+pub const ACCOUNT_BASE_BYTES: usize = 1_072;
 
 /// One counted quota, its name empty.
 pub const QUOTA_BYTES: usize = 16;
@@ -94,7 +94,7 @@ pub const QUOTA_BYTES: usize = 16;
 /// One open hold drawing from one grant, its operation and quota names empty, with
 /// an idempotency key [`IDEMPOTENCY_KEY_MAX_BYTES`] long and the in-flight record
 /// of that key. Each further grant a hold draws from adds [`DRAW_BYTES`].
-pub const HOLD_BYTES: usize = 824;
+pub const HOLD_BYTES: usize = 856;
 
 /// One more grant a hold draws from.
 pub const DRAW_BYTES: usize = 32;
@@ -247,6 +247,7 @@ mod tests {
                 ttl_ms: 86_400_000,
             }),
             caller: None,
+            terms: crate::ledger::HoldTerms::default(),
         }
     }
 

@@ -6,8 +6,10 @@
 //! calls stores.
 //!
 //! Invariant, checked after every transition in debug and test builds:
-//! `granted == available + held + charged + expired`, and nothing is negative
-//! (amounts are unsigned, and every subtraction is checked).
+//! `granted + debt == available + held + charged + expired`, and nothing is negative
+//! (amounts are unsigned, and every subtraction is checked). Debt comes only from a
+//! settle above its hold (`over_hold = "overdraft"`), within the plan's overdraft
+//! limit, and the next grant repays it first.
 //!
 //! # Layout
 //! - [`account`]: the `Account` state, its totals, its ledger entries, the invariant.
@@ -44,6 +46,7 @@ mod seed;
 
 pub use account::{
     Account, AccountRejected, GrantOverflow, HoldChanges, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
+    MAX_GRANTED,
 };
 pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
 pub use calendar::{cycle_bounds, day_of_month};
@@ -58,6 +61,7 @@ pub use limits::{
 pub use members::Member;
 pub use money::{
     Draw, EndRejected, Ending, Grant, GrantReceipt, GrantRequest, Hold, HoldEnded, HoldRequest,
+    HoldTerms,
 };
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};

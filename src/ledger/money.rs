@@ -83,6 +83,45 @@ pub struct Hold {
     /// The idempotency key whose record this hold ends.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Units of `quota` the hold uses (1 unless the operation counts them from
+    /// the request).
+    #[serde(default = "one_unit")]
+    pub quota_units: u64,
+    /// Set when the settle may charge above the hold (`over_hold = "overdraft"`):
+    /// the plan's overdraft limit when the hold was placed, which bounds the
+    /// account's debt at the settle — a request keeps the terms it was admitted on.
+    #[serde(default)]
+    pub overdraft_limit: Option<Credits>,
+}
+
+fn one_unit() -> u64 {
+    1
+}
+
+/// What the operation's rules say of a hold beyond its amount: how it may be
+/// sized, how far its settle may go, how many quota units it uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldTerms {
+    /// `hold = "available"`: when the account cannot pay the whole amount, hold
+    /// what is available if that is at least this much (`min_hold`). `None`: the
+    /// whole amount or nothing.
+    pub partial_min: Option<Credits>,
+    /// `over_hold = "overdraft"`: the settle may charge above the hold — from
+    /// what is available, then as debt up to the plan's `overdraft_limit`.
+    pub overdraft: bool,
+    /// Units of the request's quota the hold uses.
+    pub quota_units: u64,
+}
+
+impl Default for HoldTerms {
+    /// The whole amount or nothing, never a charge above it, one quota unit.
+    fn default() -> Self {
+        HoldTerms {
+            partial_min: None,
+            overdraft: false,
+            quota_units: 1,
+        }
+    }
 }
 
 /// What a hold asks for.
@@ -94,8 +133,10 @@ pub struct HoldRequest {
     pub ttl_ms: u64,
     /// Open holds allowed per account before `TooManyHolds`.
     pub max_holds: usize,
-    /// One unit of this plan quota is held too.
+    /// Units of this plan quota are held too (`terms.quota_units` of them).
     pub quota: Option<String>,
+    /// How the hold may be sized and how far its settle may go.
+    pub terms: HoldTerms,
     /// The request's `Idempotency-Key`, if it sent one.
     pub idempotency: Option<IdempotencyRequest>,
     /// Whose key asks, and what the gateway decided it may do; re-checked against
@@ -116,7 +157,13 @@ pub enum Ending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HoldEnded {
     pub ending: Ending,
+    /// Everything charged: from the hold, and for an overdraft settle above it,
+    /// from what was available and as debt.
     pub charged: Credits,
+    /// Of `charged`, what became debt.
+    pub debt: Credits,
+    /// What an overdraft settle could not charge: past the overdraft limit.
+    pub uncollected: Credits,
     /// Credits given back to grants (or to `expired`, if their grant expired meanwhile).
     pub returned: Credits,
     /// The account's available credits once the hold ended.
@@ -172,7 +219,8 @@ impl Account {
     }
 
     /// Adds a grant, with a `grant` ledger entry. A grant already past its expiry
-    /// is added and expires at once, so it shows as granted and expired.
+    /// is added and expires at once, so it shows as granted and expired. A grant
+    /// to an account in debt repays the debt first (the entry says how much).
     pub fn grant(
         &mut self,
         kind: &str,
@@ -181,7 +229,7 @@ impl Account {
         expires_at_ms: Option<Millis>,
         now_ms: Millis,
     ) -> Result<u64, GrantOverflow> {
-        let id = self.add_grant(kind, amount, priority, expires_at_ms)?;
+        let (id, repaid) = self.add_grant(kind, amount, priority, expires_at_ms)?;
         self.record(
             now_ms,
             EntryKind::Grant,
@@ -190,23 +238,29 @@ impl Account {
             None,
             Some(kind.to_string()),
         );
+        self.note_repaid(repaid);
         self.tick(now_ms);
         Ok(id)
     }
 
+    /// Adds a grant; returns its id and how much of it repaid debt. Debt is repaid
+    /// first, from whatever grant comes next (a top-up, a bonus, the refill's plan
+    /// grant): what the grant repays is never available.
     pub(super) fn add_grant(
         &mut self,
         kind: &str,
         amount: Credits,
         priority: u32,
         expires_at_ms: Option<Millis>,
-    ) -> Result<u64, GrantOverflow> {
+    ) -> Result<(u64, Credits), GrantOverflow> {
         // Refusing here keeps every later sum of this account's amounts in range.
         let granted = self.granted.checked_add(amount).ok_or(GrantOverflow)?;
         if granted > MAX_GRANTED {
             return Err(GrantOverflow);
         }
         self.granted = granted;
+        let repaid = self.debt.min(amount);
+        self.debt = self.debt.saturating_sub(repaid);
         let id = self.next_grant_id;
         self.next_grant_id += 1;
         let grant = Grant {
@@ -215,7 +269,7 @@ impl Account {
             priority,
             expires_at_ms,
             granted: amount,
-            left: amount,
+            left: amount.saturating_sub(repaid),
             drawn: Credits::ZERO,
             expired: false,
         };
@@ -224,7 +278,7 @@ impl Account {
             .partition_point(|g| g.spend_key() <= grant.spend_key());
         self.grants.insert(at, grant);
         self.debug_check();
-        Ok(id)
+        Ok((id, repaid))
     }
 
     /// Applies time: grants past expiry lose what is left, holds past their TTL
@@ -273,8 +327,10 @@ impl Account {
         ended
     }
 
-    /// Places a hold, drawing from grants in spend order, and one unit of its
-    /// quota (within the plan's limit; a quota the plan does not name is unlimited).
+    /// Places a hold, drawing from grants in spend order, and its units of its
+    /// quota (within the plan's limit; a quota the plan does not name is
+    /// unlimited). The amount held is what [`Account::admit`] says: the request's
+    /// amount, or under `hold = "available"` what is available.
     pub fn hold(
         &mut self,
         request: &HoldRequest,
@@ -282,8 +338,61 @@ impl Account {
         catalog: &Catalog,
     ) -> Result<HoldPlaced, HoldRejected> {
         self.tick(now_ms);
-        self.admit(request, catalog)?;
-        let mut wanted = request.amount;
+        let amount = self.admit(request, catalog)?;
+        let draws = self.draw(amount);
+        let hold_id = self.next_hold_id;
+        self.next_hold_id += 1;
+        self.held = plus(self.held, amount);
+        self.open_holds += 1;
+        let quota_units = request.terms.quota_units;
+        if let Some(quota) = &request.quota {
+            *self.quota_held.entry(quota.clone()).or_default() += quota_units;
+        }
+        if self.partial {
+            self.hold_changes.placed.push(hold_id);
+        }
+        let overdraft_limit = request.terms.overdraft.then(|| {
+            catalog
+                .get(&self.plan)
+                .map_or(Credits::ZERO, |terms| terms.overdraft_limit)
+        });
+        self.holds.insert(
+            hold_id,
+            Hold {
+                id: hold_id,
+                operation: request.operation.clone(),
+                request_id: request.request_id.clone(),
+                amount,
+                draws,
+                expires_at_ms: now_ms.saturating_add(request.ttl_ms),
+                quota: request.quota.clone(),
+                idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
+                quota_units,
+                overdraft_limit,
+            },
+        );
+        if let Some(idem) = &request.idempotency {
+            self.idempotency.start(idem, now_ms);
+        }
+        self.record(
+            now_ms,
+            EntryKind::Hold,
+            amount,
+            Some(&request.operation),
+            Some(&request.request_id),
+            None,
+        );
+        self.debug_check();
+        Ok(HoldPlaced {
+            hold_id,
+            held: amount,
+            available: self.available(),
+        })
+    }
+
+    /// Draws `wanted` from what grants have left, in spend order, for a hold.
+    /// The caller has checked that enough is available.
+    fn draw(&mut self, mut wanted: Credits) -> Vec<Draw> {
         let mut draws = Vec::new();
         for grant in &mut self.grants {
             if wanted.is_zero() {
@@ -302,49 +411,27 @@ impl Account {
                 amount: take,
             });
         }
-        let hold_id = self.next_hold_id;
-        self.next_hold_id += 1;
-        self.held = plus(self.held, request.amount);
-        self.open_holds += 1;
-        if let Some(quota) = &request.quota {
-            *self.quota_held.entry(quota.clone()).or_default() += 1;
+        draws
+    }
+
+    /// Charges up to `wanted` straight from what grants have left, in spend order
+    /// (an overdraft settle's part above its hold); returns what it took.
+    fn take_available(&mut self, wanted: Credits) -> Credits {
+        let mut taken = Credits::ZERO;
+        for grant in &mut self.grants {
+            let take = grant.left.min(wanted.saturating_sub(taken));
+            grant.left = grant.left.saturating_sub(take);
+            taken = plus(taken, take);
         }
-        if self.partial {
-            self.hold_changes.placed.push(hold_id);
-        }
-        self.holds.insert(
-            hold_id,
-            Hold {
-                id: hold_id,
-                operation: request.operation.clone(),
-                request_id: request.request_id.clone(),
-                amount: request.amount,
-                draws,
-                expires_at_ms: now_ms.saturating_add(request.ttl_ms),
-                quota: request.quota.clone(),
-                idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
-            },
-        );
-        if let Some(idem) = &request.idempotency {
-            self.idempotency.start(idem, now_ms);
-        }
-        self.record(
-            now_ms,
-            EntryKind::Hold,
-            request.amount,
-            Some(&request.operation),
-            Some(&request.request_id),
-            None,
-        );
-        self.debug_check();
-        Ok(HoldPlaced {
-            hold_id,
-            available: self.available(),
-        })
+        self.charged = plus(self.charged, taken);
+        taken
     }
 
     /// Ends a hold charging `min(charge, held)`; the rest returns to its grants.
-    /// Its idempotency record, if any, is kept among the newest
+    /// A hold placed with `overdraft` may charge more: what is above the hold is
+    /// taken from what is available, then becomes debt up to the overdraft limit
+    /// the hold carries; the rest is `uncollected` (in the outcome and the ledger
+    /// entry), never charged. Its idempotency record, if any, is kept among the newest
     /// `idempotency_records_kept` settled ones.
     pub fn settle(
         &mut self,
@@ -394,13 +481,15 @@ impl Account {
             Some(&hold.request_id),
             None,
         );
+        self.note_uncollected(outcome.uncollected);
         self.prune_spent_grants();
         self.debug_check();
         Ok(outcome)
     }
 
     /// Charges draws in spend order up to `charge` and returns the rest to the
-    /// grants they came from. The hold has already been removed from `holds`.
+    /// grants they came from; a settled overdraft hold charges what is above it
+    /// too (see [`Account::settle`]). The hold has already been removed from `holds`.
     pub(super) fn end(&mut self, hold: &Hold, charge: Credits, ending: Ending) -> HoldEnded {
         let mut to_charge = charge.min(hold.amount);
         let charged = to_charge;
@@ -426,16 +515,28 @@ impl Account {
         }
         self.charged = plus(self.charged, charged);
         self.held = self.held.saturating_sub(hold.amount);
+        let (mut charged, mut debt, mut uncollected) = (charged, Credits::ZERO, Credits::ZERO);
+        if let (Ending::Settled, Some(limit)) = (ending, hold.overdraft_limit) {
+            let above = charge.saturating_sub(hold.amount);
+            let taken = self.take_available(above);
+            let rest = above.saturating_sub(taken);
+            // The debt stays within the limit; a lower limit since leaves it as it is.
+            debt = rest.min(limit.saturating_sub(self.debt));
+            self.debt = plus(self.debt, debt);
+            self.charged = plus(self.charged, debt);
+            charged = plus(plus(charged, taken), debt);
+            uncollected = rest.saturating_sub(debt);
+        }
         self.open_holds = self.open_holds.saturating_sub(1);
         if let Some(quota) = &hold.quota {
             if let Some(n) = self.quota_held.get_mut(quota) {
-                *n = n.saturating_sub(1);
+                *n = n.saturating_sub(hold.quota_units);
                 if *n == 0 {
                     self.quota_held.remove(quota);
                 }
             }
             if ending == Ending::Settled {
-                *self.quota_used.entry(quota.clone()).or_default() += 1;
+                *self.quota_used.entry(quota.clone()).or_default() += hold.quota_units;
             }
         }
         if self.partial {
@@ -466,6 +567,8 @@ impl Account {
         HoldEnded {
             ending,
             charged,
+            debt,
+            uncollected,
             returned,
             available: self.available(),
         }

@@ -20,6 +20,9 @@ pub struct PlanTerms {
     pub keep_unused_on_upgrade: bool,
     /// The features operations can require (`plan_required` when one is missing).
     pub features: Vec<String>,
+    /// How far below zero a settle of an `over_hold = "overdraft"` operation may
+    /// take the account, as debt (0: not at all).
+    pub overdraft_limit: Credits,
 }
 
 /// Every plan by name.
@@ -136,9 +139,8 @@ impl Account {
         let allowance = catalog
             .get(&self.plan)
             .map_or(Credits::ZERO, |t| t.monthly_credits);
-        if self
-            .add_grant("plan", allowance, default_priority("plan"), Some(next))
-            .is_ok()
+        if let Ok((_, repaid)) =
+            self.add_grant("plan", allowance, default_priority("plan"), Some(next))
         {
             self.record(
                 now_ms,
@@ -148,6 +150,7 @@ impl Account {
                 None,
                 Some(self.plan.clone()),
             );
+            self.note_repaid(repaid);
         }
         self.debug_check();
     }
@@ -202,13 +205,14 @@ impl Account {
                         Some("plan".into()),
                     );
                 }
-                self.add_grant(
-                    "plan",
-                    terms.monthly_credits,
-                    default_priority("plan"),
-                    Some(self.next_refill_ms),
-                )
-                .map_err(|_| AccountRejected::GrantOverflow)?;
+                let (_, repaid) = self
+                    .add_grant(
+                        "plan",
+                        terms.monthly_credits,
+                        default_priority("plan"),
+                        Some(self.next_refill_ms),
+                    )
+                    .map_err(|_| AccountRejected::GrantOverflow)?;
                 self.record(
                     now_ms,
                     EntryKind::PlanChange,
@@ -217,6 +221,7 @@ impl Account {
                     None,
                     Some(detail),
                 );
+                self.note_repaid(repaid);
                 self.prune_spent_grants();
             }
         }

@@ -36,6 +36,7 @@ fn request(amount: &str) -> HoldRequest {
         quota: None,
         idempotency: None,
         caller: None,
+        terms: HoldTerms::default(),
     }
 }
 
@@ -200,6 +201,10 @@ enum Step {
     Hold {
         milli: u64,
         ttl: u64,
+        /// `hold = "available"` with this `min_hold`.
+        partial_min: Option<u64>,
+        /// `over_hold = "overdraft"`.
+        overdraft: bool,
     },
     Settle {
         nth: usize,
@@ -222,19 +227,42 @@ fn step() -> impl Strategy<Value = Step> {
                 expires_in
             }
         ),
-        (0u64..15_000, 1u64..4_000).prop_map(|(milli, ttl)| Step::Hold { milli, ttl }),
-        (0usize..8, 0u64..20_000).prop_map(|(nth, milli)| Step::Settle { nth, milli }),
+        (
+            0u64..15_000,
+            1u64..4_000,
+            proptest::option::of(1u64..3_000),
+            any::<bool>()
+        )
+            .prop_map(|(milli, ttl, partial_min, overdraft)| Step::Hold {
+                milli,
+                ttl,
+                partial_min,
+                overdraft
+            }),
+        (0usize..8, 0u64..40_000).prop_map(|(nth, milli)| Step::Settle { nth, milli }),
         (0usize..8).prop_map(|nth| Step::Release { nth }),
         (0u64..3_000).prop_map(|ms| Step::Advance { ms }),
     ]
 }
 
+/// The overdraft limit of the plan the random histories run on, in millicredits.
+const OVERDRAFT_MILLI: u64 = 5_000;
+
 proptest! {
-    /// Random histories never break the §1 invariant, never overspend, and end
-    /// every hold exactly once.
+    /// Random histories — partial holds, settles above the hold into debt, grants
+    /// repaying it — never break the invariant (`granted + debt == available +
+    /// held + charged + expired`), never take the debt past the plan's limit,
+    /// never overspend, and end every hold exactly once.
     #[test]
     fn invariant_holds_after_every_step(steps in proptest::collection::vec(step(), 1..120)) {
         let mut a = Account::new("p", "free");
+        let catalog = Catalog::from([(
+            "free".to_string(),
+            PlanTerms {
+                overdraft_limit: Credits::from_millicredits(OVERDRAFT_MILLI),
+                ..Default::default()
+            },
+        )]);
         let mut now = 0u64;
         let mut placed: Vec<u64> = Vec::new();
         let mut charged_by_us = Credits::ZERO;
@@ -242,21 +270,40 @@ proptest! {
             match s {
                 Step::Grant { kind, milli, expires_in } => {
                     let kind = ["bonus", "plan", "topup"][kind as usize];
-                    a.grant(kind, Credits::from_millicredits(milli), default_priority(kind),
+                    let (debt, available) = (a.debt(), a.available());
+                    let amount = Credits::from_millicredits(milli);
+                    a.grant(kind, amount, default_priority(kind),
                             expires_in.map(|e| now + e), now).unwrap();
+                    // Debt is repaid first; only the rest becomes available.
+                    let repaid = debt.min(amount);
+                    prop_assert_eq!(a.debt(), debt.checked_sub(repaid).unwrap());
+                    if expires_in.is_some_and(|e| e > 0) {
+                        prop_assert_eq!(a.available(), available.checked_add(amount).unwrap().checked_sub(repaid).unwrap());
+                    }
                 }
-                Step::Hold { milli, ttl } => {
+                Step::Hold { milli, ttl, partial_min, overdraft } => {
                     let before = a.available();
                     let amount = Credits::from_millicredits(milli);
+                    let terms = HoldTerms {
+                        partial_min: partial_min.map(Credits::from_millicredits),
+                        overdraft,
+                        quota_units: 1,
+                    };
                     let r = HoldRequest { operation: "op".into(), request_id: "r".into(),
-                                          amount, ttl_ms: ttl, max_holds: 16, quota: None , idempotency: None, caller: None,};
-                    match a.hold(&r, now, &Catalog::new()) {
+                                          amount, ttl_ms: ttl, max_holds: 16, quota: None , idempotency: None, caller: None,
+                                          terms };
+                    match a.hold(&r, now, &catalog) {
                         Ok(p) => {
-                            prop_assert!(amount <= before);
+                            // The whole amount when it fits; else what is available, at least the minimum.
+                            let expected = if amount <= before { amount } else { before };
+                            prop_assert_eq!(p.held, expected);
+                            prop_assert!(amount <= before || partial_min.is_some_and(|m| before.millicredits() >= m));
                             placed.push(p.hold_id);
                         }
-                        Err(HoldRejected::InsufficientCredits { available, .. }) => {
-                            prop_assert!(available < amount)
+                        Err(HoldRejected::InsufficientCredits { available, required, .. }) => {
+                            prop_assert_eq!(required, amount);
+                            prop_assert!(available < amount);
+                            prop_assert!(partial_min.is_none_or(|m| available.millicredits() < m));
                         }
                         Err(HoldRejected::TooManyHolds { .. }) => prop_assert_eq!(a.holds().count(), 16),
                         Err(other) => prop_assert!(false, "nothing else was asked for: {other:?}"),
@@ -264,13 +311,29 @@ proptest! {
                 }
                 Step::Settle { nth, milli } => {
                     if let Some(&id) = placed.get(nth) {
-                        let held = a.holds().find(|h| h.id == id).map(|h| h.amount);
-                        match a.settle(id, Credits::from_millicredits(milli), now, &limits()) {
+                        let hold = a.holds().find(|h| h.id == id).cloned();
+                        let (available, debt) = (a.available(), a.debt());
+                        let charge = Credits::from_millicredits(milli);
+                        match a.settle(id, charge, now, &limits()) {
                             Ok(e) => {
-                                prop_assert_eq!(Some(e.charged), held.map(|h| h.min(Credits::from_millicredits(milli))));
+                                let hold = hold.unwrap();
+                                let within = hold.amount.min(charge);
+                                let expected = match hold.overdraft_limit {
+                                    None => (within, Credits::ZERO, Credits::ZERO),
+                                    Some(limit) => {
+                                        let above = charge.saturating_sub(hold.amount);
+                                        let taken = above.min(available);
+                                        let rest = above.checked_sub(taken).unwrap();
+                                        let into_debt = rest.min(limit.saturating_sub(debt));
+                                        let charged = within.checked_add(taken).unwrap().checked_add(into_debt).unwrap();
+                                        (charged, into_debt, rest.checked_sub(into_debt).unwrap())
+                                    }
+                                };
+                                prop_assert_eq!((e.charged, e.debt, e.uncollected), expected);
+                                prop_assert_eq!(a.debt(), debt.checked_add(e.debt).unwrap());
                                 charged_by_us = charged_by_us.checked_add(e.charged).unwrap();
                             }
-                            Err(EndRejected::AlreadyEnded(_)) => {}
+                            Err(EndRejected::AlreadyEnded(_)) => prop_assert!(hold.is_none()),
                             Err(EndRejected::UnknownHold) => prop_assert!(false, "placed hold unknown"),
                         }
                     }
@@ -288,9 +351,148 @@ proptest! {
                 }
             }
             prop_assert!(a.check_invariant().is_ok(), "{:?}", a.check_invariant());
+            prop_assert!(a.check_debt(&catalog).is_ok(), "{:?}", a.check_debt(&catalog));
             prop_assert_eq!(a.totals().charged, charged_by_us);
         }
     }
+}
+
+#[test]
+fn an_overdraft_settle_charges_above_the_hold_into_debt_up_to_the_limit() {
+    let catalog = Catalog::from([(
+        "free".to_string(),
+        PlanTerms {
+            overdraft_limit: c("2"),
+            ..Default::default()
+        },
+    )]);
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("5"), 30, None, 0).unwrap();
+    let overdraft = HoldRequest {
+        terms: HoldTerms {
+            overdraft: true,
+            ..HoldTerms::default()
+        },
+        ..request("4")
+    };
+    let h = a.hold(&overdraft, 0, &catalog).unwrap().hold_id;
+    // 4 held, 1 more available, then 2 of debt; 3 past the limit are not charged.
+    let ended = a.settle(h, c("10"), 1, &limits()).unwrap();
+    assert_eq!(
+        (ended.charged, ended.debt, ended.uncollected),
+        (c("7"), c("2"), c("3"))
+    );
+    assert_eq!((a.available(), a.debt()), (Credits::ZERO, c("2")));
+    let settle = entries(&mut a).remove(0);
+    assert_eq!(
+        (settle.kind, settle.credits, settle.uncollected),
+        (EntryKind::Settle, c("7"), Some(c("3")))
+    );
+    // At the limit, a second overdraft hold has nothing to hold: 402.
+    assert!(matches!(
+        a.hold(&overdraft, 2, &catalog),
+        Err(HoldRejected::InsufficientCredits { .. })
+    ));
+    // The next grant repays the debt first.
+    a.grant("topup", c("3"), 30, None, 3).unwrap();
+    assert_eq!((a.available(), a.debt()), (c("1"), Credits::ZERO));
+    let grant = entries(&mut a).remove(0);
+    assert_eq!((grant.credits, grant.repaid), (c("3"), Some(c("2"))));
+    a.check_invariant().unwrap();
+    // Without `overdraft` a settle above the hold is capped at it, as always.
+    let h = a.hold(&request("1"), 4, &catalog).unwrap().hold_id;
+    let ended = a.settle(h, c("10"), 5, &limits()).unwrap();
+    assert_eq!((ended.charged, ended.debt), (c("1"), Credits::ZERO));
+}
+
+#[test]
+fn a_refill_repays_debt_before_anything_is_available() {
+    let mut catalog = catalog();
+    for terms in catalog.values_mut() {
+        terms.overdraft_limit = c("100");
+    }
+    let mut a = open("free", Some(1), at("2025-01-10T00:00:00Z"));
+    let overdraft = HoldRequest {
+        terms: HoldTerms {
+            overdraft: true,
+            ..HoldTerms::default()
+        },
+        ..request("1")
+    };
+    let now = at("2025-01-11T00:00:00Z");
+    let h = a.hold(&overdraft, now, &catalog).unwrap().hold_id;
+    let monthly = catalog["free"].monthly_credits;
+    // All 60 the account has (the plan's 50 and the signup 10), then 30 of debt.
+    a.settle(h, c("90"), now, &limits()).unwrap();
+    assert_eq!((a.available(), a.debt()), (Credits::ZERO, c("30")));
+    a.apply_time(at("2025-02-01T00:00:00Z"), &catalog);
+    assert_eq!(a.debt(), Credits::ZERO);
+    assert_eq!(a.available(), monthly.checked_sub(c("30")).unwrap());
+    let refill = entries(&mut a)
+        .into_iter()
+        .find(|e| e.kind == EntryKind::Refill)
+        .unwrap();
+    assert_eq!(refill.repaid, Some(c("30")));
+    a.check_invariant().unwrap();
+    a.check_debt(&catalog).unwrap();
+}
+
+#[test]
+fn hold_available_holds_what_there_is_down_to_min_hold() {
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("5"), 30, None, 0).unwrap();
+    let partial = |min: &str| HoldRequest {
+        terms: HoldTerms {
+            partial_min: Some(c(min)),
+            ..HoldTerms::default()
+        },
+        ..request("8")
+    };
+    // The quote's check says what the hold then does: 5 of the 8 asked.
+    assert_eq!(a.admit(&partial("0.01"), &Catalog::new()), Ok(c("5")));
+    let placed = a.hold(&partial("0.01"), 0, &Catalog::new()).unwrap();
+    assert_eq!((placed.held, placed.available), (c("5"), Credits::ZERO));
+    let ended = a.settle(placed.hold_id, c("0.03"), 1, &limits()).unwrap();
+    assert_eq!((ended.charged, a.available()), (c("0.03"), c("4.97")));
+    // Below min_hold: the 402 names the whole amount.
+    assert_eq!(
+        a.admit(&partial("4.98"), &Catalog::new()),
+        Err(HoldRejected::InsufficientCredits {
+            required: c("8"),
+            available: c("4.97"),
+            held: Credits::ZERO
+        })
+    );
+    // Enough for all of it: all of it.
+    a.grant("topup", c("10"), 30, None, 2).unwrap();
+    assert_eq!(a.admit(&partial("0.01"), &Catalog::new()), Ok(c("8")));
+}
+
+#[test]
+fn a_hold_uses_its_quota_units() {
+    let catalog = catalog();
+    let mut a = open("creator", None, at("2025-01-10T00:00:00Z"));
+    let now = at("2025-01-10T00:00:01Z");
+    let limit = catalog["creator"].quotas["basic_images"];
+    let images = |n: u64| HoldRequest {
+        quota: Some("basic_images".into()),
+        terms: HoldTerms {
+            quota_units: n,
+            ..HoldTerms::default()
+        },
+        ..request("0")
+    };
+    assert!(matches!(
+        a.hold(&images(limit + 1), now, &catalog),
+        Err(HoldRejected::QuotaExhausted { .. })
+    ));
+    let h = a.hold(&images(limit - 1), now, &catalog).unwrap().hold_id;
+    assert_eq!(a.quota_use()["basic_images"], limit - 1);
+    a.settle(h, Credits::ZERO, now, &limits()).unwrap();
+    assert_eq!(a.quota_use()["basic_images"], limit - 1);
+    assert!(a.hold(&images(2), now, &catalog).is_err());
+    a.hold(&images(1), now, &catalog).unwrap();
+    a.check_invariant().unwrap();
 }
 
 // ---- accounts over time: refills, plan changes, members, quotas, the journal ----
@@ -311,6 +513,7 @@ fn terms(monthly: &str, seats: u32, quotas: &[(&str, u64)]) -> PlanTerms {
         signup_credits: None,
         keep_unused_on_upgrade: false,
         features: vec![],
+        ..Default::default()
     }
 }
 
@@ -1120,7 +1323,7 @@ proptest! {
                     let admitted = a.admit(&request, &cat);
                     prop_assert_eq!(&a, &before, "admit changed the account");
                     let held = a.hold(&request, 0, &cat);
-                    prop_assert_eq!(admitted.clone(), held.clone().map(|_| ()));
+                    prop_assert_eq!(admitted.clone(), held.clone().map(|p| p.held));
                     if let Ok(h) = held {
                         placed.push(h.hold_id);
                     }

@@ -6,7 +6,7 @@
 //! It knows nothing of Pingora, sessions or accounts' balances: the caller passes
 //! the request's facts and, when there is one, who is asking.
 
-use super::{Policy, PriceError, RequestFacts, RouteMatch, Source, Unmatched};
+use super::{Policy, PriceError, RequestFacts, RouteMatch, Unmatched};
 use crate::ledger::{entitle, Credits, HoldRejected};
 
 /// Who asks, as far as entitlement is concerned.
@@ -20,8 +20,12 @@ pub struct Caller<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// The operation at this index of `Policy::operations`, holding `price`
-    /// (which may be zero).
-    Operation { index: usize, price: Credits },
+    /// (which may be zero) and using `quota_units` of its quota, if it has one.
+    Operation {
+        index: usize,
+        price: Credits,
+        quota_units: u64,
+    },
     /// No operation matched and `unmatched = "allow"`: forwarded free to this
     /// upstream (an index into `Policy::upstreams`).
     PassThrough { upstream: usize },
@@ -106,12 +110,15 @@ impl Policy {
         if op.needs_body && facts.body.is_none() {
             return Evaluation::NeedsBody;
         }
-        Evaluation::Decided(
-            op.price
-                .hold_amount(facts)
-                .map(|price| Verdict::Operation { index, price })
-                .map_err(Refused::InvalidRequest),
-        )
+        let priced = op.price.hold_amount(facts).and_then(|price| {
+            let quota_units = op.quota.as_ref().map_or(Ok(1), |q| q.units(facts))?;
+            Ok(Verdict::Operation {
+                index,
+                price,
+                quota_units,
+            })
+        });
+        Evaluation::Decided(priced.map_err(Refused::InvalidRequest))
     }
 
     /// `select`, told apart from "cannot tell without the body": the first operation
@@ -119,7 +126,7 @@ impl Policy {
     /// only looked at when the body is given — an operation ruled out by its method
     /// or another predicate needs no body to be ruled out.
     fn select_known(&self, route: &RouteMatch<'_>, facts: &RequestFacts<'_>) -> Selection {
-        let on_body = |p: &&super::Predicate| matches!(p.source, Source::Body(_));
+        let on_body = |p: &&super::Predicate| p.source.needs_body();
         for &i in route.operations {
             let op = &self.operations[i];
             if op.method.as_ref().is_some_and(|m| m != facts.method) {

@@ -125,6 +125,87 @@ impl Exact {
     }
 }
 
+/// Terms of a sum whose digits lie this far below its largest digit or more only
+/// ever decide whether anything is left below the unit (see [`sum_scaled_ceil`]).
+const SUM_SPAN_DIGITS: i64 = 1 << 16;
+
+/// `⌈Σ valueᵢ × factorᵢ × 10^shift⌉`, rounded once — the exact sum, not a sum of
+/// rounded terms — or `None` when it does not fit a `u64` (or a value is
+/// negative). Exact at any size and precision: the terms are added digit by digit,
+/// aligned; a term whose digits all lie more than 20 places below every digit of
+/// the others (it can only come from a huge exponent, like `1e-400000`) can no
+/// longer carry into them, so it only says that something is left below the unit.
+pub fn sum_scaled_ceil(terms: &[(&Exact, u64)], shift: i64) -> Option<u64> {
+    let shift = shift.clamp(-EXPONENT_LIMIT, EXPONENT_LIMIT);
+    // Each non-zero term's digits (most significant first) and the exponent of its last digit.
+    let mut parts: Vec<(Vec<u8>, i64)> = Vec::new();
+    for (value, factor) in terms {
+        if value.negative {
+            return None;
+        }
+        if value.is_zero() || *factor == 0 {
+            continue;
+        }
+        let digits = mul_small(&value.digits, *factor);
+        let low = value.exponent + shift;
+        // At least 10^top: past 10^19 it cannot fit a u64.
+        if low + digits.len() as i64 - 1 > 19 {
+            return None;
+        }
+        parts.push((digits, low));
+    }
+    let top_of = |(digits, low): &(Vec<u8>, i64)| low + digits.len() as i64 - 1;
+    parts.sort_by_key(|part| std::cmp::Reverse(top_of(part)));
+    let Some(top) = parts.first().map(top_of) else {
+        return Some(0);
+    };
+    // Keep terms from the largest down while they reach within 20 places of the
+    // lowest digit kept so far or of the span below the top; the rest only count
+    // as "something below". Tops only decrease, so once one is dropped all are.
+    let mut low = i64::MAX;
+    let mut kept = 0;
+    for part in &parts {
+        let part_top = top_of(part);
+        if part_top < top - SUM_SPAN_DIGITS && part_top < low.saturating_sub(20) {
+            break;
+        }
+        low = low.min(part.1);
+        kept += 1;
+    }
+    let something_dropped = kept < parts.len();
+    // Positions `low..=top + 20` (room for carries); index 0 is exponent `low`.
+    let width = usize::try_from(top - low + 21).ok()?;
+    let mut sum = vec![0u64; width];
+    for (digits, part_low) in parts.iter().take(kept) {
+        let from = usize::try_from(part_low - low).ok()?;
+        for (i, d) in digits.iter().rev().enumerate() {
+            let slot = sum.get_mut(from + i)?;
+            *slot += u64::from(*d);
+        }
+    }
+    let mut carry = 0u64;
+    for slot in sum.iter_mut() {
+        let t = *slot + carry;
+        *slot = t % 10;
+        carry = t / 10;
+    }
+    if carry > 0 {
+        return None;
+    }
+    // Digits at exponent >= 0 are the whole part; below, anything non-zero rounds up.
+    let unit = usize::try_from((-low).max(0)).ok()?.min(width);
+    let (below, whole) = sum.split_at(unit);
+    let whole_digits: Vec<u8> = whole.iter().rev().map(|d| *d as u8).collect();
+    let mut value = to_u64(&whole_digits)?;
+    if low > 0 {
+        value = value.checked_mul(10u64.checked_pow(u32::try_from(low).ok()?)?)?;
+    }
+    if something_dropped || below.iter().any(|d| *d != 0) {
+        value = value.checked_add(1)?;
+    }
+    Some(value)
+}
+
 impl From<Micros> for Exact {
     fn from(value: Micros) -> Exact {
         let text = value.micros().to_string();

@@ -21,15 +21,15 @@ use http::{HeaderName, HeaderValue, Method};
 
 use std::sync::Arc;
 
-use crate::ledger::{Catalog, Limits, PlanTerms};
+use crate::ledger::{Catalog, Credits, Limits, PlanTerms};
 
 pub use crate::ledger::{SeedAccount, SeedGrant, SeedKey};
 pub use evaluate::{Caller, Evaluation, Refused, Verdict};
 pub use exact::Exact;
 pub use path::{normalize_path, split_query, NormalizedPath, PathError, MAX_PATH_BYTES};
 pub use price::{
-    usage_charge, Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts,
-    TableEntry,
+    Addon, Found, Lookup, Micros, Per, Price, PriceError, PriceRule, RequestFacts, TableEntry,
+    UnitRate, Usage, UsageRate,
 };
 pub use units::{format_duration, parse_duration_ms, parse_size_bytes};
 
@@ -192,6 +192,16 @@ pub enum Source {
     Query(String),
     Header(HeaderName),
     Path(String),
+    /// `request:body_bytes`: the request body's length in bytes — a quantity
+    /// (an estimate of an input's size), read with the body.
+    BodyBytes,
+}
+
+impl Source {
+    /// Whether the value is only known once the request body is read.
+    pub fn needs_body(&self) -> bool {
+        matches!(self, Source::Body(_) | Source::BodyBytes)
+    }
 }
 
 impl fmt::Display for Source {
@@ -201,6 +211,7 @@ impl fmt::Display for Source {
             Source::Query(n) => write!(f, "query:{n}"),
             Source::Header(n) => write!(f, "header:{n}"),
             Source::Path(n) => write!(f, "path:{n}"),
+            Source::BodyBytes => write!(f, "request:body_bytes"),
         }
     }
 }
@@ -256,11 +267,22 @@ pub enum OnMissing {
     Release,
 }
 
-/// Charge actual usage instead of the held price (capped at the hold).
+impl UsageSource {
+    /// Whether the source reads a response body as one JSON document (which an
+    /// event stream never is).
+    pub fn is_json(&self) -> bool {
+        matches!(self, UsageSource::Json(_))
+    }
+}
+
+/// Charge actual usage instead of the held price (capped at the hold, unless
+/// the operation may overdraw).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettleRule {
-    pub usage: UsageSource,
-    pub credits_per_unit: Micros,
+    /// Where the usage may be, in order: the first the response has is used.
+    pub usage: Vec<UsageSource>,
+    /// What a unit of usage costs.
+    pub rate: UsageRate,
     pub on_missing: OnMissing,
 }
 
@@ -268,8 +290,33 @@ pub struct SettleRule {
 /// charging status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnClientAbort {
+    /// The backend did the work: charged in full — the price, or for an
+    /// operation settled from usage, the hold (the usage the end of the response
+    /// would report was not seen).
     Settle,
     Release,
+    /// Settle from the last usage seen before the client left, or as
+    /// `on_missing` says (the default for operations settled from usage).
+    UsageSoFar,
+}
+
+/// How much a request may hold (`charge.hold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldRule {
+    /// The whole price, or 402.
+    Full,
+    /// What is available when the whole price is not, if at least `min_hold`.
+    Available { min_hold: Credits },
+}
+
+/// How far a settle may go above the hold (`charge.over_hold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverHold {
+    /// Never above the hold.
+    Cap,
+    /// Above the hold, from what is available, then as debt up to the plan's
+    /// `overdraft_limit`.
+    Overdraft,
 }
 
 /// What happens when the backend cuts a response it started with a charging status.
@@ -287,16 +334,20 @@ pub struct ChargeRule {
     statuses: [u64; 10],
     pub on_client_abort: OnClientAbort,
     pub on_upstream_cut: OnUpstreamCut,
+    pub hold: HoldRule,
+    pub over_hold: OverHold,
 }
 
 impl ChargeRule {
     /// The default: every 2xx settles; the client leaving still settles, since the
-    /// backend did the work.
+    /// backend did the work; the whole price is held, and never exceeded.
     pub fn default_rule() -> Self {
         let mut rule = ChargeRule {
             statuses: [0; 10],
             on_client_abort: OnClientAbort::Settle,
             on_upstream_cut: OnUpstreamCut::Release,
+            hold: HoldRule::Full,
+            over_hold: OverHold::Cap,
         };
         rule.add_range(200, 299);
         rule
@@ -322,12 +373,30 @@ pub struct Operation {
     pub when: Vec<Predicate>,
     pub upstream: usize,
     pub requires: Vec<String>,
-    pub quota: Option<String>,
+    pub quota: Option<QuotaRule>,
     pub price: Price,
     pub settle: Option<SettleRule>,
     pub charge: ChargeRule,
-    /// `when` or the price reads the request body.
+    /// `when`, the price or the quota reads the request body.
     pub needs_body: bool,
+}
+
+/// The plan quota an operation counts, and how many units a request uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaRule {
+    pub name: String,
+    /// A whole number of units read from the request (`quota = { name, per }`);
+    /// `None`: one unit per request.
+    pub per: Option<Per>,
+}
+
+impl Operation {
+    /// Whether the price a request is told (the hold) is an estimate: the
+    /// operation settles from the response's actual usage, so what is charged may
+    /// be less — or, with `over_hold = "overdraft"`, more.
+    pub fn price_is_estimate(&self) -> bool {
+        self.settle.is_some()
+    }
 }
 
 /// The operations a path can be, before method, `when` and body are looked at.

@@ -15,7 +15,7 @@ use std::fmt;
 use http::{HeaderMap, Method};
 use serde_json::Value;
 
-use super::exact::Exact;
+use super::exact::{sum_scaled_ceil, Exact};
 use super::{Predicate, Scalar, Source};
 use crate::ledger::Credits;
 
@@ -116,10 +116,14 @@ pub struct Per {
     pub default: Option<Micros>,
 }
 
+/// Added to the price when every `when` holds: an amount, or with `per` a
+/// per-unit rate times a quantity (`request:body_bytes` for an input estimate).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Addon {
     pub when: Vec<Predicate>,
-    pub credits: Credits,
+    /// An amount (3 decimals) without `per`; a per-unit rate (6 decimals) with it.
+    pub credits: Micros,
+    pub per: Option<Per>,
 }
 
 /// A price table: `credits × per × multiplier + addons`.
@@ -163,6 +167,8 @@ pub struct RequestFacts<'a> {
     pub path_params: &'a [(String, String)],
     /// The parsed JSON body: `None` when not read, `Some(Err)` when not JSON.
     pub body: Option<&'a Result<Value, String>>,
+    /// The body's length in bytes, once read (`request:body_bytes`).
+    pub body_bytes: Option<usize>,
 }
 
 /// A value found in the request.
@@ -203,6 +209,9 @@ impl RequestFacts<'_> {
                     .filter(|v| !v.is_null())
                     .map(Found::Json),
             },
+            Source::BodyBytes => self
+                .body_bytes
+                .map(|n| Found::Text(Cow::Owned(n.to_string()))),
         })
     }
 
@@ -408,12 +417,30 @@ impl Price {
             })?;
         let mut total = Credits::from_millicredits(millicredits);
         for addon in &rule.addons {
-            if facts.all_hold(&addon.when) {
-                total = total.checked_add(addon.credits).ok_or_else(|| PriceError {
-                    source: blame.clone(),
+            if !facts.all_hold(&addon.when) {
+                continue;
+            }
+            let (amount, blame) = match &addon.per {
+                // An amount has at most 3 decimals: whole millicredits.
+                None => (
+                    Some(Credits::from_millicredits(addon.credits.micros() / 1_000)),
+                    blame.clone(),
+                ),
+                Some(per) => {
+                    // quantity × millionths of a credit = 1e-3 millicredits.
+                    let quantity = per.quantity(facts)?;
+                    let amount = quantity
+                        .scaled_ceil(&[addon.credits.micros()], -3)
+                        .map(Credits::from_millicredits);
+                    (amount, per.source.to_string())
+                }
+            };
+            total = amount
+                .and_then(|a| total.checked_add(a))
+                .ok_or_else(|| PriceError {
+                    source: blame,
                     message: "makes the price too large".into(),
                 })?;
-            }
         }
         Ok(total)
     }
@@ -438,25 +465,137 @@ impl Price {
         }
         for addon in &rule.addons {
             sources.extend(addon.when.iter().map(|p| &p.source));
+            sources.extend(addon.per.as_ref().map(|p| &p.source));
         }
         sources
     }
 }
 
-/// What a settle charges for a usage: `usage × credits_per_unit`, exact, rounded
-/// up to a whole millicredit, and never more than `held` — a usage too large for
-/// any integer is charged `held`, like any other above it. The meter never gives
-/// a negative usage (it counts as missing); one would charge nothing.
-pub fn usage_charge(usage: &Exact, credits_per_unit: Micros, held: Credits) -> Credits {
-    if usage.is_negative() {
-        return Credits::ZERO;
-    }
-    // usage × millionths of a credit = 1e-3 millicredits.
-    usage
-        .scaled_ceil(&[credits_per_unit.micros()], -3)
-        .map_or(held, |millicredits| {
-            Credits::from_millicredits(millicredits).min(held)
+impl super::QuotaRule {
+    /// How many units of the quota a request uses: one, or the whole number its
+    /// `per` reads (a fraction is refused, like any value out of range).
+    pub fn units(&self, facts: &RequestFacts<'_>) -> Result<u64, PriceError> {
+        let Some(per) = &self.per else { return Ok(1) };
+        let quantity = per.quantity(facts)?;
+        let whole = quantity
+            .scaled_ceil(&[1], 0)
+            .filter(|_| quantity.decimals() == 0);
+        whole.ok_or_else(|| {
+            PriceError::new(
+                &per.source,
+                format!("{quantity} is not a whole number of quota units"),
+            )
         })
+    }
+}
+
+/// What a unit of usage costs: one rate for a usage that is one number, or a
+/// rate per field of a usage that is an object (`units`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageRate {
+    /// `credits_per_unit`: the usage is one number.
+    PerUnit(Micros),
+    /// `units`: the usage is an object; each field it names costs its rate.
+    Units(Vec<UnitRate>),
+}
+
+/// One field of a usage object and its rate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitRate {
+    /// The field as the policy names it (`prompt_tokens`, or a pointer
+    /// `/completion_tokens_details/reasoning_tokens`).
+    pub field: String,
+    /// The JSON pointer inside the usage object.
+    pub pointer: String,
+    pub credits: Micros,
+}
+
+/// A usage read from a response: one exact quantity for each rate of its
+/// [`UsageRate`], in the same order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usage(Vec<Exact>);
+
+impl Usage {
+    /// A usage that is one number.
+    pub fn one(quantity: Exact) -> Usage {
+        Usage(vec![quantity])
+    }
+
+    pub fn quantities(&self) -> &[Exact] {
+        &self.0
+    }
+}
+
+/// A usage number: a non-negative JSON number, or a string holding a plain
+/// decimal. Anything else is no usage.
+fn usage_number(value: &Value) -> Option<Exact> {
+    Exact::from_json(value).filter(|q| !q.is_negative())
+}
+
+impl UsageRate {
+    /// The usage in `value`, as this rate reads it; `None` when it is not one.
+    /// One rate: `value` is a usage number. Rates per field: `value` is an object;
+    /// a field it lacks (or holds `null`) counts 0, but a field that is present
+    /// and not a usage number, or an object with none of the fields, is no usage.
+    pub fn read(&self, value: &Value) -> Option<Usage> {
+        match self {
+            UsageRate::PerUnit(_) => usage_number(value).map(Usage::one),
+            UsageRate::Units(rates) => {
+                if !value.is_object() {
+                    return None;
+                }
+                let mut found = false;
+                let mut quantities = Vec::with_capacity(rates.len());
+                for rate in rates {
+                    match value.pointer(&rate.pointer).filter(|v| !v.is_null()) {
+                        None => quantities.push(Exact::ZERO),
+                        Some(field) => {
+                            quantities.push(usage_number(field)?);
+                            found = true;
+                        }
+                    }
+                }
+                found.then_some(Usage(quantities))
+            }
+        }
+    }
+
+    /// The usage in a text (a response header): one plain decimal, for one rate.
+    pub fn read_text(&self, text: &str) -> Option<Usage> {
+        match self {
+            UsageRate::PerUnit(_) => Exact::from_decimal(text.trim())
+                .filter(|q| !q.is_negative())
+                .map(Usage::one),
+            UsageRate::Units(_) => None,
+        }
+    }
+
+    /// What `usage` costs: `Σ quantity × rate`, the exact sum rounded up once to a
+    /// whole millicredit; `None` when that does not fit any amount.
+    pub fn charge(&self, usage: &Usage) -> Option<Credits> {
+        let rates: Vec<u64> = match self {
+            UsageRate::PerUnit(rate) => vec![rate.micros()],
+            UsageRate::Units(rates) => rates.iter().map(|r| r.credits.micros()).collect(),
+        };
+        let terms: Vec<(&Exact, u64)> = usage.0.iter().zip(rates).collect();
+        // quantity × millionths of a credit = 1e-3 millicredits.
+        sum_scaled_ceil(&terms, -3).map(Credits::from_millicredits)
+    }
+}
+
+impl fmt::Display for UsageRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageRate::PerUnit(rate) => write!(f, "{rate} per unit"),
+            UsageRate::Units(rates) => {
+                let each: Vec<String> = rates
+                    .iter()
+                    .map(|r| format!("{} {}", r.credits, r.field))
+                    .collect();
+                write!(f, "{}", each.join(" + "))
+            }
+        }
+    }
 }
 
 impl fmt::Display for Lookup {
@@ -513,8 +652,14 @@ impl fmt::Display for Price {
             write!(f, " × {m}")?;
         }
         for addon in &rule.addons {
-            let when: Vec<String> = addon.when.iter().map(|p| p.to_string()).collect();
-            write!(f, " + {} if {}", addon.credits, when.join(" and "))?;
+            write!(f, " + {}", addon.credits)?;
+            if let Some(per) = &addon.per {
+                write!(f, " × {}", per.source)?;
+            }
+            if !addon.when.is_empty() {
+                let when: Vec<String> = addon.when.iter().map(|p| p.to_string()).collect();
+                write!(f, " if {}", when.join(" and "))?;
+            }
         }
         Ok(())
     }

@@ -87,6 +87,7 @@ pub struct RawPlan {
     pub seats: Option<Spanned<i64>>,
     pub signup_credits: Option<Spanned<Value>>,
     pub keep_unused_on_upgrade: Option<bool>,
+    pub overdraft_limit: Option<Spanned<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +101,7 @@ pub struct RawOperation {
     pub upstream: Option<Spanned<String>>,
     #[serde(default)]
     pub requires: Vec<Spanned<String>>,
-    pub quota: Option<Spanned<String>>,
+    pub quota: Option<Spanned<OrTable<RawQuota>>>,
     pub price: Spanned<OrTable<RawPriceTable>>,
     pub settle: Option<Spanned<RawSettle>>,
     pub charge: Option<RawCharge>,
@@ -171,7 +172,7 @@ pub struct RawLookupTable {
     pub otherwise: Option<Spanned<Value>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPer {
     pub from: Spanned<String>,
@@ -181,18 +182,31 @@ pub struct RawPer {
     pub default: Option<Spanned<Value>>,
 }
 
+/// `quota = { name = "images", per = "body:/n" }` (or `per` as a table with a
+/// `default`, like a price's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub name: Spanned<String>,
+    pub per: Option<Spanned<OrTable<RawPer>>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAddon {
+    #[serde(default)]
     pub when: BTreeMap<String, Spanned<Value>>,
     pub credits: Spanned<Value>,
+    pub per: Option<Spanned<RawPer>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSettle {
-    pub usage: Spanned<String>,
-    pub credits_per_unit: Spanned<Value>,
+    /// One source, or a list of them.
+    pub usage: Spanned<Value>,
+    pub credits_per_unit: Option<Spanned<Value>>,
+    pub units: Option<Spanned<BTreeMap<String, Spanned<Value>>>>,
     pub on_missing: Option<Spanned<String>>,
 }
 
@@ -202,6 +216,9 @@ pub struct RawCharge {
     pub on: Option<Vec<Spanned<Value>>>,
     pub on_client_abort: Option<Spanned<String>>,
     pub on_upstream_cut: Option<Spanned<String>>,
+    pub hold: Option<Spanned<String>>,
+    pub min_hold: Option<Spanned<Value>>,
+    pub over_hold: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

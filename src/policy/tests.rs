@@ -99,6 +99,7 @@ fn quote(
         query,
         path_params: &route.path_params,
         body: json.as_ref(),
+        body_bytes: None,
     };
     let index = policy.select(&route, &facts).ok_or("no operation")?;
     let op = &policy.operations[index];
@@ -439,6 +440,7 @@ fn a_body_that_is_not_json_is_named() {
         query: None,
         path_params: &[],
         body: Some(&json),
+        body_bytes: None,
     };
     let index = p.select(&route, &facts).unwrap();
     assert!(p.operations[index].needs_body);
@@ -509,8 +511,14 @@ fn settle_rules_validate() {
     ))
     .unwrap();
     let settle = p.operations[2].settle.clone().unwrap();
-    assert_eq!(settle.usage, UsageSource::Sse("/usage/total_tokens".into()));
-    assert_eq!(settle.credits_per_unit, Micros::parse("0.002").unwrap());
+    assert_eq!(
+        settle.usage,
+        vec![UsageSource::Sse("/usage/total_tokens".into())]
+    );
+    assert_eq!(
+        settle.rate,
+        UsageRate::PerUnit(Micros::parse("0.002").unwrap())
+    );
     assert_eq!(settle.on_missing, OnMissing::Release);
     let errs = errors(&with("usage = \"body:/x\"\ncredits_per_unit = 1"));
     assert!(errs[0].contains("is not a usage source"), "{errs:?}");
@@ -521,44 +529,69 @@ fn settle_rules_validate() {
 }
 
 #[test]
-fn usage_charges_are_exact_rounded_up_and_capped_at_the_hold() {
-    let rate = Micros::parse("0.002").unwrap();
-    let held = Credits::from_millicredits(10_000);
-    let usage = |text: &str| Exact::from_json_number(text).unwrap();
-    let charge = |text: &str| usage_charge(&usage(text), rate, held).to_string();
-    assert_eq!(charge("1234"), "2.468");
-    assert_eq!(charge("0"), "0");
-    assert_eq!(charge("-0"), "0");
+fn usage_charges_are_exact_and_rounded_up() {
+    let rate = UsageRate::PerUnit(Micros::parse("0.002").unwrap());
+    let usage = |text: &str| Usage::one(Exact::from_json_number(text).unwrap());
+    let charge = |text: &str| rate.charge(&usage(text)).map(|c| c.to_string());
+    assert_eq!(charge("1234").as_deref(), Some("2.468"));
+    assert_eq!(charge("0").as_deref(), Some("0"));
+    assert_eq!(charge("-0").as_deref(), Some("0"));
     // 0.0022469134 credits: rounded up, not dropped.
-    assert_eq!(charge("1.1234567"), "0.003");
-    assert_eq!(charge("1e-30"), "0.001");
-    assert_eq!(charge("2.5E+3"), "5");
-    for huge in [
-        "1e15",
-        "1e18",
-        "18446744073709551615",
-        "18446744073709551616",
-        "1e400",
-    ] {
-        assert_eq!(charge(huge), "10", "{huge} is capped at the hold");
+    assert_eq!(charge("1.1234567").as_deref(), Some("0.003"));
+    assert_eq!(charge("1e-30").as_deref(), Some("0.001"));
+    assert_eq!(charge("2.5E+3").as_deref(), Some("5"));
+    for huge in ["1e20", "18446744073709551616000", "1e400"] {
+        assert_eq!(charge(huge), None, "{huge} is too large for any amount");
     }
+    let free = UsageRate::PerUnit(Micros::parse("0").unwrap());
+    assert_eq!(free.charge(&usage("1e400")), Some(Credits::ZERO));
+}
+
+#[test]
+fn a_usage_object_is_priced_per_field_and_the_sum_rounded_once() {
+    let rates = UsageRate::Units(vec![
+        UnitRate {
+            field: "prompt_tokens".into(),
+            pointer: "/prompt_tokens".into(),
+            credits: Micros::parse("0.0005").unwrap(),
+        },
+        UnitRate {
+            field: "completion_tokens".into(),
+            pointer: "/completion_tokens".into(),
+            credits: Micros::parse("0.0015").unwrap(),
+        },
+    ]);
+    let read = |json: &str| rates.read(&serde_json::from_str(json).unwrap());
+    let cost = |json: &str| {
+        read(json)
+            .and_then(|u| rates.charge(&u))
+            .map(|c| c.to_string())
+    };
+    // 15 × 0.0005 + 15 × 0.0015 = 0.0075 + 0.0225 = 0.03.
     assert_eq!(
-        usage_charge(&usage("1"), Micros::parse("0.0001").unwrap(), held),
-        Credits::from_millicredits(1)
+        cost(r#"{"prompt_tokens": 15, "completion_tokens": 15, "total_tokens": 30}"#).as_deref(),
+        Some("0.03")
     );
+    // Each term alone rounds up (0.0005 and 0.0015 → 0.001 + 0.002); the sum once: 0.002.
     assert_eq!(
-        usage_charge(&usage("1e400"), Micros::parse("0").unwrap(), held),
-        Credits::ZERO,
-        "a free unit is free at any usage"
+        cost(r#"{"prompt_tokens": 1, "completion_tokens": 1}"#).as_deref(),
+        Some("0.002")
     );
+    // A field absent counts 0; a field that is no number, or none of them, is no usage.
+    assert_eq!(cost(r#"{"prompt_tokens": 2}"#).as_deref(), Some("0.001"));
     assert_eq!(
-        usage_charge(
-            &usage("18446744073709551615"),
-            Micros::from_micros(u64::MAX),
-            Credits::from_millicredits(u64::MAX)
-        ),
-        Credits::from_millicredits(u64::MAX)
+        cost(r#"{"prompt_tokens": "2", "completion_tokens": null}"#).as_deref(),
+        Some("0.001")
     );
+    for missing in [
+        r#"{"prompt_tokens": -1, "completion_tokens": 1}"#,
+        r#"{"prompt_tokens": true}"#,
+        r#"{"total_tokens": 5}"#,
+        "17",
+        "null",
+    ] {
+        assert_eq!(read(missing), None, "{missing}");
+    }
 }
 
 const NUMBERS: &str = r#"
@@ -956,7 +989,10 @@ fn an_unknown_quota_is_refused() {
         "features = [\"premium\"]\nquotas = { hd_images = 10 }",
     );
     assert_eq!(
-        parse(&text).unwrap().operations[1].quota.as_deref(),
+        parse(&text).unwrap().operations[1]
+            .quota
+            .as_ref()
+            .map(|q| q.name.as_str()),
         Some("hd_images")
     );
 }
@@ -1077,6 +1113,7 @@ fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) ->
             query,
             path_params: route.as_ref().map_or(&[][..], |r| r.path_params.as_slice()),
             body,
+            body_bytes: None,
         };
         let evaluation = p.evaluate(route.as_ref(), &facts, Some(&caller));
         let done = evaluation != Evaluation::NeedsBody;
@@ -1097,6 +1134,7 @@ fn evaluation_decides_404_and_403_before_it_needs_the_body() {
         Decided(Ok(Verdict::Operation {
             index: op(name),
             price: credits.parse().unwrap(),
+            quota_units: 1,
         }))
     };
     let body = r#"{"seconds": 3, "mode": "patch"}"#;
@@ -1178,7 +1216,7 @@ fn every_named_choice_refuses_another_value_at_it_listing_the_allowed_ones() {
         ),
         (
             GOOD.replace("price = 0\n", "price = 0\ncharge = { on_client_abort = \"refund\" }\n"),
-            r#"on_client_abort must be "settle" or "release", not "refund""#,
+            r#"on_client_abort must be "settle", "release" or "usage_so_far", not "refund""#,
         ),
         (
             GOOD.replace("price = 0\n", "price = 0\ncharge = { on_upstream_cut = \"half\" }\n"),
@@ -1288,4 +1326,209 @@ fn the_worst_case_of_one_account_state_must_fit_its_bound() {
     // Receipts weigh too: a million of them is far past the bound.
     let errs = errors(&with("grant_receipts_kept = 1000000"));
     assert!(errs[0].starts_with("p.toml:5:23: "), "{errs:?}");
+}
+
+/// An operation like the shipped LLM chat, `{when}`, `{usage}` and `{charge}`
+/// filled in by each case.
+const LLM: &str = r#"
+version = 1
+[upstreams.u]
+url = "http://127.0.0.1:9000"
+[plans.p]
+monthly_credits = 0
+overdraft_limit = 2
+[[operations]]
+name = "chat"
+path = "{path}"
+upstream = "u"
+{when}
+[operations.price]
+credits = 0.0015
+per = { from = "body:/max_tokens", default = 4096 }
+addons = [ { credits = 0.0005, per = { from = "request:body_bytes" } } ]
+[operations.settle]
+usage = {usage}
+units = { prompt_tokens = 0.0005, completion_tokens = 0.0015, "/details/cached" = 0.0001 }
+[operations.charge]
+{charge}
+"#;
+
+fn llm(path: &str, when: &str, usage: &str, charge: &str) -> String {
+    LLM.replace("{path}", path)
+        .replace("{when}", when)
+        .replace("{usage}", usage)
+        .replace("{charge}", charge)
+}
+
+#[test]
+fn llm_pricing_validates_units_sources_holds_and_overdrafts() {
+    let text = llm(
+        "/v1/chat/completions",
+        "",
+        r#"["json:/usage", "sse:/usage"]"#,
+        "hold = \"available\"\nmin_hold = 0.01\nover_hold = \"overdraft\"",
+    );
+    let p = parse(&text).unwrap();
+    let op = &p.operations[0];
+    assert_eq!(
+        op.settle.as_ref().unwrap().usage,
+        vec![
+            UsageSource::Json("/usage".into()),
+            UsageSource::Sse("/usage".into())
+        ]
+    );
+    let UsageRate::Units(rates) = &op.settle.as_ref().unwrap().rate else {
+        panic!("units")
+    };
+    let pointers: Vec<&str> = rates.iter().map(|r| r.pointer.as_str()).collect();
+    assert_eq!(
+        pointers,
+        ["/details/cached", "/completion_tokens", "/prompt_tokens"]
+    );
+    assert_eq!(
+        op.charge.hold,
+        HoldRule::Available {
+            min_hold: Credits::from_millicredits(10)
+        }
+    );
+    assert_eq!(op.charge.over_hold, OverHold::Overdraft);
+    // Metered: a client leaving is charged its usage so far unless told otherwise.
+    assert_eq!(op.charge.on_client_abort, OnClientAbort::UsageSoFar);
+    assert!(op.needs_body, "request:body_bytes is read with the body");
+    assert!(op.price_is_estimate());
+    assert_eq!(
+        p.plans["p"].overdraft_limit,
+        Credits::from_millicredits(2_000)
+    );
+    // A list with both sources: nothing to warn about.
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+
+    for (charge, expected) in [
+        (
+            "hold = \"available\"",
+            "hold = \"available\" needs min_hold",
+        ),
+        (
+            "min_hold = 1",
+            "min_hold applies only with hold = \"available\"",
+        ),
+        ("hold = \"some\"", "hold must be \"full\" or \"available\""),
+        (
+            "over_hold = \"debt\"",
+            "over_hold must be \"cap\" or \"overdraft\"",
+        ),
+        (
+            "hold = \"available\"\nmin_hold = 0",
+            "min_hold must be more than 0",
+        ),
+    ] {
+        let errs = errors(&llm("/v1/chat/completions", "", "\"sse:/usage\"", charge));
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "{charge}: {errs:?}"
+        );
+    }
+    let units_with_header = errors(&llm("/x", "", "\"header:x-usage\"", ""));
+    assert!(
+        units_with_header[0].contains("a header: usage is one number"),
+        "{units_with_header:?}"
+    );
+    // Holding part of a fixed price, or charging above it, would charge what the
+    // account happens to have: refused without a settle rule.
+    let fixed = GOOD.replace(
+        "price = 0\n",
+        "price = 1\ncharge = { hold = \"available\", min_hold = 1, over_hold = \"overdraft\" }\n",
+    );
+    let errs = errors(&fixed);
+    assert_eq!(
+        errs.iter()
+            .filter(|e| e.contains("needs [operations.settle]"))
+            .count(),
+        2,
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn check_warns_when_an_operation_that_may_stream_settles_from_json_only() {
+    let json_only = "\"json:/usage\"";
+    let warned = |path: &str, when: &str, usage: &str| {
+        let p = parse(&llm(path, when, usage, "")).unwrap();
+        p.notes
+            .iter()
+            .any(|n| n.to_string().contains("may answer with an event stream"))
+    };
+    // The trap: a chat-shaped path with no `stream` in `when`, or a `when` that
+    // allows a stream.
+    assert!(warned("/v1/chat/completions", "", json_only));
+    assert!(warned("/v1/messages", "", json_only));
+    assert!(warned(
+        "/v1/generate",
+        "when = { \"body:/stream\" = true }",
+        json_only
+    ));
+    // Not a trap: streams ruled out, an sse: source listed, or a path that does not stream.
+    assert!(!warned(
+        "/v1/chat/completions",
+        "when = { \"body:/stream\" = false }",
+        json_only
+    ));
+    assert!(!warned(
+        "/v1/chat/completions",
+        "",
+        r#"["json:/usage", "sse:/usage"]"#
+    ));
+    assert!(!warned("/v1/embeddings", "", json_only));
+}
+
+#[test]
+fn addons_take_per_and_quotas_count_units_from_the_request() {
+    let text = r#"
+version = 1
+[upstreams.u]
+url = "http://127.0.0.1:9000"
+[plans.p]
+monthly_credits = 0
+quotas = { images = 5 }
+[[operations]]
+name = "images"
+path = "/v1/images"
+upstream = "u"
+quota = { name = "images", per = { from = "body:/n", default = 1, max = 10 } }
+[operations.price]
+credits = 2
+addons = [ { credits = 0.5, per = { from = "request:body_bytes" } }, { when = { "body:/hd" = true }, credits = 1 } ]
+"#;
+    let p = parse(text).unwrap();
+    let op = &p.operations[0];
+    let facts_for = |body: &'static str| {
+        let json: Result<serde_json::Value, String> = Ok(serde_json::from_str(body).unwrap());
+        (json, body.len())
+    };
+    let headers = http::HeaderMap::new();
+    let (json, bytes) = facts_for(r#"{"n": 3, "hd": true}"#);
+    let facts = RequestFacts {
+        method: &http::Method::POST,
+        headers: &headers,
+        query: None,
+        path_params: &[],
+        body: Some(&json),
+        body_bytes: Some(bytes),
+    };
+    // 2 + 20 bytes × 0.5 + 1.
+    assert_eq!(op.price.hold_amount(&facts).unwrap().to_string(), "13");
+    let quota = op.quota.as_ref().unwrap();
+    assert_eq!(quota.units(&facts), Ok(3));
+    let (json, bytes) = facts_for(r#"{"n": 2.5}"#);
+    let facts = RequestFacts {
+        body: Some(&json),
+        body_bytes: Some(bytes),
+        ..facts
+    };
+    let refused = quota.units(&facts).unwrap_err();
+    assert_eq!(refused.source, "body:/n");
+    assert!(refused.message.contains("whole number"), "{refused:?}");
+    assert!(op.price.to_string().contains("0.5 × request:body_bytes"));
+    let errs = errors(&text.replace("credits = 0.5, per", "credits = 0.5, perr"));
+    assert!(!errs.is_empty());
 }

@@ -484,6 +484,7 @@ mod tests {
             signup_credits: Some(Credits::from_whole(2).unwrap()),
             keep_unused_on_upgrade: false,
             features: vec![],
+            ..Default::default()
         };
         let limits = Limits {
             ledger_max_entries: 100,
@@ -542,6 +543,7 @@ mod tests {
             quota: None,
             idempotency: None,
             caller: None,
+            terms: crate::ledger::HoldTerms::default(),
         };
         let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
         assert_eq!(store.sweep(999).await.unwrap(), 0);

@@ -107,8 +107,9 @@ pub type HoldOutcome = Result<HoldPlaced, HoldRejected>;
 pub struct Quoted {
     /// The account's available credits now, before any hold.
     pub available: Credits,
-    /// What [`Account::admit`] says of the request: the hold's own answer.
-    pub admitted: Result<(), HoldRejected>,
+    /// What [`Account::admit`] says of the request: the hold's own answer — the
+    /// amount it would hold, or why not.
+    pub admitted: Result<Credits, HoldRejected>,
 }
 
 impl Quoted {

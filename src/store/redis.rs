@@ -1330,6 +1330,7 @@ mod tests {
             quota: None,
             idempotency: None,
             caller: None,
+            terms: crate::ledger::HoldTerms::default(),
         };
         let placed = account.hold(&request, 0, &Catalog::new()).unwrap();
         account

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, Millis};
+use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, HoldTerms, Millis};
 use creditgate::policy::Policy;
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
@@ -21,6 +21,7 @@ ledger_max_entries = 50
 [plans.free]
 monthly_credits = 10
 signup_credits = 2
+overdraft_limit = 3
 [plans.team]
 monthly_credits = 100
 seats = 2
@@ -66,6 +67,7 @@ fn hold(amount: &str, request_id: &str, ttl_ms: u64, quota: Option<&str>) -> Hol
         quota: quota.map(str::to_string),
         idempotency: None,
         caller: None,
+        terms: creditgate::ledger::HoldTerms::default(),
     }
 }
 
@@ -114,12 +116,12 @@ impl Quoting {
         let held = self.0.hold(account, request, now_ms).await;
         match (&quoted, &held) {
             (Ok(quoted), Ok(held)) => {
-                let admitted = held.as_ref().map(|_| ()).map_err(Clone::clone);
+                let admitted = held.as_ref().map(|p| p.held).map_err(Clone::clone);
                 assert_eq!(quoted.admitted, admitted, "{request:?}");
                 if let Ok(placed) = held {
                     assert_eq!(
                         Some(placed.available),
-                        quoted.available.checked_sub(request.amount)
+                        quoted.available.checked_sub(placed.held)
                     );
                 }
             }
@@ -467,6 +469,47 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
             .hold("acme", &hold_by("alice", &alice_id, &[], "a1"), later)
             .await,
     );
+
+    // Debt: a partial hold of what is left, settled above it into debt up to the
+    // free plan's overdraft limit (3), the rest uncollected; the next grant repays it.
+    let overdraft = |amount: &str, id: &str| HoldRequest {
+        terms: HoldTerms {
+            partial_min: Some(c("0.01")),
+            overdraft: true,
+            quota_units: 1,
+        },
+        ..hold(amount, id, 60_000, None)
+    };
+    let owed = store.hold("acme", &overdraft("1000", "d1"), later).await;
+    out.note("partial overdraft hold", &owed);
+    if let Ok(Ok(p)) = owed {
+        let charge = p.held.checked_add(c("5")).unwrap();
+        out.note(
+            "settle into debt",
+            store.settle("acme", p.hold_id, charge, later).await,
+        );
+    }
+    out.note("totals in debt", store.totals("acme", later).await);
+    out.note(
+        "hold with nothing available",
+        store.hold("acme", &overdraft("1", "d2"), later).await,
+    );
+    let repay = GrantRequest {
+        idempotency_key: "repay".into(),
+        kind: "topup".into(),
+        credits: c("4"),
+        priority: 30,
+        expires_at_ms: None,
+    };
+    out.note(
+        "grant repays debt",
+        store.grant("acme", &repay, later).await,
+    );
+    out.note("totals repaid", store.totals("acme", later).await);
+    out.note(
+        "ledger of the debt",
+        store.ledger("acme", 4, None, later).await,
+    );
     out.0
 }
 
@@ -499,6 +542,20 @@ async fn memory_and_redis_answer_every_scripted_call_identically() {
         reference.iter().any(|l| l.contains("SeatLimit"))
             && reference.iter().any(|l| l.contains("QuotaExhausted"))
     );
+    // The debt case happened as the ledger says: 3 of debt, 2 uncollected, repaid.
+    let debt = reference
+        .iter()
+        .find(|l| l.starts_with("settle into debt: "))
+        .expect("the scenario settles into debt");
+    assert!(
+        debt.contains("debt: Credits(3000)") && debt.contains("uncollected: Credits(2000)"),
+        "{debt}"
+    );
+    let repaid = reference
+        .iter()
+        .find(|l| l.starts_with("totals repaid: "))
+        .unwrap();
+    assert!(repaid.contains("debt: Credits(0)"), "{repaid}");
     let line = |what: &str| {
         reference
             .iter()
@@ -532,12 +589,16 @@ async fn a_redis_cluster_answers_every_scripted_call_identically() {
     assert_same(&reference, &on_cluster, "redis cluster");
 }
 
-/// What the reference model knows: the holds it placed and what was charged.
+/// What the reference model knows: the holds it placed (with whether they may
+/// overdraw) and what was charged.
 #[derive(Default)]
 struct Model {
-    open: Vec<(u64, Credits, Millis)>,
+    open: Vec<(u64, Credits, Millis, bool)>,
     charged: Credits,
 }
+
+/// The free plan's overdraft limit in `POLICY`.
+const OVERDRAFT_LIMIT: &str = "3";
 
 #[tokio::test]
 async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores() {
@@ -557,6 +618,14 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
         if choice < 40 {
             let amount = Credits::from_millicredits(rng.gen_range(0..4_000));
             let ttl = rng.gen_range(1..3_600_000);
+            let overdraft = rng.gen_bool(0.3);
+            let terms = HoldTerms {
+                partial_min: rng
+                    .gen_bool(0.3)
+                    .then(|| Credits::from_millicredits(rng.gen_range(1..2_000))),
+                overdraft,
+                quota_units: 1,
+            };
             let request = HoldRequest {
                 operation: "op".into(),
                 request_id: format!("r{step}"),
@@ -566,6 +635,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 quota: None,
                 idempotency: None,
                 caller: None,
+                terms,
             };
             for store in &stores {
                 let store = Quoting(store.clone());
@@ -578,12 +648,18 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 h.into_iter()
                     .find(|(_, h)| h.request_id == request.request_id)
             }) {
-                model.open.push((h.id, h.amount, h.expires_at_ms));
+                model
+                    .open
+                    .push((h.id, h.amount, h.expires_at_ms, overdraft));
             }
         } else if choice < 70 && !model.open.is_empty() {
-            let (id, held, _) = model.open.swap_remove(rng.gen_range(0..model.open.len()));
+            let (id, held, _, overdraft) =
+                model.open.swap_remove(rng.gen_range(0..model.open.len()));
             let settle = rng.gen_bool(0.6);
             let charge = Credits::from_millicredits(rng.gen_range(0..5_000));
+            // What an overdraft settle finds beside its hold: the available
+            // credits, then room for debt under the limit.
+            let before = stores[0].totals("acme", now).await.unwrap();
             for store in &stores {
                 let outcome = if settle {
                     store.settle("acme", id, charge, now).await
@@ -593,7 +669,18 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
                 answers.push(format!("{outcome:?}"));
             }
             if settle && answers[0].starts_with("Ok(Ok(") {
-                model.charged = model.charged.checked_add(charge.min(held)).unwrap();
+                let mut charged = charge.min(held);
+                if overdraft {
+                    let above = charge.saturating_sub(held);
+                    let taken = above.min(before.available);
+                    let room = c(OVERDRAFT_LIMIT).saturating_sub(before.debt);
+                    let into_debt = above.checked_sub(taken).unwrap().min(room);
+                    charged = charged
+                        .checked_add(taken)
+                        .and_then(|c| c.checked_add(into_debt))
+                        .unwrap();
+                }
+                model.charged = model.charged.checked_add(charged).unwrap();
             }
         } else if choice < 80 {
             granted_keys += 1;
@@ -616,7 +703,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
         } else {
             // Clock jumps: minutes to over a month.
             now += rng.gen_range(0..40 * 86_400_000u64);
-            model.open.retain(|(_, _, expires)| *expires > now);
+            model.open.retain(|(_, _, expires, _)| *expires > now);
             for store in &stores {
                 answers.push(format!("{:?}", store.totals("acme", now).await.unwrap()));
             }
@@ -636,7 +723,16 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
             .into_iter()
             .try_fold(Credits::ZERO, |a, b| a.checked_add(b))
             .unwrap();
-            assert_eq!(totals.granted, sum, "step {step}: the invariant broke");
+            assert_eq!(
+                totals.granted.checked_add(totals.debt).unwrap(),
+                sum,
+                "step {step}: the invariant broke"
+            );
+            assert!(
+                totals.debt <= c(OVERDRAFT_LIMIT),
+                "step {step}: debt {} past the limit",
+                totals.debt
+            );
             assert_eq!(
                 totals.charged, model.charged,
                 "step {step}: charged differs from the model"
@@ -644,7 +740,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
             let held = model
                 .open
                 .iter()
-                .fold(Credits::ZERO, |a, (_, h, _)| a.checked_add(*h).unwrap());
+                .fold(Credits::ZERO, |a, (_, h, _, _)| a.checked_add(*h).unwrap());
             assert_eq!(
                 totals.held, held,
                 "step {step}: held differs from the model"

@@ -36,6 +36,8 @@ impl Sample {
             Source::Header(name) => {
                 self.headers.entry(name.to_string()).or_insert(text);
             }
+            // The body's length: whatever the sample's body is.
+            Source::BodyBytes => {}
             Source::Body(pointer) => {
                 let body = self.body.get_or_insert_with(|| json!({}));
                 if body.pointer(pointer).is_some() {
@@ -115,7 +117,20 @@ fn sample_for(policy: &Policy, index: usize) -> Sample {
             for p in &addon.when {
                 sample.set(&p.source, scalar(&p.any_of[0]));
             }
+            if let Some(per) = &addon.per {
+                sample.set(&per.source, json!(1));
+            }
         }
+    }
+    if let Some(per) = op.quota.as_ref().and_then(|q| q.per.as_ref()) {
+        sample.set(&per.source, json!(1));
+    }
+    // Metered operations: the mock answers with no usage (a body it is told), so
+    // the charge is the hold (`on_missing = "charge_hold"` in every shipped policy).
+    if op.settle.is_some() {
+        sample
+            .headers
+            .insert("x-mock-body".into(), r#"{"answer":"no usage"}"#.into());
     }
     sample
 }
@@ -130,8 +145,8 @@ async fn every_quote_equals_the_hold_and_the_charge_in_every_shipped_policy() {
         .collect();
     files.sort();
     assert!(
-        files.len() >= 7,
-        "the demo, compose and five seed policies: {files:?}"
+        files.len() >= 10,
+        "the demo, compose, five seed policies and three AI API examples: {files:?}"
     );
     let mut exercised = 0;
     for file in files {

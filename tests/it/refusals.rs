@@ -464,6 +464,7 @@ fn hold_request(request_id: &str) -> HoldRequest {
         quota: None,
         idempotency: None,
         caller: None,
+        terms: creditgate::ledger::HoldTerms::default(),
     }
 }
 

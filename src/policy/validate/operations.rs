@@ -9,10 +9,11 @@ use http::{HeaderName, Method};
 use toml::{Spanned, Value};
 
 use super::Validator;
-use crate::policy::raw::{RawCharge, RawOperation, RawSettle};
+use crate::policy::raw::{OrTable, RawCharge, RawOperation, RawQuota, RawSettle};
 use crate::policy::{
-    ChargeRule, OnClientAbort, OnMissing, OnUpstreamCut, Operation, Predicate, Route, Scalar,
-    SettleRule, Source, Upstream, UsageSource,
+    ChargeRule, HoldRule, OnClientAbort, OnMissing, OnUpstreamCut, Operation, OverHold, Per,
+    Predicate, QuotaRule, Route, Scalar, SettleRule, Source, UnitRate, Upstream, UsageRate,
+    UsageSource,
 };
 impl Validator<'_> {
     pub(super) fn operation(
@@ -74,24 +75,21 @@ impl Validator<'_> {
                 );
             }
         }
-        if let Some(quota) = &raw.quota {
-            if !quotas.contains(quota.get_ref().as_str()) {
-                self.error(
-                    quota.span(),
-                    format!("unknown quota {:?}: no plan has it", quota.get_ref()),
-                );
-            }
-        }
+        let quota = raw.quota.as_ref().and_then(|q| self.quota(q, quotas));
         let when = self.predicates(&raw.when);
         let price = self.price(&raw.price);
         let settle = raw.settle.as_ref().and_then(|s| self.settle(s));
-        let charge = self.charge(raw.charge.as_ref());
+        let charge = self.charge(raw.charge.as_ref(), raw.settle.is_some());
+        if let (Some(rule), Some(written)) = (&settle, &raw.settle) {
+            self.note_stream_trap(raw, &when, rule, written.span());
+        }
         let price = price?;
         let needs_body = when
             .iter()
             .map(|p| &p.source)
             .chain(price.sources())
-            .any(|s| matches!(s, Source::Body(_)));
+            .chain(quota.iter().flat_map(|q| q.per.as_ref().map(|p| &p.source)))
+            .any(Source::needs_body);
         Some(Operation {
             name,
             method,
@@ -99,12 +97,92 @@ impl Validator<'_> {
             when,
             upstream: upstream?,
             requires: raw.requires.iter().map(|f| f.get_ref().clone()).collect(),
-            quota: raw.quota.as_ref().map(|q| q.get_ref().clone()),
+            quota,
             price,
             settle,
             charge,
             needs_body,
         })
+    }
+
+    /// `quota = "name"` (one unit a request) or `quota = { name, per }` (the
+    /// request says how many units, a whole number).
+    fn quota(
+        &mut self,
+        raw: &Spanned<OrTable<RawQuota>>,
+        quotas: &HashSet<&str>,
+    ) -> Option<QuotaRule> {
+        let (name, span, per) = match raw.get_ref() {
+            OrTable::Scalar(Value::String(name)) => (name.clone(), raw.span(), None),
+            OrTable::Scalar(_) => {
+                self.error(
+                    raw.span(),
+                    "quota is a quota's name, or { name = \"…\", per = \"body:/n\" }",
+                );
+                return None;
+            }
+            OrTable::Table(t) => {
+                let per = match &t.per {
+                    None => None,
+                    Some(per) => Some(match per.get_ref() {
+                        OrTable::Table(p) => self.per(&Spanned::new(per.span(), p.clone()))?,
+                        OrTable::Scalar(Value::String(from)) => {
+                            let from = Spanned::new(per.span(), from.clone());
+                            Per {
+                                source: self.source_at(&from)?,
+                                min: None,
+                                max: None,
+                                default: None,
+                            }
+                        }
+                        OrTable::Scalar(_) => {
+                            self.error(per.span(), "quota per is a value source, like \"body:/n\"");
+                            return None;
+                        }
+                    }),
+                };
+                (t.name.get_ref().clone(), t.name.span(), per)
+            }
+        };
+        if !quotas.contains(name.as_str()) {
+            self.error(span, format!("unknown quota {name:?}: no plan has it"));
+        }
+        Some(QuotaRule { name, per })
+    }
+
+    /// `check`'s warning about the trap that charges a streamed answer its whole
+    /// hold: an operation that may answer with an event stream (its `when` reads
+    /// a `stream` field, or it has none on a chat-shaped path) reads its usage
+    /// from `json:` sources only — a stream has no JSON body, so its usage is
+    /// always missing.
+    fn note_stream_trap(
+        &mut self,
+        raw: &RawOperation,
+        when: &[Predicate],
+        settle: &SettleRule,
+        span: Range<usize>,
+    ) {
+        if !settle.usage.iter().all(UsageSource::is_json) {
+            return;
+        }
+        let on_stream = |p: &&Predicate| matches!(&p.source, Source::Body(ptr) if ptr == "/stream");
+        let streams = match when.iter().find(on_stream) {
+            // `stream = false` alone rules streams out.
+            Some(p) => p.any_of.iter().any(|v| *v != Scalar::Bool(false)),
+            None => chat_shaped(raw.path.get_ref()),
+        };
+        if streams {
+            self.note(
+                span,
+                format!(
+                    "warning: {} may answer with an event stream, but its usage is read \
+                     from json: only — a streamed answer has no JSON body, so it would be \
+                     charged as on_missing says (the whole hold); list an sse: source \
+                     too, e.g. usage = [\"json:/usage\", \"sse:/usage\"]",
+                    raw.name.get_ref()
+                ),
+            );
+        }
     }
 
     fn predicate(&mut self, source: &str, value: &Spanned<Value>) -> Option<Predicate> {
@@ -158,21 +236,77 @@ impl Validator<'_> {
 
     fn settle(&mut self, raw: &Spanned<RawSettle>) -> Option<SettleRule> {
         let s = raw.get_ref();
-        let text = s.usage.get_ref();
-        let usage = match text.split_once(':') {
-            Some(("json", p)) if p.is_empty() || p.starts_with('/') => {
-                Some(UsageSource::Json(p.to_string()))
+        let written: Vec<(String, Range<usize>)> = match s.usage.get_ref() {
+            Value::String(text) => vec![(text.clone(), s.usage.span())],
+            Value::Array(items) if !items.is_empty() => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(text) => (text.clone(), s.usage.span()),
+                    other => (other.to_string(), s.usage.span()),
+                })
+                .collect(),
+            _ => {
+                self.error(
+                    s.usage.span(),
+                    "usage is a source, or a list of sources: json:/pointer, header:name or sse:/pointer",
+                );
+                return None;
             }
-            Some(("sse", p)) if p.is_empty() || p.starts_with('/') => {
-                Some(UsageSource::Sse(p.to_string()))
-            }
-            Some(("header", h)) => HeaderName::try_from(h).ok().map(UsageSource::Header),
-            _ => None,
         };
-        if usage.is_none() {
-            self.error(s.usage.span(), format!("{text:?} is not a usage source: use json:/pointer, header:name or sse:/pointer"));
+        let mut usage = Vec::new();
+        for (text, span) in written {
+            match usage_source(&text) {
+                Some(source) => usage.push(source),
+                None => self.error(span, format!("{text:?} is not a usage source: use json:/pointer, header:name or sse:/pointer")),
+            }
         }
-        let credits_per_unit = self.micros(&s.credits_per_unit, "credits_per_unit");
+        let rate = match (&s.credits_per_unit, &s.units) {
+            (Some(rate), None) => self
+                .micros(rate, "credits_per_unit")
+                .map(UsageRate::PerUnit),
+            (None, Some(units)) => {
+                if usage.iter().any(|u| matches!(u, UsageSource::Header(_))) {
+                    self.error(
+                        units.span(),
+                        "units price a usage object; a header: usage is one number (use credits_per_unit)",
+                    );
+                }
+                if units.get_ref().is_empty() {
+                    self.error(units.span(), "units: name at least one usage field");
+                }
+                let mut rates = Vec::new();
+                for (field, rate) in units.get_ref() {
+                    let Some(credits) = self.micros(rate, &format!("units: {field}")) else {
+                        continue;
+                    };
+                    let pointer = if field.starts_with('/') {
+                        field.clone()
+                    } else {
+                        format!("/{}", field.replace('~', "~0").replace('/', "~1"))
+                    };
+                    rates.push(UnitRate {
+                        field: field.clone(),
+                        pointer,
+                        credits,
+                    });
+                }
+                Some(UsageRate::Units(rates))
+            }
+            (Some(_), Some(units)) => {
+                self.error(
+                    units.span(),
+                    "give credits_per_unit (a usage that is one number) or units (a usage object), not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    raw.span(),
+                    "settle needs credits_per_unit (a usage that is one number) or units (a usage object)",
+                );
+                None
+            }
+        };
         let on_missing = s
             .on_missing
             .as_ref()
@@ -187,9 +321,12 @@ impl Validator<'_> {
                 )
             })
             .unwrap_or(OnMissing::ChargeHold);
+        if usage.is_empty() {
+            return None;
+        }
         Some(SettleRule {
-            usage: usage?,
-            credits_per_unit: credits_per_unit?,
+            usage,
+            rate: rate?,
             on_missing,
         })
     }
@@ -197,7 +334,7 @@ impl Validator<'_> {
     fn source_of(&self, text: &str) -> Result<Source, String> {
         let (kind, rest) = text
             .split_once(':')
-            .ok_or_else(|| format!("{text:?} is not a value source: use body:/pointer, query:name, header:name or path:name"))?;
+            .ok_or_else(|| format!("{text:?} is not a value source: use body:/pointer, query:name, header:name, path:name or request:body_bytes"))?;
         match kind {
             "body" if rest.is_empty() || rest.starts_with('/') => Ok(Source::Body(rest.to_string())),
             "body" => Err(format!("{text:?}: a body source is a JSON pointer starting with /")),
@@ -206,12 +343,19 @@ impl Validator<'_> {
                 .map(Source::Header)
                 .map_err(|_| format!("{text:?}: {rest:?} is not a header name")),
             "path" if !rest.is_empty() => Ok(Source::Path(rest.to_string())),
-            _ => Err(format!("{text:?} is not a value source: use body:/pointer, query:name, header:name or path:name")),
+            "request" if rest == "body_bytes" => Ok(Source::BodyBytes),
+            _ => Err(format!("{text:?} is not a value source: use body:/pointer, query:name, header:name, path:name or request:body_bytes")),
         }
     }
 
-    fn charge(&mut self, raw: Option<&RawCharge>) -> ChargeRule {
+    /// `charge`: which statuses settle, what endings mean, how much is held and
+    /// how far a settle may go. `metered`: the operation settles from usage.
+    fn charge(&mut self, raw: Option<&RawCharge>, metered: bool) -> ChargeRule {
         let mut rule = ChargeRule::default_rule();
+        if metered {
+            // A metered response the client left: what it used so far.
+            rule.on_client_abort = OnClientAbort::UsageSoFar;
+        }
         let Some(raw) = raw else { return rule };
         if let Some(on) = &raw.on {
             rule.statuses = [0; 10];
@@ -234,6 +378,7 @@ impl Validator<'_> {
             let options = [
                 ("settle", OnClientAbort::Settle),
                 ("release", OnClientAbort::Release),
+                ("usage_so_far", OnClientAbort::UsageSoFar),
             ];
             if let Some(chosen) = self.choice(abort, "on_client_abort", &options) {
                 rule.on_client_abort = chosen;
@@ -246,6 +391,54 @@ impl Validator<'_> {
             ];
             if let Some(chosen) = self.choice(cut, "on_upstream_cut", &options) {
                 rule.on_upstream_cut = chosen;
+            }
+        }
+        // Both need a usage: a fixed price held in part, or charged above its
+        // hold, would be charged what the account happened to have.
+        let needs_usage = |v: &mut Self, span: Range<usize>, what: &str| {
+            if !metered {
+                v.error(
+                    span,
+                    format!("{what} needs [operations.settle]: only an operation charged its actual usage can hold or charge other than its price"),
+                );
+            }
+        };
+        let full = ("full", None);
+        let available = ("available", Some(()));
+        if let Some(hold) = &raw.hold {
+            if let Some(Some(())) = self.choice(hold, "hold", &[full, available]) {
+                needs_usage(self, hold.span(), "hold = \"available\"");
+                match &raw.min_hold {
+                    Some(min) => {
+                        if let Some(min_hold) = self.amount(min, "min_hold") {
+                            if min_hold.is_zero() {
+                                self.error(min.span(), "min_hold must be more than 0");
+                            }
+                            rule.hold = HoldRule::Available { min_hold };
+                        }
+                    }
+                    None => self.error(
+                        hold.span(),
+                        "hold = \"available\" needs min_hold: the least an account must have to be admitted",
+                    ),
+                }
+            }
+        }
+        if let (Some(min), HoldRule::Full) = (&raw.min_hold, rule.hold) {
+            if raw.hold.is_none() {
+                self.error(
+                    min.span(),
+                    "min_hold applies only with hold = \"available\"",
+                );
+            }
+        }
+        if let Some(over) = &raw.over_hold {
+            let options = [("cap", OverHold::Cap), ("overdraft", OverHold::Overdraft)];
+            if let Some(chosen) = self.choice(over, "over_hold", &options) {
+                if chosen == OverHold::Overdraft {
+                    needs_usage(self, over.span(), "over_hold = \"overdraft\"");
+                }
+                rule.over_hold = chosen;
             }
         }
         rule
@@ -291,6 +484,28 @@ impl Validator<'_> {
         }
         router
     }
+}
+
+/// A usage source as the policy writes it: `json:/pointer`, `sse:/pointer`,
+/// `header:name`.
+fn usage_source(text: &str) -> Option<UsageSource> {
+    match text.split_once(':') {
+        Some(("json", p)) if p.is_empty() || p.starts_with('/') => {
+            Some(UsageSource::Json(p.to_string()))
+        }
+        Some(("sse", p)) if p.is_empty() || p.starts_with('/') => {
+            Some(UsageSource::Sse(p.to_string()))
+        }
+        Some(("header", h)) => HeaderName::try_from(h).ok().map(UsageSource::Header),
+        _ => None,
+    }
+}
+
+/// A path an LLM chat API serves (`/v1/chat/completions`, `/v1/completions`,
+/// `/v1/messages`, `/v1/responses`): such APIs stream when asked.
+fn chat_shaped(path: &str) -> bool {
+    path.split('/')
+        .any(|segment| matches!(segment, "chat" | "completions" | "messages" | "responses"))
 }
 
 /// `"2xx"` → 200..=299, `"404"` or `404` → 404..=404.

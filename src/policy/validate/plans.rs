@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use toml::Spanned;
 
 use super::Validator;
-use crate::ledger::{Catalog, PlanTerms};
+use crate::ledger::{Catalog, Credits, PlanTerms, MAX_GRANTED};
 use crate::policy::raw::RawPlan;
 impl Validator<'_> {
     pub(super) fn plans(&mut self, raw: &BTreeMap<String, Spanned<RawPlan>>) -> Catalog {
@@ -47,9 +47,27 @@ impl Validator<'_> {
                 seats,
                 signup_credits,
                 keep_unused_on_upgrade: plan.keep_unused_on_upgrade.unwrap_or(false),
+                overdraft_limit: self.overdraft_limit(plan),
             };
             out.insert(name.clone(), terms);
         }
         out
+    }
+
+    /// How far into debt an account on the plan may go: an amount, kept far below
+    /// what an account's sums can count (every sum of its amounts must fit).
+    fn overdraft_limit(&mut self, plan: &RawPlan) -> Credits {
+        let Some(written) = &plan.overdraft_limit else {
+            return Credits::ZERO;
+        };
+        let limit = self.amount(written, "overdraft_limit").unwrap_or_default();
+        if limit > MAX_GRANTED {
+            self.error(
+                written.span(),
+                format!("overdraft_limit must be at most {MAX_GRANTED}"),
+            );
+            return Credits::ZERO;
+        }
+        limit
     }
 }

@@ -6,7 +6,7 @@ use std::ops::Range;
 use toml::{Spanned, Value};
 
 use super::Validator;
-use crate::policy::raw::{OrTable, RawLookupTable, RawPriceTable};
+use crate::policy::raw::{OrTable, RawLookupTable, RawPer, RawPriceTable};
 use crate::policy::{Addon, Lookup, Micros, Per, Price, PriceRule, TableEntry};
 impl Validator<'_> {
     /// A `credits` or `multiplier` value: fixed, or a table on a request value.
@@ -83,6 +83,44 @@ impl Validator<'_> {
         }
     }
 
+    /// A quantity read from the request: `from`, with optional `min`, `max` and
+    /// a `default` for a request without one (kept within `min..max`).
+    pub(super) fn per(&mut self, per: &Spanned<RawPer>) -> Option<Per> {
+        let p = per.get_ref();
+        let source = self.source_at(&p.from)?;
+        let min = p.min.as_ref().and_then(|m| self.micros(m, "min"));
+        let max = p.max.as_ref().and_then(|m| self.micros(m, "max"));
+        let default = p
+            .default
+            .as_ref()
+            .and_then(|d| self.micros(d, "per: default"));
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                self.error(per.span(), "per: min is larger than max");
+            }
+        }
+        // A default outside the range would price what a request cannot ask for.
+        if let (Some(d), Some(written)) = (default, &p.default) {
+            if min.is_some_and(|lo| d < lo) || max.is_some_and(|hi| d > hi) {
+                let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
+                self.error(
+                    written.span(),
+                    format!(
+                        "per: default {d} is outside min..max {}..{}",
+                        bound(min),
+                        bound(max)
+                    ),
+                );
+            }
+        }
+        Some(Per {
+            source,
+            min,
+            max,
+            default,
+        })
+    }
+
     pub(super) fn price(&mut self, raw: &Spanned<OrTable<RawPriceTable>>) -> Option<Price> {
         let table = match raw.get_ref() {
             OrTable::Scalar(value) => {
@@ -96,41 +134,7 @@ impl Validator<'_> {
             if table.per.is_some() { 6 } else { 3 },
             "credits",
         );
-        let per = table.per.as_ref().and_then(|per| {
-            let p = per.get_ref();
-            let source = self.source_at(&p.from)?;
-            let min = p.min.as_ref().and_then(|m| self.micros(m, "min"));
-            let max = p.max.as_ref().and_then(|m| self.micros(m, "max"));
-            let default = p
-                .default
-                .as_ref()
-                .and_then(|d| self.micros(d, "per: default"));
-            if let (Some(lo), Some(hi)) = (min, max) {
-                if lo > hi {
-                    self.error(per.span(), "per: min is larger than max");
-                }
-            }
-            // A default outside the range would price what a request cannot ask for.
-            if let (Some(d), Some(written)) = (default, &p.default) {
-                if min.is_some_and(|lo| d < lo) || max.is_some_and(|hi| d > hi) {
-                    let bound = |b: Option<Micros>| b.map_or(String::new(), |b| b.to_string());
-                    self.error(
-                        written.span(),
-                        format!(
-                            "per: default {d} is outside min..max {}..{}",
-                            bound(min),
-                            bound(max)
-                        ),
-                    );
-                }
-            }
-            Some(Per {
-                source,
-                min,
-                max,
-                default,
-            })
-        });
+        let per = table.per.as_ref().and_then(|per| self.per(per));
         let multiplier = table
             .multiplier
             .as_ref()
@@ -139,14 +143,26 @@ impl Validator<'_> {
         for addon in &table.addons {
             let a = addon.get_ref();
             let when = self.predicates(&a.when);
-            if a.when.is_empty() {
+            if a.when.is_empty() && a.per.is_none() {
                 self.error(
                     addon.span(),
-                    "an addon needs `when`: otherwise add its credits to the price",
+                    "an addon needs `when` or `per`: otherwise add its credits to the price",
                 );
             }
-            if let Some(credits) = self.amount(&a.credits, "addon credits") {
-                addons.push(Addon { when, credits });
+            // With `per`, an addon's credits are a per-unit rate (6 decimals).
+            let credits = match &a.per {
+                None => self
+                    .amount(&a.credits, "addon credits")
+                    .map(|c| Micros::from_micros(c.millicredits() * 1_000)),
+                Some(_) => self.micros(&a.credits, "addon credits"),
+            };
+            let per = a.per.as_ref().map(|p| self.per(p));
+            if let (Some(credits), None | Some(Some(_))) = (credits, &per) {
+                addons.push(Addon {
+                    when,
+                    credits,
+                    per: per.flatten(),
+                });
             }
         }
         if table.per.is_some() && per.is_none()
