@@ -10,6 +10,7 @@ mod harness;
 mod metering;
 mod numbers;
 mod operations;
+mod ops;
 mod paths;
 mod proxy;
 mod quotes;
