@@ -941,6 +941,34 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_is_sent_its_urls_host_with_the_port_unless_the_schemes_default() {
+        let upstream = |host: &str, port: u16, https: bool| crate::policy::Upstream {
+            name: "u".into(),
+            host: host.into(),
+            port,
+            tls: https.then(|| crate::policy::UpstreamTls {
+                server_name: host.into(),
+                ca_der: Vec::new(),
+                verify: true,
+            }),
+            connect_timeout_ms: 1,
+            read_timeout_ms: 1,
+            set_headers: Vec::new(),
+        };
+        assert_eq!(
+            host_header(&upstream("api.example.com", 443, true)),
+            "api.example.com"
+        );
+        assert_eq!(
+            host_header(&upstream("api.example.com", 8443, true)),
+            "api.example.com:8443"
+        );
+        assert_eq!(host_header(&upstream("backend", 80, false)), "backend");
+        assert_eq!(host_header(&upstream("backend", 443, false)), "backend:443");
+        assert_eq!(host_header(&upstream("::1", 9000, false)), "[::1]:9000");
+    }
+
+    #[test]
     fn request_ids_are_32_lowercase_hex_digits_and_differ() {
         let (a, b) = (new_request_id(), new_request_id());
         for id in [&a, &b] {
