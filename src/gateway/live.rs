@@ -99,12 +99,18 @@ impl LiveGateway {
     async fn switch(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
         let old = self.current();
         let (was, now) = (&old.policy().gateway, &policy.gateway);
+        // What the listener and its accept loop were started with.
         if was.listen != now.listen
             || was.admin_listen != now.admin_listen
             || was.max_connections != now.max_connections
+            || was.header_read_timeout_ms != now.header_read_timeout_ms
+            || was.keepalive_timeout_ms != now.keepalive_timeout_ms
+            || was.shutdown_grace_ms != now.shutdown_grace_ms
         {
             return Err(ReloadError::NeedsRestart(
-                "listen, admin_listen and max_connections change only with a restart".into(),
+                "listen, admin_listen, max_connections, header_read_timeout, keepalive_timeout \
+                 and shutdown_grace change only with a restart"
+                    .into(),
             ));
         }
         if old.policy().store != policy.store {

@@ -1005,6 +1005,72 @@ fn promtool(args: &[&str], stdin: Option<&str>) {
     }
 }
 
+#[tokio::test]
+async fn a_reload_that_changes_the_listeners_deadlines_is_refused_and_counted() {
+    let dir = temp_dir("reload");
+    let file = dir.join("policy.toml");
+    let policy = |backend: &str, gateway: &str| {
+        format!(
+            "version = 1\n[gateway]\n{gateway}\n[upstreams.main]\nurl = \"{backend}\"\n\
+             [plans.free]\nmonthly_credits = 0\n[[operations]]\nname = \"a\"\npath = \"/a\"\n\
+             upstream = \"main\"\nprice = 1\n"
+        )
+    };
+    let (written, backend_seen) = (file.clone(), Arc::new(std::sync::Mutex::new(String::new())));
+    let seen = backend_seen.clone();
+    let gw = crate::harness::start_policy_with_file(
+        move |backend| {
+            *seen.lock().unwrap() = backend.to_string();
+            let text = policy(backend, "");
+            std::fs::write(&written, &text).unwrap();
+            text
+        },
+        |_| None,
+        Some(file.clone()),
+    )
+    .await;
+    let backend = backend_seen.lock().unwrap().clone();
+    let reload = || gw.admin(Method::POST, "/admin/policy/reload").send();
+    assert_eq!(
+        reload().await.unwrap().status(),
+        200,
+        "the same file reloads"
+    );
+    for change in [
+        "header_read_timeout = \"3s\"",
+        "keepalive_timeout = \"3s\"",
+        "shutdown_grace = \"3s\"",
+    ] {
+        std::fs::write(&file, policy(&backend, change)).unwrap();
+        assert_eq!(reload().await.unwrap().status(), 409, "{change}");
+    }
+    std::fs::write(&file, policy(&backend, "body_read_timeout = \"3s\"")).unwrap();
+    assert_eq!(
+        reload().await.unwrap().status(),
+        200,
+        "body_read_timeout applies at once"
+    );
+    let scrape = gw
+        .admin(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(
+            &scrape,
+            "creditgate_policy_reloads_total{result=\"refused\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&scrape, "creditgate_policy_reloads_total{result=\"ok\"}"),
+        Some(2.0)
+    );
+}
+
 // --- check --no-env ----------------------------------------------------------
 
 #[test]
