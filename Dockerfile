@@ -6,7 +6,12 @@ COPY . .
 RUN cargo build --release --bin creditgate
 
 FROM debian:bookworm-slim
-RUN useradd --system --no-create-home creditgate
+# ca-certificates: the CAs HTTPS upstreams are checked against (unless tls.ca_file);
+# curl: the healthchecks of docker-compose.yml.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/*
+RUN useradd --system --no-create-home creditgate \
+    && mkdir -p /var/lib/creditgate && chown creditgate /var/lib/creditgate
 COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
 COPY policies /etc/creditgate/policies
 USER creditgate

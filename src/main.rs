@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use creditgate::gateway::errors::ApiError;
-use creditgate::gateway::{run_server, Gateway, LiveGateway};
+use creditgate::gateway::{bind, run_server, Gateway, LiveGateway, StopSignals, Stopped};
 use creditgate::policy::{
     format_duration, normalize_path, split_query, Evaluation, Policy, RequestFacts, StoreConfig,
     Verdict,
@@ -21,11 +21,27 @@ use creditgate::policy::{
 use creditgate::store::memory::MemoryStore;
 use creditgate::store::redis::RedisStore;
 
+/// What `--help` says after the commands: the environment every command reads.
+const ENVIRONMENT: &str = "\
+Environment:
+  CREDITGATE_ADMIN_TOKEN  bearer token of the admin API (admin_listen); required
+                          when admin_listen is not a loopback address
+  RUST_LOG                log filter, e.g. info (the default), debug,
+                          creditgate::access=off to silence the access log
+  CREDITGATE_LOG_FORMAT   json: one JSON object per log line (default: text)
+  ${VAR}                  any ${VAR} in the policy file (and each key_env) is read
+                          from the environment; `check --no-env` validates without";
+
 #[derive(Parser)]
 #[command(
     name = "creditgate",
     version,
-    about = "A credit-metering reverse proxy for AI generation APIs"
+    about = "A credit-metering reverse proxy for AI generation APIs",
+    long_about = "A credit-metering reverse proxy for AI generation APIs: it recognises each \
+                  request as a priced operation of a TOML policy, holds the caller's credits \
+                  before forwarding, settles or releases them afterwards, and answers \
+                  structured JSON errors.",
+    after_help = ENVIRONMENT
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,35 +50,68 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the gateway.
+    /// Start the gateway (and the admin API on admin_listen).
+    #[command(after_help = "\
+Binds listen and admin_listen first: an address it cannot have stops it at once with
+exit status 1 and one line naming the address.
+Signals: SIGTERM or SIGINT stop it gracefully — /readyz turns 503, nothing new is
+accepted, requests in flight finish (at most shutdown_grace), then it exits: 0 when
+every request finished (at once when none was in flight), 1 when the grace ran out.
+SIGHUP reloads the policy file (an invalid file is logged and the running one stays).
+
+Environment: CREDITGATE_ADMIN_TOKEN, RUST_LOG, CREDITGATE_LOG_FORMAT, and the policy's ${VAR}s.")]
     Run {
-        #[arg(long)]
+        /// The policy file (TOML).
+        #[arg(long, value_name = "FILE")]
         policy: PathBuf,
     },
-    /// Validate a policy and print every operation with its price.
+    /// Validate a policy and print every operation with its price; exit 1 with
+    /// FILE:LINE:COL: message on any error.
+    #[command(
+        after_help = "Environment: the policy's ${VAR}s and key_env variables (unless --no-env)."
+    )]
     Check {
-        #[arg(long)]
+        /// The policy file (TOML).
+        #[arg(long, value_name = "FILE")]
         policy: PathBuf,
+        /// Validate without the environment: every ${VAR} and key_env reads as a
+        /// placeholder, and checks only the real value could pass (an address, a
+        /// URL's form, a CA file named by a variable) are skipped — for CI, where
+        /// production secrets are absent.
+        #[arg(long)]
+        no_env: bool,
     },
     /// Price a request offline, as the gateway would (without an account:
-    /// plan features and balance are not checked).
+    /// plan features and balance are not checked). Prints JSON; exit 1 when the
+    /// gateway would refuse the request.
+    #[command(
+        after_help = "Example: creditgate quote --policy policies/demo.toml POST /v1/images/generations '{\"n\": 2}'\n\nEnvironment: the policy's ${VAR}s and key_env variables."
+    )]
     Quote {
-        #[arg(long)]
+        /// The policy file (TOML).
+        #[arg(long, value_name = "FILE")]
         policy: PathBuf,
         /// A request header, `name: value` (repeatable), for prices and `when`s on
         /// `header:` values.
         #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// The request's method, e.g. POST.
+        #[arg(value_name = "METHOD")]
         method: String,
+        /// The request's path and query, e.g. /v1/images?size=large.
+        #[arg(value_name = "PATH")]
         path: String,
         /// The request body, as JSON text.
+        #[arg(value_name = "BODY_JSON")]
         body: Option<String>,
     },
-    /// Start the gateway, a mock generation backend and a demo account on the memory store.
+    /// Start the gateway, a mock generation backend and a demo account on the
+    /// memory store; prints curl lines to try.
     Demo,
     /// Serve only the built-in mock generation backend (for docker-compose and load tests).
     MockBackend {
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        /// The address to listen on.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9090")]
         listen: String,
     },
 }
@@ -81,7 +130,7 @@ fn main() -> ExitCode {
         logs.init();
     }
     match Cli::parse().command {
-        Command::Check { policy } => check(&policy),
+        Command::Check { policy, no_env } => check(&policy, no_env),
         Command::Run { policy } => run(&policy),
         Command::Quote {
             policy,
@@ -108,10 +157,18 @@ fn load(path: &std::path::Path) -> Result<Policy, ExitCode> {
     })
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let policy = match load(path) {
+fn check(path: &std::path::Path, no_env: bool) -> ExitCode {
+    let loaded = if no_env {
+        Policy::load_without_env(path)
+    } else {
+        Policy::load(path)
+    };
+    let policy = match loaded {
         Ok(policy) => policy,
-        Err(code) => return code,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
     };
     // Notes go beside errors, on stderr: the file is valid, and stdout stays the summary.
     for note in &policy.notes {
@@ -284,30 +341,54 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(serve_policy(path, policy, token));
+    // Connections cut at the end of the grace period are dropped, not awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+/// `creditgate run` once the policy is valid: bind every listener (an address it
+/// cannot have stops it at once), reach the store, seed, serve until a signal.
+async fn serve_policy(path: &std::path::Path, policy: Policy, token: Option<String>) -> ExitCode {
+    let cannot_listen = |what: &str, address: &str, e: std::io::Error| {
+        eprintln!("{}: cannot listen on {what} {address}: {e}", path.display());
+        ExitCode::FAILURE
+    };
+    // Watched first: a SIGTERM while starting stops it gracefully once it serves.
+    let signals = match StopSignals::watch() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("cannot watch for SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = policy.gateway.listen.clone();
+    let listener = match bind(&listen) {
+        Ok(listener) => listener,
+        Err(e) => return cannot_listen("listen", &listen, e),
+    };
+    let admin_listener = match &policy.gateway.admin_listen {
+        Some(address) => match bind(address) {
+            Ok(listener) => Some(listener),
+            Err(e) => return cannot_listen("admin_listen", address, e),
+        },
+        None => None,
+    };
     let policy = Arc::new(policy);
-    // The store's connection lives on its own runtime, which outlives setup: Pingora
-    // runs its services on runtimes of its own.
-    let runtime: &'static tokio::runtime::Runtime =
-        match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => Box::leak(Box::new(rt)),
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
     let store: Arc<dyn creditgate::store::Store> = match &policy.store {
         StoreConfig::Memory => Arc::new(MemoryStore::new(policy.catalog(), policy.limits())),
         StoreConfig::Redis { url, cluster, .. } => {
-            match runtime.block_on(RedisStore::connect(
-                url,
-                *cluster,
-                policy.catalog(),
-                policy.limits(),
-            )) {
+            match RedisStore::connect(url, *cluster, policy.catalog(), policy.limits()).await {
                 Ok(store) => Arc::new(store),
                 Err(e) => {
                     eprintln!("{}: cannot reach redis at {url}: {e}", path.display());
@@ -323,27 +404,37 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = runtime.block_on(gateway.seed_accounts()) {
+    if let Err(e) = gateway.seed_accounts().await {
         eprintln!("cannot seed accounts: {e}");
         return ExitCode::FAILURE;
     }
     let live = LiveGateway::new(gateway);
-    let admin = live.policy().gateway.admin_listen.clone().map(|listen| {
+    // The admin API serves until the gateway has stopped, so `/readyz` says 503
+    // while requests in flight finish.
+    let (stop_admin, admin_stops) = tokio::sync::watch::channel(false);
+    let admin = admin_listener.map(|listener| {
         let state = creditgate::admin::AdminState::new(
             live.clone(),
             Some(path.to_path_buf()),
             token.as_deref(),
         );
-        pingora::services::background::background_service(
-            "admin API",
-            creditgate::admin::AdminService::new(listen, state),
-        )
+        tokio::spawn(creditgate::admin::serve(listener, state, admin_stops))
     });
-    let services: Vec<Box<dyn pingora::services::ServiceWithDependents>> = admin
-        .into_iter()
-        .map(|s| Box::new(s) as Box<dyn pingora::services::ServiceWithDependents>)
-        .collect();
-    run_server(live, path.to_path_buf(), services)
+    let stopped = run_server(live, path.to_path_buf(), listener, signals).await;
+    let _ = stop_admin.send(true);
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    match stopped {
+        Stopped::Clean => ExitCode::SUCCESS,
+        Stopped::GraceExpired { connections } => {
+            eprintln!(
+                "stopped after shutdown_grace with {connections} connections still serving; \
+                 their holds are released after hold_ttl"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs `task` on a multi-threaded runtime; prints its error and fails if it fails.

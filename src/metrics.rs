@@ -18,6 +18,19 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// Upper bounds of the request and upstream duration histograms, in seconds: from
+/// a refusal answered at once to a long generation.
+const DURATION_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// How an upstream answered, as `creditgate_upstream_responses_total` labels it:
+/// its status class, or `error` when no response came (refused, reset, timed out).
+const UPSTREAM_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// How a policy reload ended, as `creditgate_policy_reloads_total` labels it.
+pub const RELOAD_RESULTS: [&str; 4] = ["ok", "invalid", "refused", "failed"];
+
 /// The kinds of store failure, as `creditgate_store_errors_total` labels them.
 const STORE_FAILURE_KINDS: [&str; 3] = ["unavailable", "contended", "corrupt"];
 
@@ -29,6 +42,61 @@ struct Histogram {
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+/// A duration histogram of one operation, with `DURATION_BUCKETS`.
+#[derive(Default)]
+struct Durations {
+    buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Durations {
+    fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, operation: &str) {
+        let operation = escape(operation);
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{operation=\"{operation}\",le=\"{bound}\"}} {}",
+                self.buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{operation=\"{operation}\"}} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{operation=\"{operation}\"}} {count}");
+    }
+}
+
+/// What is timed and counted per operation beyond its outcomes.
+#[derive(Default)]
+struct PerOperation {
+    request: Durations,
+    upstream: Durations,
+    /// Per class, in the order of `UPSTREAM_CLASSES`.
+    upstream_responses: [AtomicU64; UPSTREAM_CLASSES.len()],
 }
 
 #[derive(Default)]
@@ -47,6 +115,22 @@ pub struct Metrics {
     /// Per kind, in the order of `STORE_FAILURE_KINDS`.
     store_errors: [AtomicU64; STORE_FAILURE_KINDS.len()],
     unmetered: AtomicU64,
+    /// Durations and upstream answers per operation (the operations of the
+    /// policies served, `unmatched`, and `other` past `MAX_SERIES`).
+    operations: DashMap<String, PerOperation>,
+    /// Per result, in the order of `RELOAD_RESULTS`.
+    reloads: [AtomicU64; RELOAD_RESULTS.len()],
+}
+
+/// How long a request took, and its upstream's part, for the histograms.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub total: Duration,
+    /// `None` when the request never reached an upstream.
+    pub upstream: Option<Duration>,
+    /// The upstream's status; `None` with an `upstream` time means it failed
+    /// without a response.
+    pub upstream_status: Option<u16>,
 }
 
 impl Metrics {
@@ -83,6 +167,39 @@ impl Metrics {
             return false;
         }
         bump(&self.requests.entry(operation.to_string()).or_default())
+    }
+
+    /// Times a finished request of `operation` (or `unmatched`), and counts how
+    /// its upstream answered if it reached one.
+    pub fn timed(&self, operation: &str, timing: Timing) {
+        let observe = |per: &PerOperation| {
+            per.request.observe(timing.total);
+            if let Some(upstream) = timing.upstream {
+                per.upstream.observe(upstream);
+                let class = match timing.upstream_status {
+                    Some(status @ 100..=599) => usize::from(status / 100) - 1,
+                    _ => UPSTREAM_CLASSES.len() - 1,
+                };
+                per.upstream_responses[class].fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        if let Some(per) = self.operations.get(operation) {
+            return observe(&per);
+        }
+        // Operations come from the policy; past the cap, a new name counts as `other`.
+        let name = if self.operations.len() < MAX_SERIES {
+            operation
+        } else {
+            "other"
+        };
+        observe(&self.operations.entry(name.to_string()).or_default());
+    }
+
+    /// One policy reload, by its result (one of `RELOAD_RESULTS`).
+    pub fn reload(&self, result: &str) {
+        if let Some(i) = RELOAD_RESULTS.iter().position(|r| *r == result) {
+            self.reloads[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn held(&self, credits: Credits) {
@@ -214,7 +331,54 @@ impl Metrics {
             self.store_latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "creditgate_store_latency_seconds_count {count}");
+        self.render_operations(&mut out);
+        out.push_str("# HELP creditgate_policy_reloads_total Policy reloads (SIGHUP or the admin API) by result: ok, invalid (the file does not validate), refused (it changes what needs a restart), failed.\n# TYPE creditgate_policy_reloads_total counter\n");
+        for (result, count) in RELOAD_RESULTS.iter().zip(&self.reloads) {
+            let _ = writeln!(
+                out,
+                "creditgate_policy_reloads_total{{result=\"{result}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP creditgate_build_info The running version of creditgate.\n# TYPE creditgate_build_info gauge\ncreditgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out
+    }
+
+    /// The per-operation histograms and upstream answers, operations sorted.
+    fn render_operations(&self, out: &mut String) {
+        let mut names: Vec<String> = self.operations.iter().map(|e| e.key().clone()).collect();
+        names.sort();
+        out.push_str("# HELP creditgate_request_duration_seconds Time from a request's head to the end of its response, by operation.\n# TYPE creditgate_request_duration_seconds histogram\n");
+        for name in &names {
+            if let Some(per) = self.operations.get(name) {
+                per.request
+                    .render(out, "creditgate_request_duration_seconds", name);
+            }
+        }
+        out.push_str("# HELP creditgate_upstream_duration_seconds Time from connecting to the upstream to the end of its response, by operation.\n# TYPE creditgate_upstream_duration_seconds histogram\n");
+        for name in &names {
+            if let Some(per) = self.operations.get(name) {
+                per.upstream
+                    .render(out, "creditgate_upstream_duration_seconds", name);
+            }
+        }
+        out.push_str("# HELP creditgate_upstream_responses_total Upstream answers by operation and status class; error: no response (refused, reset, timed out).\n# TYPE creditgate_upstream_responses_total counter\n");
+        for name in &names {
+            if let Some(per) = self.operations.get(name) {
+                for (class, count) in UPSTREAM_CLASSES.iter().zip(&per.upstream_responses) {
+                    let _ = writeln!(
+                        out,
+                        "creditgate_upstream_responses_total{{operation=\"{}\",class=\"{class}\"}} {}",
+                        escape(name),
+                        count.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
     }
 }
 

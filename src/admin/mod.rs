@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,8 +16,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
 use axum::{Json, Router};
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -112,7 +109,7 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({"error": {"type": self.kind, "message": self.message}})),
+            Json(json!({"error": {"type": self.kind, "code": self.kind, "message": self.message}})),
         )
             .into_response()
     }
@@ -295,36 +292,6 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` turns true.
-/// The admin API as one of the server's services.
-pub struct AdminService {
-    listen: String,
-    state: AdminState,
-}
-
-#[async_trait]
-impl BackgroundService for AdminService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let listener = match TcpListener::bind(&self.listen).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(listen = %self.listen, "cannot bind the admin listener: {e}");
-                return;
-            }
-        };
-        tracing::info!(listen = %self.listen, "admin API is listening");
-        if let Err(e) = serve(listener, self.state.clone(), shutdown).await {
-            tracing::error!("the admin API stopped: {e}");
-        }
-    }
-}
-
-impl AdminService {
-    /// The admin API on `listen`, as a service of `creditgate run`'s server.
-    pub fn new(listen: String, state: AdminState) -> Self {
-        AdminService { listen, state }
-    }
-}
-
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
@@ -338,7 +305,16 @@ pub async fn serve(
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    // Ready when the store answers.
+    // Ready while the gateway's listener accepts (a graceful stop ends that
+    // first) and the store answers. This listener answers, so it serves too.
+    if !state.live.is_accepting() {
+        return Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the gateway is stopping: it accepts nothing new",
+        )
+        .into_response();
+    }
     match state.store().ping().await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => Refusal::from(e).into_response(),
@@ -610,6 +586,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 /// refused with its errors and the running policy stays.
 async fn reload(State(state): State<AdminState>) -> Answer {
     let Some(path) = &state.policy_file else {
+        state
+            .live
+            .count_reload(&Err(ReloadError::NeedsRestart("no policy file".into())));
         return Err(Refusal::new(
             StatusCode::CONFLICT,
             "no_policy_file",
@@ -623,7 +602,7 @@ async fn reload(State(state): State<AdminState>) -> Answer {
         )),
         Err(ReloadError::Invalid(errors)) => {
             let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
-            let body = json!({"error": {"type": "invalid_policy", "message": "the policy file is invalid; the running policy stays", "errors": list}});
+            let body = json!({"error": {"type": "invalid_policy", "code": "invalid_policy", "message": "the policy file is invalid; the running policy stays", "errors": list}});
             Ok((StatusCode::BAD_REQUEST, Json(body)))
         }
         Err(other) => Err(Refusal::new(

@@ -49,6 +49,8 @@ pub enum ApiError {
         operation: String,
         quota: String,
         limit: u64,
+        /// Seconds until the refill renews the quota, when known: `Retry-After`.
+        refill_in_s: Option<u64>,
     },
     StoreUnavailable,
     /// The store answered, but the account is contended or its state corrupt: a
@@ -60,6 +62,10 @@ pub enum ApiError {
     UpstreamTimeout,
     /// A bug in the gateway; the body says nothing more.
     Internal,
+    /// A method the gateway does not serve (`CONNECT`).
+    MethodNotAllowed,
+    /// The request head was not read within `header_read_timeout`.
+    RequestTimeout,
     IdempotencyInProgress,
     IdempotencyKeyReused,
     /// The first request was settled, but its response could not be kept.
@@ -81,6 +87,8 @@ impl ApiError {
             ApiError::StoreUnavailable => 503,
             ApiError::UpstreamTimeout => 504,
             ApiError::Internal | ApiError::StoreFailed { .. } => 500,
+            ApiError::MethodNotAllowed => 405,
+            ApiError::RequestTimeout => 408,
             ApiError::IdempotencyInProgress
             | ApiError::IdempotencyKeyReused
             | ApiError::IdempotencyReplayUnavailable => 409,
@@ -104,6 +112,8 @@ impl ApiError {
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Internal => "internal_error",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::IdempotencyInProgress => "idempotency_in_progress",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::IdempotencyReplayUnavailable => "idempotency_replay_unavailable",
@@ -117,6 +127,10 @@ impl ApiError {
                 format!("The request body is larger than {limit} bytes.")
             }
             ApiError::Internal => "The gateway failed; nothing was charged.".into(),
+            ApiError::MethodNotAllowed => "The gateway does not serve this method.".into(),
+            ApiError::RequestTimeout => {
+                "The request head was not received in time; nothing was charged.".into()
+            }
             ApiError::IdempotencyInProgress => "A request with this Idempotency-Key is in progress; retry when it has finished.".into(),
             ApiError::IdempotencyKeyReused => "This Idempotency-Key was used for a different request.".into(),
             ApiError::IdempotencyReplayUnavailable => "The request with this Idempotency-Key succeeded and was charged; its response was too large to replay.".into(),
@@ -172,6 +186,7 @@ impl ApiError {
                 operation,
                 quota,
                 limit,
+                ..
             } => {
                 format!("{operation} counts against {quota}: all {limit} for this month are used.")
             }
@@ -187,6 +202,18 @@ impl ApiError {
             ApiError::UpstreamTimeout => {
                 "The backend did not answer in time; nothing was charged.".into()
             }
+        }
+    }
+
+    /// The `Retry-After` of this error, in seconds: when the refill renews an
+    /// exhausted quota (if known), and `1` for what passes on its own (an open
+    /// hold ending, the store coming back). Other errors are not worth retrying
+    /// as they are, so SDKs that retry on 429 are told nothing.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            ApiError::QuotaExhausted { refill_in_s, .. } => *refill_in_s,
+            ApiError::StoreUnavailable | ApiError::TooManyHolds { .. } => Some(1),
+            _ => None,
         }
     }
 
@@ -249,6 +276,7 @@ impl ApiError {
                 operation: name(),
                 quota,
                 limit,
+                refill_in_s: None,
             },
             HoldRejected::IdempotencyInProgress => ApiError::IdempotencyInProgress,
             HoldRejected::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
@@ -301,6 +329,8 @@ impl ApiError {
     pub fn fields(&self) -> Map<String, Value> {
         let mut error = Map::new();
         error.insert("type".into(), json!(self.kind()));
+        // The field the OpenAI SDKs (and many tools) read the error's kind from.
+        error.insert("code".into(), json!(self.kind()));
         error.insert("message".into(), json!(self.message()));
         match self {
             ApiError::PlanRequired {
@@ -341,6 +371,7 @@ impl ApiError {
                 operation,
                 quota,
                 limit,
+                ..
             } => {
                 error.insert("operation".into(), json!(operation));
                 error.insert("quota".into(), json!(quota));
@@ -385,7 +416,7 @@ mod tests {
         let body = e.body("r1");
         assert_eq!(
             body,
-            json!({"error": {"type": "insufficient_credits",
+            json!({"error": {"type": "insufficient_credits", "code": "insufficient_credits",
                 "message": "image.generate needs 30 credits; 12.5 are available.",
                 "operation": "image.generate", "required": 30, "available": 12.5, "held": 2,
                 "plan": "free", "upgrade_url": "https://example.com/billing", "request_id": "r1"}})
@@ -489,7 +520,7 @@ mod tests {
         .body("r1");
         assert_eq!(
             body,
-            json!({"error": {"type": "insufficient_credits",
+            json!({"error": {"type": "insufficient_credits", "code": "insufficient_credits",
                 "message": "image.premium needs 2 credits; 1.5 are available.",
                 "operation": "image.premium", "required": 2, "available": 1.5, "held": 0.5,
                 "plan": "free", "upgrade_url": "https://example.com/up", "request_id": "r1"}})

@@ -5,6 +5,7 @@
 //! held at, while new requests see the new policy at once. The store, the clock and
 //! the metrics carry over; nothing is dropped or re-held.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +21,9 @@ use crate::policy::{Policy, PolicyErrors};
 
 pub struct LiveGateway {
     current: RwLock<Arc<Gateway>>,
+    /// False once the gateway stops accepting (a graceful stop began): `/readyz`
+    /// then answers 503 so load balancers send nothing new.
+    accepting: AtomicBool,
 }
 
 /// Why a reload was refused; the running policy stays.
@@ -46,7 +50,18 @@ impl LiveGateway {
     pub fn new(gateway: Gateway) -> Arc<LiveGateway> {
         Arc::new(LiveGateway {
             current: RwLock::new(Arc::new(gateway)),
+            accepting: AtomicBool::new(true),
         })
+    }
+
+    /// A graceful stop began: the listener accepts nothing more.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    /// Whether the gateway's listener still accepts connections.
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
     }
 
     /// The gateway new requests use.
@@ -65,14 +80,37 @@ impl LiveGateway {
     /// Switches to `policy` for new requests: plans and limits go to the store,
     /// new seeded accounts are created. Returns the number of operations.
     pub async fn reload(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
+        let result = self.switch(policy).await;
+        self.count_reload(&result);
+        result
+    }
+
+    /// Counts a reload by its result, for `creditgate_policy_reloads_total`.
+    pub fn count_reload(&self, result: &std::result::Result<usize, ReloadError>) {
+        let label = match result {
+            Ok(_) => "ok",
+            Err(ReloadError::Invalid(_)) => "invalid",
+            Err(ReloadError::NeedsRestart(_)) => "refused",
+            Err(ReloadError::Failed(_)) => "failed",
+        };
+        self.current().metrics().reload(label);
+    }
+
+    async fn switch(&self, policy: Policy) -> std::result::Result<usize, ReloadError> {
         let old = self.current();
         let (was, now) = (&old.policy().gateway, &policy.gateway);
+        // What the listener and its accept loop were started with.
         if was.listen != now.listen
             || was.admin_listen != now.admin_listen
             || was.max_connections != now.max_connections
+            || was.header_read_timeout_ms != now.header_read_timeout_ms
+            || was.keepalive_timeout_ms != now.keepalive_timeout_ms
+            || was.shutdown_grace_ms != now.shutdown_grace_ms
         {
             return Err(ReloadError::NeedsRestart(
-                "listen, admin_listen and max_connections change only with a restart".into(),
+                "listen, admin_listen, max_connections, header_read_timeout, keepalive_timeout \
+                 and shutdown_grace change only with a restart"
+                    .into(),
             ));
         }
         if old.policy().store != policy.store {
@@ -99,7 +137,14 @@ impl LiveGateway {
         &self,
         path: &std::path::Path,
     ) -> std::result::Result<usize, ReloadError> {
-        let policy = Policy::load(path).map_err(ReloadError::Invalid)?;
+        let policy = match Policy::load(path) {
+            Ok(policy) => policy,
+            Err(errors) => {
+                let result = Err(ReloadError::Invalid(errors));
+                self.count_reload(&result);
+                return result;
+            }
+        };
         for note in &policy.notes {
             tracing::warn!("{note}");
         }

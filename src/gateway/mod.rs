@@ -24,6 +24,7 @@
 
 mod body;
 mod client_api;
+mod client_conn;
 pub mod decision;
 pub mod errors;
 mod hold_guard;
@@ -35,7 +36,7 @@ mod server;
 mod usage;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -49,10 +50,10 @@ use crate::clock::Clock;
 use crate::ledger::{
     Credits, HoldRejected, HoldRequest, HoldTerms, IdempotencyRequest, Millis, Recorded,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Timing};
 use crate::policy::{
     Caller, Evaluation, HoldRule, NormalizedPath, OnUnavailable, Operation, OverHold, Policy,
-    StoreConfig, Verdict,
+    Refused, StoreConfig, Verdict,
 };
 use crate::store::{Identity, Store, StoreError};
 use body::BodyError;
@@ -66,7 +67,10 @@ use usage::UsageMeter;
 
 pub use body::{LINGER_IDLE_TIMEOUT, LINGER_MAX_BYTES, LINGER_TIME};
 pub use live::{LiveGateway, LiveProxy, ReloadError};
-pub use server::{run_server, serve, serve_live, serve_proxy, spawn_sweeper, SWEEP_INTERVAL};
+pub use server::{
+    bind, run_server, serve, serve_live, serve_proxy, spawn_sweeper, Drained, StopSignals, Stopped,
+    SWEEP_INTERVAL,
+};
 
 /// The metering proxy. Cheap to share: everything is behind `Arc`.
 pub struct Gateway {
@@ -76,6 +80,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// One ready-made peer per upstream, in the policy's order.
     peers: Vec<HttpPeer>,
+    /// Each upstream's `Host`: its URL's host (and port, unless the scheme's default).
+    host_headers: Vec<HeaderValue>,
     /// Each plan's `x-creditgate-features` value.
     plan_features: std::collections::BTreeMap<String, HeaderValue>,
 }
@@ -88,6 +94,7 @@ impl Gateway {
         clock: Clock,
     ) -> std::result::Result<Self, String> {
         let mut peers = Vec::with_capacity(policy.upstreams.len());
+        let mut host_headers = Vec::with_capacity(policy.upstreams.len());
         for u in &policy.upstreams {
             let address = std::net::ToSocketAddrs::to_socket_addrs(&(u.host.as_str(), u.port))
                 .map_err(|e| {
@@ -98,11 +105,20 @@ impl Gateway {
                 })?
                 .next()
                 .ok_or_else(|| format!("upstream {}: {} has no address", u.name, u.host))?;
-            let mut peer = HttpPeer::new(address, u.tls, u.host.clone());
+            let sni = u.tls.as_ref().map_or("", |t| t.server_name.as_str());
+            let mut peer = HttpPeer::new(address, u.tls.is_some(), sni.to_string());
             peer.options.connection_timeout = Some(Duration::from_millis(u.connect_timeout_ms));
             peer.options.read_timeout = Some(Duration::from_millis(u.read_timeout_ms));
             peer.options.write_timeout = Some(Duration::from_millis(u.read_timeout_ms));
+            if let Some(tls) = &u.tls {
+                peer.options.verify_cert = tls.verify;
+                peer.options.verify_hostname = tls.verify;
+                if !tls.ca_der.is_empty() {
+                    peer.options.ca = Some(trusted_cas(&tls.ca_der));
+                }
+            }
             peers.push(peer);
+            host_headers.push(header_value(&host_header(u)));
         }
         let plan_features = policy
             .plans
@@ -115,6 +131,7 @@ impl Gateway {
             clock,
             metrics: Arc::default(),
             peers,
+            host_headers,
             plan_features,
         })
     }
@@ -204,6 +221,14 @@ pub struct RequestCtx {
     idempotency: Option<IdempotencyRequest>,
     /// Keeps the response of an idempotent request, to replay it.
     recorder: Option<Recorder>,
+    /// When the request's head had been read.
+    started: Instant,
+    /// When the gateway first asked for its upstream (it connects next).
+    upstream_started: Option<Instant>,
+    /// What the hold placed, kept after it ends (for the access log).
+    hold_amount: Credits,
+    /// What settling the hold charged.
+    charged: Credits,
 }
 
 /// What `admit` decided.
@@ -248,6 +273,10 @@ impl Gateway {
             usage: None,
             idempotency: None,
             recorder: None,
+            started: Instant::now(),
+            upstream_started: None,
+            hold_amount: Credits::ZERO,
+            charged: Credits::ZERO,
         }
     }
 
@@ -256,6 +285,12 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
+        // The head is read: the client deadlines of the head end here, and the
+        // body's reads are bounded one by one.
+        client_conn::admitted(session);
+        session.set_read_timeout(Some(Duration::from_millis(
+            self.policy.gateway.body_read_timeout_ms,
+        )));
         match self.admit(session, ctx).await {
             Ok(Admitted::Forward) => Ok(false),
             Ok(Admitted::Answered) => Ok(true),
@@ -271,6 +306,8 @@ impl Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        // A retry asks again: the upstream's time counts from the first attempt.
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         // `admit` set a valid index: the policy resolved every upstream reference.
         match self.peers.get(ctx.upstream) {
             Some(peer) => Ok(Box::new(peer.clone())),
@@ -317,6 +354,11 @@ impl Gateway {
             upstream_request.remove_header(&http::header::EXPECT);
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
             upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        // The upstream's own name, as a client of its URL would send it (TLS
+        // backends route and check it); `set_headers` may still override it.
+        if let Some(host) = self.host_headers.get(ctx.upstream) {
+            upstream_request.insert_header(http::header::HOST, host.clone())?;
         }
         for (name, value) in &self.policy.upstreams[ctx.upstream].set_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
@@ -427,7 +469,7 @@ impl Gateway {
 
     pub(super) async fn logging(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
     ) {
@@ -439,10 +481,61 @@ impl Gateway {
             .outcome
             .unwrap_or(if e.is_some() { "failed" } else { "free" });
         self.metrics.request(operation, outcome);
+        let now = Instant::now();
+        let timing = Timing {
+            total: now.saturating_duration_since(ctx.started),
+            upstream: ctx
+                .upstream_started
+                .map(|t| now.saturating_duration_since(t)),
+            upstream_status: ctx.status,
+        };
+        self.metrics.timed(operation, timing);
+        access_log(session, ctx, operation, outcome, timing);
+        client_conn::ended(session);
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.request_id, status = ?ctx.status, "request ended with an error: {e}");
         }
     }
+}
+
+/// The access log: one line per request at `info`, target `creditgate::access`
+/// (a JSON object with `CREDITGATE_LOG_FORMAT=json`). Who asked (account, member,
+/// key id — never the key), what (operation, method, normalized path), how it
+/// ended (status written to the client, held, charged, outcome) and how long it
+/// took (`upstream_ms` only when an upstream was asked). Fields the request never
+/// got to (no key, no path that normalizes) are empty.
+fn access_log(session: &Session, ctx: &RequestCtx, operation: &str, outcome: &str, timing: Timing) {
+    if !tracing::enabled!(target: "creditgate::access", tracing::Level::INFO) {
+        return;
+    }
+    let req = session.req_header();
+    // The path as matched; a request refused before that is normalized here.
+    let path = match &ctx.path {
+        Some(path) => path.as_str().to_string(),
+        None => request_path(req).map_or_else(|_| String::new(), |p| p.as_str().to_string()),
+    };
+    let identity = ctx.identity.as_deref();
+    let status = session
+        .response_written()
+        .map_or(0, |resp| resp.status.as_u16());
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(
+        target: "creditgate::access",
+        request_id = %ctx.request_id,
+        account = identity.map_or("", |i| i.account.as_str()),
+        member = identity.map_or("", |i| i.member.as_str()),
+        key_id = identity.map_or("", |i| i.key_id.as_str()),
+        operation,
+        method = req.method.as_str(),
+        path,
+        status,
+        held = %ctx.hold_amount,
+        charged = %ctx.charged,
+        outcome,
+        upstream_ms = timing.upstream.map(millis),
+        total_ms = millis(timing.total),
+        "request"
+    );
 }
 
 /// The steps `request_filter` runs: authenticate → match → entitle → price → hold;
@@ -495,6 +588,13 @@ impl Gateway {
                 }
             }
         };
+        // A refusal that names its operation is counted and logged under it.
+        if let Err(
+            Refused::PlanRequired { operation, .. } | Refused::PremiumDisabled { operation },
+        ) = &verdict
+        {
+            ctx.operation = Some(*operation);
+        }
         let (index, price, quota_units) =
             match verdict.map_err(|r| ApiError::refused(&self.policy, r))? {
                 Verdict::Operation {
@@ -642,6 +742,7 @@ impl Gateway {
         {
             Ok(Ok(placed)) => {
                 ctx.held = placed.held;
+                ctx.hold_amount = placed.held;
                 ctx.remaining = Some(placed.available);
                 self.metrics.held(placed.held);
                 ctx.hold = Some(HoldGuard::new(
@@ -668,12 +769,11 @@ impl Gateway {
                 if let HoldRejected::InsufficientCredits { available, .. } = &rejection {
                     ctx.remaining = Some(*available);
                 }
-                Err(ApiError::rejected(
-                    &self.policy,
-                    index,
-                    rejection,
-                    &identity.plan,
-                ))
+                let mut error = ApiError::rejected(&self.policy, index, rejection, &identity.plan);
+                if let ApiError::QuotaExhausted { refill_in_s, .. } = &mut error {
+                    *refill_in_s = self.refill_in_s(account).await;
+                }
+                Err(error)
             }
             Err(e) => match unplaced(e, self.fails_open()) {
                 Unplaced::ForwardUnmetered(e) => {
@@ -686,6 +786,20 @@ impl Gateway {
                 Unplaced::Refuse(error) => Err(error),
             },
         }
+    }
+
+    /// Seconds until `account`'s next refill (which renews its quotas), rounded
+    /// up; `None` if the store cannot say. Asked only when a quota is exhausted.
+    async fn refill_in_s(&self, account: &str) -> Option<u64> {
+        let now = self.now_ms();
+        let view = self
+            .metrics
+            .store(self.store.account(account, now))
+            .await
+            .ok()?;
+        let next = view.next_refill_ms;
+        // An account whose plan never refills has no time to wait for.
+        (next != Millis::MAX && next > now).then(|| (next - now).div_ceil(1_000))
     }
 
     async fn available(&self, account: &str) -> std::result::Result<Option<Credits>, ApiError> {
@@ -717,6 +831,7 @@ impl Gateway {
             return self.release(guard, ctx).await;
         };
         ctx.outcome = Some("settled");
+        ctx.charged = charge;
         guard.settle(charge, &ctx.request_id).await;
         self.record_response(ctx).await;
     }
@@ -760,6 +875,35 @@ enum Held {
     Placed,
     /// An idempotent repeat of a settled request: answer it from its record.
     Replayed(Recorded),
+}
+
+/// The `Host` an upstream is sent: its URL's authority, the port left out when it
+/// is the scheme's default, as a client of that URL would send it.
+fn host_header(upstream: &crate::policy::Upstream) -> String {
+    let host = if upstream.host.contains(':') {
+        format!("[{}]", upstream.host)
+    } else {
+        upstream.host.clone()
+    };
+    let default_port = if upstream.tls.is_some() { 443 } else { 80 };
+    if upstream.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", upstream.port)
+    }
+}
+
+/// The CAs an upstream trusts, as Pingora's TLS takes them.
+fn trusted_cas(ca_der: &[Vec<u8>]) -> Arc<pingora::protocols::tls::CaType> {
+    use pingora::utils::tls::{parse_x509, WrappedX509};
+    // `parse_x509` panics on a certificate that does not parse; the policy's
+    // validation parsed each of these with the same parser (x509-parser 0.16,
+    // `X509Certificate::from_der`) and refused the file otherwise.
+    let cas: Vec<WrappedX509> = ca_der
+        .iter()
+        .map(|der| WrappedX509::new(der.clone(), parse_x509))
+        .collect();
+    Arc::from(cas.into_boxed_slice())
 }
 
 /// Which side a Pingora error came from, for the decision.
@@ -810,6 +954,34 @@ mod tests {
                 Unplaced::Refuse(ApiError::InvalidApiKey)
             );
         }
+    }
+
+    #[test]
+    fn an_upstream_is_sent_its_urls_host_with_the_port_unless_the_schemes_default() {
+        let upstream = |host: &str, port: u16, https: bool| crate::policy::Upstream {
+            name: "u".into(),
+            host: host.into(),
+            port,
+            tls: https.then(|| crate::policy::UpstreamTls {
+                server_name: host.into(),
+                ca_der: Vec::new(),
+                verify: true,
+            }),
+            connect_timeout_ms: 1,
+            read_timeout_ms: 1,
+            set_headers: Vec::new(),
+        };
+        assert_eq!(
+            host_header(&upstream("api.example.com", 443, true)),
+            "api.example.com"
+        );
+        assert_eq!(
+            host_header(&upstream("api.example.com", 8443, true)),
+            "api.example.com:8443"
+        );
+        assert_eq!(host_header(&upstream("backend", 80, false)), "backend");
+        assert_eq!(host_header(&upstream("backend", 443, false)), "backend:443");
+        assert_eq!(host_header(&upstream("::1", 9000, false)), "[::1]:9000");
     }
 
     #[test]

@@ -41,8 +41,14 @@ impl Gateway {
         if let ApiError::StoreFailed { detail } = &error {
             tracing::error!(request_id = %ctx.request_id, "store failure, answered 500: {detail}");
         }
-        let body = error.body(&ctx.request_id);
-        self.write_json(session, ctx, error.status(), body).await
+        let body = Bytes::from(error.body(&ctx.request_id).to_string());
+        let mut resp = ResponseHeader::build(error.status(), Some(7))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        if let Some(seconds) = error.retry_after_s() {
+            resp.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
+        }
+        self.send(session, ctx, resp, body).await
     }
 
     /// Answers a repeated idempotent request from its recorded response: charged

@@ -1,23 +1,26 @@
-//! Starting the gateway: under Pingora's `Server` (`creditgate run`), or on a
-//! listener the caller already bound (tests and the demo bind `127.0.0.1:0`).
-//! Both serve client connections with one accept loop, which holds at most
-//! `max_connections` of them at once.
+//! Serving the gateway: `creditgate run` ([`run_server`]: signals, readiness, a
+//! graceful stop that waits only for requests in flight), or on a listener the
+//! caller already bound (tests and the demo bind `127.0.0.1:0`). Both serve client
+//! connections with one accept loop, which holds at most `max_connections` of
+//! them at once, each within the client deadlines (`client_conn`).
+//!
+//! Pingora's own `Server` is not used: its stop waits out the whole grace period
+//! even when nothing is in flight, and it exits 0 whatever happened. Nothing else
+//! of it is needed — the listener is bound here, and Pingora's HTTP proxy app runs
+//! on any tokio runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::ProxyHttp;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{ListenFds, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::ServiceWithDependents;
 use std::os::fd::AsRawFd;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use super::client_conn::{ClientConn, Deadlines};
 use super::{Gateway, LiveGateway, LiveProxy};
 use std::path::PathBuf;
 
@@ -66,29 +69,33 @@ pub fn spawn_sweeper(
     ))
 }
 
-struct Sweeper(Arc<dyn Store>, Clock, Arc<Metrics>);
-
-#[async_trait]
-impl BackgroundService for Sweeper {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        sweep_until(self.0.clone(), self.1.clone(), self.2.clone(), shutdown).await
-    }
+/// What the accept loop bounds on the client side, from the policy.
+#[derive(Clone, Copy, Debug)]
+struct ClientLimits {
+    max_connections: usize,
+    /// `None` for a proxy that is not the gateway (the benches' passthrough): its
+    /// hooks do not mark requests admitted, so the head deadlines cannot apply.
+    deadlines: Option<Deadlines>,
+    /// After the loop stops: how long open connections may take to finish.
+    grace: Duration,
 }
 
-fn server_conf(gateway: &GatewayConfig) -> ServerConf {
-    ServerConf {
-        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        // On SIGTERM: stop accepting, let in-flight requests finish (and end their
-        // holds) for the grace period, then give the runtimes this long to stop.
-        grace_period_seconds: Some(gateway.shutdown_grace_ms.div_ceil(1_000)),
-        graceful_shutdown_timeout_seconds: Some(5),
-        ..ServerConf::default()
+impl ClientLimits {
+    fn of(config: &GatewayConfig) -> Self {
+        ClientLimits {
+            max_connections: config.max_connections,
+            deadlines: Some(Deadlines {
+                header_read: Duration::from_millis(config.header_read_timeout_ms),
+                keepalive: Duration::from_millis(config.keepalive_timeout_ms),
+            }),
+            grace: Duration::from_millis(config.shutdown_grace_ms),
+        }
     }
 }
 
 /// Serves the gateway on an already-bound listener until `shutdown` turns true.
 /// Each connection runs the same Pingora HTTP proxy app as `run_server`, within
-/// the policy's `max_connections`.
+/// the policy's `max_connections` and client timeouts.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: watch::Receiver<bool>) {
     serve_live(listener, LiveGateway::new(gateway), shutdown).await
 }
@@ -100,10 +107,14 @@ pub async fn serve_live(
     shutdown: watch::Receiver<bool>,
 ) {
     let gateway = live.current();
-    let max_connections = gateway.policy().gateway.max_connections;
+    let limits = ClientLimits::of(&gateway.policy().gateway);
     let sweeper = spawn_sweeper(&gateway, shutdown.clone());
     drop(gateway);
-    serve_proxy(listener, LiveProxy(live), max_connections, shutdown).await;
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &Arc::new(ServerConf::default()),
+        LiveProxy(live),
+    ));
+    accept_within(listener, app, limits, shutdown).await;
     sweeper.abort();
 }
 
@@ -124,7 +135,21 @@ pub async fn serve_proxy<SV>(
         &Arc::new(ServerConf::default()),
         proxy,
     ));
-    accept_within(listener, app, max_connections, shutdown).await;
+    let limits = ClientLimits {
+        max_connections,
+        deadlines: None,
+        grace: Duration::ZERO,
+    };
+    accept_within(listener, app, limits, shutdown).await;
+}
+
+/// How the accept loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished (or none was open).
+    Clean,
+    /// The grace period ended with this many connections still serving.
+    Cut(usize),
 }
 
 /// Accepts connections on `listener` until `shutdown` turns true and runs `app`
@@ -135,21 +160,26 @@ pub async fn serve_proxy<SV>(
 /// that backlog; past it, new connections are refused or time out.) Waiting
 /// rather than closing at once: a burst past the cap is served late instead of
 /// failed, and a client that gives up while it waits costs nothing.
+///
+/// Once `shutdown` turns true: no more accepts; idle kept-alive connections and
+/// heads not yet read are closed (`cleanup`); requests in flight finish, each
+/// connection closing after its response; this returns when every connection
+/// is closed, or after `grace`.
 async fn accept_within<A>(
     listener: TcpListener,
     app: Arc<A>,
-    max_connections: usize,
+    limits: ClientLimits,
     shutdown: watch::Receiver<bool>,
-) where
+) -> Drained
+where
     A: ServerApp + Send + Sync + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
             accepted = accept_one(&listener, &slots) => accepted,
             changed = stop.changed() => {
-                // Pingora may announce `false` first; only `true` (or no sender left) stops.
                 if changed.is_err() || *stop.borrow() {
                     break;
                 }
@@ -169,14 +199,24 @@ async fn accept_within<A>(
         let app = app.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut stream = client_stream(tcp);
+            let mut stream = client_stream(tcp, limits.deadlines);
             while let Some(reused) = app.process_new(stream, &shutdown).await {
                 stream = reused;
             }
             drop(slot);
         });
     }
+    drop(listener);
     app.cleanup().await;
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(limits.grace, slots.acquire_many(all))
+        .await
+        .is_ok();
+    if drained {
+        Drained::Clean
+    } else {
+        Drained::Cut(limits.max_connections - slots.available_permits())
+    }
 }
 
 /// How long the accept loop waits after a failed accept.
@@ -197,32 +237,31 @@ async fn accept_one(
     Ok((tcp, slot))
 }
 
-/// A client connection as Pingora's own listener hands it over: no Nagle delay,
-/// and the socket's addresses in its digest.
-fn client_stream(tcp: tokio::net::TcpStream) -> pingora::protocols::Stream {
+/// A client connection as Pingora's own listener hands it over (no Nagle delay,
+/// the socket's addresses in its digest), within the client deadlines if given.
+fn client_stream(
+    tcp: tokio::net::TcpStream,
+    deadlines: Option<Deadlines>,
+) -> pingora::protocols::Stream {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().ok();
     let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(peer.map(Into::into));
     stream.set_socket_digest(digest);
-    Box::new(stream)
-}
-
-/// The proxy as a service of Pingora's `Server`. Pingora's own listening service
-/// accepts every connection it can (it has no cap), so this one binds the
-/// `listen` address itself, as Pingora would (address reuse, a long backlog),
-/// and serves it with the same capped accept loop as `serve`.
-struct CappedProxy<A> {
-    listen: String,
-    max_connections: usize,
-    app: Option<A>,
+    match deadlines {
+        Some(deadlines) => Box::new(ClientConn::new(stream, deadlines)),
+        None => Box::new(stream),
+    }
 }
 
 /// The listen backlog, as Pingora sets it; the kernel caps it at `somaxconn`.
 const LISTEN_BACKLOG: u32 = 65_535;
 
-fn bind(listen: &str) -> std::io::Result<TcpListener> {
+/// Binds `listen` as Pingora would (address reuse, a long backlog). `creditgate
+/// run` binds every listener before it serves anything, so an address it cannot
+/// have stops it at once.
+pub fn bind(listen: &str) -> std::io::Result<TcpListener> {
     let address: std::net::SocketAddr = listen
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -235,94 +274,108 @@ fn bind(listen: &str) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-#[async_trait]
-impl<A> pingora::services::Service for CappedProxy<A>
-where
-    A: ServerApp + Send + Sync + 'static,
-{
-    async fn start_service(
-        &mut self,
-        #[cfg(unix)] _fds: Option<ListenFds>,
-        shutdown: ShutdownWatch,
-        _listeners_per_fd: usize,
-    ) {
-        let Some(app) = self.app.take() else {
-            return;
-        };
-        let listener = match bind(&self.listen) {
-            Ok(listener) => listener,
-            Err(e) => {
-                // Nothing can be served: stop, as a failed start should.
-                tracing::error!(listen = %self.listen, "cannot listen: {e}");
-                std::process::exit(1);
-            }
-        };
-        tracing::info!(listen = %self.listen, max_connections = self.max_connections, "creditgate is listening");
-        accept_within(listener, Arc::new(app), self.max_connections, shutdown).await;
-    }
+/// SIGTERM and SIGINT, watched from the moment this is made: a signal that
+/// arrives while the gateway is still starting waits here instead of killing the
+/// process, and stops it gracefully as soon as it serves.
+pub struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
 
-    fn name(&self) -> &str {
-        "creditgate proxy"
+impl StopSignals {
+    pub fn watch() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
 }
 
-/// Runs the gateway under Pingora's server (signals, graceful shutdown) on the
-/// policy's `listen` address, with the caller's other `services` (the admin API)
-/// beside it. Never returns.
-pub fn run_server(
+/// How `run_server` stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// On SIGTERM or SIGINT, every request finished.
+    Clean,
+    /// On SIGTERM or SIGINT, `shutdown_grace` ended with connections still
+    /// serving; their holds expire after `hold_ttl`.
+    GraceExpired { connections: usize },
+}
+
+/// Serves the gateway on `listener` (bound by the caller, see [`bind`]) until
+/// SIGTERM or SIGINT: then `/readyz` turns 503, nothing new is accepted, idle
+/// connections close, and it returns once the requests in flight finished — at
+/// once when there are none — or after `shutdown_grace`. SIGHUP reloads the
+/// policy file. Expired holds are swept meanwhile.
+pub async fn run_server(
     live: Arc<LiveGateway>,
     policy_file: PathBuf,
-    services: Vec<Box<dyn ServiceWithDependents>>,
-) -> ! {
+    listener: TcpListener,
+    signals: StopSignals,
+) -> Stopped {
+    let StopSignals {
+        mut terminate,
+        mut interrupt,
+    } = signals;
     let gateway = live.current();
-    let listen = gateway.policy().gateway.listen.clone();
-    let sweeper = Sweeper(
-        gateway.store().clone(),
-        gateway.clock().clone(),
-        gateway.metrics().clone(),
-    );
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(&gateway.policy().gateway));
-    server.bootstrap();
-    server.add_service(CappedProxy {
-        listen,
-        max_connections: gateway.policy().gateway.max_connections,
-        app: Some(pingora::proxy::http_proxy(
-            &server.configuration,
-            LiveProxy(live.clone()),
-        )),
-    });
-    server.add_service(background_service("hold sweeper", sweeper));
-    server.add_service(background_service(
-        "policy reload on SIGHUP",
-        ReloadOnHangup { live, policy_file },
+    let config = gateway.policy().gateway.clone();
+    let (drain, draining) = watch::channel(false);
+    let (stop, stopping) = watch::channel(false);
+    let sweeper = spawn_sweeper(&gateway, stopping.clone());
+    drop(gateway);
+    let reloads = tokio::spawn(reload_on_hangup(live.clone(), policy_file, stopping));
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &Arc::new(ServerConf::default()),
+        LiveProxy(live.clone()),
     ));
-    server.add_services(services);
-    server.run_forever()
+    let serving = tokio::spawn(accept_within(
+        listener,
+        app,
+        ClientLimits::of(&config),
+        draining,
+    ));
+    tracing::info!(listen = %config.listen, admin_listen = config.admin_listen.as_deref().unwrap_or(""), max_connections = config.max_connections, "creditgate is listening");
+    let signal = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(
+        grace_ms = config.shutdown_grace_ms,
+        "{signal}: not ready, accepting nothing new, waiting for requests in flight"
+    );
+    live.stop_accepting();
+    let _ = drain.send(true);
+    let drained = serving.await.unwrap_or(Drained::Cut(0));
+    let _ = stop.send(true);
+    let _ = reloads.await;
+    let _ = sweeper.await;
+    match drained {
+        Drained::Clean => {
+            tracing::info!("stopped: every request finished");
+            Stopped::Clean
+        }
+        Drained::Cut(connections) => Stopped::GraceExpired { connections },
+    }
 }
 
 /// `kill -HUP` reloads the policy file; an invalid file is logged and ignored.
-struct ReloadOnHangup {
+async fn reload_on_hangup(
     live: Arc<LiveGateway>,
     policy_file: PathBuf,
-}
-
-#[async_trait]
-impl BackgroundService for ReloadOnHangup {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            tracing::error!("cannot listen for SIGHUP; reload with POST /admin/policy/reload");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hangups.recv() => match self.live.reload_file(&self.policy_file).await {
-                    Ok(operations) => tracing::info!(operations, "SIGHUP: policy reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: policy not reloaded, the running one stays: {e}"),
-                },
-                _ = shutdown.changed() => return,
-            }
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::error!("cannot listen for SIGHUP; reload with POST /admin/policy/reload");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => match live.reload_file(&policy_file).await {
+                Ok(operations) => tracing::info!(operations, "SIGHUP: policy reloaded"),
+                Err(e) => tracing::error!("SIGHUP: policy not reloaded, the running one stays: {e}"),
+            },
+            _ = shutdown.changed() => return,
         }
     }
 }

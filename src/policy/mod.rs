@@ -143,6 +143,12 @@ pub struct GatewayConfig {
     pub max_account_state_bytes: u64,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// From a request's first byte until its head is read.
+    pub header_read_timeout_ms: u64,
+    /// Between two reads of a request body.
+    pub body_read_timeout_ms: u64,
+    /// How long a kept-alive connection may wait, idle, for its next request.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl GatewayConfig {
@@ -178,10 +184,24 @@ pub struct Upstream {
     pub name: String,
     pub host: String,
     pub port: u16,
-    pub tls: bool,
+    /// `Some` for an `https://` upstream.
+    pub tls: Option<UpstreamTls>,
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// How the gateway speaks TLS to an `https://` upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and checked against the certificate: the URL's host
+    /// unless `server_name` says otherwise.
+    pub server_name: String,
+    /// Certificates (DER) of the CAs trusted for this upstream, read from
+    /// `ca_file`; empty: the system's trusted CAs.
+    pub ca_der: Vec<Vec<u8>>,
+    /// `false` accepts any certificate (a test backend only).
+    pub verify: bool,
 }
 
 /// Where a request value comes from.
@@ -428,7 +448,23 @@ impl Policy {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, PolicyErrors> {
-        validate::validate(source, file, env)
+        validate::validate(source, file, env, false)
+    }
+
+    /// Validates a policy file without its environment (`check --no-env`): every
+    /// `${VAR}` and `key_env` reads as a placeholder, and checks of a value's form
+    /// that only the real value could pass (an address, a URL) are skipped.
+    pub fn load_without_env(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            PolicyErrors(vec![PolicyError {
+                file: file.clone(),
+                line: 1,
+                col: 1,
+                message: format!("cannot read the policy file: {e}"),
+            }])
+        })?;
+        validate::validate(&source, &file, &|_| None, true)
     }
 
     /// What each plan gives an account, for the stores.

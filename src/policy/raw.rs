@@ -49,6 +49,9 @@ pub struct RawGateway {
     pub grant_receipts_kept: Option<Spanned<i64>>,
     pub max_account_state_bytes: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub body_read_timeout: Option<Spanned<String>>,
+    pub keepalive_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +77,16 @@ pub struct RawUpstream {
     pub read_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub set_headers: BTreeMap<String, Spanned<String>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// `tls = { ca_file, server_name, verify }` of an `https://` upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca_file: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

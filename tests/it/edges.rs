@@ -442,11 +442,17 @@ keys = [ {{ member = "m", key_env = "ALICE_KEY" }} ]
     assert_eq!(unmetered().as_deref(), Some("1"));
     // A key nobody has seen is still refused.
     let resp = send("sk-never-seen-123456").await.unwrap();
+    assert_eq!(
+        header(&resp, "retry-after"),
+        "1",
+        "a 503 says when to retry"
+    );
     let (status, body) = error_of(resp).await;
     assert_eq!(
         (status, body["error"]["type"].as_str()),
         (503, Some("store_unavailable"))
     );
+    assert_eq!(body["error"]["code"], "store_unavailable");
     assert_eq!(backend.received().len(), 2);
     // Not ready while the store does not answer.
     let ready = client

@@ -11,6 +11,7 @@ mod llm;
 mod metering;
 mod numbers;
 mod operations;
+mod ops;
 mod paths;
 mod proxy;
 mod quotes;

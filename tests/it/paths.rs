@@ -259,15 +259,18 @@ async fn in_allow_mode_a_disguised_priced_path_is_priced_not_passed_through() {
 }
 
 #[tokio::test]
-async fn an_absolute_form_target_is_normalized_and_keeps_its_authority() {
+async fn an_absolute_form_target_is_normalized_and_names_the_upstream() {
     let gw = start_paths("deny").await;
     let answer = send(&gw, "http://gw/v1/f%61st?x=1", "").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(priced(&answer), (Some("fast"), Some("3")));
-    assert_eq!(
-        gw.backend.received().last().unwrap().path,
-        "http://gw/v1/fast?x=1"
-    );
+    // The upstream is sent its own URL's host, and Pingora keeps an absolute-form
+    // target's authority equal to it.
+    let received = gw.backend.received();
+    let last = received.last().unwrap();
+    let upstream = format!("{}", gw.backend.addr);
+    assert_eq!(last.path, format!("http://{upstream}/v1/fast?x=1"));
+    assert_eq!(last.header("host"), Some(upstream.as_str()));
     let answer = send(&gw, "*", "").await;
     assert!(answer.is_path_refusal(), "{}", answer.body);
 }

@@ -134,6 +134,12 @@ impl Validator<'_> {
                 let hash = match (&k.key_env, &k.key_sha256) {
                     (Some(var), None) => match (self.env)(var.get_ref()) {
                         Some(key) if !key.is_empty() => Some(Sha256::digest(key.as_bytes()).into()),
+                        // `check --no-env`: one placeholder key per variable, so two
+                        // members naming the same variable still share a key.
+                        None if self.placeholders => Some(
+                            Sha256::digest(format!("{}:{}", super::PLACEHOLDER, var.get_ref()))
+                                .into(),
+                        ),
                         _ => {
                             self.error(
                                 var.span(),

@@ -20,6 +20,16 @@ const DEFAULT_MAX_HOLDS_PER_ACCOUNT: usize = 1_024;
 /// than the requests one process serves at once, far fewer than it has descriptors.
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// A client has this long from a request's first byte to send its whole head.
+const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// A client may pause this long between two reads of its request body.
+const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 60_000;
+
+/// A kept-alive connection may wait this long, idle, for its next request; then
+/// it is closed and its `max_connections` slot freed (nginx's default is 75 s).
+const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 60_000;
+
 /// The bound on the worst case of one account's state when the policy names none.
 /// The defaults' worst case fits under it; a typical account is a few KiB.
 const DEFAULT_MAX_ACCOUNT_STATE_BYTES: u64 = 16 << 20;
@@ -130,12 +140,27 @@ impl Validator<'_> {
                 1..=1_000_000,
                 DEFAULT_MAX_CONNECTIONS,
             ),
+            header_read_timeout_ms: self.duration_ms(
+                &raw.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+                "header_read_timeout",
+            ),
+            body_read_timeout_ms: self.duration_ms(
+                &raw.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT_MS,
+                "body_read_timeout",
+            ),
+            keepalive_timeout_ms: self.duration_ms(
+                &raw.keepalive_timeout,
+                DEFAULT_KEEPALIVE_TIMEOUT_MS,
+                "keepalive_timeout",
+            ),
         }
     }
 
     fn address(&mut self, raw: &Spanned<String>) -> String {
-        let address = self.expand(raw);
-        if address.parse::<std::net::SocketAddr>().is_err() {
+        let (address, placeholder) = self.expand_with_placeholders(raw);
+        if !placeholder && address.parse::<std::net::SocketAddr>().is_err() {
             self.error(raw.span(), format!("{address:?} is not an IP:PORT address"));
         }
         address

@@ -39,19 +39,27 @@ struct Validator<'a> {
     source: &'a str,
     file: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// `check --no-env`: a variable the environment does not answer reads as
+    /// [`PLACEHOLDER`], and checks a placeholder cannot pass are skipped.
+    placeholders: bool,
     errors: Vec<PolicyError>,
     notes: Vec<PolicyNote>,
 }
+
+/// What `${VAR}` (and a `key_env` key) reads as under `check --no-env`.
+pub(super) const PLACEHOLDER: &str = "placeholder";
 
 pub(super) fn validate(
     source: &str,
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    placeholders: bool,
 ) -> Result<Policy, PolicyErrors> {
     let mut v = Validator {
         source,
         file,
         env,
+        placeholders,
         errors: Vec::new(),
         notes: Vec::new(),
     };
@@ -103,6 +111,14 @@ impl Validator<'_> {
 
     /// Expands `${VAR}` from the environment; a missing variable is an error.
     fn expand(&mut self, text: &Spanned<String>) -> String {
+        self.expand_with_placeholders(text).0
+    }
+
+    /// [`Validator::expand`], and whether a placeholder stands for a missing
+    /// variable (`check --no-env`): the caller then skips checks of the value's
+    /// form, which only the real value can pass.
+    fn expand_with_placeholders(&mut self, text: &Spanned<String>) -> (String, bool) {
+        let mut placeholder = false;
         let raw = text.get_ref();
         let mut out = String::with_capacity(raw.len());
         let mut rest = raw.as_str();
@@ -111,11 +127,15 @@ impl Validator<'_> {
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
                 self.error(text.span(), "unclosed ${ in string");
-                return out;
+                return (out, placeholder);
             };
             let name = &after[..end];
             match (self.env)(name) {
                 Some(value) => out.push_str(&value),
+                None if self.placeholders => {
+                    placeholder = true;
+                    out.push_str(PLACEHOLDER);
+                }
                 None => self.error(
                     text.span(),
                     format!("environment variable {name} is not set"),
@@ -124,7 +144,7 @@ impl Validator<'_> {
             rest = &after[end + 1..];
         }
         out.push_str(rest);
-        out
+        (out, placeholder)
     }
 
     /// The decimal text of a number as written: integers as they are, floats as
@@ -325,6 +345,7 @@ mod tests {
             source,
             file: "p.toml",
             env,
+            placeholders: false,
             errors: Vec::new(),
             notes: Vec::new(),
         }
