@@ -18,7 +18,7 @@ use creditgate::policy::{
     format_duration, normalize_path, split_query, Evaluation, Policy, RequestFacts, StoreConfig,
     Verdict,
 };
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
 
 #[derive(Parser)]
@@ -282,10 +282,31 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         };
     let store: Arc<dyn creditgate::store::Store> = match &policy.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::new(
+        StoreConfig::Sqlite {
+            path: file,
+            commit_interval_ms,
+        } => match creditgate::store::sqlite::open(
+            file,
+            std::time::Duration::from_millis(*commit_interval_ms),
             policy.catalog(),
             policy.gateway.ledger_max_entries,
-        )),
+        ) {
+            Ok(store) => {
+                tracing::info!(file = %file.display(), "sqlite store open");
+                Arc::new(store)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        StoreConfig::Memory => {
+            tracing::warn!("memory store: every balance and ledger entry is lost on restart");
+            Arc::new(LocalStore::new(
+                policy.catalog(),
+                policy.gateway.ledger_max_entries,
+            ))
+        }
         StoreConfig::Redis { url, cluster, .. } => {
             match runtime.block_on(RedisStore::connect(
                 url,

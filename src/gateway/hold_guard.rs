@@ -129,14 +129,14 @@ mod tests {
     use super::*;
     use crate::ledger::HoldRequest;
     use crate::policy::{SeedAccount, SeedGrant};
-    use crate::store::memory::MemoryStore;
+    use crate::store::local::LocalStore;
 
     fn now_ms() -> u64 {
         Clock::system().now_ms()
     }
 
     async fn store_with_hold() -> (Arc<dyn Store>, u64) {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let store: Arc<dyn Store> = Arc::new(LocalStore::default());
         let grant = SeedGrant {
             kind: "topup".into(),
             credits: Credits::from_whole(10).unwrap(),

@@ -332,13 +332,38 @@ impl Validator<'_> {
     }
 
     fn store(&mut self, raw: &RawStore) -> StoreConfig {
-        match raw.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
-            None | Some(("memory", _)) => {
-                if let Some(url) = &raw.url {
-                    self.error(url.span(), "url applies only to kind = \"redis\"");
+        let kind = raw.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span()));
+        let redis = matches!(kind, Some(("redis", _)));
+        let sqlite = matches!(kind, None | Some(("sqlite", _)));
+        if !redis {
+            for (name, given) in [
+                ("url", raw.url.as_ref().map(|v| v.span())),
+                (
+                    "on_unavailable",
+                    raw.on_unavailable.as_ref().map(|v| v.span()),
+                ),
+            ] {
+                if let Some(span) = given {
+                    self.error(span, format!("{name} applies only to kind = \"redis\""));
                 }
-                StoreConfig::Memory
             }
+        }
+        if !sqlite {
+            for (name, given) in [
+                ("path", raw.path.as_ref().map(|v| v.span())),
+                (
+                    "commit_interval",
+                    raw.commit_interval.as_ref().map(|v| v.span()),
+                ),
+            ] {
+                if let Some(span) = given {
+                    self.error(span, format!("{name} applies only to kind = \"sqlite\""));
+                }
+            }
+        }
+        match kind {
+            None | Some(("sqlite", _)) => self.sqlite_store(raw),
+            Some(("memory", _)) => StoreConfig::Memory,
             Some(("redis", span)) => {
                 let url = match &raw.url {
                     Some(url) => self.expand(url),
@@ -373,10 +398,44 @@ impl Validator<'_> {
             Some((other, span)) => {
                 self.error(
                     span,
-                    format!("store kind must be \"memory\" or \"redis\", not {other:?}"),
+                    format!(
+                        "store kind must be \"sqlite\", \"memory\" or \"redis\", not {other:?}"
+                    ),
                 );
                 StoreConfig::Memory
             }
+        }
+    }
+
+    /// The SQLite file (relative to the policy file's folder) and the writer's
+    /// commit interval (bounded: a longer one only delays every answer).
+    fn sqlite_store(&mut self, raw: &RawStore) -> StoreConfig {
+        const MAX_COMMIT_INTERVAL_MS: u64 = 1_000;
+        let path = match &raw.path {
+            Some(path) => {
+                let text = self.expand(path);
+                if text.trim().is_empty() {
+                    self.error(path.span(), "path must name a file");
+                }
+                text
+            }
+            None => "creditgate.db".to_string(),
+        };
+        let folder = std::path::Path::new(self.file)
+            .parent()
+            .unwrap_or(std::path::Path::new(""));
+        let commit_interval_ms = self.duration_ms(&raw.commit_interval, 2, "commit_interval");
+        if commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
+            if let Some(span) = raw.commit_interval.as_ref().map(|v| v.span()) {
+                self.error(
+                    span,
+                    format!("commit_interval must be at most {MAX_COMMIT_INTERVAL_MS}ms"),
+                );
+            }
+        }
+        StoreConfig::Sqlite {
+            path: folder.join(path),
+            commit_interval_ms: commit_interval_ms.min(MAX_COMMIT_INTERVAL_MS),
         }
     }
 
