@@ -6,9 +6,12 @@ COPY . .
 RUN cargo build --release --bin creditgate
 
 FROM debian:bookworm-slim
-RUN useradd --system --no-create-home creditgate
+RUN useradd --system --no-create-home creditgate \
+    && mkdir -p /var/lib/creditgate && chown creditgate /var/lib/creditgate
 COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
 COPY policies /etc/creditgate/policies
 USER creditgate
 EXPOSE 8080 8081
+# The sqlite store's folder (policies/compose.toml); mount a volume here.
+VOLUME /var/lib/creditgate
 CMD ["creditgate", "run", "--policy", "/etc/creditgate/policies/compose.toml"]

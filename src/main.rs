@@ -58,7 +58,8 @@ enum Command {
         /// The request body, as JSON text.
         body: Option<String>,
     },
-    /// Start the gateway, a mock generation backend and a demo account on the memory store.
+    /// Start the gateway, a mock generation backend and a demo account (sqlite store in a
+    /// temporary file, deleted when the demo stops).
     Demo,
     /// Serve only the built-in mock generation backend (for docker-compose and load tests).
     MockBackend {
