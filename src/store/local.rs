@@ -62,9 +62,9 @@ pub(super) enum Kept {
 pub(super) struct Unwritten {
     /// Not taken by the writer yet.
     pub(super) fresh: Vec<Entry>,
-    /// The entries the writer took last: being committed, or already on disk.
-    /// Kept until its next snapshot of the account, so a ledger read that copies
-    /// these and then reads the file misses none of them.
+    /// The entries the writer took for the commit it is writing: kept until that
+    /// commit is done, so a ledger read that copies these and then reads the file
+    /// misses none of them.
     pub(super) taken: Arc<Vec<Entry>>,
 }
 

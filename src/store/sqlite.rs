@@ -572,7 +572,24 @@ impl Writer {
             .map(|h| (*h, self.tables.keys.get(h).map(|k| k.value().clone())))
             .collect();
         self.write(&snapshots, &keys)
-            .map_err(|e| format!("the store file could not be written: {e}"))
+            .map_err(|e| format!("the store file could not be written: {e}"))?;
+        self.forget_taken(&snapshots);
+        Ok(())
+    }
+
+    /// After a commit: the entries it wrote are on disk, so the accounts need not
+    /// keep them for ledger reads. (Only this thread snapshots, so `taken` is still
+    /// this commit's; the pointer check keeps that true should it ever change.)
+    fn forget_taken(&self, snapshots: &[Snapshot]) {
+        for snapshot in snapshots.iter().filter(|s| !s.entries.is_empty()) {
+            if let Some(mut stored) = self.tables.accounts.get_mut(&snapshot.id) {
+                if let Kept::Unwritten(unwritten) = &mut stored.ledger {
+                    if Arc::ptr_eq(&unwritten.taken, &snapshot.entries) {
+                        unwritten.taken = Arc::default();
+                    }
+                }
+            }
+        }
     }
 
     /// The account's state and the entries it wrote since the last snapshot,
