@@ -80,9 +80,9 @@ async fn top_up(
     .await
 }
 
-async fn balance(g: &Gateway, key: &str) -> Value {
+async fn balance(url: &str, key: &str) -> Value {
     client()
-        .get(format!("{}/credits/v1/balance", g.url))
+        .get(format!("{url}/credits/v1/balance"))
         .bearer_auth(key)
         .send()
         .await
@@ -116,7 +116,7 @@ async fn a_top_up_and_a_charge_survive_restarts_of_creditgate_run() {
     terminate(g);
 
     let g = start_gateway(&text);
-    assert_eq!(balance(&g, "sk-shared").await["available"], json!(50));
+    assert_eq!(balance(&g.url, "sk-shared").await["available"], json!(50));
     let charged = client()
         .post(format!("{}/v1/images", g.url))
         .bearer_auth("sk-shared")
@@ -127,18 +127,7 @@ async fn a_top_up_and_a_charge_survive_restarts_of_creditgate_run() {
     let url = g.url.clone();
     eventually(|| {
         let url = url.clone();
-        async move {
-            let b: Value = client()
-                .get(format!("{url}/credits/v1/balance"))
-                .bearer_auth("sk-shared")
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            b["held"] == json!(0)
-        }
+        async move { balance(&url, "sk-shared").await["held"] == json!(0) }
     })
     .await;
     // The same payment again: already granted. (A write of the account, so its
@@ -152,7 +141,7 @@ async fn a_top_up_and_a_charge_survive_restarts_of_creditgate_run() {
     drop(g); // SIGKILL
 
     let g = start_gateway(&text);
-    let b = balance(&g, "sk-shared").await;
+    let b = balance(&g.url, "sk-shared").await;
     assert_eq!(
         (&b["available"], &b["held"]),
         (&json!(47), &json!(0)),
@@ -200,7 +189,7 @@ async fn without_a_store_section_a_top_up_survives_a_restart() {
     terminate(g);
     assert!(dir.join("creditgate.db").exists());
     let g = start_gateway_in(&text, dir);
-    assert_eq!(balance(&g, "sk-shared").await["available"], json!(50));
+    assert_eq!(balance(&g.url, "sk-shared").await["available"], json!(50));
     terminate(g);
 }
 
