@@ -293,8 +293,11 @@ async fn start_on(
         "PRO_KEY" => Some(PRO_KEY.to_string()),
         other => extra_env(other),
     };
-    let policy =
-        Arc::new(Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}")));
+    // Named as the file a reload reads, so the reload finds the same `[store]`.
+    let name = policy_file
+        .as_ref()
+        .map_or("test.toml".to_string(), |f| f.display().to_string());
+    let policy = Arc::new(Policy::parse(&text, &name, &env).unwrap_or_else(|e| panic!("{e}")));
     let store = Arc::new(match store_file {
         None => LocalStore::new(policy.catalog(), policy.gateway.ledger_max_entries),
         Some(file) => creditgate::store::sqlite::open(

@@ -365,10 +365,7 @@ async fn sighup_reloads_the_policy_file() {
         header(&resp, "x-credits-held").to_string()
     };
     assert_eq!(held().await, "3");
-    let port = gw.url.rsplit(':').next().unwrap().to_string();
-    let file = std::env::temp_dir()
-        .join(format!("creditgate-replica-{}-{port}", std::process::id()))
-        .join("policy.toml");
+    let file = gw.file.clone();
     let current = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, current.replace("price = 3", "price = 7")).unwrap();
     signal(&gw, "HUP");
