@@ -764,8 +764,7 @@ fn sqlite_file_figures(accounts: usize, entries: usize) {
     // The schema, by the store itself.
     drop(sqlite::open(&file, Duration::from_millis(2), catalog.clone(), 1_000).expect("create"));
     let mut typical = Account::seeded(&policy.accounts[0], &catalog, 1);
-    typical.add_member("ann", false, &catalog).expect("member");
-    typical.add_key("ann", "key_0123456789abcdef").expect("key");
+    typical.add_key("m", "key_0123456789abcdef").expect("key");
     for i in 0..8 {
         let request = HoldRequest {
             operation: "generate".into(),
@@ -776,7 +775,7 @@ fn sqlite_file_figures(accounts: usize, entries: usize) {
             quota: None,
             idempotency: None,
             caller: Some(Caller {
-                member: "ann".into(),
+                member: "m".into(),
                 key_id: "key_0123456789abcdef".into(),
                 requires: vec![],
             }),

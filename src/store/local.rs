@@ -10,12 +10,14 @@
 //!
 //! Every call locks one account's entry, applies time (a due refill, expiries),
 //! applies the ledger core and unlocks — no guard is ever held across an `.await`.
-//! A call that may change an account (a hold, a settle, a grant, any admin change)
-//! queues the account for the log while it still holds the lock, and then waits,
-//! unlocked, for the commit that wrote it: nothing is answered before it is on disk.
-//! It waits whatever the outcome, because even a refusal may rest on a change
-//! another call made a moment before and that is not on disk yet (a repeated
-//! grant answered "already granted"). Reads (identify, totals, the account view,
+//! A call that may change an account (a hold, a grant, any admin change) queues the
+//! account for the log while it still holds the lock, and then waits, unlocked, for
+//! the commit that wrote it: nothing is answered before it is on disk. It waits
+//! whatever the outcome, because even a refusal may rest on a change another call
+//! made a moment before and that is not on disk yet (a repeated grant answered
+//! "already granted"). The end of a hold (settle, release) is queued but not waited
+//! for: it is on disk before the account's next hold answers ([`LocalStore::end`]).
+//! Reads (identify, totals, the account view,
 //! open holds) never wait for the log; what time alone changed on the way (an
 //! expiry, a refill) is queued without waiting, since it is recomputed from the
 //! file after a crash. Expired holds are released lazily on every access and by
@@ -134,6 +136,8 @@ impl Tables {
 enum Commit {
     /// A call that may change the account: answered only once the change is on disk.
     Wait,
+    /// The end of a hold: queued at once, not waited for (see [`LocalStore::end`]).
+    Queue,
     /// A read: what time changed on the way is queued, not waited for.
     IfTimeMoved,
 }
@@ -230,7 +234,7 @@ impl LocalStore {
         // Queued under the account's lock: the log's snapshot of the account,
         // taken after it dequeues this, has this call's change.
         let wait = commit == Commit::Wait;
-        let pending = if wait || filed {
+        let pending = if commit != Commit::IfTimeMoved || filed {
             self.persist(|| Change::account(account), wait)?
         } else {
             Pending::default()
@@ -272,6 +276,26 @@ impl LocalStore {
         })?;
         pending.written().await?;
         Ok(out)
+    }
+
+    /// Ends a hold (a settle or a release): applied and queued for the log, and
+    /// answered without waiting for the commit. Its answer goes only to the
+    /// gateway, which ends a hold after the client has its answer (a release on a
+    /// non-charging status: with it, and a later expiry returns the same credits).
+    /// It is on disk before the account's next hold is answered, since that hold
+    /// waits for a commit that snapshots the account after it. If the process dies
+    /// before, the hold is still open in the file and expires by its TTL: such a
+    /// request is not charged, never charged twice.
+    fn end<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Account) -> T,
+    ) -> Result<T, StoreError> {
+        self.locked(account, now_ms, Commit::Queue, |stored, _| {
+            apply(&mut stored.account)
+        })
+        .map(|(out, _)| out)
     }
 
     /// Applies time to one account in a walk over all of them, queueing it for
@@ -369,8 +393,7 @@ impl Store for LocalStore {
         charge: Credits,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.write(account, now_ms, |a, _| a.settle(hold_id, charge, now_ms))
-            .await
+        self.end(account, now_ms, |a| a.settle(hold_id, charge, now_ms))
     }
 
     async fn release(
@@ -379,8 +402,7 @@ impl Store for LocalStore {
         hold_id: u64,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        self.write(account, now_ms, |a, _| a.release(hold_id, now_ms))
-            .await
+        self.end(account, now_ms, |a| a.release(hold_id, now_ms))
     }
 
     async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError> {
