@@ -159,7 +159,19 @@ pub fn run_server(
     ));
     server.add_services(services);
     tracing::info!(%listen, "creditgate is listening");
-    server.run_forever()
+    let store = gateway.store().clone();
+    server.run(pingora::server::RunArgs::default());
+    // Stopped: what the store still has queued (the ends of the last holds, on the
+    // sqlite store) goes to disk before the process exits.
+    let flushed = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(store.flush()).map_err(|e| e.to_string()));
+    if let Err(e) = flushed {
+        tracing::error!("the store could not write what it had queued: {e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0)
 }
 
 /// `kill -HUP` reloads the policy file; an invalid file is logged and ignored.

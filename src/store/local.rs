@@ -681,6 +681,16 @@ impl Store for LocalStore {
         .await
     }
 
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.usable()?;
+        // An empty change: its commit comes after everything queued before it.
+        let marker = || Change {
+            account: None,
+            keys: Vec::new(),
+        };
+        self.persist(marker, true)?.written().await
+    }
+
     fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         *rules = Rules {

@@ -248,6 +248,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<bool, StoreError>;
 
+    /// Returns once every change made before the call is durable (the sqlite store
+    /// commits what it has queued); for a clean stop. The others write as they go.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Replaces the plans (a policy reload). Accounts keep their plan names.
     fn set_catalog(&self, catalog: Arc<Catalog>, ledger_max_entries: usize);
 }

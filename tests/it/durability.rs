@@ -130,15 +130,17 @@ async fn a_top_up_and_a_charge_survive_restarts_of_creditgate_run() {
         async move { balance(&url, "sk-shared").await["held"] == json!(0) }
     })
     .await;
-    // The same payment again: already granted. (A write of the account, so its
-    // answer also means the settle before it is on disk.)
+    // A clean stop writes the settle, queued after the answer, before it exits.
+    terminate(g);
+
+    let g = start_gateway(&text);
     let again = top_up(&g, "shared", "payment-1", 50).await.unwrap();
-    assert_eq!(again.status(), 200);
+    assert_eq!(again.status(), 200, "the same payment is not granted twice");
     assert_eq!(
         again.json::<Value>().await.unwrap()["created"],
         json!(false)
     );
-    drop(g); // SIGKILL
+    drop(g); // SIGKILL: the repeated grant changed nothing
 
     let g = start_gateway(&text);
     let b = balance(&g.url, "sk-shared").await;
