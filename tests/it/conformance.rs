@@ -550,7 +550,7 @@ struct Model {
 
 #[tokio::test]
 async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store() {
-    let server = RedisServer::start();
+    let server = RedisServer::start_unsynced();
     let file = TempFile::new("model.db");
     let stores = [
         memory().await,
