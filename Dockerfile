@@ -16,4 +16,6 @@ COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
 COPY policies /etc/creditgate/policies
 USER creditgate
 EXPOSE 8080 8081
+# The sqlite store's folder (policies/compose.toml); mount a volume here.
+VOLUME /var/lib/creditgate
 CMD ["creditgate", "run", "--policy", "/etc/creditgate/policies/compose.toml"]

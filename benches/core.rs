@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use creditgate::ledger::{Account, Catalog, Credits, HoldRequest, Limits, PlanTerms};
 use creditgate::policy::{normalize_path, Policy, RequestFacts};
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
 use creditgate::store::Store;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -94,7 +94,7 @@ fn benches(c: &mut Criterion) {
         seats: 1,
         ..PlanTerms::default()
     };
-    let store = Arc::new(MemoryStore::new(
+    let store = Arc::new(LocalStore::new(
         Arc::new(Catalog::from([("free".to_string(), plan)])),
         Limits::default(),
     ));

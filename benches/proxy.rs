@@ -1,16 +1,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed assumption should fail loudly
 //! The whole proxy under load, in one run: a bare Pingora passthrough (the ceiling),
-//! the gateway on the memory store, and the gateway on Redis — same backend, same
-//! accept loop, same load — then one table with each gateway's ratio to the
-//! passthrough, and an exact check that credits were conserved.
+//! the gateway on the memory store, on Redis and on SQLite (the default, fsync on
+//! every commit) — same backend, same accept loop, same load — then one table with
+//! each gateway's ratio to the passthrough, and an exact check that credits were
+//! conserved.
 //!
 //! `cargo bench --bench proxy` runs it fully (release). Run without `--bench` (as
 //! `cargo test --benches` does) it is a smoke run of a few seconds: the same code,
 //! tiny numbers, no timing judged — only the conservation check.
 //!
 //! Also measured: the latency a hold adds when 64 clients contend for one account,
-//! memory per account in the memory store, and the time to validate a 1,000-operation
-//! policy. See BENCHMARKS.md.
+//! memory per account in the memory store, the SQLite file's size per account and
+//! per ledger entry and the time to reopen a large one, and the time to validate a
+//! 1,000-operation policy. See BENCHMARKS.md.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +26,9 @@ use creditgate::demo::mock::MockBackend;
 use creditgate::gateway::{serve, serve_proxy, Gateway};
 use creditgate::ledger::{Credits, HoldRequest, Totals};
 use creditgate::policy::Policy;
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
-use creditgate::store::Store;
+use creditgate::store::{sqlite, Store};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use pingora::proxy::{ProxyHttp, Session};
@@ -60,19 +62,22 @@ struct Load {
 }
 
 /// CPU time, in nanoseconds, used by each part of the system on the bench's two
-/// cores: the proxy under test, the mock backend, the load generator, `redis-server`.
+/// cores: the proxy under test, the mock backend, the load generator, and the
+/// store's own process or thread (`redis-server`, or the SQLite writer thread).
 #[derive(Clone, Copy, Default)]
 struct Cpu {
     proxy: u64,
     backend: u64,
     loader: u64,
-    redis: u64,
+    store: u64,
 }
 
 /// Thread-name prefixes of the bench's runtimes (Linux keeps 15 bytes of a name).
 const PROXY_THREADS: &str = "cg-proxy";
 const BACKEND_THREADS: &str = "cg-backend";
 const LOADER_THREADS: &str = "cg-loader";
+/// The sqlite store's writer thread (named by the store itself).
+const WRITER_THREAD: &str = "sqlite-writer";
 
 /// Nanoseconds on a CPU of the threads of process `pid` whose names start with
 /// `prefix` (all threads when `None`), from the scheduler's own accounting
@@ -105,7 +110,8 @@ impl Cpu {
             proxy: threads_cpu_ns(me, Some(PROXY_THREADS)),
             backend: threads_cpu_ns(me, Some(BACKEND_THREADS)),
             loader: threads_cpu_ns(me, Some(LOADER_THREADS)),
-            redis: redis_pid.map_or(0, |pid| threads_cpu_ns(pid, None)),
+            store: redis_pid.map_or(0, |pid| threads_cpu_ns(pid, None))
+                + threads_cpu_ns(me, Some(WRITER_THREAD)),
         }
     }
 
@@ -114,7 +120,7 @@ impl Cpu {
             proxy: self.proxy.saturating_sub(before.proxy),
             backend: self.backend.saturating_sub(before.backend),
             loader: self.loader.saturating_sub(before.loader),
-            redis: self.redis.saturating_sub(before.redis),
+            store: self.store.saturating_sub(before.store),
         }
     }
 
@@ -125,7 +131,7 @@ impl Cpu {
             per(self.proxy),
             per(self.backend),
             per(self.loader),
-            per(self.redis),
+            per(self.store),
         ]
     }
 }
@@ -133,7 +139,7 @@ impl Cpu {
 /// What one variant did under load.
 struct Measured {
     name: &'static str,
-    /// CPU microseconds per measured request: proxy, backend, loader, redis.
+    /// CPU microseconds per measured request: proxy, backend, loader, store.
     cpu_us: [f64; 4],
     /// Every 2xx answered, warm-up included: what must have been charged.
     ok: u64,
@@ -453,7 +459,7 @@ fn rss_bytes() -> u64 {
 
 async fn memory_per_account(accounts: usize) -> f64 {
     let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
-    let store = MemoryStore::new(policy.catalog(), policy.limits());
+    let store = LocalStore::new(policy.catalog(), policy.limits());
     let mut seed = policy.accounts[0].clone();
     seed.keys.clear();
     let before = rss_bytes();
@@ -494,7 +500,7 @@ fn memory_gateway(
     backend: SocketAddr,
 ) -> (Gateway, Arc<dyn Store>) {
     let policy = Arc::new(policy(backend, "kind = \"memory\""));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(policy.catalog(), policy.limits()));
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     (gateway, store)
@@ -523,6 +529,40 @@ fn redis_gateway(
     let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
     servers.block_on(gateway.seed_accounts()).expect("seed");
     (gateway, store)
+}
+
+/// The gateway on the sqlite store in `file` (fsync on every commit), its
+/// accounts seeded.
+fn sqlite_gateway(
+    servers: &tokio::runtime::Runtime,
+    backend: SocketAddr,
+    file: &std::path::Path,
+) -> (Gateway, Arc<dyn Store>) {
+    let policy = Arc::new(policy(
+        backend,
+        &format!("kind = \"sqlite\"\npath = \"{}\"", file.display()),
+    ));
+    let store: Arc<dyn Store> = Arc::new(
+        sqlite::open(
+            file,
+            Duration::from_millis(2),
+            policy.catalog(),
+            policy.limits(),
+        )
+        .expect("sqlite store"),
+    );
+    let gateway = Gateway::new(policy, store.clone(), Clock::system()).expect("gateway");
+    servers.block_on(gateway.seed_accounts()).expect("seed");
+    (gateway, store)
+}
+
+/// A file path in a fresh folder of the temp dir (a real disk here: ext4), and the
+/// folder, to remove afterwards.
+fn scratch_file(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("creditgate-bench-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    (dir.join(name), dir)
 }
 
 /// The runtimes, the same for every variant, each with named threads so the bench
@@ -554,7 +594,7 @@ fn runtimes() -> (
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    // For profiling one variant: CREDITGATE_BENCH_ONLY=memory (or passthrough, redis).
+    // For profiling one variant: CREDITGATE_BENCH_ONLY=memory (or passthrough, redis, sqlite).
     if let Ok(only) = std::env::var("CREDITGATE_BENCH_ONLY") {
         return profile_one(&only);
     }
@@ -592,7 +632,12 @@ fn main() {
     let redis_before = servers.block_on(all_totals(redis_store.as_ref()));
     let redis_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
-    let mut runs: [Vec<Measured>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let (sqlite_file, sqlite_dir) = scratch_file("load.db");
+    let (gateway, sqlite_store) = sqlite_gateway(&servers, backend_addr, &sqlite_file);
+    let sqlite_before = servers.block_on(all_totals(sqlite_store.as_ref()));
+    let sqlite_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
+
+    let mut runs: [Vec<Measured>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let rounds = if full { 5 } else { 1 };
     for _ in 0..rounds {
         runs[0].push(loader.block_on(drive(
@@ -603,10 +648,16 @@ fn main() {
         )));
         runs[1].push(loader.block_on(drive("gateway/memory", memory_server.addr, load, redis_pid)));
         runs[2].push(loader.block_on(drive("gateway/redis", redis_server.addr, load, redis_pid)));
+        runs[3].push(loader.block_on(drive("gateway/sqlite", sqlite_server.addr, load, None)));
     }
-    let [p, m, r] = runs;
-    let (passthrough, memory, on_redis) = (merge(p), merge(m), merge(r));
-    for running in [passthrough_server, memory_server, redis_server] {
+    let [p, m, r, q] = runs;
+    let (passthrough, memory, on_redis, on_sqlite) = (merge(p), merge(m), merge(r), merge(q));
+    for running in [
+        passthrough_server,
+        memory_server,
+        redis_server,
+        sqlite_server,
+    ] {
         running.stop(&servers);
     }
     servers.block_on(check_conservation(
@@ -621,13 +672,19 @@ fn main() {
         redis_before,
         on_redis.ok,
     ));
+    servers.block_on(check_conservation(
+        "gateway/sqlite",
+        sqlite_store.as_ref(),
+        sqlite_before,
+        on_sqlite.ok,
+    ));
 
     println!();
     println!(
         "{:<16} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10}",
         "variant", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "vs passthru", "added p99"
     );
-    for m in [&passthrough, &memory, &on_redis] {
+    for m in [&passthrough, &memory, &on_redis, &on_sqlite] {
         println!(
             "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11.3}x {:>8.3}ms",
             m.name,
@@ -644,27 +701,34 @@ fn main() {
         "load: {} connections, {:?} warm-up + {:?} measured per variant per round, {rounds} interleaved rounds, medians shown",
         load.connections, load.warmup, load.duration
     );
+    println!(
+        "sqlite vs memory: {:.3}x the throughput, p99 {:+.3} ms (targets: >= 0.9x, <= +1 ms; fsync on every commit)",
+        on_sqlite.rps / memory.rps,
+        (on_sqlite.p99_us - memory.p99_us) / 1000.0
+    );
     println!();
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}",
-        "CPU us/request", "proxy", "backend", "loader", "redis", "total", "proxy+redis"
+        "CPU us/request", "proxy", "backend", "loader", "store", "total", "proxy+store"
     );
-    for m in [&passthrough, &memory, &on_redis] {
-        let [proxy, backend, loader, redis] = m.cpu_us;
+    for m in [&passthrough, &memory, &on_redis, &on_sqlite] {
+        let [proxy, backend, loader, store] = m.cpu_us;
         println!(
-            "{:<16} {proxy:>9.1} {backend:>9.1} {loader:>9.1} {redis:>9.1} {:>9.1} {:>8.1} ({:+.1})",
+            "{:<16} {proxy:>9.1} {backend:>9.1} {loader:>9.1} {store:>9.1} {:>9.1} {:>8.1} ({:+.1})",
             m.name,
-            proxy + backend + loader + redis,
-            proxy + redis,
-            proxy + redis - passthrough.cpu_us[0],
+            proxy + backend + loader + store,
+            proxy + store,
+            proxy + store - passthrough.cpu_us[0],
         );
     }
+    println!("store: redis-server's threads, or the sqlite store's writer thread");
 
     // Per client: 64 clients on one Redis account queue behind one another.
     let rounds = if full { 200 } else { 20 };
     for (name, store) in [
         ("memory", mem_store.clone()),
         ("redis", redis_store.clone()),
+        ("sqlite", sqlite_store.clone()),
     ] {
         let (p50, p99, c50, c99) = servers.block_on(contended_hold(store, rounds));
         println!("hold latency on {name:<6}: alone p50 {:.3} ms p99 {:.3} ms; 64 clients on one account p50 {:.3} ms p99 {:.3} ms (+{:.3} ms at p99)", p50 / 1e3, p99 / 1e3, c50 / 1e3, c99 / 1e3, (c99 - p99) / 1e3);
@@ -674,11 +738,128 @@ fn main() {
     println!(
         "memory store: {per_account:.0} bytes per account at {accounts} accounts (RSS growth)"
     );
+    drop(sqlite_store);
+    let _ = std::fs::remove_dir_all(sqlite_dir);
+    let (accounts, entries) = if full {
+        (100_000, 1_000_000)
+    } else {
+        (1_000, 10_000)
+    };
+    sqlite_file_figures(accounts, entries);
     println!(
         "policy with 1000 operations: loaded and validated in {:.1} ms",
         policy_load_time(1_000).as_secs_f64() * 1e3
     );
     drop(backend);
+}
+
+/// The size of the sqlite store's file per account and per ledger entry, and the
+/// time to reopen it (open, check the format, load every account and key: ready
+/// to serve). The file is written directly with SQL, as the writer writes it:
+/// each account a copy of a typical one (a few grants, members, ended holds).
+fn sqlite_file_figures(accounts: usize, entries: usize) {
+    use creditgate::ledger::{Account, Caller};
+    let (file, dir) = scratch_file("reopen.db");
+    let policy = policy("127.0.0.1:9".parse().expect("addr"), "kind = \"memory\"");
+    let catalog = policy.catalog();
+    // The schema, by the store itself.
+    drop(
+        sqlite::open(
+            &file,
+            Duration::from_millis(2),
+            catalog.clone(),
+            policy.limits(),
+        )
+        .expect("create"),
+    );
+    let mut typical = Account::seeded(&policy.accounts[0], &catalog, 1);
+    typical.add_key("m", "key_0123456789abcdef").expect("key");
+    for i in 0..8 {
+        let request = HoldRequest {
+            operation: "generate".into(),
+            request_id: format!("req-{i:032x}"),
+            amount: "1.5".parse().expect("amount"),
+            ttl_ms: 600_000,
+            max_holds: 64,
+            quota: None,
+            idempotency: None,
+            caller: Some(Caller {
+                member: "m".into(),
+                key_id: "key_0123456789abcdef".into(),
+                requires: vec![],
+            }),
+            terms: creditgate::ledger::HoldTerms::default(),
+        };
+        let placed = typical.hold(&request, 2, &catalog).expect("hold");
+        typical
+            .settle(
+                placed.hold_id,
+                "1".parse().expect("charge"),
+                3,
+                &policy.limits(),
+            )
+            .expect("settle");
+    }
+    let fresh = typical.take_entries();
+    let db = rusqlite::Connection::open(&file).expect("open");
+    db.pragma_update(None, "synchronous", "OFF")
+        .expect("pragma");
+    let size = |db: &rusqlite::Connection| {
+        db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+        std::fs::metadata(&file).expect("size").len() as f64
+    };
+    let empty = size(&db);
+    db.execute_batch("BEGIN").expect("begin");
+    {
+        let mut put = db
+            .prepare("INSERT INTO accounts (id, state, updated_at_ms) VALUES (?1, ?2, 1)")
+            .expect("prepare");
+        for i in 0..accounts {
+            typical.id = format!("acct-{i:07}");
+            let state = rmp_serde::to_vec_named(&typical).expect("encode");
+            put.execute(rusqlite::params![typical.id, state])
+                .expect("insert");
+        }
+    }
+    db.execute_batch("COMMIT").expect("commit");
+    let with_accounts = size(&db);
+    db.execute_batch("BEGIN").expect("begin");
+    {
+        let mut put = db
+            .prepare("INSERT INTO ledger (account, seq, at_ms, type, credits, operation, request_id, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+            .expect("prepare");
+        for n in 0..entries {
+            let e = &fresh[n % fresh.len()];
+            put.execute(rusqlite::params![
+                format!("acct-{:07}", n % accounts),
+                (n / accounts + 1) as i64,
+                1_767_225_600_000i64 + n as i64,
+                e.kind.as_str(),
+                e.credits.millicredits() as i64,
+                e.operation,
+                e.request_id,
+                e.detail,
+            ])
+            .expect("insert");
+        }
+    }
+    db.execute_batch("COMMIT").expect("commit");
+    let with_entries = size(&db);
+    drop(db);
+    let started = Instant::now();
+    let store =
+        sqlite::open(&file, Duration::from_millis(2), catalog, policy.limits()).expect("reopen");
+    let ready = started.elapsed();
+    drop(store);
+    println!(
+        "sqlite file: {:.0} bytes per account, {:.0} bytes per ledger entry; {accounts} accounts + {entries} entries ({:.1} MB) reopened and ready in {:.0} ms (target <= 2000 ms)",
+        (with_accounts - empty) / accounts as f64,
+        (with_entries - with_accounts) / entries as f64,
+        with_entries / 1e6,
+        ready.as_secs_f64() * 1e3
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs one variant for 20 s at full load, and nothing else: for `perf record`.
@@ -716,19 +897,25 @@ fn profile_one(only: &str) {
             let gateway = redis_gateway(&servers, backend_addr, redis).0;
             start_variant(&servers, |l, stop| serve(l, gateway, stop))
         }
-        other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough, memory or redis"),
+        "sqlite" => {
+            let (file, _) = scratch_file("profile.db");
+            let gateway = sqlite_gateway(&servers, backend_addr, &file).0;
+            start_variant(&servers, |l, stop| serve(l, gateway, stop))
+        }
+        other => panic!("CREDITGATE_BENCH_ONLY={other}: use passthrough, memory, redis or sqlite"),
     };
     let name = match only {
         "memory" => "gateway/memory",
         "redis" => "gateway/redis",
+        "sqlite" => "gateway/sqlite",
         _ => "passthrough",
     };
     let redis_pid = redis.as_ref().map(Redis::pid);
     let measured = loader.block_on(drive(name, server.addr, load, redis_pid));
     server.stop(&servers);
-    let [proxy, backend, loader, redis] = measured.cpu_us;
+    let [proxy, backend, loader, store] = measured.cpu_us;
     println!(
-        "{}: {} answered, {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms; CPU us/request: proxy {proxy:.1}, backend {backend:.1}, loader {loader:.1}, redis {redis:.1}",
+        "{}: {} answered, {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms; CPU us/request: proxy {proxy:.1}, backend {backend:.1}, loader {loader:.1}, store {store:.1}",
         measured.name,
         measured.ok + measured.other,
         measured.rps,

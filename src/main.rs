@@ -18,7 +18,7 @@ use creditgate::policy::{
     format_duration, normalize_path, split_query, Evaluation, Policy, RequestFacts, StoreConfig,
     Verdict,
 };
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
 
 /// What `--help` says after the commands: the environment every command reads.
@@ -105,8 +105,8 @@ Environment: CREDITGATE_ADMIN_TOKEN, RUST_LOG, CREDITGATE_LOG_FORMAT, and the po
         #[arg(value_name = "BODY_JSON")]
         body: Option<String>,
     },
-    /// Start the gateway, a mock generation backend and a demo account on the
-    /// memory store; prints curl lines to try.
+    /// Start the gateway, a mock generation backend and a demo account (sqlite store
+    /// in a temporary file, deleted when the demo stops); prints curl lines to try.
     Demo,
     /// Serve only the built-in mock generation backend (for docker-compose and load tests).
     MockBackend {
@@ -386,7 +386,28 @@ async fn serve_policy(path: &std::path::Path, policy: Policy, token: Option<Stri
     };
     let policy = Arc::new(policy);
     let store: Arc<dyn creditgate::store::Store> = match &policy.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::new(policy.catalog(), policy.limits())),
+        StoreConfig::Sqlite {
+            path: file,
+            commit_interval_ms,
+        } => match creditgate::store::sqlite::open(
+            file,
+            std::time::Duration::from_millis(*commit_interval_ms),
+            policy.catalog(),
+            policy.limits(),
+        ) {
+            Ok(store) => {
+                tracing::info!(file = %file.display(), "sqlite store open");
+                Arc::new(store)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        StoreConfig::Memory => {
+            tracing::warn!("memory store: every balance and ledger entry is lost on restart");
+            Arc::new(LocalStore::new(policy.catalog(), policy.limits()))
+        }
         StoreConfig::Redis { url, cluster, .. } => {
             match RedisStore::connect(url, *cluster, policy.catalog(), policy.limits()).await {
                 Ok(store) => Arc::new(store),
@@ -432,6 +453,10 @@ async fn serve_policy(path: &std::path::Path, policy: Policy, token: Option<Stri
                 "stopped after shutdown_grace with {connections} connections still serving; \
                  their holds are released after hold_ttl"
             );
+            ExitCode::FAILURE
+        }
+        Stopped::Unflushed(e) => {
+            eprintln!("stopped, but the store could not write what it had queued: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,8 @@
-//! `creditgate demo`: the gateway on the memory store in front of the built-in
-//! mock backend, with one seeded account, and curl lines to try.
+//! `creditgate demo`: the gateway in front of the built-in mock backend, with one
+//! seeded account, and curl lines to try. Its store is the default one, sqlite, in
+//! a temporary file that the demo prints (to read its ledger with `sqlite3`) and
+//! deletes when it stops: the demo's key is new on every run, so a file kept from
+//! an earlier run would only hold an account no key of this run can reach.
 
 pub mod mock;
 
@@ -9,7 +12,6 @@ use tokio::net::TcpListener;
 
 use crate::gateway::{serve, Gateway};
 use crate::policy::Policy;
-use crate::store::memory::MemoryStore;
 
 /// The demo's policy, shipped in `policies/demo.toml`.
 pub const DEMO_POLICY: &str = include_str!("../../policies/demo.toml");
@@ -37,7 +39,15 @@ pub async fn run() -> Result<(), String> {
     };
     let policy =
         Policy::parse(DEMO_POLICY, "policies/demo.toml", &env).map_err(|e| e.to_string())?;
-    let store = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
+    let file = std::env::temp_dir().join(format!("creditgate-demo-{}.db", std::process::id()));
+    let store = crate::store::sqlite::open(
+        &file,
+        std::time::Duration::from_millis(2),
+        policy.catalog(),
+        policy.limits(),
+    )
+    .map_err(|e| e.to_string())?;
+    let store = Arc::new(store);
     let gateway = Gateway::new(Arc::new(policy), store, crate::clock::Clock::system())?;
     gateway.seed_accounts().await.map_err(|e| e.to_string())?;
     let listener = bind("127.0.0.1:8080")
@@ -49,7 +59,8 @@ pub async fn run() -> Result<(), String> {
 
     let g = format!("http://{addr}");
     println!(
-        r#"creditgate demo: gateway on {g}, mock backend on {backend_url}, memory store.
+        r#"creditgate demo: gateway on {g}, mock backend on {backend_url}, sqlite store.
+Store file (deleted when the demo stops): {file}
 Account "demo" (plan free) has 10 credits. Its API key:
 
   export KEY={key}
@@ -77,11 +88,20 @@ curl -si -X POST {g}/v1/images/premium -H "Authorization: Bearer $KEY"
 # 7. The backend hangs up mid-response -> nothing charged
 curl -si -X POST {g}/v1/images/generations -H "Authorization: Bearer $KEY" -H 'x-mock-fail: reset-mid-body'
 
-Press Ctrl-C to stop."#
+# The ledger, as operators read it
+sqlite3 {file} 'select * from ledger_readable'
+
+Press Ctrl-C to stop."#,
+        file = file.display()
     );
     let _ = tokio::signal::ctrl_c().await;
     let _ = stop.send(true);
     let _ = server.await;
     drop(backend);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = file.clone().into_os_string();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
+    }
     Ok(())
 }

@@ -130,7 +130,7 @@ mod tests {
     use super::*;
     use crate::ledger::HoldRequest;
     use crate::policy::{SeedAccount, SeedGrant};
-    use crate::store::memory::MemoryStore;
+    use crate::store::local::LocalStore;
 
     fn now_ms() -> u64 {
         Clock::system().now_ms()
@@ -172,7 +172,7 @@ mod tests {
     }
 
     async fn store_with_hold() -> (Arc<dyn Store>, u64) {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let store: Arc<dyn Store> = Arc::new(LocalStore::default());
         let hold_id = hold_on(&*store).await;
         (store, hold_id)
     }
@@ -213,7 +213,7 @@ mod tests {
     /// The memory store, counting the releases asked of each hold.
     #[derive(Default)]
     struct CountingStore {
-        inner: MemoryStore,
+        inner: LocalStore,
         releases: std::sync::Mutex<Vec<u64>>,
     }
 

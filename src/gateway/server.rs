@@ -300,6 +300,9 @@ pub enum Stopped {
     /// On SIGTERM or SIGINT, `shutdown_grace` ended with connections still
     /// serving; their holds expire after `hold_ttl`.
     GraceExpired { connections: usize },
+    /// The store could not write what it had queued (the sqlite store's last
+    /// ends of holds): those holds are open on disk and expire after `hold_ttl`.
+    Unflushed(String),
 }
 
 /// Serves the gateway on `listener` (bound by the caller, see [`bind`]) until
@@ -349,6 +352,11 @@ pub async fn run_server(
     let _ = stop.send(true);
     let _ = reloads.await;
     let _ = sweeper.await;
+    // What the store still has queued (the ends of the last holds, on the sqlite
+    // store) goes to disk before the process exits.
+    if let Err(e) = live.current().store().flush().await {
+        return Stopped::Unflushed(e.to_string());
+    }
     match drained {
         Drained::Clean => {
             tracing::info!("stopped: every request finished");

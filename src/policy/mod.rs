@@ -171,6 +171,14 @@ pub enum OnUnavailable {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreConfig {
+    /// The default: an embedded SQLite file, durable across restarts.
+    Sqlite {
+        /// Resolved against the policy file's folder (see [`Policy::parse`]).
+        path: std::path::PathBuf,
+        /// How long the writer keeps taking transitions into one commit.
+        commit_interval_ms: u64,
+    },
+    /// In this process only: lost on restart. For tests, demos and benchmarks.
     Memory,
     Redis {
         url: String,
@@ -443,6 +451,9 @@ impl Policy {
     }
 
     /// Validates policy text. `env` answers `${VAR}` and `key_env` look-ups.
+    /// `file` names the policy in errors, and its folder is where a relative
+    /// `[store] path` points; a name without a folder (a policy that is not a file,
+    /// as in tests) leaves such a path relative to the current directory.
     pub fn parse(
         source: &str,
         file: &str,

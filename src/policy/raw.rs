@@ -67,6 +67,8 @@ pub struct RawStore {
     pub url: Option<Spanned<String>>,
     pub cluster: Option<bool>,
     pub on_unavailable: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub commit_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

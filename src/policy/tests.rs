@@ -1208,7 +1208,7 @@ fn every_named_choice_refuses_another_value_at_it_listing_the_allowed_ones() {
         ),
         (
             format!("{GOOD}\n[store]\nkind = \"disk\"\n"),
-            r#"store kind must be "memory" or "redis", not "disk""#,
+            r#"store kind must be "sqlite", "memory" or "redis", not "disk""#,
         ),
         (
             format!("{GOOD}\n[store]\nkind = \"redis\"\nurl = \"redis://x\"\non_unavailable = \"pass\"\n"),
@@ -1531,4 +1531,62 @@ addons = [ { credits = 0.5, per = { from = "request:body_bytes" } }, { when = { 
     assert!(op.price.to_string().contains("0.5 × request:body_bytes"));
     let errs = errors(&text.replace("credits = 0.5, per", "credits = 0.5, perr"));
     assert!(!errs.is_empty());
+}
+
+#[test]
+fn the_store_is_sqlite_beside_the_policy_file_unless_it_says_otherwise() {
+    let sqlite = |path: &str, commit_interval_ms| StoreConfig::Sqlite {
+        path: path.into(),
+        commit_interval_ms,
+    };
+    assert_eq!(parse(GOOD).unwrap().store, sqlite("creditgate.db", 2));
+    let in_folder = Policy::parse(GOOD, "/etc/creditgate/policy.toml", &env).unwrap();
+    assert_eq!(in_folder.store, sqlite("/etc/creditgate/creditgate.db", 2));
+    let named = format!(
+        "{GOOD}\n[store]\nkind = \"sqlite\"\npath = \"data/credits.db\"\ncommit_interval = \"5ms\"\n"
+    );
+    let named = Policy::parse(&named, "conf/policy.toml", &env).unwrap();
+    assert_eq!(named.store, sqlite("conf/data/credits.db", 5));
+    let absolute = format!("{GOOD}\n[store]\npath = \"/var/lib/creditgate/c.db\"\n");
+    let absolute = Policy::parse(&absolute, "conf/policy.toml", &env).unwrap();
+    assert_eq!(absolute.store, sqlite("/var/lib/creditgate/c.db", 2));
+    let memory = format!("{GOOD}\n[store]\nkind = \"memory\"\n");
+    assert_eq!(parse(&memory).unwrap().store, StoreConfig::Memory);
+}
+
+#[test]
+fn store_settings_of_another_kind_or_out_of_bounds_are_refused() {
+    for (store, message) in [
+        (
+            "kind = \"memory\"\npath = \"x.db\"",
+            "path applies only to kind = \"sqlite\"",
+        ),
+        (
+            "kind = \"redis\"\nurl = \"redis://h\"\ncommit_interval = \"2ms\"",
+            "commit_interval applies only to kind = \"sqlite\"",
+        ),
+        (
+            "url = \"redis://h\"",
+            "url applies only to kind = \"redis\"",
+        ),
+        (
+            "commit_interval = \"2s\"",
+            "commit_interval must be at most 1000ms",
+        ),
+        (
+            "commit_interval = \"0ms\"",
+            "commit_interval must be longer than 0",
+        ),
+        ("path = \"\"", "path must name a file"),
+        (
+            "kind = \"disk\"",
+            "store kind must be \"sqlite\", \"memory\" or \"redis\", not \"disk\"",
+        ),
+    ] {
+        let errors = errors(&format!("{GOOD}\n[store]\n{store}\n"));
+        assert!(
+            errors.iter().any(|e| e.contains(message)),
+            "{store}: {errors:?}"
+        );
+    }
 }

@@ -1,7 +1,9 @@
 //! Where accounts live. A store applies the ledger core atomically per account.
 //!
-//! One trait, two implementations: [`memory::MemoryStore`] (one process) and
-//! [`redis::RedisStore`] (many replicas), both applying the same ledger core. The
+//! One trait, three stores from two implementations: [`local::LocalStore`] is the
+//! `memory` store (one process, lost on restart) and, with a durable log, the
+//! `sqlite` store (one process, an SQLite file: the default, see [`sqlite`]);
+//! [`redis::RedisStore`] serves many replicas. All apply the same ledger core. The
 //! gateway and the admin API only ever talk to `dyn Store`. A store never decides
 //! prices or HTTP answers; it returns outcomes (`HoldRejected`, `EndRejected`,
 //! `AccountRejected`) as values and failures (`StoreError`) as errors.
@@ -12,8 +14,9 @@
 // Money code: an index that could be out of range is a `get` that says what then.
 #![deny(clippy::indexing_slicing)]
 
-pub mod memory;
+pub mod local;
 pub mod redis;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -268,6 +271,12 @@ pub trait Store: Send + Sync + 'static {
         response: &Recorded,
         now_ms: Millis,
     ) -> Result<bool, StoreError>;
+
+    /// Returns once every change made before the call is durable (the sqlite store
+    /// commits what it has queued); for a clean stop. The others write as they go.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Replaces the plans and the limits on an account's state (a policy reload).
     /// Accounts keep their plan names; a lower limit applies at an account's next

@@ -31,7 +31,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    memory::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
+    local::view, AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity,
     Quoted, Store, StoreError,
 };
 use crate::ledger::{

@@ -314,6 +314,47 @@ fn the_demo_curl_lines_behave_as_printed() {
             .contains("x-credits-remaining: 6.5\r\n"),
         "{out}"
     );
+    // Its store is the printed sqlite file, where the ledger reads as printed.
+    let file = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("Store file (deleted when the demo stops): "))
+        .expect("the demo prints its store file")
+        .to_string();
+    // Settles are written after the answer: poll for them (10 s at most).
+    let settles = || -> Vec<String> {
+        let db = rusqlite::Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut q = db
+            .prepare("SELECT credits FROM ledger_readable WHERE account = 'demo' AND type = 'settle' ORDER BY seq")
+            .unwrap();
+        q.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    let mut charged = settles();
+    for _ in 0..500 {
+        if charged.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        charged = settles();
+    }
+    assert_eq!(
+        charged,
+        ["3.000", "0.500"],
+        "the demo's settles, in the file"
+    );
+    assert!(printed
+        .iter()
+        .any(|l| l.starts_with(&format!("sqlite3 {file} "))));
+    drop(demo);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
 }
 
 #[test]
@@ -340,16 +381,27 @@ fn run_refuses_a_non_loopback_admin_listener_without_a_token() {
     );
 }
 
-/// `docker-compose.yml` parses, and has the services and ports the README names.
+/// `docker-compose.yml` (and its Redis override) parse, and have the services,
+/// ports and volumes the README names; each gateway's policy passes `check`.
 #[test]
 fn docker_compose_has_what_the_readme_promises() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let text = std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap();
-    let docs =
-        yaml_rust2::YamlLoader::load_from_str(&text).expect("docker-compose.yml is valid YAML");
-    let services = &docs[0]["services"];
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
-    for (service, port) in [("gateway", "8080"), ("backend", "9000"), ("redis", "6379")] {
+    let services = |file: &str| {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}"));
+        docs[0]["services"].clone()
+    };
+    let (compose, with_redis) = (
+        services("docker-compose.yml"),
+        services("docker-compose.redis.yml"),
+    );
+    for (services, service, port) in [
+        (&compose, "gateway", "8080"),
+        (&compose, "backend", "9000"),
+        (&with_redis, "redis", "6379"),
+    ] {
         let s = &services[service];
         assert!(!s.is_badvalue(), "service {service} is missing");
         let ports: Vec<String> = ["ports", "expose"]
@@ -367,35 +419,47 @@ fn docker_compose_has_what_the_readme_promises() {
         );
     }
     assert!(
-        services["redis"]["command"]
+        with_redis["redis"]["command"]
             .as_vec()
             .unwrap()
             .iter()
             .any(|a| a.as_str() == Some("--appendonly")),
         "Redis runs with AOF"
     );
-    let compose_policy = services["gateway"]["command"]
+    let policy_of = |services: &yaml_rust2::Yaml| {
+        services["gateway"]["command"]
+            .as_vec()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(policy_of(&compose).ends_with("policies/compose.toml"));
+    assert!(policy_of(&with_redis).ends_with("policies/compose-redis.toml"));
+    // The sqlite file is on the named volume the gateway mounts.
+    let mounts: Vec<String> = compose["gateway"]["volumes"]
         .as_vec()
         .unwrap()
-        .last()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(compose_policy.ends_with("policies/compose.toml"));
-    let out = creditgate()
-        .args([
-            "check",
-            "--policy",
-            &format!("{root}/policies/compose.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(mounts, ["creditgate-data:/var/lib/creditgate"]);
+    let policy = std::fs::read_to_string(format!("{root}/policies/compose.toml")).unwrap();
+    assert!(policy.contains("path = \"/var/lib/creditgate/creditgate.db\""));
+    assert!(readme.contains("creditgate-data"));
+    for file in ["compose.toml", "compose-redis.toml"] {
+        let out = creditgate()
+            .args(["check", "--policy", &format!("{root}/policies/{file}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// `creditgate quote` prices as the gateway does: fixed, from the body, from a

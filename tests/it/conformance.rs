@@ -1,17 +1,22 @@
 //! One scripted scenario, run against every store: the transcripts of what each
 //! call answered must be identical. Then a seeded randomized run against a simple
-//! reference model of the §1 invariant, on both stores at once.
+//! reference model of the §1 invariant, on every store at once. The sqlite store
+//! is also reopened from its file after each, and must answer as before.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, HoldTerms, Millis};
 use creditgate::policy::Policy;
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
+use creditgate::store::sqlite;
 use creditgate::store::{GrantRequest, HoldOutcome, Store, StoreError};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use crate::harness::TempFile;
 use crate::redis_server::{RedisCluster, RedisServer};
 
 const POLICY: &str = r#"
@@ -514,7 +519,37 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
 }
 
 async fn memory() -> Arc<dyn Store> {
-    Arc::new(MemoryStore::new(policy().catalog(), policy().limits()))
+    Arc::new(LocalStore::new(policy().catalog(), policy().limits()))
+}
+
+/// The sqlite store on `file` (created, or reopened with what it holds).
+fn sqlite(file: &Path) -> Arc<dyn Store> {
+    Arc::new(
+        sqlite::open(
+            file,
+            Duration::from_millis(2),
+            policy().catalog(),
+            policy().limits(),
+        )
+        .unwrap(),
+    )
+}
+
+/// What a store shows of the scenario's accounts at `now`: views, ledgers, holds.
+async fn reads(store: &dyn Store, now: Millis) -> Vec<String> {
+    let mut out = Transcript(Vec::new());
+    for id in ["acme", "team"] {
+        out.note("view", store.account(id, now).await);
+        out.note("ledger", store.ledger(id, 1_000, None, now).await);
+        out.note("holds", store.holds(Some(id), 100, now).await);
+    }
+    out.note(
+        "identify alice",
+        store
+            .identify(&Sha256::digest(b"sk-alice").into(), now)
+            .await,
+    );
+    out.0
 }
 
 async fn redis(url: &str, cluster: bool) -> Arc<dyn Store> {
@@ -589,6 +624,25 @@ async fn a_redis_cluster_answers_every_scripted_call_identically() {
     assert_same(&reference, &on_cluster, "redis cluster");
 }
 
+#[tokio::test]
+async fn the_sqlite_store_answers_every_scripted_call_identically_and_again_after_a_reopen() {
+    let file = TempFile::new("conformance.db");
+    let reference = scenario(memory().await).await;
+    let store = sqlite(file.path());
+    let on_sqlite = scenario(store.clone()).await;
+    assert_same(&reference, &on_sqlite, "sqlite");
+    let later = t("2026-02-20T10:00:00Z");
+    let before = reads(store.as_ref(), later).await;
+    drop(store);
+    let reopened = sqlite(file.path());
+    let after = reads(reopened.as_ref(), later).await;
+    assert_same(&before, &after, "the reopened sqlite store");
+    assert!(
+        before.iter().any(|l| l.starts_with("ledger: Ok([Entry")),
+        "the reads show ledger entries: {before:#?}"
+    );
+}
+
 /// What the reference model knows: the holds it placed (with whether they may
 /// overdraw) and what was charged.
 #[derive(Default)]
@@ -601,9 +655,14 @@ struct Model {
 const OVERDRAFT_LIMIT: &str = "3";
 
 #[tokio::test]
-async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores() {
-    let server = RedisServer::start();
-    let stores = [memory().await, redis(&server.url(), false).await];
+async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store() {
+    let server = RedisServer::start_unsynced();
+    let file = TempFile::new("model.db");
+    let stores = [
+        memory().await,
+        redis(&server.url(), false).await,
+        sqlite(file.path()),
+    ];
     let p = policy();
     let mut rng = rand::rngs::StdRng::seed_from_u64(20261121);
     let mut now = t("2026-01-31T10:00:00Z");
@@ -757,5 +816,21 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_both_stores(
     assert!(
         ledgers.windows(2).all(|w| w[0] == w[1]),
         "the stores' ledgers differ"
+    );
+    // Reopened from its file, the sqlite store has every account as it was.
+    let [memory, _, on_sqlite] = stores;
+    drop(on_sqlite);
+    let reopened = sqlite(file.path());
+    assert_eq!(
+        reopened.account("acme", now).await,
+        memory.account("acme", now).await
+    );
+    assert_eq!(
+        reopened.ledger("acme", 1_000, None, now).await.unwrap(),
+        ledgers[0]
+    );
+    assert_eq!(
+        reopened.holds(Some("acme"), 100, now).await,
+        memory.holds(Some("acme"), 100, now).await
     );
 }

@@ -13,7 +13,7 @@ use creditgate::demo::mock::MockBackend;
 use creditgate::gateway::{serve_live, Gateway, LiveGateway};
 use creditgate::ledger::{Credits, Totals};
 use creditgate::policy::Policy;
-use creditgate::store::memory::MemoryStore;
+use creditgate::store::local::LocalStore;
 use creditgate::store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -193,7 +193,7 @@ pub struct TestGateway {
     /// The gateway's clock: tests move it with [`TestGateway::advance_days`].
     pub now: Arc<AtomicU64>,
     pub backend: MockBackend,
-    pub store: Arc<MemoryStore>,
+    pub store: Arc<LocalStore>,
     pub client: reqwest::Client,
     stop: watch::Sender<bool>,
     /// Keeps the "full" upstream's listener and its queued connections alive.
@@ -260,6 +260,25 @@ pub async fn start_policy_with_file(
     extra_env: impl Fn(&str) -> Option<String> + 'static,
     policy_file: Option<std::path::PathBuf>,
 ) -> TestGateway {
+    start_on(text, extra_env, policy_file, None).await
+}
+
+/// `start_policy` on the sqlite store in `store_file`, whatever the policy says.
+pub async fn start_policy_on_sqlite(
+    text: impl FnOnce(&str) -> String,
+    store_file: &std::path::Path,
+) -> TestGateway {
+    start_on(text, |_| None, None, Some(store_file)).await
+}
+
+/// Starts a gateway; its store is the memory store (the tests' policies name
+/// none, and the harness builds the store itself), or sqlite on `store_file`.
+async fn start_on(
+    text: impl FnOnce(&str) -> String,
+    extra_env: impl Fn(&str) -> Option<String> + 'static,
+    policy_file: Option<std::path::PathBuf>,
+    store_file: Option<&std::path::Path>,
+) -> TestGateway {
     let backend = MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
     let full = full_listener().await;
     let backend_url = format!("http://{}", backend.addr);
@@ -274,9 +293,21 @@ pub async fn start_policy_with_file(
         "PRO_KEY" => Some(PRO_KEY.to_string()),
         other => extra_env(other),
     };
-    let policy =
-        Arc::new(Policy::parse(&text, "test.toml", &env).unwrap_or_else(|e| panic!("{e}")));
-    let store = Arc::new(MemoryStore::new(policy.catalog(), policy.limits()));
+    // Named as the file a reload reads, so the reload finds the same `[store]`.
+    let name = policy_file
+        .as_ref()
+        .map_or("test.toml".to_string(), |f| f.display().to_string());
+    let policy = Arc::new(Policy::parse(&text, &name, &env).unwrap_or_else(|e| panic!("{e}")));
+    let store = Arc::new(match store_file {
+        None => LocalStore::new(policy.catalog(), policy.limits()),
+        Some(file) => creditgate::store::sqlite::open(
+            file,
+            Duration::from_millis(2),
+            policy.catalog(),
+            policy.limits(),
+        )
+        .unwrap(),
+    });
     let now = Arc::new(AtomicU64::new(Clock::system().now_ms()));
     let clock = Clock::manual(now.clone());
     let gateway = Gateway::new(policy.clone(), store.clone(), clock.clone()).unwrap();
@@ -500,5 +531,39 @@ impl TestGateway {
             .json()
             .await
             .unwrap()
+    }
+}
+
+/// A file path in a folder of its own under the temp dir, removed with the folder
+/// (an SQLite file's `-wal` and `-shm` beside it too) when dropped.
+pub struct TempFile {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str) -> TempFile {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "creditgate-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempFile {
+            path: dir.join(name),
+            dir,
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

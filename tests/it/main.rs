@@ -5,6 +5,7 @@
 mod accounts;
 mod cli;
 mod conformance;
+mod durability;
 mod edges;
 mod harness;
 mod llm;

@@ -1330,21 +1330,48 @@ async fn the_deployment_files_parse_and_reference_only_what_exists() {
         kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     );
 
-    // docker-compose: healthchecks; the gateway waits for a healthy Redis; an admin listener.
+    // docker-compose: healthchecks; the gateway waits for a healthy backend (and, with
+    // the Redis override, a healthy Redis); an admin listener; the store's volume.
     let compose = &yaml_docs(&repo("docker-compose.yml"))[0];
-    for service in ["redis", "gateway", "backend"] {
+    for service in ["gateway", "backend"] {
         assert!(
             !compose["services"][service]["healthcheck"].is_badvalue(),
             "{service} has no healthcheck"
         );
     }
     assert_eq!(
-        compose["services"]["gateway"]["depends_on"]["redis"]["condition"].as_str(),
+        compose["services"]["gateway"]["depends_on"]["backend"]["condition"].as_str(),
         Some("service_healthy")
     );
-    let compose_policy = std::fs::read_to_string(repo("policies/compose.toml")).unwrap();
+    assert!(format!("{:?}", compose["services"]["gateway"]["volumes"]).contains("creditgate-data"));
+    let with_redis = &yaml_docs(&repo("docker-compose.redis.yml"))[0];
     assert!(
-        compose_policy.contains("admin_listen"),
-        "compose runs an admin listener"
+        !with_redis["services"]["redis"]["healthcheck"].is_badvalue(),
+        "redis has no healthcheck"
     );
+    assert_eq!(
+        with_redis["services"]["gateway"]["depends_on"]["redis"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    for (file, store) in [
+        ("policies/compose.toml", "sqlite"),
+        ("policies/compose-redis.toml", "redis"),
+    ] {
+        let compose_policy = std::fs::read_to_string(repo(file)).unwrap();
+        assert!(
+            compose_policy.contains("admin_listen"),
+            "{file}: compose runs an admin listener"
+        );
+        assert!(
+            compose_policy.contains(&format!("kind = \"{store}\"")),
+            "{file}: the {store} store"
+        );
+        let policy = creditgate::policy::Policy::parse(
+            &compose_policy,
+            &repo(file).display().to_string(),
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(policy.gateway.admin_listen.is_some(), "{file}");
+    }
 }

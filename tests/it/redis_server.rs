@@ -49,6 +49,13 @@ impl RedisServer {
         RedisServer::start_with("single", &[])
     }
 
+    /// A server whose AOF is never fsynced: for a long test that does not restart
+    /// it, so that its calls (each under the store's 250 ms deadline) do not queue
+    /// behind the fsyncs of tests running beside it (the sqlite crash tests).
+    pub fn start_unsynced() -> RedisServer {
+        RedisServer::start_with("unsynced", &["--appendfsync", "no"])
+    }
+
     fn start_with(tag: &str, extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),

@@ -11,16 +11,17 @@ use tokio::net::TcpListener;
 use crate::harness::{eventually, header};
 use crate::redis_server::RedisServer;
 
-struct Gateway {
-    child: Child,
-    url: String,
+/// A `creditgate run` child process; killed (SIGKILL) when dropped.
+pub(crate) struct Gateway {
+    pub(crate) child: Child,
+    pub(crate) url: String,
     /// The admin API, when the policy has `admin_listen = "127.0.0.1:{ADMIN_PORT}"`.
-    admin_url: String,
+    pub(crate) admin_url: String,
     /// The policy file it runs (and `POST /admin/policy/reload` reads).
     file: std::path::PathBuf,
 }
 
-const ADMIN_TOKEN: &str = "replica-admin-token";
+pub(crate) const ADMIN_TOKEN: &str = "replica-admin-token";
 
 impl Drop for Gateway {
     fn drop(&mut self) {
@@ -76,12 +77,21 @@ keys = [ {{ member = "m", key_env = "SHARED_KEY" }} ]
 }
 
 /// Starts `creditgate run` on a free port with `policy` (its `{PORT}` and
-/// `{ADMIN_PORT}` filled in).
-fn start_gateway(policy: &str) -> Gateway {
+/// `{ADMIN_PORT}` filled in). Its key for `key_env = "SHARED_KEY"` is "sk-shared".
+pub(crate) fn start_gateway(policy: &str) -> Gateway {
+    let dir = std::env::temp_dir().join(format!(
+        "creditgate-replica-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    start_gateway_in(policy, &dir)
+}
+
+/// `start_gateway` with the policy file (`policy.toml`) in `dir`, where a store
+/// path relative to it points.
+pub(crate) fn start_gateway_in(policy: &str, dir: &std::path::Path) -> Gateway {
     let (port, admin_port) = (free_port(), free_port());
-    let dir =
-        std::env::temp_dir().join(format!("creditgate-replica-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     let file = dir.join("policy.toml");
     let with_admin = policy.contains("{ADMIN_PORT}");
     let text = policy
@@ -125,7 +135,7 @@ async fn raw_account(redis_url: &str, id: &str) -> Account {
     creditgate::store::redis::decode_state(&state).unwrap()
 }
 
-fn assert_invariant(t: &Totals) {
+pub(crate) fn assert_invariant(t: &Totals) {
     let sum = [t.available, t.held, t.charged, t.expired]
         .into_iter()
         .try_fold(creditgate::ledger::Credits::ZERO, |a, b| a.checked_add(b))
@@ -133,7 +143,7 @@ fn assert_invariant(t: &Totals) {
     assert_eq!(t.granted, sum, "{t:?}");
 }
 
-async fn mock() -> MockBackend {
+pub(crate) async fn mock() -> MockBackend {
     MockBackend::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap()
 }
 
@@ -355,10 +365,7 @@ async fn sighup_reloads_the_policy_file() {
         header(&resp, "x-credits-held").to_string()
     };
     assert_eq!(held().await, "3");
-    let port = gw.url.rsplit(':').next().unwrap().to_string();
-    let file = std::env::temp_dir()
-        .join(format!("creditgate-replica-{}-{port}", std::process::id()))
-        .join("policy.toml");
+    let file = gw.file.clone();
     let current = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, current.replace("price = 3", "price = 7")).unwrap();
     signal(&gw, "HUP");

@@ -1,0 +1,862 @@
+//! The local store: accounts in a `DashMap` in this process, with an optional
+//! durable log. It is two stores, built from one piece of code:
+//!
+//! - **memory** ([`LocalStore::new`]): no log. One process, lost on restart; each
+//!   account keeps its newest ledger entries in a [`Journal`].
+//! - **sqlite** ([`super::sqlite::open`]): the same state in memory, where the
+//!   ledger core computes on it, plus a [`SqliteLog`] that writes every change to
+//!   an SQLite file before the change is acknowledged, and from which the state is
+//!   loaded at start. Each account keeps the entries not yet written, for the log.
+//!
+//! Every call locks one account's entry, applies time (a due refill, expiries),
+//! applies the ledger core and unlocks — no guard is ever held across an `.await`.
+//! A call that may change an account (a hold, a grant, any admin change) queues the
+//! account for the log while it still holds the lock, and then waits, unlocked, for
+//! the commit that wrote it: nothing is answered before it is on disk. It waits
+//! whatever the outcome, because even a refusal may rest on a change another call
+//! made a moment before and that is not on disk yet (a repeated grant answered
+//! "already granted"). The end of a hold (settle, release) is queued but not waited
+//! for: it is on disk before the account's next hold answers ([`LocalStore::end`]).
+//! Reads (identify, totals, the account view,
+//! open holds) never wait for the log; what time alone changed on the way (an
+//! expiry, a refill) is queued without waiting, since it is recomputed from the
+//! file after a crash. Expired holds are released lazily on every access and by
+//! [`Store::sweep`], which the gateway runs in the background.
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::sqlite::{Change, Pending, SqliteLog};
+use super::{
+    AccountView, AdminOutcome, EndOutcome, GrantRequest, HoldOutcome, Identity, QuotaView, Quoted,
+    Store, StoreError,
+};
+use crate::ledger::{
+    Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
+    Limits, Millis, Recorded, Totals,
+};
+
+#[derive(Clone, Debug)]
+pub(super) struct KeyEntry {
+    pub(super) account: String,
+    pub(super) member: String,
+    pub(super) key_id: String,
+}
+
+/// The plans and the limits on an account's state, as the policy last set them.
+#[derive(Clone)]
+struct Rules {
+    catalog: Arc<Catalog>,
+    limits: Limits,
+}
+
+/// Where an account's new ledger entries go.
+pub(super) enum Kept {
+    /// The memory store's ledger: the newest `ledger_max_entries` entries.
+    Journal(Journal),
+    /// The sqlite store's entries not yet written. The log's writer takes them
+    /// together with the account's state, so the file has both or neither.
+    Unwritten(Unwritten),
+}
+
+/// An account's ledger entries on their way to the file.
+#[derive(Default)]
+pub(super) struct Unwritten {
+    /// Not taken by the writer yet.
+    pub(super) fresh: Vec<Entry>,
+    /// The entries the writer took for the commit it is writing: kept until that
+    /// commit is done, so a ledger read that copies these and then reads the file
+    /// misses none of them.
+    pub(super) taken: Arc<Vec<Entry>>,
+}
+
+/// An account and the ledger entries kept for it.
+pub(super) struct Stored {
+    pub(super) account: Account,
+    pub(super) ledger: Kept,
+}
+
+impl Stored {
+    pub(super) fn new(account: Account, ledger: Kept) -> Self {
+        let mut stored = Stored { account, ledger };
+        stored.file_entries();
+        stored
+    }
+
+    /// Files the account's new ledger entries; returns whether there were any.
+    fn file_entries(&mut self) -> bool {
+        let fresh = self.account.take_entries();
+        let any = !fresh.is_empty();
+        match &mut self.ledger {
+            Kept::Journal(journal) => journal.append(fresh),
+            Kept::Unwritten(unwritten) => unwritten.fresh.extend(fresh),
+        }
+        any
+    }
+
+    /// Applies time; returns how many holds expired and whether any ledger entry
+    /// was written.
+    fn apply_time(&mut self, now_ms: Millis, catalog: &Catalog) -> (usize, bool) {
+        let expired = self.account.apply_time(now_ms, catalog).len();
+        (expired, self.file_entries())
+    }
+}
+
+/// Every account and key of a local store; the sqlite log's writer reads them too.
+#[derive(Default)]
+pub(super) struct Tables {
+    pub(super) accounts: DashMap<String, Stored>,
+    pub(super) keys: DashMap<[u8; 32], KeyEntry>,
+    pub(super) key_ids: DashMap<String, [u8; 32]>,
+}
+
+impl Tables {
+    /// The key's lookup records (the account lists it as active separately).
+    pub(super) fn register(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        key_sha256: &[u8; 32],
+    ) {
+        self.key_ids.insert(key_id.to_string(), *key_sha256);
+        self.keys.insert(
+            *key_sha256,
+            KeyEntry {
+                account: account.to_string(),
+                member: member.to_string(),
+                key_id: key_id.to_string(),
+            },
+        );
+    }
+}
+
+/// Whether a call waits for the log to write the account it touched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// A call that may change the account: answered only once the change is on disk.
+    Wait,
+    /// The end of a hold: queued at once, not waited for (see [`LocalStore::end`]).
+    Queue,
+    /// A read: what time changed on the way is queued, not waited for.
+    IfTimeMoved,
+}
+
+pub struct LocalStore {
+    tables: Arc<Tables>,
+    rules: RwLock<Rules>,
+    /// `None`: the memory store.
+    log: Option<SqliteLog>,
+}
+
+impl LocalStore {
+    /// The memory store: one process, lost on restart.
+    pub fn new(catalog: Arc<Catalog>, limits: Limits) -> Self {
+        LocalStore::with_log(Arc::default(), None, catalog, limits)
+    }
+
+    /// A store on `tables` (loaded by the log from its file), writing through `log`.
+    pub(super) fn with_log(
+        tables: Arc<Tables>,
+        log: Option<SqliteLog>,
+        catalog: Arc<Catalog>,
+        limits: Limits,
+    ) -> Self {
+        LocalStore {
+            tables,
+            rules: RwLock::new(Rules { catalog, limits }),
+            log,
+        }
+    }
+
+    /// Checks the §1 invariant of every account; for tests and debugging.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.tables
+            .accounts
+            .iter()
+            .try_for_each(|s| s.account.check_invariant())
+    }
+
+    fn rules(&self) -> Rules {
+        // A poisoned lock only means a panic elsewhere; the data is a plain Arc swap.
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How a new account keeps its ledger entries in this store.
+    fn kept(&self, ledger_max_entries: usize) -> Kept {
+        match self.log {
+            Some(_) => Kept::Unwritten(Unwritten::default()),
+            None => Kept::Journal(Journal::new(ledger_max_entries)),
+        }
+    }
+
+    /// Refuses every call once the log has failed to write: memory may then be
+    /// ahead of the file, and nothing may be answered from it until a restart
+    /// rebuilds memory from the file.
+    fn usable(&self) -> Result<(), StoreError> {
+        self.log.as_ref().map_or(Ok(()), SqliteLog::usable)
+    }
+
+    /// Queues `change` for the log (a no-op on the memory store); with `wait`,
+    /// what to await before answering.
+    fn persist(&self, change: impl FnOnce() -> Change, wait: bool) -> Result<Pending, StoreError> {
+        match &self.log {
+            Some(log) => log.queue(change(), wait),
+            None => Ok(Pending::default()),
+        }
+    }
+
+    /// Runs `apply` on one account after applying time (refill, expiries), files
+    /// the account's new ledger entries and queues the account for the log.
+    fn locked<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        commit: Commit,
+        apply: impl FnOnce(&mut Stored, &Rules) -> T,
+    ) -> Result<(T, Pending), StoreError> {
+        self.usable()?;
+        let rules = self.rules();
+        let mut entry = self
+            .tables
+            .accounts
+            .get_mut(account)
+            .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+        let stored = entry.value_mut();
+        stored.account.apply_time(now_ms, &rules.catalog);
+        let out = apply(stored, &rules);
+        let filed = stored.file_entries();
+        // Queued under the account's lock: the log's snapshot of the account,
+        // taken after it dequeues this, has this call's change.
+        let wait = commit == Commit::Wait;
+        let pending = if commit != Commit::IfTimeMoved || filed {
+            self.persist(|| Change::account(account), wait)?
+        } else {
+            Pending::default()
+        };
+        Ok((out, pending))
+    }
+
+    /// A read of one account: never waits for the log.
+    fn read<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Stored, &Rules) -> T,
+    ) -> Result<T, StoreError> {
+        self.locked(account, now_ms, Commit::IfTimeMoved, apply)
+            .map(|(out, _)| out)
+    }
+
+    fn read_account<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Account, &Rules) -> T,
+    ) -> Result<T, StoreError> {
+        self.read(account, now_ms, |stored, rules| {
+            apply(&mut stored.account, rules)
+        })
+    }
+
+    /// A call that may change one account: answered once the change is on disk.
+    async fn write<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Account, &Rules) -> T,
+    ) -> Result<T, StoreError> {
+        let (out, pending) = self.locked(account, now_ms, Commit::Wait, |stored, rules| {
+            apply(&mut stored.account, rules)
+        })?;
+        pending.written().await?;
+        Ok(out)
+    }
+
+    /// Ends a hold (a settle or a release): applied and queued for the log, and
+    /// answered without waiting for the commit. Its answer goes only to the
+    /// gateway, which ends a hold after the client has its answer (a release on a
+    /// non-charging status: with it, and a later expiry returns the same credits).
+    /// It is on disk before the account's next hold is answered, since that hold
+    /// waits for a commit that snapshots the account after it. If the process dies
+    /// before, the hold is still open in the file and expires by its TTL: such a
+    /// request is not charged, never charged twice.
+    fn end<T>(
+        &self,
+        account: &str,
+        now_ms: Millis,
+        apply: impl FnOnce(&mut Account, &Rules) -> T,
+    ) -> Result<T, StoreError> {
+        self.locked(account, now_ms, Commit::Queue, |stored, rules| {
+            apply(&mut stored.account, rules)
+        })
+        .map(|(out, _)| out)
+    }
+
+    /// Applies time to one account in a walk over all of them, queueing it for
+    /// the log when time wrote to its ledger; returns how many holds expired.
+    fn tick_in_walk(
+        &self,
+        id: &str,
+        stored: &mut Stored,
+        now_ms: Millis,
+        catalog: &Catalog,
+    ) -> Result<usize, StoreError> {
+        let (expired, filed) = stored.apply_time(now_ms, catalog);
+        if filed {
+            self.persist(|| Change::account(id), false)?;
+        }
+        Ok(expired)
+    }
+}
+
+/// The account as its owner or an admin sees it; shared with the Redis store.
+pub(super) fn view(a: &Account, catalog: &Catalog) -> AccountView {
+    let limits = catalog
+        .get(&a.plan)
+        .map(|t| t.quotas.clone())
+        .unwrap_or_default();
+    let used = a.quota_use();
+    let mut names: Vec<&String> = limits.keys().chain(used.keys()).collect();
+    names.sort();
+    names.dedup();
+    AccountView {
+        id: a.id.clone(),
+        plan: a.plan.clone(),
+        pending_plan: a.pending_plan.clone(),
+        billing_anchor_day: a.billing_anchor_day,
+        next_refill_ms: a.next_refill_ms,
+        members: a.members.clone(),
+        grants: a
+            .grants()
+            .iter()
+            .filter(|g| !g.left.is_zero())
+            .cloned()
+            .collect(),
+        totals: a.totals(),
+        quotas: names
+            .into_iter()
+            .map(|n| QuotaView {
+                name: n.clone(),
+                used: used.get(n).copied().unwrap_or(0),
+                limit: limits.get(n).copied(),
+            })
+            .collect(),
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn identify(
+        &self,
+        key_sha256: &[u8; 32],
+        now_ms: Millis,
+    ) -> Result<Option<Identity>, StoreError> {
+        self.usable()?;
+        let Some(key) = self.tables.keys.get(key_sha256).map(|k| k.value().clone()) else {
+            return Ok(None);
+        };
+        // Who a key is changes nothing: read in place, the plan as it is in force now.
+        let stored = self
+            .tables
+            .accounts
+            .get(&key.account)
+            .ok_or_else(|| StoreError::UnknownAccount(key.account.clone()))?;
+        let a = &stored.account;
+        Ok(Some(Identity {
+            premium_disabled: a
+                .members
+                .get(&key.member)
+                .is_some_and(|m| m.premium_disabled),
+            plan: a.plan_at(now_ms).to_string(),
+            account: key.account,
+            member: key.member,
+            key_id: key.key_id,
+        }))
+    }
+
+    async fn hold(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<HoldOutcome, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.hold(request, now_ms, &rules.catalog)
+        })
+        .await
+    }
+
+    async fn quote(
+        &self,
+        account: &str,
+        request: &HoldRequest,
+        now_ms: Millis,
+    ) -> Result<Quoted, StoreError> {
+        self.read_account(account, now_ms, |a, rules| {
+            Quoted::of(a, request, &rules.catalog)
+        })
+    }
+
+    async fn settle(
+        &self,
+        account: &str,
+        hold_id: u64,
+        charge: Credits,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError> {
+        self.end(account, now_ms, |a, rules| {
+            a.settle(hold_id, charge, now_ms, &rules.limits)
+        })
+    }
+
+    async fn release(
+        &self,
+        account: &str,
+        hold_id: u64,
+        now_ms: Millis,
+    ) -> Result<EndOutcome, StoreError> {
+        self.end(account, now_ms, |a, _| a.release(hold_id, now_ms))
+    }
+
+    async fn totals(&self, account: &str, now_ms: Millis) -> Result<Totals, StoreError> {
+        self.read_account(account, now_ms, |a, _| a.totals())
+    }
+
+    async fn account(&self, account: &str, now_ms: Millis) -> Result<AccountView, StoreError> {
+        self.read_account(account, now_ms, |a, rules| view(a, &rules.catalog))
+    }
+
+    async fn seed(
+        &self,
+        seed: &crate::ledger::SeedAccount,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
+        self.usable()?;
+        let rules = self.rules();
+        let mut created = false;
+        self.tables
+            .accounts
+            .entry(seed.id.clone())
+            .or_insert_with(|| {
+                created = true;
+                Stored::new(
+                    Account::seeded(seed, &rules.catalog, now_ms),
+                    self.kept(rules.limits.ledger_max_entries),
+                )
+            });
+        // An existing account is left as it is: a seeded key revoked since stays
+        // revoked, and no member is added past the plan's seats.
+        let mut keys = Vec::new();
+        if created {
+            for key in &seed.keys {
+                let key_id = crate::ledger::seed_key_id(&key.key_sha256);
+                self.tables
+                    .register(&seed.id, &key.member, &key_id, &key.key_sha256);
+                keys.push(key.key_sha256);
+            }
+        }
+        // Waited for even when it existed: it may have been created a moment ago.
+        self.persist(|| Change::account(&seed.id).with_keys(keys), true)?
+            .written()
+            .await?;
+        Ok(created)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.usable()
+    }
+
+    async fn sweep(&self, now_ms: Millis) -> Result<usize, StoreError> {
+        self.usable()?;
+        let rules = self.rules();
+        let mut ended = 0;
+        for mut stored in self.tables.accounts.iter_mut() {
+            let (id, stored) = stored.pair_mut();
+            ended += self.tick_in_walk(id, stored, now_ms, &rules.catalog)?;
+        }
+        Ok(ended)
+    }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        self.usable()?;
+        let Rules { catalog, limits } = self.rules();
+        let Some(terms) = catalog.get(plan) else {
+            return Ok(Err(AccountRejected::UnknownPlan));
+        };
+        let mut outcome = Err(AccountRejected::AccountExists);
+        self.tables
+            .accounts
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                let account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
+                outcome = Ok(view(&account, &catalog));
+                Stored::new(account, self.kept(limits.ledger_max_entries))
+            });
+        // Waited for even when it existed: it may have been created a moment ago.
+        self.persist(|| Change::account(id), true)?
+            .written()
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn add_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.add_member(member, premium_disabled, &rules.catalog)
+        })
+        .await
+    }
+
+    async fn update_member(
+        &self,
+        account: &str,
+        member: &str,
+        premium_disabled: bool,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.write(account, now_ms, |a, _| {
+            a.update_member(member, premium_disabled)
+        })
+        .await
+    }
+
+    async fn add_key(
+        &self,
+        account: &str,
+        member: &str,
+        key_id: &str,
+        key_sha256: &[u8; 32],
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let listed = self.read_account(account, now_ms, |a, _| a.add_key(member, key_id))?;
+        if listed.is_ok() {
+            self.tables.register(account, member, key_id, key_sha256);
+        }
+        // Queued after both changes, so the log writes the listing and the record
+        // in one commit.
+        self.persist(
+            || Change::account(account).with_keys(vec![*key_sha256]),
+            true,
+        )?
+        .written()
+        .await?;
+        Ok(listed)
+    }
+
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.usable()?;
+        let Some(hash) = self.tables.key_ids.get(key_id).map(|h| *h) else {
+            return Ok(Err(AccountRejected::UnknownKey));
+        };
+        // Off the member's active keys first, then the lookup records.
+        let key = self.tables.keys.get(&hash).map(|k| k.value().clone());
+        if let Some(key) = &key {
+            match self.read_account(&key.account, now_ms, |a, _| {
+                a.revoke_key(&key.member, key_id)
+            }) {
+                // An account that is gone has no key to take off.
+                Ok(_) | Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tables.keys.remove(&hash);
+        self.tables.key_ids.remove(key_id);
+        let change = || Change {
+            account: key.map(|k| k.account),
+            keys: vec![hash],
+        };
+        self.persist(change, true)?.written().await?;
+        Ok(Ok(()))
+    }
+
+    async fn grant(
+        &self,
+        account: &str,
+        grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.grant_once(grant, now_ms, &rules.limits)
+        })
+        .await
+    }
+
+    async fn change_plan(
+        &self,
+        account: &str,
+        plan: &str,
+        effective: Effective,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.change_plan(plan, effective, now_ms, &rules.catalog)
+        })
+        .await
+    }
+
+    async fn ledger(
+        &self,
+        account: &str,
+        limit: usize,
+        before_seq: Option<u64>,
+        now_ms: Millis,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let ledger_max_entries = self.rules().limits.ledger_max_entries;
+        let found = self.read(account, now_ms, |stored, _| match &stored.ledger {
+            Kept::Journal(journal) => Ok(journal.page(limit, before_seq)),
+            // The entries that may not be on disk yet, with the next entry's number.
+            Kept::Unwritten(unwritten) => {
+                let mut copied = unwritten.taken.to_vec();
+                copied.extend(unwritten.fresh.iter().cloned());
+                Err((copied, stored.account.next_seq()))
+            }
+        })?;
+        match (found, &self.log) {
+            (Ok(page), _) => Ok(page),
+            (Err((unwritten, next_seq)), Some(log)) => {
+                let shown = next_seq.saturating_sub(ledger_max_entries as u64)..next_seq;
+                log.ledger(account, limit, before_seq, shown, unwritten)
+                    .await
+            }
+            // Unreachable: only a store with a log keeps entries unwritten.
+            (Err(_), None) => Err(StoreError::Corrupt(
+                "entries kept for a log this store does not have".into(),
+            )),
+        }
+    }
+
+    async fn holds(
+        &self,
+        account: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<(String, Hold)>, StoreError> {
+        let collect = |a: &Account| {
+            a.holds()
+                .map(|h| (a.id.clone(), h.clone()))
+                .collect::<Vec<_>>()
+        };
+        match account {
+            Some(id) => self
+                .read_account(id, now_ms, |a, _| collect(a))
+                .map(|mut h| {
+                    h.truncate(limit);
+                    h
+                }),
+            None => {
+                self.usable()?;
+                let rules = self.rules();
+                let mut all = Vec::new();
+                for mut stored in self.tables.accounts.iter_mut() {
+                    let (id, stored) = stored.pair_mut();
+                    self.tick_in_walk(id, stored, now_ms, &rules.catalog)?;
+                    all.extend(collect(&stored.account));
+                    if all.len() >= limit {
+                        all.truncate(limit);
+                        break;
+                    }
+                }
+                Ok(all)
+            }
+        }
+    }
+
+    async fn record_response(
+        &self,
+        account: &str,
+        key: &str,
+        response: &Recorded,
+        now_ms: Millis,
+    ) -> Result<bool, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.record_response(key, response.clone(), &rules.limits)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.usable()?;
+        // An empty change: its commit comes after everything queued before it.
+        let marker = || Change {
+            account: None,
+            keys: Vec::new(),
+        };
+        self.persist(marker, true)?.written().await
+    }
+
+    fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits) {
+        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        *rules = Rules { catalog, limits };
+        drop(rules);
+        for mut stored in self.tables.accounts.iter_mut() {
+            if let Kept::Journal(journal) = &mut stored.ledger {
+                journal.set_cap(limits.ledger_max_entries);
+            }
+        }
+    }
+}
+
+impl Default for LocalStore {
+    fn default() -> Self {
+        LocalStore::new(Arc::default(), Limits::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::PlanTerms;
+    use crate::ledger::{SeedAccount, SeedGrant};
+
+    fn store() -> LocalStore {
+        let terms = PlanTerms {
+            monthly_credits: Credits::from_whole(5).unwrap(),
+            quotas: Default::default(),
+            seats: 1,
+            signup_credits: Some(Credits::from_whole(2).unwrap()),
+            keep_unused_on_upgrade: false,
+            features: vec![],
+            ..Default::default()
+        };
+        let limits = Limits {
+            ledger_max_entries: 100,
+            ..Limits::default()
+        };
+        LocalStore::new(
+            Arc::new(Catalog::from([("free".to_string(), terms)])),
+            limits,
+        )
+    }
+
+    fn seed() -> SeedAccount {
+        let grant = SeedGrant {
+            kind: "topup".into(),
+            credits: Credits::from_whole(3).unwrap(),
+            expires_at_ms: None,
+            priority: 30,
+        };
+        SeedAccount {
+            id: "a".into(),
+            plan: "free".into(),
+            billing_anchor_day: None,
+            grants: vec![grant],
+            keys: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn seeding_creates_once_with_plan_signup_and_listed_grants() {
+        let store = store();
+        assert!(store.seed(&seed(), 0).await.unwrap());
+        assert!(
+            !store.seed(&seed(), 0).await.unwrap(),
+            "an existing account is left as it is"
+        );
+        assert_eq!(
+            store.totals("a", 0).await.unwrap().available,
+            Credits::from_whole(10).unwrap()
+        );
+        assert_eq!(
+            store.totals("nobody", 0).await,
+            Err(StoreError::UnknownAccount("nobody".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sweep_releases_holds_past_their_ttl() {
+        let store = store();
+        store.seed(&seed(), 0).await.unwrap();
+        let request = HoldRequest {
+            operation: "op".into(),
+            request_id: "r".into(),
+            amount: Credits::from_whole(4).unwrap(),
+            ttl_ms: 1_000,
+            max_holds: 8,
+            quota: None,
+            idempotency: None,
+            caller: None,
+            terms: crate::ledger::HoldTerms::default(),
+        };
+        let placed = store.hold("a", &request, 0).await.unwrap().unwrap();
+        assert_eq!(store.sweep(999).await.unwrap(), 0);
+        assert_eq!(store.sweep(1_000).await.unwrap(), 1);
+        let totals = store.totals("a", 1_000).await.unwrap();
+        assert_eq!(
+            (totals.held, totals.available),
+            (Credits::ZERO, Credits::from_whole(10).unwrap())
+        );
+        assert!(
+            store
+                .settle("a", placed.hold_id, request.amount, 1_001)
+                .await
+                .unwrap()
+                .is_err(),
+            "an expired hold cannot be settled"
+        );
+        store.check_invariants().unwrap();
+    }
+
+    #[tokio::test]
+    async fn keys_identify_members_until_revoked() {
+        let store = store();
+        store
+            .create_account("t", "free", None, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .add_key("t", "ghost", "k1", &[1; 32], 0)
+                .await
+                .unwrap(),
+            Err(AccountRejected::UnknownMember)
+        );
+        store
+            .add_member("t", "ann", true, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.add_member("t", "bob", false, 0).await.unwrap(),
+            Err(AccountRejected::SeatLimit { seats: 1 })
+        );
+        store
+            .add_key("t", "ann", "k1", &[1; 32], 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let who = store.identify(&[1; 32], 0).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                who.account.as_str(),
+                who.member.as_str(),
+                who.premium_disabled
+            ),
+            ("t", "ann", true)
+        );
+        store.revoke_key("k1", 0).await.unwrap().unwrap();
+        assert_eq!(store.identify(&[1; 32], 0).await.unwrap(), None);
+        assert_eq!(
+            store.revoke_key("k1", 0).await.unwrap(),
+            Err(AccountRejected::UnknownKey)
+        );
+    }
+}
