@@ -160,9 +160,12 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
 
 /// Drives `addr` with `load.connections` keep-alive connections, each sending the
 /// next request as soon as the previous answer is read.
+/// Connection `i` goes to `addrs[i % addrs.len()]` (two replicas take turns) as
+/// the user of account `i % accounts` (1: every connection on one hot account).
 async fn drive(
     name: &'static str,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
+    accounts: usize,
     load: Load,
     redis_pid: Option<u32>,
 ) -> Measured {
@@ -171,7 +174,8 @@ async fn drive(
     let mut workers = Vec::new();
     for connection in 0..load.connections {
         let (recording, stop) = (recording.clone(), stop.clone());
-        let authorization = format!("Bearer {}", key(connection % ACCOUNTS));
+        let authorization = format!("Bearer {}", key(connection % accounts.clamp(1, ACCOUNTS)));
+        let addr = addrs[connection % addrs.len()];
         workers.push(tokio::spawn(async move {
             let stream = TcpStream::connect(addr).await.expect("connect");
             stream.set_nodelay(true).expect("nodelay");
@@ -447,6 +451,108 @@ async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64,
     )
 }
 
+/// `redis-cli` against the bench's Redis.
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (redis-tools) is needed by the bench");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Redis's own accounting since the last `CONFIG RESETSTAT`: calls and CPU
+/// microseconds of every command, and bytes received from clients.
+fn redis_counters(redis: &Redis) -> (u64, u64, u64) {
+    let (mut calls, mut usec) = (0, 0);
+    for line in redis_cli(redis, &["INFO", "commandstats"]).lines() {
+        let Some((name, fields)) = line.split_once(':') else {
+            continue;
+        };
+        if !name.starts_with("cmdstat_") || name == "cmdstat_info" || name == "cmdstat_config" {
+            continue;
+        }
+        for field in fields.split(',') {
+            match field.split_once('=') {
+                Some(("calls", n)) => calls += n.trim().parse::<u64>().unwrap_or(0),
+                Some(("usec", n)) => usec += n.trim().parse::<u64>().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    let input = redis_cli(redis, &["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    (calls, usec, input)
+}
+
+/// The cost to Redis of one hold + settle on an account that has `in_flight`
+/// other holds open: Redis CPU (its own `INFO commandstats`) and bytes sent to it
+/// (the state and entries each commit writes), per hold + settle, one at a time.
+async fn commit_cost(store: Arc<dyn Store>, redis: &Redis, in_flight: usize, rounds: usize) {
+    let account = "bench-1";
+    let request = |id: String| HoldRequest {
+        operation: "generate".into(),
+        request_id: id,
+        amount: PRICE.parse().expect("price"),
+        ttl_ms: 600_000,
+        max_holds: 4_096,
+        quota: None,
+        idempotency: None,
+        caller: None,
+        terms: creditgate::ledger::HoldTerms::default(),
+    };
+    let mut open = Vec::with_capacity(in_flight);
+    for i in 0..in_flight {
+        match store.hold(account, &request(format!("open-{i}")), 1).await {
+            Ok(Ok(placed)) => open.push(placed.hold_id),
+            other => {
+                println!("commit cost at {in_flight} holds in flight: hold {i} was refused ({:?}); not measured", other.map(|o| o.err()));
+                break;
+            }
+        }
+    }
+    if open.len() == in_flight {
+        redis_cli(redis, &["CONFIG", "RESETSTAT"]);
+        let started = Instant::now();
+        for i in 0..rounds {
+            let placed = store
+                .hold(account, &request(format!("r-{i}")), 1)
+                .await
+                .expect("hold")
+                .expect("placed");
+            store
+                .settle(account, placed.hold_id, placed_amount(), 1)
+                .await
+                .expect("settle")
+                .expect("settled");
+        }
+        let took = started.elapsed();
+        let (calls, usec, input) = redis_counters(redis);
+        let per = |n: u64| n as f64 / rounds as f64;
+        println!(
+            "redis commit cost, {in_flight:>4} holds in flight: {:.1} Redis CPU us, {:.0} bytes in, {:.1} calls per hold+settle ({:.3} ms each, one client)",
+            per(usec),
+            per(input),
+            per(calls),
+            took.as_secs_f64() * 1e3 / rounds as f64
+        );
+    }
+    for hold_id in open {
+        store
+            .release(account, hold_id, 1)
+            .await
+            .expect("release")
+            .expect("released");
+    }
+}
+
+fn placed_amount() -> Credits {
+    PRICE.parse().expect("price")
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -592,6 +698,67 @@ fn runtimes() -> (
     (servers, loader, backend_runtime, backend)
 }
 
+/// Where the bench's threads may run. `Shared`: anywhere on both cores, as a
+/// deployment on a small machine. `Pinned` (`taskset`): the proxies under test on
+/// core 0, everything else — load generator, mock backend, `redis-server`, the
+/// sqlite writer — on core 1, so the proxy's own cost decides its throughput.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Shared,
+    Pinned,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Pinned => "pinned",
+        }
+    }
+}
+
+/// Moves every thread of this process (and `redis-server`'s) to the cores `mode`
+/// gives it, with `taskset`.
+fn pin(mode: Mode, redis_pid: u32) {
+    let (proxy, rest) = match mode {
+        Mode::Shared => ("0,1", "0,1"),
+        Mode::Pinned => ("0", "1"),
+    };
+    let taskset = |args: &[&str]| {
+        let status = std::process::Command::new("taskset")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("taskset (util-linux) is needed by the bench");
+        assert!(status.success(), "taskset {args:?} failed");
+    };
+    let me = std::process::id();
+    for task in std::fs::read_dir(format!("/proc/{me}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cores = if name.starts_with(PROXY_THREADS) {
+            proxy
+        } else {
+            rest
+        };
+        taskset(&["-p", "-c", cores, &tid]);
+    }
+    taskset(&["-a", "-p", "-c", rest, &redis_pid.to_string()]);
+}
+
+/// One line of the load table: a server (or two replicas) and how many accounts
+/// its connections use.
+struct Variant {
+    name: &'static str,
+    addrs: Vec<SocketAddr>,
+    accounts: usize,
+    /// Which store's conservation check counts its 2xx answers.
+    store: usize,
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // For profiling one variant: CREDITGATE_BENCH_ONLY=memory (or passthrough, redis, sqlite).
@@ -602,13 +769,13 @@ fn main() {
         Load {
             connections: 32,
             warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(4),
+            duration: Duration::from_secs(3),
         }
     } else {
         Load {
             connections: 4,
-            warmup: Duration::from_millis(200),
-            duration: Duration::from_millis(700),
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(300),
         }
     };
     let (servers, loader, _backend_runtime, backend) = runtimes();
@@ -616,8 +783,8 @@ fn main() {
     let redis = Redis::start();
     let redis_pid = Some(redis.pid());
 
-    // The three variants stay up; the load visits them in turn, round after round,
-    // so a slow minute on a shared machine hits all three alike.
+    // Every server stays up; the load visits the variants in turn, round after
+    // round and mode after mode, so a slow minute on a shared machine hits all alike.
     let (gateway, mem_store) = memory_gateway(&servers, backend_addr);
     // The passthrough proxies to the gateway's own peer: same backend, same timeouts.
     let peer = gateway.peers()[0].clone();
@@ -625,103 +792,168 @@ fn main() {
     let passthrough_server = start_variant(&servers, |l, stop| {
         serve_proxy(l, Passthrough(peer), cap, stop)
     });
-    let mem_before = servers.block_on(all_totals(mem_store.as_ref()));
     let memory_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
     let (gateway, redis_store) = redis_gateway(&servers, backend_addr, &redis);
-    let redis_before = servers.block_on(all_totals(redis_store.as_ref()));
     let redis_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
+    // A second replica: its own store (cache, connections, queues) on the same Redis.
+    let (gateway, _replica_store) = redis_gateway(&servers, backend_addr, &redis);
+    let replica_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
     let (sqlite_file, sqlite_dir) = scratch_file("load.db");
     let (gateway, sqlite_store) = sqlite_gateway(&servers, backend_addr, &sqlite_file);
-    let sqlite_before = servers.block_on(all_totals(sqlite_store.as_ref()));
     let sqlite_server = start_variant(&servers, |l, stop| serve(l, gateway, stop));
 
-    let mut runs: [Vec<Measured>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    let rounds = if full { 5 } else { 1 };
+    let stores: [(&str, &Arc<dyn Store>); 3] = [
+        ("gateway/memory", &mem_store),
+        ("gateway/redis", &redis_store),
+        ("gateway/sqlite", &sqlite_store),
+    ];
+    let before: Vec<Totals> = stores
+        .iter()
+        .map(|(_, store)| servers.block_on(all_totals(store.as_ref())))
+        .collect();
+    let one = |name, addr: SocketAddr, accounts, store| Variant {
+        name,
+        addrs: vec![addr],
+        accounts,
+        store,
+    };
+    let variants = [
+        one("passthrough", passthrough_server.addr, ACCOUNTS, usize::MAX),
+        one("memory/64", memory_server.addr, ACCOUNTS, 0),
+        one("memory/hot", memory_server.addr, 1, 0),
+        one("redis/64", redis_server.addr, ACCOUNTS, 1),
+        one("redis/hot", redis_server.addr, 1, 1),
+        Variant {
+            name: "redis x2/hot",
+            addrs: vec![redis_server.addr, replica_server.addr],
+            accounts: 1,
+            store: 1,
+        },
+        one("sqlite/64", sqlite_server.addr, ACCOUNTS, 2),
+        one("sqlite/hot", sqlite_server.addr, 1, 2),
+    ];
+    let modes = [Mode::Shared, Mode::Pinned];
+    // runs[mode][variant]: one Measured per round.
+    let mut runs: Vec<Vec<Vec<Measured>>> = modes
+        .iter()
+        .map(|_| variants.iter().map(|_| Vec::new()).collect())
+        .collect();
+    let rounds = if full { 3 } else { 1 };
     for _ in 0..rounds {
-        runs[0].push(loader.block_on(drive(
-            "passthrough",
-            passthrough_server.addr,
-            load,
-            redis_pid,
-        )));
-        runs[1].push(loader.block_on(drive("gateway/memory", memory_server.addr, load, redis_pid)));
-        runs[2].push(loader.block_on(drive("gateway/redis", redis_server.addr, load, redis_pid)));
-        runs[3].push(loader.block_on(drive("gateway/sqlite", sqlite_server.addr, load, None)));
+        for (m, mode) in modes.iter().enumerate() {
+            pin(*mode, redis.pid());
+            for (v, variant) in variants.iter().enumerate() {
+                runs[m][v].push(loader.block_on(drive(
+                    variant.name,
+                    &variant.addrs,
+                    variant.accounts,
+                    load,
+                    redis_pid,
+                )));
+            }
+        }
     }
-    let [p, m, r, q] = runs;
-    let (passthrough, memory, on_redis, on_sqlite) = (merge(p), merge(m), merge(r), merge(q));
+    pin(Mode::Shared, redis.pid());
+    let results: Vec<Vec<Measured>> = runs
+        .into_iter()
+        .map(|per_variant| per_variant.into_iter().map(merge).collect())
+        .collect();
     for running in [
         passthrough_server,
         memory_server,
         redis_server,
+        replica_server,
         sqlite_server,
     ] {
         running.stop(&servers);
     }
-    servers.block_on(check_conservation(
-        "gateway/memory",
-        mem_store.as_ref(),
-        mem_before,
-        memory.ok,
-    ));
-    servers.block_on(check_conservation(
-        "gateway/redis",
-        redis_store.as_ref(),
-        redis_before,
-        on_redis.ok,
-    ));
-    servers.block_on(check_conservation(
-        "gateway/sqlite",
-        sqlite_store.as_ref(),
-        sqlite_before,
-        on_sqlite.ok,
-    ));
+    for (s, (name, store)) in stores.iter().enumerate() {
+        let served_ok = results
+            .iter()
+            .flat_map(|per_variant| per_variant.iter().zip(&variants))
+            .filter(|(_, variant)| variant.store == s)
+            .map(|(measured, _)| measured.ok)
+            .sum();
+        servers.block_on(check_conservation(
+            name,
+            store.as_ref(),
+            before[s],
+            served_ok,
+        ));
+    }
 
+    for (mode, measured) in modes.iter().zip(&results) {
+        let passthrough = &measured[0];
+        println!();
+        println!(
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10}   [{} mode]",
+            "variant",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "vs passthru",
+            "added p99",
+            mode.name()
+        );
+        for m in measured {
+            println!(
+                "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11.3}x {:>8.3}ms",
+                m.name,
+                m.rps,
+                m.p50_us / 1000.0,
+                m.p99_us / 1000.0,
+                m.p999_us / 1000.0,
+                m.rps / passthrough.rps,
+                (m.p99_us - passthrough.p99_us) / 1000.0
+            );
+            assert_eq!(m.other, 0, "{}: {} answers were not 2xx", m.name, m.other);
+        }
+        let by_name = |name: &str| {
+            measured
+                .iter()
+                .find(|m| m.name == name)
+                .expect("a variant of the table")
+        };
+        println!(
+            "sqlite vs memory (64 accounts): {:.3}x the throughput, p99 {:+.3} ms (targets: >= 0.9x, <= +1 ms; fsync on every commit)",
+            by_name("sqlite/64").rps / by_name("memory/64").rps,
+            (by_name("sqlite/64").p99_us - by_name("memory/64").p99_us) / 1000.0
+        );
+        println!(
+            "two Redis replicas vs one, hot account: {:.3}x (target >= 1.3x unpinned)",
+            by_name("redis x2/hot").rps / by_name("redis/hot").rps
+        );
+        println!();
+        println!(
+            "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}",
+            "CPU us/request", "proxy", "backend", "loader", "store", "total", "proxy+store"
+        );
+        for m in measured {
+            let [proxy, backend, loader, store] = m.cpu_us;
+            println!(
+                "{:<16} {proxy:>9.1} {backend:>9.1} {loader:>9.1} {store:>9.1} {:>9.1} {:>8.1} ({:+.1})",
+                m.name,
+                proxy + backend + loader + store,
+                proxy + store,
+                proxy + store - passthrough.cpu_us[0],
+            );
+        }
+    }
     println!();
     println!(
-        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10}",
-        "variant", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "vs passthru", "added p99"
-    );
-    for m in [&passthrough, &memory, &on_redis, &on_sqlite] {
-        println!(
-            "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11.3}x {:>8.3}ms",
-            m.name,
-            m.rps,
-            m.p50_us / 1000.0,
-            m.p99_us / 1000.0,
-            m.p999_us / 1000.0,
-            m.rps / passthrough.rps,
-            (m.p99_us - passthrough.p99_us) / 1000.0
-        );
-        assert_eq!(m.other, 0, "{}: {} answers were not 2xx", m.name, m.other);
-    }
-    println!(
-        "load: {} connections, {:?} warm-up + {:?} measured per variant per round, {rounds} interleaved rounds, medians shown",
+        "load: {} connections, {:?} warm-up + {:?} measured per variant per round, {rounds} interleaved rounds per mode, medians shown",
         load.connections, load.warmup, load.duration
     );
-    println!(
-        "sqlite vs memory: {:.3}x the throughput, p99 {:+.3} ms (targets: >= 0.9x, <= +1 ms; fsync on every commit)",
-        on_sqlite.rps / memory.rps,
-        (on_sqlite.p99_us - memory.p99_us) / 1000.0
-    );
-    println!();
-    println!(
-        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}",
-        "CPU us/request", "proxy", "backend", "loader", "store", "total", "proxy+store"
-    );
-    for m in [&passthrough, &memory, &on_redis, &on_sqlite] {
-        let [proxy, backend, loader, store] = m.cpu_us;
-        println!(
-            "{:<16} {proxy:>9.1} {backend:>9.1} {loader:>9.1} {store:>9.1} {:>9.1} {:>8.1} ({:+.1})",
-            m.name,
-            proxy + backend + loader + store,
-            proxy + store,
-            proxy + store - passthrough.cpu_us[0],
-        );
+    println!("store: redis-server's threads, or the sqlite store's writer thread; 64: each connection its own account; hot: every connection on one account; x2: two gateway replicas on one Redis, connections alternating");
+
+    // What one commit costs Redis as the account's open holds grow.
+    for in_flight in [0, 100, 1_000] {
+        let rounds = if full { 500 } else { 20 };
+        servers.block_on(commit_cost(redis_store.clone(), &redis, in_flight, rounds));
     }
-    println!("store: redis-server's threads, or the sqlite store's writer thread");
 
     // Per client: 64 clients on one Redis account queue behind one another.
     let rounds = if full { 200 } else { 20 };
@@ -911,7 +1143,7 @@ fn profile_one(only: &str) {
         _ => "passthrough",
     };
     let redis_pid = redis.as_ref().map(Redis::pid);
-    let measured = loader.block_on(drive(name, server.addr, load, redis_pid));
+    let measured = loader.block_on(drive(name, &[server.addr], ACCOUNTS, load, redis_pid));
     server.stop(&servers);
     let [proxy, backend, loader, store] = measured.cpu_us;
     println!(

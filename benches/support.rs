@@ -28,10 +28,16 @@ impl Redis {
                 "no",
             ])
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is needed by the benches: apt-get install redis-server");
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Ready when it answers a command, not merely when it accepts.
+            let pong = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "ping"])
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"PONG"));
+            if pong {
                 return Redis { child, port };
             }
             std::thread::sleep(Duration::from_millis(25));
