@@ -40,7 +40,7 @@ fn free_port() -> u16 {
 
 /// A policy for replicas sharing `redis_url`: one account, "shared", that holds
 /// `credits`; an operation costing 3.
-fn policy(
+pub(crate) fn policy(
     redis_url: &str,
     backend: &str,
     credits: u32,
@@ -123,7 +123,7 @@ pub(crate) fn start_gateway_in(policy: &str, dir: &std::path::Path) -> Gateway {
 }
 
 /// The account as Redis has it, read raw — without the lazy expiry a store read applies.
-async fn raw_account(redis_url: &str, id: &str) -> Account {
+pub(crate) async fn raw_account(redis_url: &str, id: &str) -> Account {
     let client = redis::Client::open(redis_url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let state: Vec<u8> = redis::cmd("HGET")
