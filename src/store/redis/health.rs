@@ -55,6 +55,9 @@ pub(super) struct Health {
     state: AtomicU8,
     /// Wakes the monitor at once when a call finds Redis down.
     wake: Notify,
+    /// Wakes every transition waiting for its account's turn when Redis goes down
+    /// or loses its data: they fail at once instead of in turn.
+    gone: Notify,
 }
 
 impl Health {
@@ -93,6 +96,7 @@ impl Health {
                 "redis lost its data (the creditgate marker is gone): answering as unavailable until it is restored; never seeding it anew"
             );
             self.wake.notify_one();
+            self.gone.notify_waiters();
         }
     }
 
@@ -104,6 +108,28 @@ impl Health {
 
     pub(super) fn is_up(&self) -> bool {
         self.state.load(Ordering::Acquire) == UP
+    }
+
+    /// Waits for `turn` unless Redis goes down (or is down) first: then the
+    /// refusal every call answers. A transition waiting for its account's turn
+    /// waits at most for the call in progress to time out.
+    pub(super) async fn unless_gone<T>(
+        &self,
+        turn: impl std::future::Future<Output = T>,
+    ) -> Result<T, StoreError> {
+        let gone = self.gone.notified();
+        tokio::pin!(gone);
+        // Registered before the state is read: a change after it wakes it.
+        gone.as_mut().enable();
+        if let Some(refused) = self.refusal() {
+            return Err(refused);
+        }
+        tokio::select! {
+            got = turn => Ok(got),
+            _ = gone => Err(self.refusal().unwrap_or_else(|| {
+                StoreError::Unavailable("redis went down while this call waited".into())
+            })),
+        }
     }
 
     pub(super) async fn woken(&self) {

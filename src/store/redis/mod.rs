@@ -478,11 +478,14 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Removes everything this store wrote, for tests that reuse one server.
+    /// Removes everything this store wrote, for tests that reuse one server; the
+    /// data marker is written again (this is no data loss).
     pub async fn flush_for_tests(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         self.call(redis::cmd("FLUSHALL").query_async::<()>(&mut conn))
             .await?;
+        let marker = redis::cmd("SET").arg(MARKER).arg(&self.marker).to_owned();
+        self.call(marker.query_async::<()>(&mut conn)).await?;
         self.cache.clear();
         self.keys.clear();
         Ok(())

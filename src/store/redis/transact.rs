@@ -6,22 +6,20 @@ use std::time::{Duration, Instant};
 
 use super::cache::{Cached, Standing};
 use super::codec::{checked_version, decode_state, encode};
-use super::conn::{corrupt, Conn, CALL_TIMEOUT};
-
-/// How long a transition waits for its account's turn (the transitions of one
-/// account on one replica run one at a time). Half the call deadline: a hold
-/// answers within 1.5 times it — a turn, then one call that may time out, after
-/// which every call fails at once — leaving the other half for `identify`'s call.
-pub(super) const TURN_WAIT: Duration = Duration::from_millis(CALL_TIMEOUT.as_millis() as u64 / 2);
-
-/// How long a settle or release waits for its turn: no client waits for it (the
-/// answer is sent), so it may wait longer before it is queued to retry.
-pub(super) const END_TURN_WAIT: Duration =
-    Duration::from_millis(CALL_TIMEOUT.as_millis() as u64 * 4);
+use super::conn::{corrupt, Conn};
 use super::keys::{account_key, ledger_key, HOLDS_INDEX};
 use super::{earliest_hold, RedisStore, Rules, Start, LOCK_STRIPES, MAX_CACHED_ACCOUNTS};
 use crate::ledger::{Account, Entry, Millis};
 use crate::store::StoreError;
+
+/// How long a transition waits at most for its account's turn (the transitions of
+/// one account on one replica run one at a time) while Redis answers: a backstop.
+/// Redis going down ends every wait at once (`Health::unless_gone`), so during an
+/// outage a request meets at most one call that times out.
+pub(super) const TURN_WAIT: Duration = Duration::from_secs(5);
+
+/// The same for a settle or release: past it, queued to retry.
+pub(super) const END_TURN_WAIT: Duration = TURN_WAIT;
 
 impl RedisStore {
     pub(super) fn rules(&self) -> Rules {
@@ -189,15 +187,14 @@ impl RedisStore {
             let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
             hasher.hash_one(id) as usize % LOCK_STRIPES
         };
-        // Down: answer at once, not after a turn in the account's queue.
-        if let Some(refused) = self.health.refusal() {
-            return Err(refused);
-        }
-        // The wait for the account's turn is bounded too (`turn_wait`), so a
-        // request answers in time however many transitions queue before it.
+        // Down: answer at once, not after a turn in the account's queue; and if
+        // Redis goes down while this waits, at once then (bounded, as everything).
         #[allow(clippy::indexing_slicing)] // stripe < LOCK_STRIPES, the number of stripes
         let turn = self.stripes[stripe].lock();
-        let Ok(_one_at_a_time) = tokio::time::timeout(turn_wait, turn).await else {
+        let turn = self
+            .health
+            .unless_gone(tokio::time::timeout(turn_wait, turn));
+        let Ok(_one_at_a_time) = turn.await? else {
             return Err(StoreError::Unavailable(format!(
                 "account {id}: the transitions queued before this one did not end in time"
             )));
