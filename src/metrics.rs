@@ -11,7 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::ledger::Credits;
-use crate::store::StoreError;
+use crate::store::{PendingEndsView, StoreError};
 
 /// Upper bounds of the store latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -131,6 +131,12 @@ pub struct Timing {
     /// The upstream's status; `None` with an `upstream` time means it failed
     /// without a response.
     pub upstream_status: Option<u16>,
+}
+
+/// The store's queue of ends to retry (`Store::pending_ends`), appended to `out`.
+pub fn render_pending_ends(out: &mut String, pending: PendingEndsView) {
+    let _ = writeln!(out, "# HELP creditgate_store_pending_ends Settles and releases the store could not write (an outage) and retries when it is back.\n# TYPE creditgate_store_pending_ends gauge\ncreditgate_store_pending_ends {}", pending.queued);
+    let _ = writeln!(out, "# HELP creditgate_store_pending_ends_dropped_total Settles and releases dropped from the full retry queue (their holds expire after hold_ttl).\n# TYPE creditgate_store_pending_ends_dropped_total counter\ncreditgate_store_pending_ends_dropped_total {}", pending.dropped);
 }
 
 impl Metrics {

@@ -317,6 +317,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
     match state.store().ping().await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        // Why, for whoever watches readiness: down, or lost its data.
+        Err(StoreError::Unavailable(why)) => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the credit store is unavailable: {why}"),
+        )
+        .into_response(),
         Err(e) => Refusal::from(e).into_response(),
     }
 }
@@ -579,7 +586,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         axum::http::header::CONTENT_TYPE,
         "text/plain; version=0.0.4",
     )];
-    (headers, state.live.current().metrics().render()).into_response()
+    let mut text = state.live.current().metrics().render();
+    crate::metrics::render_pending_ends(&mut text, state.store().pending_ends());
+    (headers, text).into_response()
 }
 
 /// Re-reads the policy file: new requests use it at once; an invalid file is

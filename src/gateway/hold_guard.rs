@@ -84,8 +84,13 @@ impl HoldGuard {
             Ok(Err(EndRejected::UnknownHold)) => {
                 tracing::error!(%request_id, hold = self.hold_id, "{what}: unknown hold")
             }
-            // Down or contended: the hold is still there, and its TTL ends it.
-            Err(e @ (StoreError::Unavailable(_) | StoreError::Contended(_))) => {
+            // Down: a store that keeps ends to retry (Redis) writes it when it is
+            // back; else, or if its queue is full, the hold's TTL ends it.
+            Err(e @ StoreError::Unavailable(_)) => {
+                tracing::error!(%request_id, hold = self.hold_id, "{what} failed, retried when the store is back (else the hold expires after hold_ttl): {e}")
+            }
+            // Contended: the hold is still there, and its TTL ends it.
+            Err(e @ StoreError::Contended(_)) => {
                 tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}")
             }
             // Corrupt (or gone): nothing ends the hold until the account is repaired.

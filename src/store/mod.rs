@@ -126,6 +126,13 @@ impl Quoted {
     }
 }
 pub type EndOutcome = Result<HoldEnded, EndRejected>;
+
+/// The ends a store keeps to retry (`Store::pending_ends`), for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEndsView {
+    pub queued: usize,
+    pub dropped: u64,
+}
 pub type AdminOutcome<T> = Result<T, AccountRejected>;
 
 #[async_trait]
@@ -271,6 +278,12 @@ pub trait Store: Send + Sync + 'static {
         response: &Recorded,
         now_ms: Millis,
     ) -> Result<bool, StoreError>;
+
+    /// Settles and releases the store could not write (an outage) and keeps to
+    /// retry when it is back, and how many it had to drop (its queue is bounded).
+    fn pending_ends(&self) -> PendingEndsView {
+        PendingEndsView::default()
+    }
 
     /// Returns once every change made before the call is durable (the sqlite store
     /// commits what it has queued); for a clean stop. The others write as they go.

@@ -13,6 +13,7 @@ mod metering;
 mod numbers;
 mod operations;
 mod ops;
+mod outages;
 mod paths;
 mod proxy;
 mod quotes;

@@ -110,6 +110,35 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server without closing its connections (SIGSTOP): calls hang.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Kills the server, deletes its data and starts it again: a Redis that
+    /// restarted empty.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        std::fs::remove_dir_all(&self.dir).unwrap();
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.restart();
+    }
+
     /// Kills the server (SIGKILL): an outage.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
