@@ -832,7 +832,13 @@ impl Gateway {
         };
         ctx.outcome = Some("settled");
         ctx.charged = charge;
-        guard.settle(charge, &ctx.request_id).await;
+        let metered = match (&op.settle, &usage) {
+            (Some(rule), Some(usage)) => rule.rate.describe(usage),
+            _ => None,
+        };
+        guard
+            .settle(charge, metered.as_deref(), &ctx.request_id)
+            .await;
         self.record_response(ctx).await;
     }
 

@@ -24,8 +24,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
-    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member, Millis, Recorded,
+    Account, AccountRejected, AdjustRequest, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
+    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member, MemberTerms, Millis,
+    Onboarding, Recorded,
     SeedAccount, Totals,
 };
 
@@ -65,6 +66,7 @@ pub struct AccountView {
     pub grants: Vec<Grant>,
     pub totals: Totals,
     pub quotas: Vec<QuotaView>,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A failure of the store itself (not an outcome of the ledger), classified where
@@ -154,11 +156,14 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<Quoted, StoreError>;
 
+    /// Ends a hold charging `charge`; `usage` (JSON text) is what the charge was
+    /// metered from, noted on the ledger entry.
     async fn settle(
         &self,
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError>;
 
@@ -195,19 +200,56 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError>;
 
+    /// Creates an account with everything `onboarding` lists — all of it, or
+    /// nothing (`AccountRejected` says why) — and registers its keys.
+    async fn onboard(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        onboarding: &Onboarding,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError>;
+
+    /// Sets (`Some`) or removes (`None`) metadata entries of an account.
+    async fn update_metadata(
+        &self,
+        account: &str,
+        changes: &BTreeMap<String, Option<String>>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// Accounts in the order of their ids, after `after`: up to `limit`.
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<AccountView>, StoreError>;
+
+    /// Removes a member and revokes its keys: off the account first (no replica
+    /// places another hold for them), then their lookup records.
+    async fn remove_member(
+        &self,
+        account: &str,
+        member: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
     async fn add_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
+    /// Sets a member's restrictions (monthly limit, disabled features).
     async fn update_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
@@ -235,6 +277,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         account: &str,
         grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError>;
+
+    /// An idempotent signed adjustment (see `Account::adjust`): `(receipt, created)`.
+    async fn adjust(
+        &self,
+        account: &str,
+        adjustment: &AdjustRequest,
         now_ms: Millis,
     ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError>;
 

@@ -281,6 +281,10 @@ fn key_id_key(key_id: &str) -> String {
 
 const HOLDS_INDEX: &str = "cg:holds";
 
+/// Every account's id, in a sorted set (all scores 0, so ordered by id), for
+/// `GET /admin/accounts`. Added by every account created from this version on.
+const ACCOUNTS_INDEX: &str = "cg:accounts";
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -693,10 +697,53 @@ impl RedisStore {
         match self.commit(&id, "0", &account, &entries, None).await? {
             Ok(version) => {
                 self.remember(&id, version, account);
+                self.index_account(&id).await?;
                 Ok(true)
             }
             Err(_) => Ok(false),
         }
+    }
+
+    /// Lists the account in [`ACCOUNTS_INDEX`] (another slot: its own command).
+    async fn index_account(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        call(
+            redis::cmd("ZADD")
+                .arg(ACCOUNTS_INDEX)
+                .arg(0)
+                .arg(id)
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// Drops a key's lookup records (its hash's and its id's), if it has any.
+    async fn drop_key_records(&self, key_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: Option<String> = call(
+            redis::cmd("GET")
+                .arg(key_id_key(key_id))
+                .query_async(&mut conn),
+        )
+        .await?;
+        if let Some(hex_hash) = hash {
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(&hex_hash, &mut bytes)
+                .map_err(|e| corrupt(format!("key id {key_id} maps to no key hash: {e}")))?;
+            call(
+                redis::cmd("DEL")
+                    .arg(key_key(&bytes))
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+            self.keys.remove(&bytes);
+        }
+        call(
+            redis::cmd("DEL")
+                .arg(key_id_key(key_id))
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     async fn key_owner(&self, hash: &[u8; 32]) -> Result<Option<KeyOwner>, StoreError> {
@@ -882,10 +929,11 @@ impl Store for RedisStore {
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
         self.transact(account, now_ms, Start::HotPath, |a, rules| {
-            a.settle(hold_id, charge, now_ms, &rules.limits)
+            a.settle_metered(hold_id, charge, usage, now_ms, &rules.limits)
         })
         .await
     }
@@ -1010,15 +1058,107 @@ impl Store for RedisStore {
         }
     }
 
+    async fn onboard(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        onboarding: &crate::ledger::Onboarding,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        let Rules { catalog, limits } = self.rules();
+        let Some(terms) = catalog.get(plan) else {
+            return Ok(Err(AccountRejected::UnknownPlan));
+        };
+        let mut account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
+        if let Err(refused) = account.onboard(onboarding, now_ms, &catalog, &limits) {
+            return Ok(Err(refused));
+        }
+        let shown = view(&account, &catalog);
+        if !self.create(account).await? {
+            return Ok(Err(AccountRejected::AccountExists));
+        }
+        // Listed as active in the account just written; the records make them work.
+        for key in &onboarding.keys {
+            self.register_key(id, &key.member, &key.key_id, &key.key_sha256)
+                .await?;
+        }
+        Ok(Ok(shown))
+    }
+
+    async fn update_metadata(
+        &self,
+        account: &str,
+        changes: &std::collections::BTreeMap<String, Option<String>>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, _| {
+            a.update_metadata(changes)
+        })
+        .await
+    }
+
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<AccountView>, StoreError> {
+        let mut conn = self.conn.clone();
+        let from = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        let ids: Vec<String> = call(
+            redis::cmd("ZRANGEBYLEX")
+                .arg(ACCOUNTS_INDEX)
+                .arg(from)
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.account(&id, now_ms).await {
+                Ok(v) => views.push(v),
+                Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(views)
+    }
+
+    async fn remove_member(
+        &self,
+        account: &str,
+        member: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        // Off the account first: from this commit on no replica places a hold for
+        // the member's keys. Then their records; a removal cut off in between
+        // leaves records that identify a member no hold accepts.
+        let removed = self
+            .transact(account, now_ms, Start::Fresh, |a, _| a.remove_member(member))
+            .await?;
+        let key_ids = match removed {
+            Ok(key_ids) => key_ids,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        for key_id in &key_ids {
+            self.drop_key_records(key_id).await?;
+        }
+        Ok(Ok(()))
+    }
+
     async fn add_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
         self.transact(account, now_ms, Start::Fresh, |a, rules| {
-            a.add_member(member, premium_disabled, &rules.catalog)
+            a.add_member_with(member, terms, &rules.catalog)
         })
         .await
     }
@@ -1027,11 +1167,11 @@ impl Store for RedisStore {
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
         self.transact(account, now_ms, Start::Fresh, |a, _| {
-            a.update_member(member, premium_disabled)
+            a.set_member_terms(member, terms)
         })
         .await
     }
@@ -1124,6 +1264,18 @@ impl Store for RedisStore {
     ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError> {
         self.transact(account, now_ms, Start::Fresh, |a, rules| {
             a.grant_once(grant, now_ms, &rules.limits)
+        })
+        .await
+    }
+
+    async fn adjust(
+        &self,
+        account: &str,
+        adjustment: &crate::ledger::AdjustRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.adjust(adjustment, now_ms, &rules.catalog, &rules.limits)
         })
         .await
     }

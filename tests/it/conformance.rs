@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, HoldTerms, Millis};
+use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, HoldTerms, MemberTerms, Millis};
 use creditgate::policy::Policy;
 use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
@@ -163,11 +163,11 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     let (h1, h2) = (h1.unwrap().unwrap().hold_id, h2.unwrap().unwrap().hold_id);
     out.note(
         "settle 2 of 3",
-        store.settle("acme", h1, c("2"), t0 + 1).await,
+        store.settle("acme", h1, c("2"), None, t0 + 1).await,
     );
     out.note(
         "settle again",
-        store.settle("acme", h1, c("2"), t0 + 2).await,
+        store.settle("acme", h1, c("2"), None, t0 + 2).await,
     );
     out.note("release settled", store.release("acme", h1, t0 + 2).await);
     out.note("release unknown", store.release("acme", 999, t0 + 2).await);
@@ -195,7 +195,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     let early = early.unwrap().unwrap().hold_id;
     out.note(
         "settle lz1",
-        store.settle("acme", early, c("1"), t1 + 1).await,
+        store.settle("acme", early, c("1"), None, t1 + 1).await,
     );
     out.note(
         "hold lz2",
@@ -223,24 +223,24 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "member ann",
-        store.add_member("team", "ann", false, t0).await,
+        store.add_member("team", "ann", &MemberTerms::premium(false), t0).await,
     );
     out.note(
         "member bob",
-        store.add_member("team", "bob", false, t0).await,
+        store.add_member("team", "bob", &MemberTerms::premium(false), t0).await,
     );
-    out.note("member cy", store.add_member("team", "cy", false, t0).await);
+    out.note("member cy", store.add_member("team", "cy", &MemberTerms::premium(false), t0).await);
     out.note(
         "member ann again",
-        store.add_member("team", "ann", false, t0).await,
+        store.add_member("team", "ann", &MemberTerms::premium(false), t0).await,
     );
     out.note(
         "disable bob",
-        store.update_member("team", "bob", true, t0).await,
+        store.update_member("team", "bob", &MemberTerms::premium(true), t0).await,
     );
     out.note(
         "update nobody",
-        store.update_member("team", "zed", true, t0).await,
+        store.update_member("team", "zed", &MemberTerms::premium(true), t0).await,
     );
     out.note(
         "key for ghost",
@@ -285,7 +285,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         if let Ok(Ok(placed)) = q {
             out.note(
                 "quota settle",
-                store.settle("team", placed.hold_id, c("0"), t0).await,
+                store.settle("team", placed.hold_id, c("0"), None, t0).await,
             );
         }
     }
@@ -368,7 +368,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     if let Ok(Ok(p)) = placed {
         out.note(
             "settle keyed",
-            store.settle("team", p.hold_id, c("1"), later).await,
+            store.settle("team", p.hold_id, c("1"), None, later).await,
         );
     }
     out.note(
@@ -441,7 +441,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "enable bob",
-        store.update_member("team", "bob", false, later).await,
+        store.update_member("team", "bob", &MemberTerms::premium(false), later).await,
     );
     let premium = store
         .hold("team", &hold_by("bob", "k1", &["premium"], "b6"), later)
@@ -491,7 +491,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         let charge = p.held.checked_add(c("5")).unwrap();
         out.note(
             "settle into debt",
-            store.settle("acme", p.hold_id, charge, later).await,
+            store.settle("acme", p.hold_id, charge, None, later).await,
         );
     }
     out.note("totals in debt", store.totals("acme", later).await);
@@ -721,7 +721,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
             let before = stores[0].totals("acme", now).await.unwrap();
             for store in &stores {
                 let outcome = if settle {
-                    store.settle("acme", id, charge, now).await
+                    store.settle("acme", id, charge, None, now).await
                 } else {
                     store.release("acme", id, now).await
                 };
