@@ -172,3 +172,52 @@ pub fn page_params(query: Option<&str>) -> Result<(usize, Option<u64>), String> 
     }
     Ok((limit, cursor))
 }
+
+/// The CSV header of the ledger export.
+pub const EXPORT_CSV_HEADER: &str = "account,id,at,type,credits,operation,request_id,member,key_id,usage,balance_after,detail,uncollected,repaid\n";
+
+/// One exported entry as a line of NDJSON (with its newline).
+pub fn export_ndjson(account: &str, e: &Entry, out: &mut String) {
+    let mut line = entry(e);
+    line["account"] = json!(account);
+    out.push_str(&line.to_string());
+    out.push('\n');
+}
+
+/// One exported entry as a CSV record (RFC 4180; with its newline).
+pub fn export_csv(account: &str, e: &Entry, out: &mut String) {
+    let text = |v: Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    let fields = [
+        account.to_string(),
+        e.seq.to_string(),
+        text(time(e.at_ms)),
+        e.kind.as_str().to_string(),
+        text(signed_credits(e)),
+        e.operation.clone().unwrap_or_default(),
+        e.request_id.clone().unwrap_or_default(),
+        e.member.clone().unwrap_or_default(),
+        e.key_id.clone().unwrap_or_default(),
+        e.usage.clone().unwrap_or_default(),
+        e.balance_after.map(|b| b.to_string()).unwrap_or_default(),
+        e.detail.clone().unwrap_or_default(),
+        e.uncollected.map(|b| b.to_string()).unwrap_or_default(),
+        e.repaid.map(|b| b.to_string()).unwrap_or_default(),
+    ];
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if field.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&field.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(field);
+        }
+    }
+    out.push('\n');
+}

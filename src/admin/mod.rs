@@ -31,7 +31,7 @@ use crate::ledger::{
     METADATA_VALUE_MAX_BYTES, PREMIUM_FEATURE, REASON_MAX_BYTES,
 };
 use crate::policy::{Exact, Policy};
-use crate::store::{GrantRequest, Store, StoreError};
+use crate::store::{ExportPosition, GrantRequest, Store, StoreError};
 use crate::views;
 
 /// The environment variable holding the admin token.
@@ -291,16 +291,14 @@ pub fn router(state: AdminState) -> Router {
             "/admin/accounts/{id}/members/{member}",
             patch(update_member).delete(remove_member),
         )
-        .route(
-            "/admin/accounts/{id}/keys",
-            post(create_key).get(list_keys),
-        )
+        .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{key_id}", delete(revoke_key))
         .route("/admin/accounts/{id}/grants", post(grant))
         .route("/admin/accounts/{id}/adjustments", post(adjust))
         .route("/admin/accounts/{id}/plan", post(change_plan))
         .route("/admin/accounts/{id}/ledger", get(ledger))
         .route("/admin/holds", get(holds))
+        .route("/admin/ledger/export", get(export))
         .route("/metrics", get(metrics))
         .route("/admin/policy/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -433,7 +431,9 @@ async fn create_account(State(state): State<AdminState>, raw: Bytes) -> Answer {
     };
     for m in &req.members {
         name("member", &m.member)?;
-        onboarding.members.push((m.member.clone(), m.terms(&policy)?));
+        onboarding
+            .members
+            .push((m.member.clone(), m.terms(&policy)?));
     }
     let mut shown_keys = Vec::new();
     for k in &req.keys {
@@ -673,7 +673,9 @@ async fn update_member(
     let req: MemberChange = body(&raw)?;
     // `"monthly_limit": null` removes the limit; leaving it out keeps it.
     let sent: Value = body(&raw)?;
-    let limit = sent.get("monthly_limit").map(|_| req.monthly_limit.clone().unwrap_or(Value::Null));
+    let limit = sent
+        .get("monthly_limit")
+        .map(|_| req.monthly_limit.clone().unwrap_or(Value::Null));
     let store = state.store();
     let view = store.account(&id, state.now_ms()).await?;
     let current = view
@@ -850,7 +852,10 @@ async fn adjust(State(state): State<AdminState>, Path(id): Path<String>, raw: By
         debit,
         reason: reason.to_string(),
     };
-    let (receipt, created) = state.store().adjust(&id, &request, state.now_ms()).await??;
+    let (receipt, created) = state
+        .store()
+        .adjust(&id, &request, state.now_ms())
+        .await??;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -932,6 +937,114 @@ async fn ledger(
         .ledger(&id, limit, cursor, state.now_ms())
         .await?;
     Ok((StatusCode::OK, Json(views::ledger(&entries, limit))))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    since: Option<String>,
+    format: Option<String>,
+}
+
+/// Entries one page of the export reads from the store.
+const EXPORT_PAGE: usize = 1_000;
+
+/// Streams every account's ledger entries from `since` on, in time order, as
+/// NDJSON or CSV: a page at a time, read only when the client has taken the
+/// one before (bounded memory). A store failure midway ends the body without
+/// its last chunk, so a client never takes a cut export for a whole one.
+async fn export(State(state): State<AdminState>, Query(q): Query<ExportQuery>) -> Response {
+    let since_ms = match q.since.as_deref() {
+        None => 0,
+        Some(text) => match chrono::DateTime::parse_from_rfc3339(text)
+            .ok()
+            .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        {
+            Some(ms) => ms,
+            None => {
+                return Refusal::invalid("since must be an RFC 3339 time like 2026-01-01T00:00:00Z")
+                    .into_response()
+            }
+        },
+    };
+    let csv = match q.format.as_deref() {
+        None | Some("ndjson") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Refusal::invalid(format!("format must be ndjson or csv, not {other:?}"))
+                .into_response()
+        }
+    };
+    let store = state.store();
+    // The first page is read before answering, so a store down answers 503.
+    let first = match store.export(since_ms, None, EXPORT_PAGE).await {
+        Ok(page) => page,
+        Err(e) => return Refusal::from(e).into_response(),
+    };
+    struct Cursor {
+        store: Arc<dyn Store>,
+        page: Option<Vec<(String, crate::ledger::Entry)>>,
+        after: Option<ExportPosition>,
+        header: bool,
+    }
+    let start = Cursor {
+        store,
+        page: Some(first),
+        after: None,
+        header: csv,
+    };
+    let chunks = futures_util::stream::unfold(start, move |mut cursor| async move {
+        let page = match cursor.page.take() {
+            Some(page) => page,
+            None => match &cursor.after {
+                // The last page was short: nothing more.
+                None => return None,
+                Some(after) => match cursor
+                    .store
+                    .export(since_ms, Some(after), EXPORT_PAGE)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!("the ledger export stopped: {e}");
+                        let failed = std::io::Error::other(e.to_string());
+                        cursor.after = None;
+                        return Some((Err(failed), cursor));
+                    }
+                },
+            },
+        };
+        if page.is_empty() && !cursor.header {
+            return None;
+        }
+        let mut out = String::new();
+        if std::mem::take(&mut cursor.header) {
+            out.push_str(views::EXPORT_CSV_HEADER);
+        }
+        for (account, entry) in &page {
+            match csv {
+                true => views::export_csv(account, entry, &mut out),
+                false => views::export_ndjson(account, entry, &mut out),
+            }
+        }
+        cursor.after = match page.len() == EXPORT_PAGE {
+            true => page.last().map(|(a, e)| ExportPosition::of(a, e)),
+            false => None,
+        };
+        if cursor.after.is_none() {
+            // Ends after this chunk: an empty page next means done.
+            cursor.page = None;
+        }
+        Some((Ok::<_, std::io::Error>(Bytes::from(out)), cursor))
+    });
+    let content_type = match csv {
+        true => "text/csv; charset=utf-8",
+        false => "application/x-ndjson",
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

@@ -317,9 +317,7 @@ mod tests {
             terms: &crate::ledger::MemberTerms,
             now_ms: u64,
         ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
-            self.inner
-                .add_member(account, member, terms, now_ms)
-                .await
+            self.inner.add_member(account, member, terms, now_ms).await
         }
         async fn update_member(
             &self,
@@ -395,6 +393,14 @@ mod tests {
             now_ms: u64,
         ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
             self.inner.remove_member(account, member, now_ms).await
+        }
+        async fn export(
+            &self,
+            since_ms: u64,
+            after: Option<&crate::store::ExportPosition>,
+            limit: usize,
+        ) -> Result<Vec<(String, crate::ledger::Entry)>, StoreError> {
+            self.inner.export(since_ms, after, limit).await
         }
         async fn adjust(
             &self,

@@ -113,6 +113,11 @@ impl Journal {
         }
     }
 
+    /// The entries kept, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
     /// Up to `limit` entries older than `before_seq` (all when `None`), newest first.
     pub fn page(&self, limit: usize, before_seq: Option<u64>) -> Vec<Entry> {
         self.entries

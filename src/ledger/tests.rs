@@ -1453,7 +1453,12 @@ fn entries_say_who_spent_with_which_key_the_usage_and_the_balance_after() {
     let kinds: Vec<_> = e.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
-        [EntryKind::Hold, EntryKind::Settle, EntryKind::Hold, EntryKind::Release]
+        [
+            EntryKind::Hold,
+            EntryKind::Settle,
+            EntryKind::Hold,
+            EntryKind::Release
+        ]
     );
     for entry in &e {
         assert_eq!(entry.member.as_deref(), Some("ann"));
@@ -1553,7 +1558,10 @@ fn a_member_limit_is_held_like_credits_and_resets_with_the_cycle() {
         limit: c("2.5"),
         used: c("2"),
     };
-    assert_eq!(a.admit(&by("ann", "key_1", &[]), &cat), Err(refused.clone()));
+    assert_eq!(
+        a.admit(&by("ann", "key_1", &[]), &cat),
+        Err(refused.clone())
+    );
     assert_eq!(a.hold(&by("ann", "key_1", &[]), 0, &cat), Err(refused));
     a.hold(&by("bob", "key_2", &[]), 0, &cat)
         .expect("a teammate without a limit still spends");
@@ -1568,7 +1576,10 @@ fn a_member_limit_is_held_like_credits_and_resets_with_the_cycle() {
     assert_eq!(a.admit(&partial, &cat), Ok(c("0.5")));
     a.release(h1.hold_id, 1).unwrap();
     a.settle(h2.hold_id, c("0.25"), 1, &limits()).unwrap();
-    assert_eq!((a.members["ann"].used, a.members["ann"].held), (c("0.25"), c("0")));
+    assert_eq!(
+        (a.members["ann"].used, a.members["ann"].held),
+        (c("0.25"), c("0"))
+    );
     a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
     // The next cycle starts from nothing used.
     let next = a.next_refill_ms;
@@ -1586,7 +1597,10 @@ fn a_disabled_feature_is_refused_and_premium_keeps_its_own_answer() {
     };
     a.add_member_with("ann", &terms, &cat).unwrap();
     a.add_key("ann", "key_1").unwrap();
-    assert!(a.members["ann"].premium_disabled, "premium in the list is premium_disabled");
+    assert!(
+        a.members["ann"].premium_disabled,
+        "premium in the list is premium_disabled"
+    );
     assert_eq!(
         a.hold(&by("ann", "key_1", &["api"]), 0, &cat),
         Err(HoldRejected::FeatureDisabled {

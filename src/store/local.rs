@@ -631,10 +631,8 @@ impl Store for LocalStore {
         terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.write(account, now_ms, |a, _| {
-            a.set_member_terms(member, terms)
-        })
-        .await
+        self.write(account, now_ms, |a, _| a.set_member_terms(member, terms))
+            .await
     }
 
     async fn add_key(
@@ -807,6 +805,29 @@ impl Store for LocalStore {
         .await
     }
 
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&super::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        self.usable()?;
+        if let Some(log) = &self.log {
+            // Everything acknowledged is in the file, which answers in order.
+            self.flush().await?;
+            return log.export(since_ms, after, limit).await;
+        }
+        let mut page = super::ExportPage::new(since_ms, after, limit);
+        for stored in self.tables.accounts.iter() {
+            if let Kept::Journal(journal) = &stored.ledger {
+                for entry in journal.iter() {
+                    page.offer(stored.key(), entry);
+                }
+            }
+        }
+        Ok(page.into_entries())
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.usable()?;
         // An empty change: its commit comes after everything queued before it.
@@ -950,7 +971,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            store.add_member("t", "bob", &crate::ledger::MemberTerms::premium(false), 0).await.unwrap(),
+            store
+                .add_member("t", "bob", &crate::ledger::MemberTerms::premium(false), 0)
+                .await
+                .unwrap(),
             Err(AccountRejected::SeatLimit { seats: 1 })
         );
         store

@@ -24,10 +24,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Account, AccountRejected, AdjustRequest, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
-    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member, MemberTerms, Millis,
-    Onboarding, Recorded,
-    SeedAccount, Totals,
+    Account, AccountRejected, AdjustRequest, Catalog, Credits, Effective, EndRejected, Entry,
+    Grant, GrantReceipt, Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member,
+    MemberTerms, Millis, Onboarding, Recorded, SeedAccount, Totals,
 };
 
 /// A new admin grant (the ledger's: the store passes it on as it is).
@@ -67,6 +66,72 @@ pub struct AccountView {
     pub totals: Totals,
     pub quotas: Vec<QuotaView>,
     pub metadata: BTreeMap<String, String>,
+}
+
+/// Where an export stands: the last entry read, by the export's order (time,
+/// then account, then number).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExportPosition {
+    pub at_ms: Millis,
+    pub account: String,
+    pub seq: u64,
+}
+
+impl ExportPosition {
+    pub fn of(account: &str, entry: &Entry) -> Self {
+        ExportPosition {
+            at_ms: entry.at_ms,
+            account: account.to_string(),
+            seq: entry.seq,
+        }
+    }
+}
+
+/// Keeps the `limit` first entries by export order among those offered, past
+/// `after` and from `since_ms` on: what a store that cannot ask for them in
+/// order (memory, Redis) walks its ledgers through. Holds at most `limit`.
+pub struct ExportPage {
+    since_ms: Millis,
+    after: Option<ExportPosition>,
+    limit: usize,
+    kept: BTreeMap<ExportPosition, Entry>,
+}
+
+impl ExportPage {
+    pub fn new(since_ms: Millis, after: Option<&ExportPosition>, limit: usize) -> Self {
+        ExportPage {
+            since_ms,
+            after: after.cloned(),
+            limit: limit.max(1),
+            kept: BTreeMap::new(),
+        }
+    }
+
+    pub fn offer(&mut self, account: &str, entry: &Entry) {
+        if entry.at_ms < self.since_ms {
+            return;
+        }
+        let at = ExportPosition::of(account, entry);
+        if self.after.as_ref().is_some_and(|after| at <= *after) {
+            return;
+        }
+        if self.kept.len() >= self.limit {
+            match self.kept.last_key_value() {
+                Some((last, _)) if at < *last => {
+                    self.kept.pop_last();
+                }
+                _ => return,
+            }
+        }
+        self.kept.insert(at, entry.clone());
+    }
+
+    pub fn into_entries(self) -> Vec<(String, Entry)> {
+        self.kept
+            .into_iter()
+            .map(|(at, entry)| (at.account, entry))
+            .collect()
+    }
 }
 
 /// A failure of the store itself (not an outcome of the ledger), classified where
@@ -321,6 +386,16 @@ pub trait Store: Send + Sync + 'static {
         response: &Recorded,
         now_ms: Millis,
     ) -> Result<bool, StoreError>;
+
+    /// One page of every account's ledger entries from `since_ms` on, in time
+    /// order (then account, then entry number), after `after`: up to `limit`.
+    /// The export reads page after page, so it holds one page at a time.
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError>;
 
     /// Returns once every change made before the call is durable (the sqlite store
     /// commits what it has queued); for a clean stop. The others write as they go.

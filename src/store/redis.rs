@@ -1138,7 +1138,9 @@ impl Store for RedisStore {
         // the member's keys. Then their records; a removal cut off in between
         // leaves records that identify a member no hold accepts.
         let removed = self
-            .transact(account, now_ms, Start::Fresh, |a, _| a.remove_member(member))
+            .transact(account, now_ms, Start::Fresh, |a, _| {
+                a.remove_member(member)
+            })
             .await?;
         let key_ids = match removed {
             Ok(key_ids) => key_ids,
@@ -1331,6 +1333,67 @@ impl Store for RedisStore {
                     .map_err(|e| corrupt(format!("a ledger entry does not decode: {e}")))
             })
             .collect()
+    }
+
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&crate::store::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        // Every account's stream, a chunk at a time, through a page that keeps
+        // only the first `limit` entries in export order: bounded memory, one
+        // walk over the ledgers per page (accounts from ACCOUNTS_INDEX).
+        const CHUNK: usize = 500;
+        let mut page = crate::store::ExportPage::new(since_ms, after, limit);
+        let mut conn = self.conn.clone();
+        let mut from = "-".to_string();
+        loop {
+            let ids: Vec<String> = call(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(ACCOUNTS_INDEX)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(CHUNK)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            for id in &ids {
+                let mut start = "-".to_string();
+                loop {
+                    let rows: Vec<(String, Vec<(String, String)>)> = call(
+                        redis::cmd("XRANGE")
+                            .arg(ledger_key(id))
+                            .arg(&start)
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(CHUNK)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                    let full = rows.len() == CHUNK;
+                    for (stream_id, fields) in &rows {
+                        if let Some((_, json)) = fields.iter().find(|(k, _)| k == "e") {
+                            let entry: Entry = serde_json::from_str(json).map_err(|e| {
+                                corrupt(format!("a ledger entry does not decode: {e}"))
+                            })?;
+                            page.offer(id, &entry);
+                        }
+                        start = format!("({stream_id}");
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            match ids.last() {
+                Some(last) if ids.len() == CHUNK => from = format!("({last}"),
+                _ => break,
+            }
+        }
+        Ok(page.into_entries())
     }
 
     async fn holds(

@@ -145,8 +145,9 @@ const PUT_ENTRY: &str = "INSERT INTO ledger
 const PUT_KEY: &str =
     "INSERT OR REPLACE INTO keys (key_sha256, key_id, account, member) VALUES (?1, ?2, ?3, ?4)";
 const DROP_KEY: &str = "DELETE FROM keys WHERE key_sha256 = ?1";
-/// The columns an [`Entry`] is read from, in [`entry_from_row`]'s order.
-const ENTRY_COLUMNS: &str = "seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid, member, key_id, usage, balance_after, debit";
+const EXPORT: &str = "SELECT account, seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid, member, key_id, usage, balance_after, debit FROM ledger
+     WHERE at_ms >= ?1 AND (at_ms, account, seq) > (?2, ?3, ?4)
+     ORDER BY at_ms, account, seq LIMIT ?5";
 const PAGE: &str = "SELECT seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid, member, key_id, usage, balance_after, debit FROM ledger
      WHERE account = ?1 AND seq >= ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4";
 
@@ -463,6 +464,48 @@ impl SqliteLog {
     }
 }
 
+impl SqliteLog {
+    /// A page of the export, from the file (the `ledger_by_time` index).
+    pub(super) async fn export(
+        &self,
+        since_ms: u64,
+        after: Option<&super::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        let reader = self.reader.clone();
+        let after = after.cloned().unwrap_or(super::ExportPosition {
+            at_ms: 0,
+            account: String::new(),
+            seq: 0,
+        });
+        tokio::task::spawn_blocking(move || {
+            let reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let unavailable = |e: rusqlite::Error| {
+                StoreError::Unavailable(format!("the ledger could not be exported: {e}"))
+            };
+            let mut export = reader.prepare_cached(EXPORT).map_err(unavailable)?;
+            let mut rows = export
+                .query(params![
+                    int(since_ms),
+                    int(after.at_ms),
+                    after.account,
+                    int(after.seq),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ])
+                .map_err(unavailable)?;
+            let mut page = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let account: String = row.get(0).map_err(unavailable)?;
+                let entry = entry_from_row(row, 1, &account)?;
+                page.push((account, entry));
+            }
+            Ok(page)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the ledger export failed: {e}")))?
+    }
+}
+
 impl Drop for SqliteLog {
     fn drop(&mut self) {
         // Closing the queue ends the writer after it has written what was queued.
@@ -507,7 +550,9 @@ fn read_page(
     Ok(entries)
 }
 
-/// The entry in `row`, its [`ENTRY_COLUMNS`] from column `at` on.
+/// The entry in `row`, its columns (`seq, at_ms, type, credits, operation,
+/// request_id, detail, uncollected, repaid, member, key_id, usage,
+/// balance_after, debit`) from column `at` on.
 fn entry_from_row(row: &rusqlite::Row, at: usize, account: &str) -> Result<Entry, StoreError> {
     let unavailable = |e: rusqlite::Error| {
         StoreError::Unavailable(format!(
@@ -527,7 +572,10 @@ fn entry_from_row(row: &rusqlite::Row, at: usize, account: &str) -> Result<Entry
             .map(|c| unsigned(c, what).map(Credits::from_millicredits))
             .transpose()
     };
-    let text = |column: usize| row.get::<_, Option<String>>(at + column).map_err(unavailable);
+    let text = |column: usize| {
+        row.get::<_, Option<String>>(at + column)
+            .map_err(unavailable)
+    };
     let kind: String = row.get(at + 2).map_err(unavailable)?;
     Ok(Entry {
         seq: unsigned(seq, "a negative number")?,

@@ -223,24 +223,39 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "member ann",
-        store.add_member("team", "ann", &MemberTerms::premium(false), t0).await,
+        store
+            .add_member("team", "ann", &MemberTerms::premium(false), t0)
+            .await,
     );
     out.note(
         "member bob",
-        store.add_member("team", "bob", &MemberTerms::premium(false), t0).await,
+        store
+            .add_member("team", "bob", &MemberTerms::premium(false), t0)
+            .await,
     );
-    out.note("member cy", store.add_member("team", "cy", &MemberTerms::premium(false), t0).await);
+    out.note(
+        "member cy",
+        store
+            .add_member("team", "cy", &MemberTerms::premium(false), t0)
+            .await,
+    );
     out.note(
         "member ann again",
-        store.add_member("team", "ann", &MemberTerms::premium(false), t0).await,
+        store
+            .add_member("team", "ann", &MemberTerms::premium(false), t0)
+            .await,
     );
     out.note(
         "disable bob",
-        store.update_member("team", "bob", &MemberTerms::premium(true), t0).await,
+        store
+            .update_member("team", "bob", &MemberTerms::premium(true), t0)
+            .await,
     );
     out.note(
         "update nobody",
-        store.update_member("team", "zed", &MemberTerms::premium(true), t0).await,
+        store
+            .update_member("team", "zed", &MemberTerms::premium(true), t0)
+            .await,
     );
     out.note(
         "key for ghost",
@@ -441,7 +456,9 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "enable bob",
-        store.update_member("team", "bob", &MemberTerms::premium(false), later).await,
+        store
+            .update_member("team", "bob", &MemberTerms::premium(false), later)
+            .await,
     );
     let premium = store
         .hold("team", &hold_by("bob", "k1", &["premium"], "b6"), later)

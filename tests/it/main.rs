@@ -14,6 +14,7 @@ mod numbers;
 mod operations;
 mod ops;
 mod paths;
+mod platform;
 mod proxy;
 mod quotes;
 mod redis_server;
