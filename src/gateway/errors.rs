@@ -260,6 +260,10 @@ impl ApiError {
             Refused::PremiumDisabled { operation } => ApiError::PremiumDisabled {
                 operation: policy.operations[operation].name.clone(),
             },
+            Refused::FeatureDisabled { operation, feature } => ApiError::FeatureDisabled {
+                operation: policy.operations[operation].name.clone(),
+                feature,
+            },
             Refused::InvalidRequest(e) => ApiError::InvalidRequest {
                 source: e.source,
                 message: e.message,
@@ -318,10 +322,9 @@ impl ApiError {
             HoldRejected::PremiumDisabled => {
                 ApiError::refused(policy, Refused::PremiumDisabled { operation })
             }
-            HoldRejected::FeatureDisabled { feature } => ApiError::FeatureDisabled {
-                operation: name(),
-                feature,
-            },
+            HoldRejected::FeatureDisabled { feature } => {
+                ApiError::refused(policy, Refused::FeatureDisabled { operation, feature })
+            }
             HoldRejected::MemberLimitReached {
                 member,
                 limit,

@@ -108,6 +108,20 @@ pub fn entitle(
     Ok(())
 }
 
+/// The member's own locks besides premium: the first feature the operation
+/// requires that `disabled` (the member's `disabled_features`) lists is refused.
+/// Asked after [`entitle`], by the gateway before the body and by `admit`.
+pub fn features_allowed(requires: &[String], disabled: &[String]) -> Result<(), HoldRejected>
+where
+{
+    match requires.iter().find(|f| disabled.contains(f)) {
+        Some(feature) => Err(HoldRejected::FeatureDisabled {
+            feature: feature.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl Account {
     /// Whether `request` may be held now, and how much: in the order a refusal is
     /// answered, who asks (a revoked key gets nothing, not even a replay), what the
@@ -217,11 +231,6 @@ impl Account {
             .get(&self.plan)
             .map_or(&[][..], |t| t.features.as_slice());
         entitle(features, &caller.requires, member.premium_disabled)?;
-        match caller.requires.iter().find(|f| member.disables(f)) {
-            Some(feature) => Err(HoldRejected::FeatureDisabled {
-                feature: feature.clone(),
-            }),
-            None => Ok(()),
-        }
+        features_allowed(&caller.requires, &member.disabled_features)
     }
 }

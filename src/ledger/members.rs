@@ -27,8 +27,8 @@ pub struct Member {
     pub monthly_limit: Option<Credits>,
     /// Plan features the member may not use, besides premium (which
     /// `premium_disabled` says).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub disabled_features: BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled_features: Vec<String>,
     /// Charged for the member's requests this billing cycle.
     #[serde(default, skip_serializing_if = "Credits::is_zero_ref")]
     pub used: Credits,
@@ -74,7 +74,7 @@ impl Member {
             premium_disabled: false,
             keys: Some(BTreeSet::new()),
             monthly_limit: None,
-            disabled_features: BTreeSet::new(),
+            disabled_features: Vec::new(),
             used: Credits::ZERO,
             held: Credits::ZERO,
         };
@@ -113,7 +113,7 @@ impl Member {
     /// Whether the member may not use `feature`.
     pub fn disables(&self, feature: &str) -> bool {
         (self.premium_disabled && feature == PREMIUM_FEATURE)
-            || self.disabled_features.contains(feature)
+            || self.disabled_features.iter().any(|f| f == feature)
     }
 
     /// What the member may still hold this cycle; `None` without a limit.

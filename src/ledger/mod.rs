@@ -53,7 +53,7 @@ pub use account::{
     MAX_GRANTED,
 };
 pub use adjust::{AdjustRequest, ADJUST_KIND, REASON_MAX_BYTES};
-pub use admission::{entitle, Caller, HoldPlaced, HoldRejected, PREMIUM_FEATURE};
+pub use admission::{entitle, features_allowed, Caller, HoldPlaced, HoldRejected, PREMIUM_FEATURE};
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
 pub use idempotency::{IdempotencyRequest, Recorded};

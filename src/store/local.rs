@@ -366,11 +366,12 @@ impl Store for LocalStore {
             .get(&key.account)
             .ok_or_else(|| StoreError::UnknownAccount(key.account.clone()))?;
         let a = &stored.account;
+        let member = a.members.get(&key.member);
         Ok(Some(Identity {
-            premium_disabled: a
-                .members
-                .get(&key.member)
-                .is_some_and(|m| m.premium_disabled),
+            premium_disabled: member.is_some_and(|m| m.premium_disabled),
+            disabled_features: member
+                .map(|m| m.disabled_features.clone())
+                .unwrap_or_default(),
             plan: a.plan_at(now_ms).to_string(),
             account: key.account,
             member: key.member,

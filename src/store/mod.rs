@@ -41,6 +41,8 @@ pub struct Identity {
     pub key_id: String,
     pub plan: String,
     pub premium_disabled: bool,
+    /// The member's disabled features besides premium.
+    pub disabled_features: Vec<String>,
 }
 
 /// One quota of an account this cycle.

@@ -177,6 +177,8 @@ struct Standing {
     pending_plan: Option<String>,
     next_refill_ms: Millis,
     premium_disabled: Vec<String>,
+    /// Members with other features disabled, and those features.
+    features_disabled: Vec<(String, Vec<String>)>,
 }
 
 impl Standing {
@@ -186,7 +188,24 @@ impl Standing {
             pending_plan: account.pending_plan.clone(),
             next_refill_ms: account.next_refill_ms,
             premium_disabled: Self::disabled(account).cloned().collect(),
+            features_disabled: Self::locked(account).collect(),
         }
+    }
+
+    fn locked(account: &Account) -> impl Iterator<Item = (String, Vec<String>)> + '_ {
+        account
+            .members
+            .iter()
+            .filter(|(_, m)| !m.disabled_features.is_empty())
+            .map(|(name, m)| (name.clone(), m.disabled_features.clone()))
+    }
+
+    fn features_disabled(&self, member: &str) -> Vec<String> {
+        self.features_disabled
+            .iter()
+            .find(|(m, _)| m == member)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default()
     }
 
     /// The plan in force at `now_ms` (the ledger's rule, as the memory store reads it).
@@ -218,6 +237,9 @@ impl Standing {
         self.next_refill_ms = account.next_refill_ms;
         if !Self::disabled(account).eq(self.premium_disabled.iter()) {
             self.premium_disabled = Self::disabled(account).cloned().collect();
+        }
+        if !Self::locked(account).eq(self.features_disabled.iter().cloned()) {
+            self.features_disabled = Self::locked(account).collect();
         }
     }
 
@@ -847,6 +869,7 @@ impl Store for RedisStore {
             (
                 cached.standing.plan_at(now_ms).to_string(),
                 cached.standing.premium_disabled(&owner.member),
+                cached.standing.features_disabled(&owner.member),
             )
         };
         let recent = self
@@ -854,16 +877,17 @@ impl Store for RedisStore {
             .get(&owner.account)
             .filter(|c| c.fetched.elapsed() < IDENTITY_FRESHNESS)
             .map(|c| standing(&c));
-        let (plan, premium_disabled) = match recent {
+        let (plan, premium_disabled, disabled_features) = match recent {
             Some(found) => found,
             None => match self.fetch(&owner.account).await {
                 Ok(Some((version, account))) => {
+                    let member = account.members.get(&owner.member);
                     let found = (
                         account.plan_at(now_ms).to_string(),
-                        account
-                            .members
-                            .get(&owner.member)
-                            .is_some_and(|m| m.premium_disabled),
+                        member.is_some_and(|m| m.premium_disabled),
+                        member
+                            .map(|m| m.disabled_features.clone())
+                            .unwrap_or_default(),
                     );
                     self.remember(&owner.account, version, account);
                     found
@@ -880,6 +904,7 @@ impl Store for RedisStore {
         };
         Ok(Some(Identity {
             premium_disabled,
+            disabled_features,
             account: owner.account,
             member: owner.member,
             key_id: owner.key_id,

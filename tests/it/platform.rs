@@ -14,7 +14,11 @@ fn team_policy(_backend: &str) -> String {
         .replace("{READ_TIMEOUT}", "2s")
         .replace(
             "[plans.pro]",
-            "[plans.team]\nmonthly_credits = 0\nseats = 3\nfeatures = [\"premium\"]\n\n[plans.pro]",
+            "[plans.team]\nmonthly_credits = 0\nseats = 3\nfeatures = [\"premium\", \"api\"]\n\n[plans.pro]",
+        )
+        .replace(
+            "[[operations]]\nname = \"image.generate\"",
+            "[[operations]]\nname = \"api.models\"\nmethod = \"GET\"\npath = \"/v1/api-models\"\nupstream = \"main\"\nrequires = [\"api\"]\nprice = 0\n\n[[operations]]\nname = \"image.generate\"",
         )
 }
 
@@ -33,7 +37,7 @@ async fn onboard(gw: &TestGateway) -> (String, String, String) {
                 "plan": "team",
                 "members": [
                     {"member": "ann", "monthly_limit": 60},
-                    {"member": "bob", "disabled_features": ["premium"]},
+                    {"member": "bob", "disabled_features": ["premium", "api"]},
                     {"member": "cy"}
                 ],
                 "keys": [{"member": "ann"}, {"member": "bob"}, {"member": "cy"}],
@@ -130,6 +134,28 @@ async fn platform_story(gw: TestGateway) {
         (status, body["error"]["type"].clone()),
         (403, json!("premium_disabled"))
     );
+
+    // Another disabled feature, on a free operation (no hold): 403 feature_disabled.
+    let resp = gw
+        .call(Method::GET, "/v1/api-models", &bob)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (
+            status,
+            body["error"]["type"].clone(),
+            body["error"]["feature"].clone()
+        ),
+        (403, json!("feature_disabled"), json!("api"))
+    );
+    let resp = gw
+        .call(Method::GET, "/v1/api-models", &cy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a teammate may");
 
     // Attribution on the client's ledger.
     let (_, ledger) = json_of(
