@@ -111,7 +111,7 @@ fn benches(c: &mut Criterion) {
             runtime.block_on(async {
                 let placed = store.hold("a", &req, 1).await.unwrap().unwrap();
                 store
-                    .settle("a", placed.hold_id, req.amount, 1)
+                    .settle("a", placed.hold_id, req.amount, None, 1)
                     .await
                     .unwrap()
                     .unwrap()
@@ -203,7 +203,7 @@ fn redis_store(c: &mut Criterion) {
             runtime.block_on(async {
                 let placed = store.hold("a", &req, 1).await.unwrap().unwrap();
                 store
-                    .settle("a", placed.hold_id, req.amount, 1)
+                    .settle("a", placed.hold_id, req.amount, None, 1)
                     .await
                     .unwrap()
                     .unwrap()

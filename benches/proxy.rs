@@ -426,7 +426,7 @@ async fn contended_hold(store: Arc<dyn Store>, rounds: usize) -> (f64, f64, f64,
                 .expect("placed");
             lat.push(started.elapsed().as_micros() as u32);
             store
-                .settle("bench-0", placed.hold_id, request.amount, 1)
+                .settle("bench-0", placed.hold_id, request.amount, None, 1)
                 .await
                 .expect("settle")
                 .expect("settled");
@@ -524,7 +524,7 @@ async fn commit_cost(store: Arc<dyn Store>, redis: &Redis, in_flight: usize, rou
                 .expect("hold")
                 .expect("placed");
             store
-                .settle(account, placed.hold_id, placed_amount(), 1)
+                .settle(account, placed.hold_id, placed_amount(), None, 1)
                 .await
                 .expect("settle")
                 .expect("settled");

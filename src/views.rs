@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::ledger::{Entry, GrantReceipt, Hold, Millis};
+use crate::ledger::{Entry, GrantReceipt, Hold, Member, Millis};
 use crate::store::AccountView;
 
 pub fn time(ms: Millis) -> Value {
@@ -43,16 +43,12 @@ pub fn account(a: &AccountView) -> Value {
     let members: serde_json::Map<String, Value> = a
         .members
         .iter()
-        .map(|(name, m)| {
-            (
-                name.clone(),
-                json!({"premium_disabled": m.premium_disabled}),
-            )
-        })
+        .map(|(name, m)| (name.clone(), member(m)))
         .collect();
     v["members"] = Value::Object(members);
     v["pending_plan"] = json!(a.pending_plan);
     v["billing_anchor_day"] = json!(a.billing_anchor_day);
+    v["metadata"] = json!(a.metadata);
     v["totals"] = json!({
         "granted": a.totals.granted.to_json(),
         "available": a.totals.available.to_json(),
@@ -64,14 +60,48 @@ pub fn account(a: &AccountView) -> Value {
     v
 }
 
+/// An entry's credits as a signed JSON number: negative when they left the
+/// account (a negative adjustment).
+pub fn signed_credits(e: &Entry) -> Value {
+    match e.debit && !e.credits.is_zero() {
+        true => format!("-{}", e.credits)
+            .parse::<serde_json::Number>()
+            .map_or(Value::Null, Value::Number),
+        false => e.credits.to_json(),
+    }
+}
+
+/// A usage noted on an entry, as the JSON it was written from.
+fn usage(e: &Entry) -> Value {
+    e.usage
+        .as_deref()
+        .and_then(|u| serde_json::from_str(u).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A member's restrictions and spending this cycle.
+pub fn member(m: &Member) -> Value {
+    json!({
+        "premium_disabled": m.premium_disabled,
+        "disabled_features": m.disabled().collect::<Vec<_>>(),
+        "monthly_limit": m.monthly_limit.map_or(Value::Null, |l| l.to_json()),
+        "used": m.used.to_json(),
+        "held": m.held.to_json(),
+    })
+}
+
 pub fn entry(e: &Entry) -> Value {
     let mut entry = json!({
         "id": e.seq,
         "at": time(e.at_ms),
         "type": e.kind.as_str(),
-        "credits": e.credits.to_json(),
+        "credits": signed_credits(e),
         "operation": e.operation,
         "request_id": e.request_id,
+        "member": e.member,
+        "key_id": e.key_id,
+        "usage": usage(e),
+        "balance_after": e.balance_after.map_or(Value::Null, |b| b.to_json()),
         "detail": e.detail,
     });
     // Only on the entries they concern: a settle past the overdraft limit, a
@@ -141,4 +171,53 @@ pub fn page_params(query: Option<&str>) -> Result<(usize, Option<u64>), String> 
         }
     }
     Ok((limit, cursor))
+}
+
+/// The CSV header of the ledger export.
+pub const EXPORT_CSV_HEADER: &str = "account,id,at,type,credits,operation,request_id,member,key_id,usage,balance_after,detail,uncollected,repaid\n";
+
+/// One exported entry as a line of NDJSON (with its newline).
+pub fn export_ndjson(account: &str, e: &Entry, out: &mut String) {
+    let mut line = entry(e);
+    line["account"] = json!(account);
+    out.push_str(&line.to_string());
+    out.push('\n');
+}
+
+/// One exported entry as a CSV record (RFC 4180; with its newline).
+pub fn export_csv(account: &str, e: &Entry, out: &mut String) {
+    let text = |v: Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    let fields = [
+        account.to_string(),
+        e.seq.to_string(),
+        text(time(e.at_ms)),
+        e.kind.as_str().to_string(),
+        text(signed_credits(e)),
+        e.operation.clone().unwrap_or_default(),
+        e.request_id.clone().unwrap_or_default(),
+        e.member.clone().unwrap_or_default(),
+        e.key_id.clone().unwrap_or_default(),
+        e.usage.clone().unwrap_or_default(),
+        e.balance_after.map(|b| b.to_string()).unwrap_or_default(),
+        e.detail.clone().unwrap_or_default(),
+        e.uncollected.map(|b| b.to_string()).unwrap_or_default(),
+        e.repaid.map(|b| b.to_string()).unwrap_or_default(),
+    ];
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if field.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&field.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(field);
+        }
+    }
+    out.push('\n');
 }

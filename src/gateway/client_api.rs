@@ -166,6 +166,7 @@ impl Gateway {
         let caller = Caller {
             plan: &identity.plan,
             premium_disabled: identity.premium_disabled,
+            disabled_features: &identity.disabled_features,
         };
         let verdict = match self.policy.evaluate(route.as_ref(), &facts, Some(&caller)) {
             Evaluation::Decided(verdict) => verdict,
@@ -199,7 +200,8 @@ impl Gateway {
             Err(refusal) => {
                 let operation = match &refusal {
                     Refused::PlanRequired { operation, .. }
-                    | Refused::PremiumDisabled { operation } => Some(*operation),
+                    | Refused::PremiumDisabled { operation }
+                    | Refused::FeatureDisabled { operation, .. } => Some(*operation),
                     Refused::InvalidRequest(_) => {
                         route.as_ref().and_then(|r| self.policy.select(r, &facts))
                     }

@@ -45,6 +45,18 @@ pub enum ApiError {
     PremiumDisabled {
         operation: String,
     },
+    /// The operation requires a feature disabled for the member.
+    FeatureDisabled {
+        operation: String,
+        feature: String,
+    },
+    /// The member's monthly limit cannot pay the hold, whatever the account has.
+    MemberLimitReached {
+        operation: String,
+        member: String,
+        limit: Credits,
+        used: Credits,
+    },
     QuotaExhausted {
         operation: String,
         quota: String,
@@ -78,8 +90,10 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => 400,
             ApiError::RequestTooLarge { .. } => 413,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => 401,
-            ApiError::InsufficientCredits { .. } => 402,
-            ApiError::PlanRequired { .. } | ApiError::PremiumDisabled { .. } => 403,
+            ApiError::InsufficientCredits { .. } | ApiError::MemberLimitReached { .. } => 402,
+            ApiError::PlanRequired { .. }
+            | ApiError::PremiumDisabled { .. }
+            | ApiError::FeatureDisabled { .. } => 403,
             ApiError::QuotaExhausted { .. } => 429,
             ApiError::UnknownOperation => 404,
             ApiError::TooManyHolds { .. } => 429,
@@ -106,6 +120,8 @@ impl ApiError {
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
             ApiError::TooManyHolds { .. } => "too_many_holds",
             ApiError::PremiumDisabled { .. } => "premium_disabled",
+            ApiError::FeatureDisabled { .. } => "feature_disabled",
+            ApiError::MemberLimitReached { .. } => "member_limit_reached",
             ApiError::QuotaExhausted { .. } => "quota_exhausted",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::StoreFailed { .. } => "store_error",
@@ -182,6 +198,17 @@ impl ApiError {
             ApiError::PremiumDisabled { operation } => {
                 format!("{operation} is premium, and premium generation is disabled for you by your team's admin.")
             }
+            ApiError::FeatureDisabled { operation, feature } => {
+                format!("{operation} needs the {feature} feature, which your team's admin disabled for you.")
+            }
+            ApiError::MemberLimitReached {
+                operation,
+                limit,
+                used,
+                ..
+            } => {
+                format!("{operation} would pass your monthly limit of {limit} credits, set by your team's admin; {used} are used or held this cycle.")
+            }
             ApiError::QuotaExhausted {
                 operation,
                 quota,
@@ -232,6 +259,10 @@ impl ApiError {
             },
             Refused::PremiumDisabled { operation } => ApiError::PremiumDisabled {
                 operation: policy.operations[operation].name.clone(),
+            },
+            Refused::FeatureDisabled { operation, feature } => ApiError::FeatureDisabled {
+                operation: policy.operations[operation].name.clone(),
+                feature,
             },
             Refused::InvalidRequest(e) => ApiError::InvalidRequest {
                 source: e.source,
@@ -291,6 +322,19 @@ impl ApiError {
             HoldRejected::PremiumDisabled => {
                 ApiError::refused(policy, Refused::PremiumDisabled { operation })
             }
+            HoldRejected::FeatureDisabled { feature } => {
+                ApiError::refused(policy, Refused::FeatureDisabled { operation, feature })
+            }
+            HoldRejected::MemberLimitReached {
+                member,
+                limit,
+                used,
+            } => ApiError::MemberLimitReached {
+                operation: name(),
+                member,
+                limit,
+                used,
+            },
         }
     }
 
@@ -366,6 +410,21 @@ impl ApiError {
             }
             ApiError::PremiumDisabled { operation } => {
                 error.insert("operation".into(), json!(operation));
+            }
+            ApiError::FeatureDisabled { operation, feature } => {
+                error.insert("operation".into(), json!(operation));
+                error.insert("feature".into(), json!(feature));
+            }
+            ApiError::MemberLimitReached {
+                operation,
+                member,
+                limit,
+                used,
+            } => {
+                error.insert("operation".into(), json!(operation));
+                error.insert("member".into(), json!(member));
+                error.insert("limit".into(), limit.to_json());
+                error.insert("used".into(), used.to_json());
             }
             ApiError::QuotaExhausted {
                 operation,

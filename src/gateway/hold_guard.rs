@@ -42,11 +42,16 @@ impl HoldGuard {
 
     /// Charges `charge` as the ledger settles it: at most the hold, unless the
     /// hold was placed to overdraw; the rest returns to the account.
-    pub(super) async fn settle(mut self, charge: Credits, request_id: &str) {
+    /// `usage` (JSON text) is what the charge was metered from, for the ledger.
+    pub(super) async fn settle(mut self, charge: Credits, usage: Option<&str>, request_id: &str) {
         self.ended = true;
-        let call = self
-            .store
-            .settle(&self.account, self.hold_id, charge, self.clock.now_ms());
+        let call = self.store.settle(
+            &self.account,
+            self.hold_id,
+            charge,
+            usage,
+            self.clock.now_ms(),
+        );
         let outcome = self.metrics.store(call).await;
         self.report("settle", request_id, outcome);
     }
@@ -260,9 +265,12 @@ mod tests {
             account: &str,
             hold_id: u64,
             charge: Credits,
+            usage: Option<&str>,
             now_ms: u64,
         ) -> Result<EndOutcome, StoreError> {
-            self.inner.settle(account, hold_id, charge, now_ms).await
+            self.inner
+                .settle(account, hold_id, charge, usage, now_ms)
+                .await
         }
         async fn release(
             &self,
@@ -311,22 +319,20 @@ mod tests {
             &self,
             account: &str,
             member: &str,
-            premium_disabled: bool,
+            terms: &crate::ledger::MemberTerms,
             now_ms: u64,
         ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
-            self.inner
-                .add_member(account, member, premium_disabled, now_ms)
-                .await
+            self.inner.add_member(account, member, terms, now_ms).await
         }
         async fn update_member(
             &self,
             account: &str,
             member: &str,
-            premium_disabled: bool,
+            terms: &crate::ledger::MemberTerms,
             now_ms: u64,
         ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
             self.inner
-                .update_member(account, member, premium_disabled, now_ms)
+                .update_member(account, member, terms, now_ms)
                 .await
         }
         async fn add_key(
@@ -356,6 +362,59 @@ mod tests {
         ) -> Result<crate::store::AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError>
         {
             self.inner.grant(account, grant, now_ms).await
+        }
+        async fn onboard(
+            &self,
+            id: &str,
+            plan: &str,
+            billing_anchor_day: Option<u8>,
+            onboarding: &crate::ledger::Onboarding,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<crate::store::AccountView>, StoreError> {
+            self.inner
+                .onboard(id, plan, billing_anchor_day, onboarding, now_ms)
+                .await
+        }
+        async fn update_metadata(
+            &self,
+            account: &str,
+            changes: &std::collections::BTreeMap<String, Option<String>>,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner.update_metadata(account, changes, now_ms).await
+        }
+        async fn list_accounts(
+            &self,
+            after: Option<&str>,
+            limit: usize,
+            now_ms: u64,
+        ) -> Result<Vec<crate::store::AccountView>, StoreError> {
+            self.inner.list_accounts(after, limit, now_ms).await
+        }
+        async fn remove_member(
+            &self,
+            account: &str,
+            member: &str,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<()>, StoreError> {
+            self.inner.remove_member(account, member, now_ms).await
+        }
+        async fn export(
+            &self,
+            since_ms: u64,
+            after: Option<&crate::store::ExportPosition>,
+            limit: usize,
+        ) -> Result<Vec<(String, crate::ledger::Entry)>, StoreError> {
+            self.inner.export(since_ms, after, limit).await
+        }
+        async fn adjust(
+            &self,
+            account: &str,
+            adjustment: &crate::ledger::AdjustRequest,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError>
+        {
+            self.inner.adjust(account, adjustment, now_ms).await
         }
         async fn change_plan(
             &self,
@@ -420,7 +479,7 @@ mod tests {
         let settled = hold_on(&*store).await;
         let dropped = hold_on(&*store).await;
         guard(&store, settled)
-            .settle(Credits::from_whole(4).unwrap(), "r")
+            .settle(Credits::from_whole(4).unwrap(), None, "r")
             .await;
         // A guard dropped after it: once its release has run, a release the settled
         // guard's drop had spawned (earlier, on this one-thread runtime) has run too.

@@ -566,6 +566,7 @@ impl Gateway {
         let caller = Caller {
             plan: &identity.plan,
             premium_disabled: identity.premium_disabled,
+            disabled_features: &identity.disabled_features,
         };
         let route = self.policy.route(&path);
         let path_params = route.as_ref().map_or(&[][..], |r| r.path_params.as_slice());
@@ -590,7 +591,9 @@ impl Gateway {
         };
         // A refusal that names its operation is counted and logged under it.
         if let Err(
-            Refused::PlanRequired { operation, .. } | Refused::PremiumDisabled { operation },
+            Refused::PlanRequired { operation, .. }
+            | Refused::PremiumDisabled { operation }
+            | Refused::FeatureDisabled { operation, .. },
         ) = &verdict
         {
             ctx.operation = Some(*operation);
@@ -832,7 +835,13 @@ impl Gateway {
         };
         ctx.outcome = Some("settled");
         ctx.charged = charge;
-        guard.settle(charge, &ctx.request_id).await;
+        let metered = match (&op.settle, &usage) {
+            (Some(rule), Some(usage)) => rule.rate.describe(usage),
+            _ => None,
+        };
+        guard
+            .settle(charge, metered.as_deref(), &ctx.request_id)
+            .await;
         self.record_response(ctx).await;
     }
 

@@ -34,6 +34,19 @@ pub enum AccountRejected {
     KeyLimit {
         limit: usize,
     },
+    /// A negative adjustment larger than what is available plus the room left
+    /// under the overdraft limit.
+    InsufficientCredits {
+        required: Credits,
+        available: Credits,
+        overdraft_room: Credits,
+    },
+    /// An idempotency key kept for another admin change.
+    IdempotencyKeyReused,
+    /// More metadata entries than an account keeps.
+    MetadataLimit {
+        limit: usize,
+    },
 }
 
 /// Totals of an account, as shown to its owner.
@@ -105,6 +118,10 @@ pub struct Account {
     #[serde(skip)]
     pub(super) partial: bool,
     pub(super) next_seq: u64,
+    /// An admin's notes on the account (a payment provider's customer id…),
+    /// at most `METADATA_MAX_ENTRIES`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The most one account may ever be granted: a quarter of what a `u64` counts, in
@@ -187,6 +204,7 @@ impl Account {
             hold_changes: HoldChanges::default(),
             partial: false,
             next_seq: 1,
+            metadata: BTreeMap::new(),
         }
     }
 
@@ -213,6 +231,11 @@ impl Account {
             detail,
             uncollected: None,
             repaid: None,
+            member: None,
+            key_id: None,
+            usage: None,
+            balance_after: Some(self.available()),
+            debit: false,
         });
         self.next_seq += 1;
     }
@@ -229,6 +252,30 @@ impl Account {
     pub(super) fn note_repaid(&mut self, repaid: Credits) {
         if let Some(entry) = self.fresh.back_mut().filter(|_| !repaid.is_zero()) {
             entry.repaid = Some(repaid);
+        }
+    }
+
+    /// Notes on the entry just recorded (a hold or its end) whose key it was for.
+    pub(super) fn note_caller(&mut self, member: Option<&str>, key_id: Option<&str>) {
+        if let Some(entry) = self.fresh.back_mut() {
+            entry.member = member.map(str::to_string);
+            entry.key_id = key_id.map(str::to_string);
+        }
+    }
+
+    /// Notes on the entry just recorded (an adjustment) that its credits left the account.
+    pub(super) fn note_debit(&mut self, debit: bool) {
+        if let Some(entry) = self.fresh.back_mut() {
+            entry.debit = debit;
+        }
+    }
+
+    /// Notes on the entry just recorded (a settle) the usage it was metered from.
+    pub(super) fn note_usage(&mut self, usage: Option<&str>) {
+        if let Some(entry) = self.fresh.back_mut() {
+            entry.usage = usage
+                .filter(|u| u.len() <= super::journal::USAGE_MAX_BYTES)
+                .map(str::to_string);
         }
     }
 

@@ -75,6 +75,18 @@ pub enum HoldRejected {
     },
     /// The operation is premium and the member has premium disabled.
     PremiumDisabled,
+    /// The operation requires a feature disabled for the member (other than
+    /// premium, which is `PremiumDisabled`).
+    FeatureDisabled {
+        feature: String,
+    },
+    /// The hold would take the member past its monthly limit: `used` is what it
+    /// charged this cycle plus what its open holds hold.
+    MemberLimitReached {
+        member: String,
+        limit: Credits,
+        used: Credits,
+    },
 }
 
 /// The entitlement rule: the plan (with `plan_features`) has every feature the
@@ -94,6 +106,20 @@ pub fn entitle(
         return Err(HoldRejected::PremiumDisabled);
     }
     Ok(())
+}
+
+/// The member's own locks besides premium: the first feature the operation
+/// requires that `disabled` (the member's `disabled_features`) lists is refused.
+/// Asked after [`entitle`], by the gateway before the body and by `admit`.
+pub fn features_allowed(requires: &[String], disabled: &[String]) -> Result<(), HoldRejected>
+where
+{
+    match requires.iter().find(|f| disabled.contains(f)) {
+        Some(feature) => Err(HoldRejected::FeatureDisabled {
+            feature: feature.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 impl Account {
@@ -137,17 +163,18 @@ impl Account {
                 }
             }
         }
+        // The member's limit caps what may be held for it, as the balance does.
+        let member = request
+            .caller
+            .as_ref()
+            .and_then(|c| self.members.get(&c.member).map(|m| (c.member.as_str(), m)));
+        let room = member.and_then(|(_, m)| m.room());
         let available = self.available();
+        let payable = room.map_or(available, |r| r.min(available));
         let amount = match request.terms.partial_min {
-            _ if available >= request.amount => request.amount,
-            Some(min) if available >= min => available,
-            _ => {
-                return Err(HoldRejected::InsufficientCredits {
-                    required: request.amount,
-                    available,
-                    held: self.held(),
-                })
-            }
+            _ if payable >= request.amount => request.amount,
+            Some(min) if payable >= min => payable,
+            _ => return Err(self.short(request, room, available, member)),
         };
         if self.open_holds >= request.max_holds {
             return Err(HoldRejected::TooManyHolds {
@@ -155,6 +182,33 @@ impl Account {
             });
         }
         Ok(amount)
+    }
+
+    /// Why `request` cannot be held: the member's limit when that is what is
+    /// short, else the balance.
+    fn short(
+        &self,
+        request: &HoldRequest,
+        room: Option<Credits>,
+        available: Credits,
+        member: Option<(&str, &super::Member)>,
+    ) -> HoldRejected {
+        let needed = request.terms.partial_min.unwrap_or(request.amount);
+        match (room, member) {
+            (Some(room), Some((name, m))) if room < needed && room <= available => {
+                let limit = m.monthly_limit.unwrap_or(Credits::ZERO);
+                HoldRejected::MemberLimitReached {
+                    member: name.to_string(),
+                    limit,
+                    used: m.used.checked_add(m.held).unwrap_or(limit),
+                }
+            }
+            _ => HoldRejected::InsufficientCredits {
+                required: request.amount,
+                available,
+                held: self.held(),
+            },
+        }
     }
 
     /// Checks who asks against this state: the key is still active for a member
@@ -176,6 +230,7 @@ impl Account {
         let features = catalog
             .get(&self.plan)
             .map_or(&[][..], |t| t.features.as_slice());
-        entitle(features, &caller.requires, member.premium_disabled)
+        entitle(features, &caller.requires, member.premium_disabled)?;
+        features_allowed(&caller.requires, &member.disabled_features)
     }
 }

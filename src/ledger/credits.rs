@@ -55,6 +55,11 @@ impl Credits {
         credits.checked_mul(SCALE).map(Credits)
     }
 
+    /// For serde's `skip_serializing_if`.
+    pub fn is_zero_ref(&self) -> bool {
+        self.is_zero()
+    }
+
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }

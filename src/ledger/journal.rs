@@ -54,7 +54,33 @@ pub struct Entry {
     /// repaid the debt (and so never became available).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repaid: Option<Credits>,
+    /// Who spent: the member and the id of the key (`key_…`) a hold was placed
+    /// for, on the hold's entry and on the entry that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// A settle metered from a response's usage: the usage as the rate read it,
+    /// as JSON text (`1234`, or `{"prompt_tokens":10,"completion_tokens":20}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<String>,
+    /// The account's available credits once the entry was written (`None` only
+    /// on entries written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance_after: Option<Credits>,
+    /// The credits left the account (a negative adjustment): `credits` is then
+    /// what was debited.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub debit: bool,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Longest usage text an entry keeps; a longer usage (a number of thousands of
+/// digits) is not recorded on the entry, though it was charged.
+pub const USAGE_MAX_BYTES: usize = 512;
 
 /// The entries a store keeps for one account, oldest dropped first past `cap`.
 #[derive(Clone, Debug, Default)]
@@ -85,6 +111,11 @@ impl Journal {
             }
             self.entries.push_back(entry);
         }
+    }
+
+    /// The entries kept, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
     }
 
     /// Up to `limit` entries older than `before_seq` (all when `None`), newest first.

@@ -77,6 +77,9 @@ pub struct StateShape {
     pub longest_grant_kind: usize,
     /// The longest member name: [`NAME_MAX_BYTES`], or a longer one the policy seeds.
     pub longest_member: usize,
+    /// What the names of every feature the plans name take (each with its
+    /// string header): the most a member's disabled features can hold.
+    pub features_bytes: usize,
 }
 
 /// A string's MessagePack header is 1 to 5 bytes; the sizes below count 1 (the
@@ -111,6 +114,21 @@ pub const RECEIPT_BYTES: usize = 464;
 /// One member with [`KEYS_PER_MEMBER`](super::KEYS_PER_MEMBER) active keys, its
 /// name empty.
 pub const MEMBER_BYTES: usize = 2_632;
+
+/// What a hold adds when it was placed for a key: its member's name (empty
+/// here) and the key's id, at the longest the stores make (a seeded key's).
+pub const HOLD_CALLER_BYTES: usize = 48;
+
+/// What a member's limit and spending add to it: the limit, what it charged
+/// and what it holds, each at its widest, and the disabled features' field.
+pub const MEMBER_TERMS_BYTES: usize = 72;
+
+/// One metadata entry at the longest key and value, and the field's name.
+pub const METADATA_ENTRY_BYTES: usize =
+    super::METADATA_KEY_MAX_BYTES + super::METADATA_VALUE_MAX_BYTES + 5;
+
+/// The metadata field's name and map header.
+pub const METADATA_FIELD_BYTES: usize = 16;
 
 /// The worst case of one account's state, in bytes, by what bounds each part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -148,7 +166,9 @@ impl Limits {
                 shape.max_holds,
                 (HOLD_BYTES as u64)
                     .saturating_add(name(shape.longest_operation))
-                    .saturating_add(name(shape.longest_quota)),
+                    .saturating_add(name(shape.longest_quota))
+                    .saturating_add(HOLD_CALLER_BYTES as u64)
+                    .saturating_add(name(shape.longest_member)),
             ),
             records: times(
                 self.idempotency_records_kept,
@@ -162,9 +182,17 @@ impl Limits {
             ),
             members: times(
                 shape.seats,
-                (MEMBER_BYTES as u64).saturating_add(name(shape.longest_member)),
+                (MEMBER_BYTES as u64)
+                    .saturating_add(name(shape.longest_member))
+                    .saturating_add(MEMBER_TERMS_BYTES as u64)
+                    .saturating_add(shape.features_bytes as u64),
             ),
             rest: (ACCOUNT_BASE_BYTES as u64)
+                .saturating_add(METADATA_FIELD_BYTES as u64)
+                .saturating_add(times(
+                    super::METADATA_MAX_ENTRIES,
+                    METADATA_ENTRY_BYTES as u64,
+                ))
                 .saturating_add(times(2, name(shape.longest_plan)))
                 .saturating_add(times(
                     shape.quotas,
@@ -362,6 +390,67 @@ mod tests {
         fits_closely("a member", encoded(&a) - before, MEMBER_BYTES);
     }
 
+    #[test]
+    fn a_hold_for_a_key_a_member_s_terms_and_metadata_take_their_sizes() {
+        use crate::ledger::{Caller, MemberTerms, METADATA_MAX_ENTRIES};
+        let catalog = catalog("", 1);
+        // A hold placed for a seeded key (the longest key id) of a member named "".
+        let mut a = funded(3);
+        a.add_member("", false, &catalog).unwrap();
+        let key_id = seed_key_id(&[9; 32]);
+        a.add_key("", &key_id).unwrap();
+        let mut request = hold_request("", "", &key(IDEMPOTENCY_KEY_MAX_BYTES, 0), big());
+        let before = encoded(&a);
+        a.hold(&request, NOW, &Catalog::new()).unwrap();
+        let plain = encoded(&a) - before;
+        request.caller = Some(Caller {
+            member: String::new(),
+            key_id,
+            requires: vec![],
+        });
+        request.idempotency = Some(IdempotencyRequest {
+            key: key(IDEMPOTENCY_KEY_MAX_BYTES, 1),
+            fingerprint: text(64),
+            ttl_ms: 86_400_000,
+        });
+        let before = encoded(&a);
+        a.hold(&request, NOW, &catalog).unwrap();
+        fits_closely(
+            "a hold's caller",
+            encoded(&a) - before - plain,
+            HOLD_CALLER_BYTES,
+        );
+        // The member's limit, spending and a disabled feature named "".
+        let before = encoded(&a);
+        let terms = MemberTerms {
+            monthly_limit: Some(big()),
+            disabled_features: [String::new()].into(),
+        };
+        a.set_member_terms("", &terms).unwrap();
+        a.members.get_mut("").unwrap().used = big();
+        fits_closely(
+            "a member's terms",
+            encoded(&a) - before + 4,
+            MEMBER_TERMS_BYTES,
+        );
+        // Metadata at its most.
+        let before = encoded(&a);
+        let changes = (0..METADATA_MAX_ENTRIES)
+            .map(|i| {
+                (
+                    key(crate::ledger::METADATA_KEY_MAX_BYTES, i),
+                    Some(text(crate::ledger::METADATA_VALUE_MAX_BYTES)),
+                )
+            })
+            .collect();
+        a.update_metadata(&changes).unwrap();
+        fits_closely(
+            "metadata",
+            encoded(&a) - before,
+            METADATA_FIELD_BYTES + METADATA_MAX_ENTRIES * METADATA_ENTRY_BYTES,
+        );
+    }
+
     /// Every limit reached at once, with names of every header width: the account
     /// the ledger builds stays within the worst case it is checked against at
     /// load, and not far under it.
@@ -383,13 +472,19 @@ mod tests {
             longest_plan: 20,
             longest_grant_kind: 7,
             longest_member: NAME_MAX_BYTES,
+            features_bytes: 0,
         };
         let plan = text(shape.longest_plan);
         let mut a = empty(&plan, &quotas);
         let catalog = catalog(&plan, 2);
+        let terms = crate::ledger::MemberTerms {
+            monthly_limit: Some(Credits::from_millicredits(1 << 42)),
+            disabled_features: ["premium".to_string()].into(),
+        };
         for m in 0..shape.seats {
             let member = key(shape.longest_member, m);
-            a.add_member(&member, true, &catalog).unwrap();
+            a.add_member_with(&member, &terms, &catalog).unwrap();
+            a.members.get_mut(&member).unwrap().used = big();
             for k in 0..KEYS_PER_MEMBER {
                 a.add_key(&member, &seed_key_id(&[(m * 128 + k) as u8; 32]))
                     .unwrap();
@@ -417,10 +512,28 @@ mod tests {
             let response = recorded(CONTENT_TYPE_MAX_BYTES, limits.idempotency_replay_max_bytes);
             assert!(a.record_response(&key, response, &limits));
         }
+        let changes = (0..crate::ledger::METADATA_MAX_ENTRIES)
+            .map(|i| {
+                (
+                    key(crate::ledger::METADATA_KEY_MAX_BYTES, i),
+                    Some(text(crate::ledger::METADATA_VALUE_MAX_BYTES)),
+                )
+            })
+            .collect();
+        a.update_metadata(&changes).unwrap();
+        // Every open hold placed for a key of the member with the longest name.
+        let holder = key(shape.longest_member, 0);
+        let holder_key = seed_key_id(&[0; 32]);
         for i in 0..shape.max_holds {
             let key = key(IDEMPOTENCY_KEY_MAX_BYTES, 100 + i);
-            let request = hold_request(&operation, &quotas[0], &key, Credits::from_millicredits(1));
-            a.hold(&request, NOW, &Catalog::new()).unwrap();
+            let mut request =
+                hold_request(&operation, &quotas[0], &key, Credits::from_millicredits(1));
+            request.caller = Some(crate::ledger::Caller {
+                member: holder.clone(),
+                key_id: holder_key.clone(),
+                requires: vec![],
+            });
+            a.hold(&request, NOW, &catalog).unwrap();
         }
         assert_eq!(a.grant_receipts.len(), limits.grant_receipts_kept);
         assert_eq!(a.grants.len(), limits.grant_receipts_kept);

@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Account, AccountRejected, Catalog, KEYS_PER_MEMBER};
+use super::admission::PREMIUM_FEATURE;
+use super::{Account, AccountRejected, Catalog, Credits, KEYS_PER_MEMBER};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -20,15 +21,108 @@ pub struct Member {
     /// would refuse the member's older keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<BTreeSet<String>>,
+    /// The most the member may spend per billing cycle: what its holds hold
+    /// counts while they are open, what they charge once settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_limit: Option<Credits>,
+    /// Plan features the member may not use, besides premium (which
+    /// `premium_disabled` says).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled_features: Vec<String>,
+    /// Charged for the member's requests this billing cycle.
+    #[serde(default, skip_serializing_if = "Credits::is_zero_ref")]
+    pub used: Credits,
+    /// Held by the member's open holds.
+    #[serde(default, skip_serializing_if = "Credits::is_zero_ref")]
+    pub held: Credits,
+}
+
+/// Most features one member may have disabled.
+pub const DISABLED_FEATURES_MAX: usize = 32;
+
+/// What an admin sets of a member: its restrictions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberTerms {
+    /// Credits per billing cycle; `None`: no limit of its own.
+    pub monthly_limit: Option<Credits>,
+    /// Plan features the member may not use; `premium` among them is the same
+    /// as `premium_disabled`.
+    pub disabled_features: BTreeSet<String>,
+}
+
+impl MemberTerms {
+    /// Terms that only switch premium off (or not): the earlier API's.
+    pub fn premium(disabled: bool) -> Self {
+        MemberTerms {
+            monthly_limit: None,
+            disabled_features: match disabled {
+                true => BTreeSet::from([PREMIUM_FEATURE.to_string()]),
+                false => BTreeSet::new(),
+            },
+        }
+    }
 }
 
 impl Member {
     /// A new member, with no keys yet (recorded: keys added later are listed).
     pub fn new(premium_disabled: bool) -> Self {
-        Member {
-            premium_disabled,
+        Member::with_terms(&MemberTerms::premium(premium_disabled))
+    }
+
+    pub fn with_terms(terms: &MemberTerms) -> Self {
+        let mut member = Member {
+            premium_disabled: false,
             keys: Some(BTreeSet::new()),
+            monthly_limit: None,
+            disabled_features: Vec::new(),
+            used: Credits::ZERO,
+            held: Credits::ZERO,
+        };
+        member.set_terms(terms);
+        member
+    }
+
+    /// Sets the member's restrictions (its spending and keys stay).
+    pub fn set_terms(&mut self, terms: &MemberTerms) {
+        self.monthly_limit = terms.monthly_limit;
+        self.premium_disabled = terms.disabled_features.contains(PREMIUM_FEATURE);
+        self.disabled_features = terms
+            .disabled_features
+            .iter()
+            .filter(|f| *f != PREMIUM_FEATURE)
+            .cloned()
+            .collect();
+    }
+
+    /// The member's restrictions as an admin set them.
+    pub fn terms(&self) -> MemberTerms {
+        MemberTerms {
+            monthly_limit: self.monthly_limit,
+            disabled_features: self.disabled().map(str::to_string).collect(),
         }
+    }
+
+    /// Every feature the member may not use, premium included when disabled.
+    pub fn disabled(&self) -> impl Iterator<Item = &str> {
+        let premium = self.premium_disabled.then_some(PREMIUM_FEATURE);
+        premium
+            .into_iter()
+            .chain(self.disabled_features.iter().map(String::as_str))
+    }
+
+    /// Whether the member may not use `feature`.
+    pub fn disables(&self, feature: &str) -> bool {
+        (self.premium_disabled && feature == PREMIUM_FEATURE)
+            || self.disabled_features.iter().any(|f| f == feature)
+    }
+
+    /// What the member may still hold this cycle; `None` without a limit.
+    pub fn room(&self) -> Option<Credits> {
+        self.monthly_limit.map(|limit| {
+            self.used
+                .checked_add(self.held)
+                .map_or(Credits::ZERO, |spent| limit.saturating_sub(spent))
+        })
     }
 }
 
@@ -40,6 +134,16 @@ impl Account {
         premium_disabled: bool,
         catalog: &Catalog,
     ) -> Result<(), AccountRejected> {
+        self.add_member_with(member, &MemberTerms::premium(premium_disabled), catalog)
+    }
+
+    /// Adds a member with its restrictions, within the plan's seats.
+    pub fn add_member_with(
+        &mut self,
+        member: &str,
+        terms: &MemberTerms,
+        catalog: &Catalog,
+    ) -> Result<(), AccountRejected> {
         if self.members.contains_key(member) {
             return Err(AccountRejected::MemberExists);
         }
@@ -48,7 +152,7 @@ impl Account {
             return Err(AccountRejected::SeatLimit { seats });
         }
         self.members
-            .insert(member.to_string(), Member::new(premium_disabled));
+            .insert(member.to_string(), Member::with_terms(terms));
         Ok(())
     }
 
@@ -63,6 +167,38 @@ impl Account {
             .ok_or(AccountRejected::UnknownMember)?;
         m.premium_disabled = premium_disabled;
         Ok(())
+    }
+
+    /// Sets a member's restrictions: its monthly limit and disabled features.
+    pub fn set_member_terms(
+        &mut self,
+        member: &str,
+        terms: &MemberTerms,
+    ) -> Result<(), AccountRejected> {
+        let m = self
+            .members
+            .get_mut(member)
+            .ok_or(AccountRejected::UnknownMember)?;
+        m.set_terms(terms);
+        Ok(())
+    }
+
+    /// Removes a member and, with it, its active keys: no hold is placed for
+    /// them from now on. Returns the key ids it had (for the store to drop their
+    /// records). Its open holds end as they would have.
+    pub fn remove_member(&mut self, member: &str) -> Result<Vec<String>, AccountRejected> {
+        let m = self
+            .members
+            .remove(member)
+            .ok_or(AccountRejected::UnknownMember)?;
+        Ok(m.keys.map(|k| k.into_iter().collect()).unwrap_or_default())
+    }
+
+    /// A new billing cycle: every member's spending starts again.
+    pub(super) fn reset_member_use(&mut self) {
+        for m in self.members.values_mut() {
+            m.used = Credits::ZERO;
+        }
     }
 
     /// Lists a new active key of a member (the store keeps the key's lookup

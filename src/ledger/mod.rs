@@ -17,6 +17,8 @@
 //! - [`admission`]: the one decision whether a hold may be placed — who asks, the
 //!   plan's features, the member's locks, idempotency, the quota, the balance, the
 //!   number of open holds. The hold and the quote both ask it.
+//! - [`adjust`]: an admin's signed adjustments (refunds, chargebacks).
+//! - [`onboard`]: an account opened with its members, keys, grants and metadata.
 //! - [`members`]: members and their active keys.
 //! - [`plan`]: plans, billing cycles, refills and plan changes.
 //! - [`limits`]: the caps on what one account's state holds, and its worst-case size.
@@ -32,6 +34,7 @@
 #![deny(clippy::indexing_slicing)]
 
 mod account;
+mod adjust;
 mod admission;
 mod calendar;
 mod credits;
@@ -41,6 +44,7 @@ mod journal;
 mod limits;
 mod members;
 mod money;
+mod onboard;
 mod plan;
 mod seed;
 
@@ -48,20 +52,24 @@ pub use account::{
     Account, AccountRejected, GrantOverflow, HoldChanges, Totals, DEFAULT_LEDGER_MAX_ENTRIES,
     MAX_GRANTED,
 };
-pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
+pub use adjust::{AdjustRequest, ADJUST_KIND, REASON_MAX_BYTES};
+pub use admission::{entitle, features_allowed, Caller, HoldPlaced, HoldRejected, PREMIUM_FEATURE};
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
 pub use idempotency::{IdempotencyRequest, Recorded};
-pub use journal::{Entry, EntryKind, Journal};
+pub use journal::{Entry, EntryKind, Journal, USAGE_MAX_BYTES};
 pub use limits::{
     Limits, StateBytes, StateShape, CONTENT_TYPE_MAX_BYTES, DEFAULT_GRANT_RECEIPTS_KEPT,
     DEFAULT_IDEMPOTENCY_RECORDS_KEPT, DEFAULT_IDEMPOTENCY_REPLAY_MAX_BYTES, DRAW_BYTES,
     IDEMPOTENCY_KEY_MAX_BYTES, NAME_MAX_BYTES,
 };
-pub use members::Member;
+pub use members::{Member, MemberTerms, DISABLED_FEATURES_MAX};
 pub use money::{
     Draw, EndRejected, Ending, Grant, GrantReceipt, GrantRequest, Hold, HoldEnded, HoldRequest,
     HoldTerms,
+};
+pub use onboard::{
+    OnboardKey, Onboarding, METADATA_KEY_MAX_BYTES, METADATA_MAX_ENTRIES, METADATA_VALUE_MAX_BYTES,
 };
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};

@@ -32,6 +32,10 @@ pub struct GrantReceipt {
     pub priority: u32,
     pub expires_at_ms: Option<Millis>,
     pub granted_at_ms: Millis,
+    /// A negative adjustment: `credits` were debited, no grant was made
+    /// (`grant_id` 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debit: bool,
 }
 
 /// A lot of credits added to an account.
@@ -92,6 +96,12 @@ pub struct Hold {
     /// account's debt at the settle — a request keeps the terms it was admitted on.
     #[serde(default)]
     pub overdraft_limit: Option<Credits>,
+    /// Who placed it: the member and the key id (`None` for holds placed on no
+    /// key's behalf). The member's limit counts the hold while it is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 fn one_unit() -> u64 {
@@ -207,15 +217,27 @@ impl Account {
             priority: request.priority,
             expires_at_ms: request.expires_at_ms,
             granted_at_ms: now_ms,
+            debit: false,
         };
+        self.keep_receipt(key, receipt.clone(), limits);
+        Ok((receipt, true))
+    }
+
+    /// Keeps the receipt of an idempotent admin change, among the newest
+    /// `grant_receipts_kept`.
+    pub(super) fn keep_receipt(&mut self, key: &str, receipt: GrantReceipt, limits: &Limits) {
         self.grant_keys_in_order.push_back(key.to_string());
-        self.grant_receipts.insert(key.to_string(), receipt.clone());
+        self.grant_receipts.insert(key.to_string(), receipt);
         while self.grant_keys_in_order.len() > limits.grant_receipts_kept {
             if let Some(oldest) = self.grant_keys_in_order.pop_front() {
                 self.grant_receipts.remove(&oldest);
             }
         }
-        Ok((receipt, true))
+    }
+
+    /// The receipt kept for an admin change's idempotency key, if any.
+    pub(super) fn receipt(&self, key: &str) -> Option<&GrantReceipt> {
+        self.grant_receipts.get(key)
     }
 
     /// Adds a grant, with a `grant` ledger entry. A grant already past its expiry
@@ -319,6 +341,7 @@ impl Account {
                     Some(&hold.request_id),
                     Some(HOLD_TTL_DETAIL.into()),
                 );
+                self.note_caller(hold.member.as_deref(), hold.key_id.as_deref());
                 ended.push((hold, outcome));
             }
         }
@@ -344,6 +367,13 @@ impl Account {
         self.next_hold_id += 1;
         self.held = plus(self.held, amount);
         self.open_holds += 1;
+        if let Some(m) = request
+            .caller
+            .as_ref()
+            .and_then(|c| self.members.get_mut(&c.member))
+        {
+            m.held = plus(m.held, amount);
+        }
         let quota_units = request.terms.quota_units;
         if let Some(quota) = &request.quota {
             *self.quota_held.entry(quota.clone()).or_default() += quota_units;
@@ -369,6 +399,8 @@ impl Account {
                 idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
                 quota_units,
                 overdraft_limit,
+                member: request.caller.as_ref().map(|c| c.member.clone()),
+                key_id: request.caller.as_ref().map(|c| c.key_id.clone()),
             },
         );
         if let Some(idem) = &request.idempotency {
@@ -381,6 +413,11 @@ impl Account {
             Some(&request.operation),
             Some(&request.request_id),
             None,
+        );
+        let caller = request.caller.as_ref();
+        self.note_caller(
+            caller.map(|c| c.member.as_str()),
+            caller.map(|c| c.key_id.as_str()),
         );
         self.debug_check();
         Ok(HoldPlaced {
@@ -416,7 +453,7 @@ impl Account {
 
     /// Charges up to `wanted` straight from what grants have left, in spend order
     /// (an overdraft settle's part above its hold); returns what it took.
-    fn take_available(&mut self, wanted: Credits) -> Credits {
+    pub(super) fn take_available(&mut self, wanted: Credits) -> Credits {
         let mut taken = Credits::ZERO;
         for grant in &mut self.grants {
             let take = grant.left.min(wanted.saturating_sub(taken));
@@ -440,7 +477,21 @@ impl Account {
         now_ms: Millis,
         limits: &Limits,
     ) -> Result<HoldEnded, EndRejected> {
+        self.settle_metered(hold_id, charge, None, now_ms, limits)
+    }
+
+    /// [`Account::settle`], noting on its ledger entry the `usage` the charge was
+    /// metered from (JSON text; see [`Entry::usage`](super::Entry::usage)).
+    pub fn settle_metered(
+        &mut self,
+        hold_id: u64,
+        charge: Credits,
+        usage: Option<&str>,
+        now_ms: Millis,
+        limits: &Limits,
+    ) -> Result<HoldEnded, EndRejected> {
         let ended = self.finish(hold_id, charge, Ending::Settled, now_ms)?;
+        self.note_usage(usage);
         self.idempotency
             .keep_settled(limits.idempotency_records_kept);
         Ok(ended)
@@ -482,6 +533,7 @@ impl Account {
             None,
         );
         self.note_uncollected(outcome.uncollected);
+        self.note_caller(hold.member.as_deref(), hold.key_id.as_deref());
         self.prune_spent_grants();
         self.debug_check();
         Ok(outcome)
@@ -528,6 +580,13 @@ impl Account {
             uncollected = rest.saturating_sub(debt);
         }
         self.open_holds = self.open_holds.saturating_sub(1);
+        // A member removed since has nothing left to count.
+        if let Some(m) = hold.member.as_ref().and_then(|m| self.members.get_mut(m)) {
+            m.held = m.held.saturating_sub(hold.amount);
+            if ending == Ending::Settled {
+                m.used = plus(m.used, charged);
+            }
+        }
         if let Some(quota) = &hold.quota {
             if let Some(n) = self.quota_held.get_mut(quota) {
                 *n = n.saturating_sub(hold.quota_units);

@@ -134,6 +134,7 @@ impl Account {
         self.cycle_start_ms = start;
         self.next_refill_ms = next;
         self.quota_used.clear();
+        self.reset_member_use();
         // The old plan grant expired at the old boundary, which has passed.
         self.tick(now_ms);
         let allowance = catalog

@@ -1180,8 +1180,8 @@ fn members_from_earlier_states_skip_the_key_check_and_stay_unrecorded() {
     a.members.insert(
         "old".into(),
         Member {
-            premium_disabled: false,
             keys: None,
+            ..Member::new(false)
         },
     );
     a.hold(&by("old", "key_any", &[]), 0, &cat)
@@ -1433,4 +1433,184 @@ fn aggregates_are_rebuilt_for_states_that_kept_every_hold() {
     earlier.rebuild_aggregates();
     assert_eq!(earlier, expected);
     assert_eq!(earlier.quota_use().get("basic_images"), Some(&1));
+}
+
+// ---- attribution, adjustments, member limits ----
+
+#[test]
+fn entries_say_who_spent_with_which_key_the_usage_and_the_balance_after() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    a.add_member("ann", false, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.take_entries();
+    let h = a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    a.settle_metered(h.hold_id, c("0.5"), Some(r#"{"tokens":5}"#), 2, &limits())
+        .unwrap();
+    let h2 = a.hold(&by("ann", "key_1", &[]), 3, &cat).unwrap();
+    a.release(h2.hold_id, 4).unwrap();
+    let e = a.take_entries();
+    let kinds: Vec<_> = e.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EntryKind::Hold,
+            EntryKind::Settle,
+            EntryKind::Hold,
+            EntryKind::Release
+        ]
+    );
+    for entry in &e {
+        assert_eq!(entry.member.as_deref(), Some("ann"));
+        assert_eq!(entry.key_id.as_deref(), Some("key_1"));
+        assert_eq!(entry.operation.as_deref(), Some("op"));
+    }
+    assert_eq!(e[1].usage.as_deref(), Some(r#"{"tokens":5}"#));
+    assert_eq!(e[0].usage, None);
+    assert_eq!(e[0].balance_after, Some(c("2499")));
+    assert_eq!(e[1].balance_after, Some(c("2499.5")));
+    assert_eq!(e[3].balance_after, Some(a.available()));
+}
+
+fn adjustment(key: &str, credits: &str, debit: bool) -> AdjustRequest {
+    AdjustRequest {
+        idempotency_key: key.into(),
+        credits: c(credits),
+        debit,
+        reason: "refund".into(),
+    }
+}
+
+#[test]
+fn adjustments_add_or_debit_once_and_never_past_the_overdraft_limit() {
+    let mut cat = catalog();
+    cat.get_mut("free").unwrap().overdraft_limit = c("5");
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("10"), 30, None, 0).unwrap();
+    a.take_entries();
+    let (receipt, created) = a
+        .adjust(&adjustment("r1", "3", false), 1, &cat, &limits())
+        .unwrap();
+    assert!(created && !receipt.debit);
+    assert_eq!(a.available(), c("13"));
+    let (_, again) = a
+        .adjust(&adjustment("r1", "3", false), 2, &cat, &limits())
+        .unwrap();
+    assert!(!again, "a repeated key adjusts nothing");
+    assert_eq!(a.available(), c("13"));
+    assert_eq!(
+        a.adjust(&adjustment("r1", "4", false), 2, &cat, &limits()),
+        Err(AccountRejected::IdempotencyKeyReused)
+    );
+    // 13 available + 5 of overdraft: 19 is refused whole, 17 goes 4 into debt.
+    let before = a.totals();
+    assert_eq!(
+        a.adjust(&adjustment("c1", "19", true), 3, &cat, &limits()),
+        Err(AccountRejected::InsufficientCredits {
+            required: c("19"),
+            available: c("13"),
+            overdraft_room: c("5"),
+        })
+    );
+    assert_eq!(a.totals(), before, "a refused adjustment changes nothing");
+    a.adjust(&adjustment("c2", "17", true), 4, &cat, &limits())
+        .unwrap();
+    assert_eq!((a.available(), a.debt()), (c("0"), c("4")));
+    a.check_invariant().unwrap();
+    a.check_debt(&cat).unwrap();
+    // A positive adjustment repays the debt first.
+    a.adjust(&adjustment("r2", "6", false), 5, &cat, &limits())
+        .unwrap();
+    assert_eq!((a.available(), a.debt()), (c("2"), c("0")));
+    let e = a.take_entries();
+    assert!(e.iter().all(|e| e.kind == EntryKind::Adjust));
+    let shown: Vec<_> = e
+        .iter()
+        .map(|e| (e.credits, e.debit, e.detail.as_deref(), e.repaid))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (c("3"), false, Some("refund"), None),
+            (c("17"), true, Some("refund"), None),
+            (c("6"), false, Some("refund"), Some(c("4"))),
+        ]
+    );
+}
+
+#[test]
+fn a_member_limit_is_held_like_credits_and_resets_with_the_cycle() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    let terms = MemberTerms {
+        monthly_limit: Some(c("2.5")),
+        ..MemberTerms::default()
+    };
+    a.add_member_with("ann", &terms, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.add_member("bob", false, &cat).unwrap();
+    a.add_key("bob", "key_2").unwrap();
+    let h1 = a.hold(&by("ann", "key_1", &[]), 0, &cat).unwrap();
+    let h2 = a.hold(&by("ann", "key_1", &[]), 0, &cat).unwrap();
+    // 2 held of 2.5: a third credit would pass the limit, though the account has plenty.
+    let refused = HoldRejected::MemberLimitReached {
+        member: "ann".into(),
+        limit: c("2.5"),
+        used: c("2"),
+    };
+    assert_eq!(
+        a.admit(&by("ann", "key_1", &[]), &cat),
+        Err(refused.clone())
+    );
+    assert_eq!(a.hold(&by("ann", "key_1", &[]), 0, &cat), Err(refused));
+    a.hold(&by("bob", "key_2", &[]), 0, &cat)
+        .expect("a teammate without a limit still spends");
+    // A partial hold takes what the limit leaves.
+    let partial = HoldRequest {
+        terms: HoldTerms {
+            partial_min: Some(c("0.1")),
+            ..HoldTerms::default()
+        },
+        ..by("ann", "key_1", &[])
+    };
+    assert_eq!(a.admit(&partial, &cat), Ok(c("0.5")));
+    a.release(h1.hold_id, 1).unwrap();
+    a.settle(h2.hold_id, c("0.25"), 1, &limits()).unwrap();
+    assert_eq!(
+        (a.members["ann"].used, a.members["ann"].held),
+        (c("0.25"), c("0"))
+    );
+    a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    // The next cycle starts from nothing used.
+    let next = a.next_refill_ms;
+    a.apply_time(next, &cat);
+    assert_eq!(a.members["ann"].used, c("0"));
+}
+
+#[test]
+fn a_disabled_feature_is_refused_and_premium_keeps_its_own_answer() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    let terms = MemberTerms {
+        monthly_limit: None,
+        disabled_features: ["api".to_string(), "premium".to_string()].into(),
+    };
+    a.add_member_with("ann", &terms, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    assert!(
+        a.members["ann"].premium_disabled,
+        "premium in the list is premium_disabled"
+    );
+    assert_eq!(
+        a.hold(&by("ann", "key_1", &["api"]), 0, &cat),
+        Err(HoldRejected::FeatureDisabled {
+            feature: "api".into()
+        })
+    );
+    assert_eq!(
+        a.hold(&by("ann", "key_1", &["premium"]), 0, &cat),
+        Err(HoldRejected::PremiumDisabled)
+    );
+    a.hold(&by("ann", "key_1", &[]), 0, &cat).unwrap();
+    assert_eq!(a.members["ann"].terms(), terms);
 }

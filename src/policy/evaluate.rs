@@ -7,13 +7,15 @@
 //! the request's facts and, when there is one, who is asking.
 
 use super::{Policy, PriceError, RequestFacts, RouteMatch, Unmatched};
-use crate::ledger::{entitle, Credits, HoldRejected};
+use crate::ledger::{entitle, features_allowed, Credits, HoldRejected};
 
 /// Who asks, as far as entitlement is concerned.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller<'a> {
     pub plan: &'a str,
     pub premium_disabled: bool,
+    /// The member's other disabled features.
+    pub disabled_features: &'a [String],
 }
 
 /// What a request is, once matched, entitled and priced.
@@ -40,6 +42,8 @@ pub enum Refused {
     PlanRequired { operation: usize, feature: String },
     /// The member's premium generation is switched off: 403.
     PremiumDisabled { operation: usize },
+    /// A feature the operation requires is disabled for the member: 403.
+    FeatureDisabled { operation: usize, feature: String },
     /// A value the price needs is missing or wrong: 400.
     InvalidRequest(PriceError),
 }
@@ -92,10 +96,18 @@ impl Policy {
             let features = self
                 .plan(caller.plan)
                 .map_or(&[][..], |p| p.features.as_slice());
-            match entitle(features, &op.requires, caller.premium_disabled) {
+            let entitled = entitle(features, &op.requires, caller.premium_disabled)
+                .and_then(|()| features_allowed(&op.requires, caller.disabled_features));
+            match entitled {
                 Ok(()) => {}
                 Err(HoldRejected::PremiumDisabled) => {
                     return Evaluation::Decided(Err(Refused::PremiumDisabled { operation: index }))
+                }
+                Err(HoldRejected::FeatureDisabled { feature }) => {
+                    return Evaluation::Decided(Err(Refused::FeatureDisabled {
+                        operation: index,
+                        feature,
+                    }))
                 }
                 Err(HoldRejected::PlanRequired { feature }) => {
                     return Evaluation::Decided(Err(Refused::PlanRequired {

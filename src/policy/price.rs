@@ -560,6 +560,28 @@ impl UsageRate {
         }
     }
 
+    /// `usage` as JSON text for the ledger: the number (`1234`) for one rate, an
+    /// object of the fields the policy names (`{"prompt_tokens":10}`) for
+    /// several. `None` when a quantity has no short exact text (thousands of
+    /// digits): the charge stands, the entry just does not repeat it.
+    pub fn describe(&self, usage: &Usage) -> Option<String> {
+        let number = |q: &Exact| {
+            let text = q.to_string();
+            text.parse::<serde_json::Number>().ok().map(|_| text)
+        };
+        match self {
+            UsageRate::PerUnit(_) => usage.0.first().and_then(number),
+            UsageRate::Units(rates) => {
+                let mut fields = serde_json::Map::new();
+                for (rate, q) in rates.iter().zip(&usage.0) {
+                    let n: serde_json::Number = number(q)?.parse().ok()?;
+                    fields.insert(rate.field.clone(), Value::Number(n));
+                }
+                serde_json::to_string(&fields).ok()
+            }
+        }
+    }
+
     /// The usage in a text (a response header): one plain decimal, for one rate.
     pub fn read_text(&self, text: &str) -> Option<Usage> {
         match self {

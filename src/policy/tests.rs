@@ -1104,6 +1104,7 @@ fn evaluate(p: &Policy, method: Method, target: &str, plan: &str, body: &str) ->
     let caller = Caller {
         plan,
         premium_disabled: false,
+        disabled_features: &[],
     };
     let mut out = Vec::new();
     for body in [None, Some(&json)] {

@@ -35,7 +35,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
-    Limits, Millis, Recorded, Totals,
+    Limits, Millis, Onboarding, Recorded, Totals,
 };
 
 #[derive(Clone, Debug)]
@@ -344,6 +344,7 @@ pub(super) fn view(a: &Account, catalog: &Catalog) -> AccountView {
                 limit: limits.get(n).copied(),
             })
             .collect(),
+        metadata: a.metadata.clone(),
     }
 }
 
@@ -365,11 +366,12 @@ impl Store for LocalStore {
             .get(&key.account)
             .ok_or_else(|| StoreError::UnknownAccount(key.account.clone()))?;
         let a = &stored.account;
+        let member = a.members.get(&key.member);
         Ok(Some(Identity {
-            premium_disabled: a
-                .members
-                .get(&key.member)
-                .is_some_and(|m| m.premium_disabled),
+            premium_disabled: member.is_some_and(|m| m.premium_disabled),
+            disabled_features: member
+                .map(|m| m.disabled_features.clone())
+                .unwrap_or_default(),
             plan: a.plan_at(now_ms).to_string(),
             account: key.account,
             member: key.member,
@@ -405,10 +407,11 @@ impl Store for LocalStore {
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
         self.end(account, now_ms, |a, rules| {
-            a.settle(hold_id, charge, now_ms, &rules.limits)
+            a.settle_metered(hold_id, charge, usage, now_ms, &rules.limits)
         })
     }
 
@@ -487,36 +490,137 @@ impl Store for LocalStore {
         billing_anchor_day: Option<u8>,
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        self.onboard(id, plan, billing_anchor_day, &Onboarding::default(), now_ms)
+            .await
+    }
+
+    async fn onboard(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        onboarding: &Onboarding,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
         self.usable()?;
         let Rules { catalog, limits } = self.rules();
         let Some(terms) = catalog.get(plan) else {
             return Ok(Err(AccountRejected::UnknownPlan));
         };
+        let mut account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
+        if let Err(refused) = account.onboard(onboarding, now_ms, &catalog, &limits) {
+            return Ok(Err(refused));
+        }
         let mut outcome = Err(AccountRejected::AccountExists);
         self.tables
             .accounts
             .entry(id.to_string())
             .or_insert_with(|| {
-                let account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
                 outcome = Ok(view(&account, &catalog));
                 Stored::new(account, self.kept(limits.ledger_max_entries))
             });
+        let mut hashes = Vec::new();
+        if outcome.is_ok() {
+            for key in &onboarding.keys {
+                self.tables
+                    .register(id, &key.member, &key.key_id, &key.key_sha256);
+                hashes.push(key.key_sha256);
+            }
+        }
         // Waited for even when it existed: it may have been created a moment ago.
-        self.persist(|| Change::account(id), true)?
+        self.persist(|| Change::account(id).with_keys(hashes), true)?
             .written()
             .await?;
         Ok(outcome)
+    }
+
+    async fn update_metadata(
+        &self,
+        account: &str,
+        changes: &std::collections::BTreeMap<String, Option<String>>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.write(account, now_ms, |a, _| a.update_metadata(changes))
+            .await
+    }
+
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<AccountView>, StoreError> {
+        self.usable()?;
+        // The next `limit` ids, kept in a bounded set while walking the map.
+        let mut ids = std::collections::BTreeSet::new();
+        for stored in self.tables.accounts.iter() {
+            let id = stored.key();
+            if after.is_some_and(|a| id.as_str() <= a) {
+                continue;
+            }
+            if ids.len() < limit {
+                ids.insert(id.clone());
+            } else if ids.last().is_some_and(|last| id < last) {
+                ids.pop_last();
+                ids.insert(id.clone());
+            }
+        }
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.read_account(&id, now_ms, |a, rules| view(a, &rules.catalog)) {
+                Ok(v) => views.push(v),
+                Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(views)
+    }
+
+    async fn remove_member(
+        &self,
+        account: &str,
+        member: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        let removed = self.read_account(account, now_ms, |a, _| a.remove_member(member))?;
+        let mut hashes = Vec::new();
+        if let Ok(key_ids) = &removed {
+            for key_id in key_ids {
+                if let Some((_, hash)) = self.tables.key_ids.remove(key_id) {
+                    self.tables.keys.remove(&hash);
+                    hashes.push(hash);
+                }
+            }
+        }
+        // The member's keys may predate recorded key lists: drop any record of it.
+        let orphans: Vec<[u8; 32]> = self
+            .tables
+            .keys
+            .iter()
+            .filter(|k| k.account == account && k.member == member)
+            .map(|k| *k.key())
+            .collect();
+        for hash in orphans {
+            if let Some((_, k)) = self.tables.keys.remove(&hash) {
+                self.tables.key_ids.remove(&k.key_id);
+                hashes.push(hash);
+            }
+        }
+        self.persist(|| Change::account(account).with_keys(hashes), true)?
+            .written()
+            .await?;
+        Ok(removed.map(|_| ()))
     }
 
     async fn add_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
         self.write(account, now_ms, |a, rules| {
-            a.add_member(member, premium_disabled, &rules.catalog)
+            a.add_member_with(member, terms, &rules.catalog)
         })
         .await
     }
@@ -525,13 +629,11 @@ impl Store for LocalStore {
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
-        self.write(account, now_ms, |a, _| {
-            a.update_member(member, premium_disabled)
-        })
-        .await
+        self.write(account, now_ms, |a, _| a.set_member_terms(member, terms))
+            .await
     }
 
     async fn add_key(
@@ -595,6 +697,18 @@ impl Store for LocalStore {
     ) -> Result<AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError> {
         self.write(account, now_ms, |a, rules| {
             a.grant_once(grant, now_ms, &rules.limits)
+        })
+        .await
+    }
+
+    async fn adjust(
+        &self,
+        account: &str,
+        adjustment: &crate::ledger::AdjustRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(crate::ledger::GrantReceipt, bool)>, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.adjust(adjustment, now_ms, &rules.catalog, &rules.limits)
         })
         .await
     }
@@ -690,6 +804,29 @@ impl Store for LocalStore {
             a.record_response(key, response.clone(), &rules.limits)
         })
         .await
+    }
+
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&super::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        self.usable()?;
+        if let Some(log) = &self.log {
+            // Everything acknowledged is in the file, which answers in order.
+            self.flush().await?;
+            return log.export(since_ms, after, limit).await;
+        }
+        let mut page = super::ExportPage::new(since_ms, after, limit);
+        for stored in self.tables.accounts.iter() {
+            if let Kept::Journal(journal) = &stored.ledger {
+                for entry in journal.iter() {
+                    page.offer(stored.key(), entry);
+                }
+            }
+        }
+        Ok(page.into_entries())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -805,7 +942,7 @@ mod tests {
         );
         assert!(
             store
-                .settle("a", placed.hold_id, request.amount, 1_001)
+                .settle("a", placed.hold_id, request.amount, None, 1_001)
                 .await
                 .unwrap()
                 .is_err(),
@@ -830,12 +967,15 @@ mod tests {
             Err(AccountRejected::UnknownMember)
         );
         store
-            .add_member("t", "ann", true, 0)
+            .add_member("t", "ann", &crate::ledger::MemberTerms::premium(true), 0)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(
-            store.add_member("t", "bob", false, 0).await.unwrap(),
+            store
+                .add_member("t", "bob", &crate::ledger::MemberTerms::premium(false), 0)
+                .await
+                .unwrap(),
             Err(AccountRejected::SeatLimit { seats: 1 })
         );
         store

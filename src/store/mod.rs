@@ -24,9 +24,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ledger::{
-    Account, AccountRejected, Catalog, Credits, Effective, EndRejected, Entry, Grant, GrantReceipt,
-    Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member, Millis, Recorded,
-    SeedAccount, Totals,
+    Account, AccountRejected, AdjustRequest, Catalog, Credits, Effective, EndRejected, Entry,
+    Grant, GrantReceipt, Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member,
+    MemberTerms, Millis, Onboarding, Recorded, SeedAccount, Totals,
 };
 
 /// A new admin grant (the ledger's: the store passes it on as it is).
@@ -41,6 +41,8 @@ pub struct Identity {
     pub key_id: String,
     pub plan: String,
     pub premium_disabled: bool,
+    /// The member's disabled features besides premium.
+    pub disabled_features: Vec<String>,
 }
 
 /// One quota of an account this cycle.
@@ -65,6 +67,73 @@ pub struct AccountView {
     pub grants: Vec<Grant>,
     pub totals: Totals,
     pub quotas: Vec<QuotaView>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Where an export stands: the last entry read, by the export's order (time,
+/// then account, then number).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExportPosition {
+    pub at_ms: Millis,
+    pub account: String,
+    pub seq: u64,
+}
+
+impl ExportPosition {
+    pub fn of(account: &str, entry: &Entry) -> Self {
+        ExportPosition {
+            at_ms: entry.at_ms,
+            account: account.to_string(),
+            seq: entry.seq,
+        }
+    }
+}
+
+/// Keeps the `limit` first entries by export order among those offered, past
+/// `after` and from `since_ms` on: what a store that cannot ask for them in
+/// order (memory, Redis) walks its ledgers through. Holds at most `limit`.
+pub struct ExportPage {
+    since_ms: Millis,
+    after: Option<ExportPosition>,
+    limit: usize,
+    kept: BTreeMap<ExportPosition, Entry>,
+}
+
+impl ExportPage {
+    pub fn new(since_ms: Millis, after: Option<&ExportPosition>, limit: usize) -> Self {
+        ExportPage {
+            since_ms,
+            after: after.cloned(),
+            limit: limit.max(1),
+            kept: BTreeMap::new(),
+        }
+    }
+
+    pub fn offer(&mut self, account: &str, entry: &Entry) {
+        if entry.at_ms < self.since_ms {
+            return;
+        }
+        let at = ExportPosition::of(account, entry);
+        if self.after.as_ref().is_some_and(|after| at <= *after) {
+            return;
+        }
+        if self.kept.len() >= self.limit {
+            match self.kept.last_key_value() {
+                Some((last, _)) if at < *last => {
+                    self.kept.pop_last();
+                }
+                _ => return,
+            }
+        }
+        self.kept.insert(at, entry.clone());
+    }
+
+    pub fn into_entries(self) -> Vec<(String, Entry)> {
+        self.kept
+            .into_iter()
+            .map(|(at, entry)| (at.account, entry))
+            .collect()
+    }
 }
 
 /// A failure of the store itself (not an outcome of the ledger), classified where
@@ -161,11 +230,14 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<Quoted, StoreError>;
 
+    /// Ends a hold charging `charge`; `usage` (JSON text) is what the charge was
+    /// metered from, noted on the ledger entry.
     async fn settle(
         &self,
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError>;
 
@@ -202,19 +274,56 @@ pub trait Store: Send + Sync + 'static {
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError>;
 
+    /// Creates an account with everything `onboarding` lists — all of it, or
+    /// nothing (`AccountRejected` says why) — and registers its keys.
+    async fn onboard(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        onboarding: &Onboarding,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError>;
+
+    /// Sets (`Some`) or removes (`None`) metadata entries of an account.
+    async fn update_metadata(
+        &self,
+        account: &str,
+        changes: &BTreeMap<String, Option<String>>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
+    /// Accounts in the order of their ids, after `after`: up to `limit`.
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<AccountView>, StoreError>;
+
+    /// Removes a member and revokes its keys: off the account first (no replica
+    /// places another hold for them), then their lookup records.
+    async fn remove_member(
+        &self,
+        account: &str,
+        member: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError>;
+
     async fn add_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
+    /// Sets a member's restrictions (monthly limit, disabled features).
     async fn update_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError>;
 
@@ -242,6 +351,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         account: &str,
         grant: &GrantRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError>;
+
+    /// An idempotent signed adjustment (see `Account::adjust`): `(receipt, created)`.
+    async fn adjust(
+        &self,
+        account: &str,
+        adjustment: &AdjustRequest,
         now_ms: Millis,
     ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError>;
 
@@ -284,6 +401,16 @@ pub trait Store: Send + Sync + 'static {
     fn pending_ends(&self) -> PendingEndsView {
         PendingEndsView::default()
     }
+
+    /// One page of every account's ledger entries from `since_ms` on, in time
+    /// order (then account, then entry number), after `after`: up to `limit`.
+    /// The export reads page after page, so it holds one page at a time.
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError>;
 
     /// Returns once every change made before the call is durable (the sqlite store
     /// commits what it has queued); for a clean stop. The others write as they go.

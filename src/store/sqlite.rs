@@ -26,8 +26,9 @@
 //!   MessagePack with field names (the Redis store's encoding).
 //! - `keys(key_sha256, key_id, account, member)`: who each API key (by its
 //!   SHA-256) belongs to.
-//! - `ledger(account, seq, at_ms, type, credits, operation, request_id, detail)`:
-//!   every ledger entry, append-only and never trimmed; `credits` in millicredits.
+//! - `ledger(account, seq, at_ms, type, credits, operation, request_id, detail,
+//!   uncollected, repaid, member, key_id, usage, balance_after, debit)`: every
+//!   ledger entry, append-only and never trimmed; amounts in millicredits.
 //! - the view `ledger_readable`: the ledger with RFC 3339 times and decimal credits.
 //!
 //! `PRAGMA application_id` marks the file as creditgate's and `PRAGMA
@@ -51,13 +52,13 @@ use super::StoreError;
 use crate::ledger::{Account, Catalog, Credits, Entry, EntryKind, Limits};
 
 /// The format this build writes. Files of an older format are migrated.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// Marks a file as a creditgate store ("CGDB").
 const APPLICATION_ID: i32 = 0x4347_4442;
 
 /// Step `i` takes a file from format `i` to `i + 1`; format 0 is an empty file.
-const MIGRATIONS: [&str; FORMAT as usize] = [FORMAT_1];
+const MIGRATIONS: [&str; FORMAT as usize] = [FORMAT_1, FORMAT_2];
 
 const FORMAT_1: &str = "
 CREATE TABLE accounts (
@@ -101,15 +102,53 @@ SELECT account,
 FROM ledger;
 ";
 
+/// Format 2: who spent (member, key id), the usage a settle was metered from,
+/// the balance after each entry, whether credits left the account (a negative
+/// adjustment); an index for the export, in time order across accounts.
+const FORMAT_2: &str = "
+ALTER TABLE ledger ADD COLUMN member TEXT;
+ALTER TABLE ledger ADD COLUMN key_id TEXT;
+ALTER TABLE ledger ADD COLUMN usage TEXT;
+ALTER TABLE ledger ADD COLUMN balance_after INTEGER;
+ALTER TABLE ledger ADD COLUMN debit INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX ledger_by_time ON ledger (at_ms, account, seq);
+DROP VIEW ledger_readable;
+CREATE VIEW ledger_readable AS
+SELECT account,
+       seq,
+       strftime('%Y-%m-%dT%H:%M:%S', at_ms / 1000, 'unixepoch')
+           || printf('.%03dZ', at_ms % 1000) AS at,
+       type,
+       CASE WHEN debit THEN '-' ELSE '' END
+           || printf('%d.%03d', credits / 1000, credits % 1000) AS credits,
+       operation,
+       request_id,
+       member,
+       key_id,
+       usage,
+       CASE WHEN balance_after IS NULL THEN NULL
+            ELSE printf('%d.%03d', balance_after / 1000, balance_after % 1000) END AS balance_after,
+       detail,
+       CASE WHEN uncollected IS NULL THEN NULL
+            ELSE printf('%d.%03d', uncollected / 1000, uncollected % 1000) END AS uncollected,
+       CASE WHEN repaid IS NULL THEN NULL
+            ELSE printf('%d.%03d', repaid / 1000, repaid % 1000) END AS repaid
+FROM ledger;
+";
+
 const PUT_STATE: &str = "INSERT INTO accounts (id, state, updated_at_ms) VALUES (?1, ?2, ?3)
      ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at_ms = excluded.updated_at_ms";
 const PUT_ENTRY: &str = "INSERT INTO ledger
-     (account, seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+     (account, seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid,
+      member, key_id, usage, balance_after, debit)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 const PUT_KEY: &str =
     "INSERT OR REPLACE INTO keys (key_sha256, key_id, account, member) VALUES (?1, ?2, ?3, ?4)";
 const DROP_KEY: &str = "DELETE FROM keys WHERE key_sha256 = ?1";
-const PAGE: &str = "SELECT seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid FROM ledger
+const EXPORT: &str = "SELECT account, seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid, member, key_id, usage, balance_after, debit FROM ledger
+     WHERE at_ms >= ?1 AND (at_ms, account, seq) > (?2, ?3, ?4)
+     ORDER BY at_ms, account, seq LIMIT ?5";
+const PAGE: &str = "SELECT seq, at_ms, type, credits, operation, request_id, detail, uncollected, repaid, member, key_id, usage, balance_after, debit FROM ledger
      WHERE account = ?1 AND seq >= ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4";
 
 /// How long a connection waits for a lock another process holds (a backup or
@@ -425,6 +464,48 @@ impl SqliteLog {
     }
 }
 
+impl SqliteLog {
+    /// A page of the export, from the file (the `ledger_by_time` index).
+    pub(super) async fn export(
+        &self,
+        since_ms: u64,
+        after: Option<&super::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        let reader = self.reader.clone();
+        let after = after.cloned().unwrap_or(super::ExportPosition {
+            at_ms: 0,
+            account: String::new(),
+            seq: 0,
+        });
+        tokio::task::spawn_blocking(move || {
+            let reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let unavailable = |e: rusqlite::Error| {
+                StoreError::Unavailable(format!("the ledger could not be exported: {e}"))
+            };
+            let mut export = reader.prepare_cached(EXPORT).map_err(unavailable)?;
+            let mut rows = export
+                .query(params![
+                    int(since_ms),
+                    int(after.at_ms),
+                    after.account,
+                    int(after.seq),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ])
+                .map_err(unavailable)?;
+            let mut page = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let account: String = row.get(0).map_err(unavailable)?;
+                let entry = entry_from_row(row, 1, &account)?;
+                page.push((account, entry));
+            }
+            Ok(page)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the ledger export failed: {e}")))?
+    }
+}
+
 impl Drop for SqliteLog {
     fn drop(&mut self) {
         // Closing the queue ends the writer after it has written what was queued.
@@ -454,59 +535,64 @@ fn read_page(
         ))
     };
     let mut page = reader.prepare_cached(PAGE).map_err(unavailable)?;
-    let rows = page
-        .query_map(
-            params![
-                account,
-                int(seqs.start),
-                int(seqs.end),
-                i64::try_from(limit).unwrap_or(i64::MAX)
-            ],
-            |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, i64>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                    row.get::<_, Option<String>>(5)?,
-                    row.get::<_, Option<String>>(6)?,
-                    row.get::<_, Option<i64>>(7)?,
-                    row.get::<_, Option<i64>>(8)?,
-                ))
-            },
-        )
+    let mut rows = page
+        .query(params![
+            account,
+            int(seqs.start),
+            int(seqs.end),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])
         .map_err(unavailable)?;
     let mut entries = Vec::new();
-    for row in rows {
-        let (seq, at_ms, kind, credits, operation, request_id, detail, uncollected, repaid) =
-            row.map_err(unavailable)?;
-        let corrupt = |what: &str| {
-            StoreError::Corrupt(format!(
-                "ledger entry {seq} of account {account:?} has {what}"
-            ))
-        };
-        let unsigned = |v: i64, what: &str| u64::try_from(v).map_err(|_| corrupt(what));
-        entries.push(Entry {
-            seq: unsigned(seq, "a negative number")?,
-            at_ms: unsigned(at_ms, "a negative time")?,
-            kind: entry_kind(&kind)
-                .ok_or_else(|| corrupt(&format!("the unknown type {kind:?}")))?,
-            credits: Credits::from_millicredits(unsigned(credits, "negative credits")?),
-            operation,
-            request_id,
-            detail,
-            uncollected: uncollected
-                .map(|c| {
-                    unsigned(c, "negative uncollected credits").map(Credits::from_millicredits)
-                })
-                .transpose()?,
-            repaid: repaid
-                .map(|c| unsigned(c, "negative repaid credits").map(Credits::from_millicredits))
-                .transpose()?,
-        });
+    while let Some(row) = rows.next().map_err(unavailable)? {
+        entries.push(entry_from_row(row, 0, account)?);
     }
     Ok(entries)
+}
+
+/// The entry in `row`, its columns (`seq, at_ms, type, credits, operation,
+/// request_id, detail, uncollected, repaid, member, key_id, usage,
+/// balance_after, debit`) from column `at` on.
+fn entry_from_row(row: &rusqlite::Row, at: usize, account: &str) -> Result<Entry, StoreError> {
+    let unavailable = |e: rusqlite::Error| {
+        StoreError::Unavailable(format!(
+            "the ledger could not be read from the store file: {e}"
+        ))
+    };
+    let seq: i64 = row.get(at).map_err(unavailable)?;
+    let corrupt = |what: &str| {
+        StoreError::Corrupt(format!(
+            "ledger entry {seq} of account {account:?} has {what}"
+        ))
+    };
+    let unsigned = |v: i64, what: &str| u64::try_from(v).map_err(|_| corrupt(what));
+    let amount = |column: usize, what: &str| -> Result<Option<Credits>, StoreError> {
+        row.get::<_, Option<i64>>(at + column)
+            .map_err(unavailable)?
+            .map(|c| unsigned(c, what).map(Credits::from_millicredits))
+            .transpose()
+    };
+    let text = |column: usize| {
+        row.get::<_, Option<String>>(at + column)
+            .map_err(unavailable)
+    };
+    let kind: String = row.get(at + 2).map_err(unavailable)?;
+    Ok(Entry {
+        seq: unsigned(seq, "a negative number")?,
+        at_ms: unsigned(row.get(at + 1).map_err(unavailable)?, "a negative time")?,
+        kind: entry_kind(&kind).ok_or_else(|| corrupt(&format!("the unknown type {kind:?}")))?,
+        credits: amount(3, "negative credits")?.unwrap_or(Credits::ZERO),
+        operation: text(4)?,
+        request_id: text(5)?,
+        detail: text(6)?,
+        uncollected: amount(7, "negative uncollected credits")?,
+        repaid: amount(8, "negative repaid credits")?,
+        member: text(9)?,
+        key_id: text(10)?,
+        usage: text(11)?,
+        balance_after: amount(12, "a negative balance")?,
+        debit: row.get::<_, i64>(at + 13).map_err(unavailable)? != 0,
+    })
 }
 
 /// The kind a `type` column names, by the names the ledger's API writes.
@@ -654,6 +740,11 @@ impl Writer {
                         e.detail,
                         e.uncollected.map(|c| int(c.millicredits())),
                         e.repaid.map(|c| int(c.millicredits())),
+                        e.member,
+                        e.key_id,
+                        e.usage,
+                        e.balance_after.map(|c| int(c.millicredits())),
+                        i64::from(e.debit),
                     ])?;
                 }
             }
@@ -737,7 +828,7 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .add_member("a", "ann", false, T0)
+            .add_member("a", "ann", &crate::ledger::MemberTerms::default(), T0)
             .await
             .unwrap()
             .unwrap();
@@ -767,7 +858,7 @@ mod tests {
         };
         let placed = store.hold("a", &request, T0 + 1).await.unwrap().unwrap();
         store
-            .settle("a", placed.hold_id, "2.25".parse().unwrap(), T0 + 2)
+            .settle("a", placed.hold_id, "2.25".parse().unwrap(), None, T0 + 2)
             .await
             .unwrap()
             .unwrap();
@@ -857,7 +948,7 @@ mod tests {
                     };
                     let placed = store.hold("a", &request, T0).await.unwrap().unwrap();
                     store
-                        .settle("a", placed.hold_id, request.amount, T0)
+                        .settle("a", placed.hold_id, request.amount, None, T0)
                         .await
                         .unwrap()
                         .unwrap();

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use creditgate::ledger::{Caller, Credits, Effective, HoldRequest, HoldTerms, Millis};
+use creditgate::ledger::{
+    AdjustRequest, Caller, Credits, Effective, HoldRequest, HoldTerms, MemberTerms, Millis,
+    OnboardKey, Onboarding,
+};
 use creditgate::policy::Policy;
 use creditgate::store::local::LocalStore;
 use creditgate::store::redis::RedisStore;
@@ -163,11 +166,11 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     let (h1, h2) = (h1.unwrap().unwrap().hold_id, h2.unwrap().unwrap().hold_id);
     out.note(
         "settle 2 of 3",
-        store.settle("acme", h1, c("2"), t0 + 1).await,
+        store.settle("acme", h1, c("2"), None, t0 + 1).await,
     );
     out.note(
         "settle again",
-        store.settle("acme", h1, c("2"), t0 + 2).await,
+        store.settle("acme", h1, c("2"), None, t0 + 2).await,
     );
     out.note("release settled", store.release("acme", h1, t0 + 2).await);
     out.note("release unknown", store.release("acme", 999, t0 + 2).await);
@@ -195,7 +198,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     let early = early.unwrap().unwrap().hold_id;
     out.note(
         "settle lz1",
-        store.settle("acme", early, c("1"), t1 + 1).await,
+        store.settle("acme", early, c("1"), None, t1 + 1).await,
     );
     out.note(
         "hold lz2",
@@ -223,24 +226,39 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "member ann",
-        store.add_member("team", "ann", false, t0).await,
+        store
+            .add_member("team", "ann", &MemberTerms::premium(false), t0)
+            .await,
     );
     out.note(
         "member bob",
-        store.add_member("team", "bob", false, t0).await,
+        store
+            .add_member("team", "bob", &MemberTerms::premium(false), t0)
+            .await,
     );
-    out.note("member cy", store.add_member("team", "cy", false, t0).await);
+    out.note(
+        "member cy",
+        store
+            .add_member("team", "cy", &MemberTerms::premium(false), t0)
+            .await,
+    );
     out.note(
         "member ann again",
-        store.add_member("team", "ann", false, t0).await,
+        store
+            .add_member("team", "ann", &MemberTerms::premium(false), t0)
+            .await,
     );
     out.note(
         "disable bob",
-        store.update_member("team", "bob", true, t0).await,
+        store
+            .update_member("team", "bob", &MemberTerms::premium(true), t0)
+            .await,
     );
     out.note(
         "update nobody",
-        store.update_member("team", "zed", true, t0).await,
+        store
+            .update_member("team", "zed", &MemberTerms::premium(true), t0)
+            .await,
     );
     out.note(
         "key for ghost",
@@ -285,7 +303,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         if let Ok(Ok(placed)) = q {
             out.note(
                 "quota settle",
-                store.settle("team", placed.hold_id, c("0"), t0).await,
+                store.settle("team", placed.hold_id, c("0"), None, t0).await,
             );
         }
     }
@@ -368,7 +386,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     if let Ok(Ok(p)) = placed {
         out.note(
             "settle keyed",
-            store.settle("team", p.hold_id, c("1"), later).await,
+            store.settle("team", p.hold_id, c("1"), None, later).await,
         );
     }
     out.note(
@@ -441,7 +459,9 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
     );
     out.note(
         "enable bob",
-        store.update_member("team", "bob", false, later).await,
+        store
+            .update_member("team", "bob", &MemberTerms::premium(false), later)
+            .await,
     );
     let premium = store
         .hold("team", &hold_by("bob", "k1", &["premium"], "b6"), later)
@@ -491,7 +511,7 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         let charge = p.held.checked_add(c("5")).unwrap();
         out.note(
             "settle into debt",
-            store.settle("acme", p.hold_id, charge, later).await,
+            store.settle("acme", p.hold_id, charge, None, later).await,
         );
     }
     out.note("totals in debt", store.totals("acme", later).await);
@@ -515,6 +535,163 @@ async fn scenario(store: Arc<dyn Store>) -> Vec<String> {
         "ledger of the debt",
         store.ledger("acme", 4, None, later).await,
     );
+
+    // Adjustments: once per key; a debit past available + overdraft room is refused.
+    let adjust = |key: &str, credits: &str, debit: bool| AdjustRequest {
+        idempotency_key: key.into(),
+        credits: c(credits),
+        debit,
+        reason: "refund".into(),
+    };
+    out.note(
+        "adjust +2",
+        store.adjust("acme", &adjust("a1", "2", false), later).await,
+    );
+    out.note(
+        "adjust again",
+        store.adjust("acme", &adjust("a1", "2", false), later).await,
+    );
+    out.note(
+        "adjust key reused",
+        store.adjust("acme", &adjust("a1", "3", false), later).await,
+    );
+    out.note(
+        "debit too much",
+        store
+            .adjust("acme", &adjust("a2", "100", true), later)
+            .await,
+    );
+    out.note(
+        "debit into debt",
+        store.adjust("acme", &adjust("a3", "5", true), later).await,
+    );
+    out.note("totals adjusted", store.totals("acme", later).await);
+
+    // One-call onboarding, a member limit held like credits, member removal.
+    let limited = MemberTerms {
+        monthly_limit: Some(c("2")),
+        ..MemberTerms::default()
+    };
+    let onboarding = Onboarding {
+        members: vec![
+            ("ann".into(), limited),
+            ("bob".into(), MemberTerms::default()),
+        ],
+        keys: vec![OnboardKey {
+            member: "ann".into(),
+            key_id: "k-ann".into(),
+            key_sha256: [3; 32],
+        }],
+        grants: vec![GrantRequest {
+            idempotency_key: "welcome".into(),
+            kind: "topup".into(),
+            credits: c("50"),
+            priority: 30,
+            expires_at_ms: None,
+        }],
+        metadata: [("customer".to_string(), "cus_1".to_string())].into(),
+    };
+    out.note(
+        "onboard",
+        store
+            .onboard("crew", "team", None, &onboarding, later)
+            .await,
+    );
+    out.note(
+        "onboard again",
+        store
+            .onboard("crew", "team", None, &onboarding, later)
+            .await,
+    );
+    out.note("identify ann", store.identify(&[3; 32], later).await);
+    for i in 0..3 {
+        let held = store
+            .hold(
+                "crew",
+                &hold_by("ann", "k-ann", &[], &format!("m{i}")),
+                later,
+            )
+            .await;
+        out.note("hold by ann", &held);
+    }
+    let raised = MemberTerms {
+        monthly_limit: Some(c("5")),
+        ..MemberTerms::default()
+    };
+    out.note(
+        "raise ann's limit",
+        store.update_member("crew", "ann", &raised, later).await,
+    );
+    out.note(
+        "hold after the raise",
+        store
+            .hold("crew", &hold_by("ann", "k-ann", &[], "m3"), later)
+            .await,
+    );
+    let changes = [
+        ("customer".to_string(), None),
+        ("tier".to_string(), Some("gold".to_string())),
+    ]
+    .into();
+    out.note(
+        "metadata",
+        store.update_metadata("crew", &changes, later).await,
+    );
+    out.note("crew", store.account("crew", later).await);
+    out.note(
+        "remove ann",
+        store.remove_member("crew", "ann", later).await,
+    );
+    out.note(
+        "remove ann again",
+        store.remove_member("crew", "ann", later).await,
+    );
+    out.note("identify removed", store.identify(&[3; 32], later).await);
+    out.note(
+        "hold by a removed member",
+        store
+            .hold("crew", &hold_by("ann", "k-ann", &[], "m4"), later)
+            .await,
+    );
+    out.note(
+        "accounts",
+        store
+            .list_accounts(None, 10, later)
+            .await
+            .map(|v| v.into_iter().map(|a| a.id).collect::<Vec<_>>()),
+    );
+    out.note(
+        "accounts after acme",
+        store
+            .list_accounts(Some("acme"), 1, later)
+            .await
+            .map(|v| v.into_iter().map(|a| a.id).collect::<Vec<_>>()),
+    );
+    out.note("crew ledger", store.ledger("crew", 20, None, later).await);
+    let exported = store.export(later, None, 1_000).await;
+    out.note("export", &exported);
+    let exported = exported.unwrap();
+    assert!(exported
+        .iter()
+        .any(|(a, e)| a == "crew" && e.member.as_deref() == Some("ann")));
+    assert!(exported.windows(2).all(|w| w[0].1.at_ms <= w[1].1.at_ms));
+    let said = |what: &str| {
+        out.0
+            .iter()
+            .filter(|l| l.starts_with(&format!("{what}: ")))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        said("hold by ann")[2].contains("MemberLimitReached"),
+        "{:?}",
+        said("hold by ann")
+    );
+    assert!(said("hold after the raise")[0].contains("Ok(Ok("));
+    assert!(said("hold by a removed member")[0].contains("KeyNotActive"));
+    assert!(said("debit too much")[0].contains("InsufficientCredits"));
+    assert!(said("adjust key reused")[0].contains("IdempotencyKeyReused"));
+    assert!(said("identify removed")[0].contains("Ok(None)"));
     out.0
 }
 
@@ -654,6 +831,9 @@ struct Model {
 /// The free plan's overdraft limit in `POLICY`.
 const OVERDRAFT_LIMIT: &str = "3";
 
+/// Alice's monthly limit in the model test.
+const ALICE_LIMIT: &str = "6";
+
 #[tokio::test]
 async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store() {
     let server = RedisServer::start_unsynced();
@@ -671,6 +851,19 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
     }
     let mut model = Model::default();
     let mut granted_keys = 0;
+    // Alice may spend 6 credits a cycle: her holds are admitted against it.
+    let alice_id = creditgate::ledger::seed_key_id(&Sha256::digest(b"sk-alice").into());
+    let limit = MemberTerms {
+        monthly_limit: Some(c(ALICE_LIMIT)),
+        ..MemberTerms::default()
+    };
+    for store in &stores {
+        store
+            .update_member("acme", "alice", &limit, now)
+            .await
+            .unwrap()
+            .unwrap();
+    }
     for step in 0..3_000 {
         let choice = rng.gen_range(0..100);
         let mut answers = Vec::new();
@@ -685,6 +878,8 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
                 overdraft,
                 quota_units: 1,
             };
+            // Half the holds are alice's, never overdrawing: her limit binds them.
+            let by_alice = !overdraft && rng.gen_bool(0.5);
             let request = HoldRequest {
                 operation: "op".into(),
                 request_id: format!("r{step}"),
@@ -693,7 +888,11 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
                 max_holds: 50,
                 quota: None,
                 idempotency: None,
-                caller: None,
+                caller: by_alice.then(|| Caller {
+                    member: "alice".into(),
+                    key_id: alice_id.clone(),
+                    requires: Vec::new(),
+                }),
                 terms,
             };
             for store in &stores {
@@ -721,7 +920,7 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
             let before = stores[0].totals("acme", now).await.unwrap();
             for store in &stores {
                 let outcome = if settle {
-                    store.settle("acme", id, charge, now).await
+                    store.settle("acme", id, charge, None, now).await
                 } else {
                     store.release("acme", id, now).await
                 };
@@ -740,6 +939,24 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
                         .unwrap();
                 }
                 model.charged = model.charged.checked_add(charged).unwrap();
+            }
+        } else if choice < 74 {
+            // A signed adjustment; a repeated key adjusts nothing.
+            let debit = rng.gen_bool(0.5);
+            let adjustment = AdjustRequest {
+                idempotency_key: format!("adj{}", rng.gen_range(0..step + 1)),
+                credits: Credits::from_millicredits(rng.gen_range(1..8_000)),
+                debit,
+                reason: "model".into(),
+            };
+            for store in &stores {
+                answers.push(format!(
+                    "{:?}",
+                    store.adjust("acme", &adjustment, now).await.unwrap()
+                ));
+            }
+            if debit && answers[0].ends_with("true))") {
+                model.charged = model.charged.checked_add(adjustment.credits).unwrap();
             }
         } else if choice < 80 {
             granted_keys += 1;
@@ -803,6 +1020,12 @@ async fn a_seeded_random_history_agrees_with_the_reference_model_on_every_store(
             assert_eq!(
                 totals.held, held,
                 "step {step}: held differs from the model"
+            );
+            let view = store.account("acme", now).await.unwrap();
+            let alice = &view.members["alice"];
+            assert!(
+                alice.used.checked_add(alice.held).unwrap() <= c(ALICE_LIMIT),
+                "step {step}: alice spent past her limit: {alice:?}"
             );
         }
     }

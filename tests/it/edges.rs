@@ -309,7 +309,7 @@ async fn a_wrong_method_on_an_admin_route_is_a_json_405() {
     let gw = start("1").await;
     for (method, path) in [
         (Method::DELETE, "/admin/accounts/alice"),
-        (Method::GET, "/admin/accounts"),
+        (Method::PUT, "/admin/accounts"),
         (Method::POST, "/healthz"),
     ] {
         let resp = gw.admin(method, path).send().await.unwrap();

@@ -15,6 +15,7 @@ mod operations;
 mod ops;
 mod outages;
 mod paths;
+mod platform;
 mod proxy;
 mod quotes;
 mod redis_server;

@@ -818,3 +818,118 @@ async fn a_quote_on_a_replica_that_cached_the_key_says_what_its_hold_says() {
         "the refused requests were not forwarded"
     );
 }
+
+/// §13 on Redis, across two replicas: an account onboarded in one call through
+/// A serves its keys on B at once; 200 concurrent requests by a member whose
+/// limit pays for 20, spread over both replicas, are served exactly 20 while a
+/// teammate still can; a refund adjustment is in the ledger; a member removed
+/// through A is refused on both replicas, though B cached its key; the export
+/// lists the account's entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_onboarded_in_one_call_spends_within_member_limits_across_replicas() {
+    use reqwest::Method;
+    let redis = RedisServer::start();
+    let backend = mock().await;
+    let text = standing_policy(&redis.url(), &format!("http://{}", backend.addr));
+    let (a, b) = (start_gateway(&text), start_gateway(&text));
+    let (status, body) = admin(
+        &a,
+        Method::POST,
+        "/admin/accounts",
+        Some(serde_json::json!({
+            "id": "crew",
+            "plan": "pro",
+            "members": [{"member": "ann", "monthly_limit": 60}, {"member": "bob"}],
+            "keys": [{"member": "ann"}, {"member": "bob"}],
+            "grants": [{"kind": "topup", "credits": 1000, "idempotency_key": "o-1"}]
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = |m: &str| {
+        body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["member"] == m)
+            .unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (ann, bob) = (key("ann"), key("bob"));
+    assert_eq!(
+        call(&b, "/v1/images", &bob).await.0,
+        200,
+        "keys work at once"
+    );
+
+    let client = reqwest::Client::new();
+    let calls = (0..200).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let request = client
+            .post(format!("{}/v1/images", gw.url))
+            .bearer_auth(&ann);
+        // A 503 (a call that timed out under this burst, on a busy machine, fails
+        // the store fast for a moment) is retried, as its Retry-After asks.
+        async move {
+            for _ in 0..100 {
+                let status = request.try_clone().unwrap().send().await.unwrap().status();
+                if status.as_u16() != 503 {
+                    return status.as_u16();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            503
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(served, 20, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 402));
+    assert_eq!(
+        call(&a, "/v1/images", &bob).await.0,
+        200,
+        "a teammate still can"
+    );
+    let totals = settled(&redis.url(), "crew").await;
+    assert_eq!(totals.charged.to_string(), "66");
+    assert_invariant(&totals);
+
+    let refund = serde_json::json!({"credits": 6, "reason": "refund", "idempotency_key": "rf-1"});
+    let path = "/admin/accounts/crew/adjustments";
+    assert_eq!(
+        admin(&b, Method::POST, path, Some(refund.clone())).await.0,
+        201
+    );
+    assert_eq!(admin(&a, Method::POST, path, Some(refund)).await.0, 200);
+    let (_, ledger) = admin(&a, Method::GET, "/admin/accounts/crew/ledger?limit=1", None).await;
+    assert_eq!(ledger["entries"][0]["type"], "adjust");
+    assert_eq!(ledger["entries"][0]["credits"], serde_json::json!(6));
+
+    // B has bob's key cached; removing bob through A binds B at once.
+    let path = "/admin/accounts/crew/members/bob";
+    assert_eq!(admin(&a, Method::DELETE, path, None).await.0, 200);
+    for gw in [&a, &b] {
+        let (status, body) = call(gw, "/v1/images", &bob).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (_, keys) = admin(&b, Method::GET, "/admin/accounts/crew/keys", None).await;
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
+    let (_, list) = admin(&b, Method::GET, "/admin/accounts", None).await;
+    assert_eq!(list["accounts"][0]["account"], "crew");
+    let export = client
+        .get(format!("{}/admin/ledger/export", a.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let settles = export
+        .lines()
+        .filter(|l| l.contains("\"type\":\"settle\"") && l.contains("\"member\":\"ann\""))
+        .count();
+    assert_eq!(settles, 20);
+}

@@ -200,6 +200,14 @@ impl Validator<'_> {
                     .flat_map(|a| a.keys.iter().map(|k| k.member.len()))
                     .chain([NAME_MAX_BYTES]),
             ),
+            // A member may have any feature a plan names disabled.
+            features_bytes: {
+                let features: std::collections::BTreeSet<&str> = plans
+                    .values()
+                    .flat_map(|p| p.features.iter().map(String::as_str))
+                    .collect();
+                features.iter().map(|f| f.len() + 4).sum()
+            },
         };
         let worst = gateway.limits().worst_account_state(&shape);
         let bound = gateway.max_account_state_bytes;

@@ -25,6 +25,8 @@ pub(super) struct Standing {
     pub(super) pending_plan: Option<String>,
     pub(super) next_refill_ms: Millis,
     pub(super) premium_disabled: Vec<String>,
+    /// Members with other features disabled, and those features.
+    pub(super) features_disabled: Vec<(String, Vec<String>)>,
 }
 
 impl Standing {
@@ -34,7 +36,24 @@ impl Standing {
             pending_plan: account.pending_plan.clone(),
             next_refill_ms: account.next_refill_ms,
             premium_disabled: Self::disabled(account).cloned().collect(),
+            features_disabled: Self::locked(account).collect(),
         }
+    }
+
+    fn locked(account: &Account) -> impl Iterator<Item = (String, Vec<String>)> + '_ {
+        account
+            .members
+            .iter()
+            .filter(|(_, m)| !m.disabled_features.is_empty())
+            .map(|(name, m)| (name.clone(), m.disabled_features.clone()))
+    }
+
+    pub(super) fn features_disabled(&self, member: &str) -> Vec<String> {
+        self.features_disabled
+            .iter()
+            .find(|(m, _)| m == member)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default()
     }
 
     /// The plan in force at `now_ms` (the ledger's rule, as the memory store reads it).
@@ -66,6 +85,9 @@ impl Standing {
         self.next_refill_ms = account.next_refill_ms;
         if !Self::disabled(account).eq(self.premium_disabled.iter()) {
             self.premium_disabled = Self::disabled(account).cloned().collect();
+        }
+        if !Self::locked(account).eq(self.features_disabled.iter().cloned()) {
+            self.features_disabled = Self::locked(account).collect();
         }
     }
 

@@ -149,6 +149,8 @@ pub(super) struct PendingEnd {
     pub(super) account: String,
     pub(super) hold_id: u64,
     pub(super) charge: Option<Credits>,
+    /// A settle's usage units, for its ledger entry.
+    pub(super) usage: Option<String>,
     /// When it was asked: it is applied at that time, not later.
     pub(super) now_ms: Millis,
 }
@@ -213,6 +215,7 @@ mod tests {
             account: "a".into(),
             hold_id,
             charge: None,
+            usage: None,
             now_ms: 0,
         }
     }

@@ -34,3 +34,8 @@ pub(super) const HOLDS_INDEX: &str = "cg:holds";
 /// The data marker: a random value the first gateway to use this Redis writes. A
 /// Redis without it (or with another) lost what this process knew (see `health`).
 pub(super) const MARKER: &str = "cg:marker";
+
+/// Every account's id, in a sorted set (all scores 0, so ordered by id), for
+/// `GET /admin/accounts` and the export. Added by every account created from this
+/// version on.
+pub(super) const ACCOUNTS_INDEX: &str = "cg:accounts";

@@ -49,7 +49,7 @@ use cache::{Cached, KeyOwner};
 pub use codec::decode_state;
 use conn::{call, corrupt, unavailable, Conn, CALL_TIMEOUT};
 use health::{Health, PendingEnd, PendingEnds, MARKER_CHECK_INTERVAL, PROBE_INTERVAL};
-use keys::{key_id_key, key_key, ledger_key, HOLDS_INDEX, MARKER};
+use keys::{key_id_key, key_key, ledger_key, ACCOUNTS_INDEX, HOLDS_INDEX, MARKER};
 
 /// Attempts at one transition before giving up under extreme contention.
 const MAX_ATTEMPTS: usize = 64;
@@ -320,8 +320,14 @@ impl RedisStore {
             while let Some(end) = self.pending.pop() {
                 let outcome = match end.charge {
                     Some(charge) => {
-                        self.settle_now(&end.account, end.hold_id, charge, end.now_ms)
-                            .await
+                        self.settle_now(
+                            &end.account,
+                            end.hold_id,
+                            charge,
+                            end.usage.as_deref(),
+                            end.now_ms,
+                        )
+                        .await
                     }
                     None => {
                         self.release_now(&end.account, end.hold_id, end.now_ms)
@@ -356,10 +362,12 @@ impl RedisStore {
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        let settle =
-            |a: &mut Account, rules: &Rules| a.settle(hold_id, charge, now_ms, &rules.limits);
+        let settle = |a: &mut Account, rules: &Rules| {
+            a.settle_metered(hold_id, charge, usage, now_ms, &rules.limits)
+        };
         let ended = self.transact_at(
             account,
             now_ms,
@@ -399,6 +407,36 @@ impl RedisStore {
             self.pending.push(end);
         }
         outcome
+    }
+
+    /// Drops a key's lookup records (its hash's and its id's), if it has any.
+    async fn drop_key_records(&self, key_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: Option<String> = self
+            .call(
+                redis::cmd("GET")
+                    .arg(key_id_key(key_id))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if let Some(hex_hash) = hash {
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(&hex_hash, &mut bytes)
+                .map_err(|e| corrupt(format!("key id {key_id} maps to no key hash: {e}")))?;
+            self.call(
+                redis::cmd("DEL")
+                    .arg(key_key(&bytes))
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+            self.keys.remove(&bytes);
+        }
+        self.call(
+            redis::cmd("DEL")
+                .arg(key_id_key(key_id))
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     async fn key_owner(&self, hash: &[u8; 32]) -> Result<Option<KeyOwner>, StoreError> {
@@ -509,6 +547,7 @@ impl Store for RedisStore {
             (
                 cached.standing.plan_at(now_ms).to_string(),
                 cached.standing.premium_disabled(&owner.member),
+                cached.standing.features_disabled(&owner.member),
             )
         };
         let recent = self
@@ -516,16 +555,17 @@ impl Store for RedisStore {
             .get(&owner.account)
             .filter(|c| c.fetched.elapsed() < IDENTITY_FRESHNESS)
             .map(|c| standing(&c));
-        let (plan, premium_disabled) = match recent {
+        let (plan, premium_disabled, disabled_features) = match recent {
             Some(found) => found,
             None => match self.fetch(&owner.account).await {
                 Ok(Some((version, account))) => {
+                    let member = account.members.get(&owner.member);
                     let found = (
                         account.plan_at(now_ms).to_string(),
-                        account
-                            .members
-                            .get(&owner.member)
-                            .is_some_and(|m| m.premium_disabled),
+                        member.is_some_and(|m| m.premium_disabled),
+                        member
+                            .map(|m| m.disabled_features.clone())
+                            .unwrap_or_default(),
                     );
                     self.remember(&owner.account, version, account);
                     found
@@ -545,6 +585,7 @@ impl Store for RedisStore {
         };
         Ok(Some(Identity {
             premium_disabled,
+            disabled_features,
             account: owner.account,
             member: owner.member,
             key_id: owner.key_id,
@@ -594,13 +635,17 @@ impl Store for RedisStore {
         account: &str,
         hold_id: u64,
         charge: Credits,
+        usage: Option<&str>,
         now_ms: Millis,
     ) -> Result<EndOutcome, StoreError> {
-        let outcome = self.settle_now(account, hold_id, charge, now_ms).await;
+        let outcome = self
+            .settle_now(account, hold_id, charge, usage, now_ms)
+            .await;
         let end = PendingEnd {
             account: account.to_string(),
             hold_id,
             charge: Some(charge),
+            usage: usage.map(str::to_string),
             now_ms,
         };
         self.keep_to_retry(outcome, end)
@@ -617,6 +662,7 @@ impl Store for RedisStore {
             account: account.to_string(),
             hold_id,
             charge: None,
+            usage: None,
             now_ms,
         };
         self.keep_to_retry(outcome, end)
@@ -746,15 +792,110 @@ impl Store for RedisStore {
         }
     }
 
+    async fn onboard(
+        &self,
+        id: &str,
+        plan: &str,
+        billing_anchor_day: Option<u8>,
+        onboarding: &crate::ledger::Onboarding,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<AccountView>, StoreError> {
+        let Rules { catalog, limits } = self.rules();
+        let Some(terms) = catalog.get(plan) else {
+            return Ok(Err(AccountRejected::UnknownPlan));
+        };
+        let mut account = Account::open(id, plan, billing_anchor_day, terms, now_ms);
+        if let Err(refused) = account.onboard(onboarding, now_ms, &catalog, &limits) {
+            return Ok(Err(refused));
+        }
+        let shown = view(&account, &catalog);
+        if !self.create(account).await? {
+            return Ok(Err(AccountRejected::AccountExists));
+        }
+        // Listed as active in the account just written; the records make them work.
+        for key in &onboarding.keys {
+            self.register_key(id, &key.member, &key.key_id, &key.key_sha256)
+                .await?;
+        }
+        Ok(Ok(shown))
+    }
+
+    async fn update_metadata(
+        &self,
+        account: &str,
+        changes: &std::collections::BTreeMap<String, Option<String>>,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, _| {
+            a.update_metadata(changes)
+        })
+        .await
+    }
+
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: Millis,
+    ) -> Result<Vec<AccountView>, StoreError> {
+        let mut conn = self.conn.clone();
+        let from = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        let ids: Vec<String> = self
+            .call(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(ACCOUNTS_INDEX)
+                    .arg(from)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.account(&id, now_ms).await {
+                Ok(v) => views.push(v),
+                Err(StoreError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(views)
+    }
+
+    async fn remove_member(
+        &self,
+        account: &str,
+        member: &str,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<()>, StoreError> {
+        // Off the account first: from this commit on no replica places a hold for
+        // the member's keys. Then their records; a removal cut off in between
+        // leaves records that identify a member no hold accepts.
+        let removed = self
+            .transact(account, now_ms, Start::Fresh, |a, _| {
+                a.remove_member(member)
+            })
+            .await?;
+        let key_ids = match removed {
+            Ok(key_ids) => key_ids,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        for key_id in &key_ids {
+            self.drop_key_records(key_id).await?;
+        }
+        Ok(Ok(()))
+    }
+
     async fn add_member(
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
         self.transact(account, now_ms, Start::Fresh, |a, rules| {
-            a.add_member(member, premium_disabled, &rules.catalog)
+            a.add_member_with(member, terms, &rules.catalog)
         })
         .await
     }
@@ -763,11 +904,11 @@ impl Store for RedisStore {
         &self,
         account: &str,
         member: &str,
-        premium_disabled: bool,
+        terms: &crate::ledger::MemberTerms,
         now_ms: Millis,
     ) -> Result<AdminOutcome<()>, StoreError> {
         self.transact(account, now_ms, Start::Fresh, |a, _| {
-            a.update_member(member, premium_disabled)
+            a.set_member_terms(member, terms)
         })
         .await
     }
@@ -866,6 +1007,18 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn adjust(
+        &self,
+        account: &str,
+        adjustment: &crate::ledger::AdjustRequest,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<(GrantReceipt, bool)>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.adjust(adjustment, now_ms, &rules.catalog, &rules.limits)
+        })
+        .await
+    }
+
     async fn change_plan(
         &self,
         account: &str,
@@ -918,6 +1071,69 @@ impl Store for RedisStore {
                     .map_err(|e| corrupt(format!("a ledger entry does not decode: {e}")))
             })
             .collect()
+    }
+
+    async fn export(
+        &self,
+        since_ms: Millis,
+        after: Option<&crate::store::ExportPosition>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        // Every account's stream, a chunk at a time, through a page that keeps
+        // only the first `limit` entries in export order: bounded memory, one
+        // walk over the ledgers per page (accounts from ACCOUNTS_INDEX).
+        const CHUNK: usize = 500;
+        let mut page = crate::store::ExportPage::new(since_ms, after, limit);
+        let mut conn = self.conn.clone();
+        let mut from = "-".to_string();
+        loop {
+            let ids: Vec<String> = self
+                .call(
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(ACCOUNTS_INDEX)
+                        .arg(&from)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(CHUNK)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            for id in &ids {
+                let mut start = "-".to_string();
+                loop {
+                    let rows: Vec<(String, Vec<(String, String)>)> = self
+                        .call(
+                            redis::cmd("XRANGE")
+                                .arg(ledger_key(id))
+                                .arg(&start)
+                                .arg("+")
+                                .arg("COUNT")
+                                .arg(CHUNK)
+                                .query_async(&mut conn),
+                        )
+                        .await?;
+                    let full = rows.len() == CHUNK;
+                    for (stream_id, fields) in &rows {
+                        if let Some((_, json)) = fields.iter().find(|(k, _)| k == "e") {
+                            let entry: Entry = serde_json::from_str(json).map_err(|e| {
+                                corrupt(format!("a ledger entry does not decode: {e}"))
+                            })?;
+                            page.offer(id, &entry);
+                        }
+                        start = format!("({stream_id}");
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            match ids.last() {
+                Some(last) if ids.len() == CHUNK => from = format!("({last}"),
+                _ => break,
+            }
+        }
+        Ok(page.into_entries())
     }
 
     async fn holds(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::cache::{Cached, Standing};
 use super::codec::{checked_version, decode_state, encode};
 use super::conn::{corrupt, Conn};
-use super::keys::{account_key, ledger_key, HOLDS_INDEX};
+use super::keys::{account_key, ledger_key, ACCOUNTS_INDEX, HOLDS_INDEX};
 use super::{earliest_hold, RedisStore, Rules, Start, LOCK_STRIPES, MAX_CACHED_ACCOUNTS};
 use crate::ledger::{Account, Entry, Millis};
 use crate::store::StoreError;
@@ -324,9 +324,23 @@ impl RedisStore {
         match self.commit(&id, "0", &account, &entries, None).await? {
             Ok(version) => {
                 self.remember(&id, version, account);
+                self.index_account(&id).await?;
                 Ok(true)
             }
             Err(_) => Ok(false),
         }
+    }
+
+    /// Lists the account in [`ACCOUNTS_INDEX`] (another slot: its own command).
+    async fn index_account(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.call(
+            redis::cmd("ZADD")
+                .arg(ACCOUNTS_INDEX)
+                .arg(0)
+                .arg(id)
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 }
