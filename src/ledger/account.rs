@@ -105,6 +105,17 @@ pub struct Account {
     #[serde(skip)]
     pub(super) partial: bool,
     pub(super) next_seq: u64,
+    /// The balance the event rules last saw ([`Account::take_events`]); `None`
+    /// until they first look.
+    #[serde(default)]
+    pub(super) watched_balance: Option<Credits>,
+    /// The account's next event number (a part of the next event's id).
+    #[serde(default)]
+    pub(super) next_event: u64,
+    /// The last ledger entry the event rules looked at: each entry causes its
+    /// events once, even when the store takes the entries later.
+    #[serde(skip)]
+    pub(super) events_seen_seq: u64,
 }
 
 /// The most one account may ever be granted: a quarter of what a `u64` counts, in
@@ -187,6 +198,9 @@ impl Account {
             hold_changes: HoldChanges::default(),
             partial: false,
             next_seq: 1,
+            watched_balance: None,
+            next_event: 0,
+            events_seen_seq: 0,
         }
     }
 

@@ -17,7 +17,9 @@
 //! - [`admission`]: the one decision whether a hold may be placed — who asks, the
 //!   plan's features, the member's locks, idempotency, the quota, the balance, the
 //!   number of open holds. The hold and the quote both ask it.
+//! - [`events`]: the events a transition causes (`balance.low`, `grant.created`…).
 //! - [`members`]: members and their active keys.
+//! - [`payments`]: what a paid checkout or invoice does (a grant once, a plan).
 //! - [`plan`]: plans, billing cycles, refills and plan changes.
 //! - [`limits`]: the caps on what one account's state holds, and its worst-case size.
 //! - [`seed`]: accounts the policy file lists, opened alike by every store.
@@ -36,11 +38,13 @@ mod admission;
 mod calendar;
 mod credits;
 mod ended;
+mod events;
 mod idempotency;
 mod journal;
 mod limits;
 mod members;
 mod money;
+mod payments;
 mod plan;
 mod seed;
 
@@ -51,6 +55,7 @@ pub use account::{
 pub use admission::{entitle, Caller, HoldPlaced, HoldRejected};
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
+pub use events::{Event, EventKind, EventRules, DEFAULT_MAX_PENDING_EVENTS};
 pub use idempotency::{IdempotencyRequest, Recorded};
 pub use journal::{Entry, EntryKind, Journal};
 pub use limits::{
@@ -63,6 +68,7 @@ pub use money::{
     Draw, EndRejected, Ending, Grant, GrantReceipt, GrantRequest, Hold, HoldEnded, HoldRequest,
     HoldTerms,
 };
+pub use payments::{Paid, Payment, PaymentAction};
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::ledger::{
     Account, AccountRejected, Catalog, Credits, Effective, Entry, GrantReceipt, Hold, HoldRequest,
-    Limits, Millis, Recorded, Totals,
+    Limits, Millis, Paid, Payment, Recorded, Totals,
 };
 
 /// How long one Redis call may take before the store counts as unavailable. A
@@ -1239,6 +1239,18 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         self.transact(account, now_ms, Start::Cached, |a, rules| {
             a.record_response(key, response.clone(), &rules.limits)
+        })
+        .await
+    }
+
+    async fn pay(
+        &self,
+        account: &str,
+        payment: &Payment,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<Paid>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.pay(payment, now_ms, &rules.catalog, &rules.limits)
         })
         .await
     }

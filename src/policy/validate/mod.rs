@@ -17,6 +17,7 @@
 //! - [`accounts`] reads `[grant_kinds.NAME]` and `[[accounts]]`.
 
 mod accounts;
+mod events;
 mod gateway;
 mod operations;
 mod plans;
@@ -306,6 +307,8 @@ impl Validator<'_> {
             &grant_kinds,
             &accounts,
         );
+        let events = self.events(raw.events.as_ref());
+        let stripe = self.stripe(raw.payments.stripe.as_ref(), &plans, &grant_kinds);
         if !self.errors.is_empty() || operations.len() != raw.operations.len() {
             return None;
         }
@@ -318,6 +321,8 @@ impl Validator<'_> {
             accounts,
             grant_kinds,
             routes,
+            events,
+            stripe,
             notes: Vec::new(),
         })
     }
