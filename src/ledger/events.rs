@@ -207,8 +207,12 @@ impl Account {
                 hash.update([0]);
                 hash.update(n.to_be_bytes());
                 hash.update(now_ms.to_be_bytes());
+                let digest = hash.finalize();
                 Event {
-                    id: format!("evt_{}", hex::encode(&hash.finalize()[..12])),
+                    id: format!(
+                        "evt_{}",
+                        hex::encode(digest.iter().take(12).copied().collect::<Vec<u8>>())
+                    ),
                     kind,
                     account: self.id.clone(),
                     at_ms: now_ms,
