@@ -472,3 +472,74 @@ fn python_with_stripe() -> Option<PathBuf> {
         None
     }
 }
+
+/// `creditgate run` on the sqlite store in `dir`, its events to `receiver`.
+fn run_policy(dir: &Path, receiver: &str) -> String {
+    format!(
+        r#"version = 1
+[gateway]
+listen = "127.0.0.1:{{PORT}}"
+admin_listen = "127.0.0.1:{{ADMIN_PORT}}"
+shutdown_grace = "1s"
+[store]
+path = "{store}"
+[upstreams.main]
+url = "http://127.0.0.1:9"
+[plans.free]
+monthly_credits = 0
+[[operations]]
+name = "op"
+path = "/v1/op"
+upstream = "main"
+price = 1
+[[accounts]]
+id = "shared"
+plan = "free"
+keys = [ {{ member = "m", key_env = "SHARED_KEY" }} ]
+[events]
+retry_base = "20ms"
+[[events.webhooks]]
+url = "{receiver}"
+secret = "{SECRET}"
+"#,
+        store = dir.join("events.db").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_pending_when_the_gateway_stops_is_delivered_after_the_restart() {
+    use crate::replicas::{start_gateway_in, ADMIN_TOKEN};
+    let receiver = Receiver::start(usize::MAX).await;
+    let dir = std::env::temp_dir().join(format!("creditgate-events-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = run_policy(&dir, &receiver.url);
+    let g = start_gateway_in(&text, &dir);
+    let granted = reqwest::Client::new()
+        .post(format!("{}/admin/accounts/shared/grants", g.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"kind": "topup", "credits": 5, "idempotency_key": "p1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(granted.status(), 201);
+    // Refused at least once: it is pending when the gateway stops.
+    let refused = receiver.wait_for(1).await[0].json();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &g.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let mut g = g;
+    assert!(g.child.wait().unwrap().success());
+    drop(g);
+
+    receiver.refuse.store(0, Ordering::SeqCst);
+    let before = receiver.deliveries().len();
+    let _g = start_gateway_in(&text, &dir);
+    let got = receiver.wait_for(before + 1).await;
+    let delivered = got.last().unwrap().json();
+    assert_eq!(delivered["id"], refused["id"]);
+    assert_eq!(delivered["type"], "grant.created");
+    assert_eq!(delivered["data"]["credits"], json!(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
