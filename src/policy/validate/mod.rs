@@ -33,7 +33,7 @@ use toml::{Spanned, Value};
 
 use super::raw::RawPolicy;
 use super::units::parse_duration_ms;
-use super::{Micros, Policy, PolicyError, PolicyErrors, PolicyNote};
+use super::{Micros, Policy, PolicyError, PolicyErrors, PolicyNote, StoreConfig};
 use crate::ledger::Credits;
 
 struct Validator<'a> {
@@ -308,6 +308,14 @@ impl Validator<'_> {
             &accounts,
         );
         let events = self.events(raw.events.as_ref());
+        if let (Some(section), StoreConfig::Redis { .. }) = (&raw.events, &store) {
+            if !events.webhooks.is_empty() {
+                self.note(
+                    section.span(),
+                    "the redis store keeps no events outbox yet: no webhook is sent",
+                );
+            }
+        }
         let stripe = self.stripe(raw.payments.stripe.as_ref(), &plans, &grant_kinds);
         if !self.errors.is_empty() || operations.len() != raw.operations.len() {
             return None;
