@@ -120,6 +120,15 @@ pub struct Metrics {
     operations: DashMap<String, PerOperation>,
     /// Per result, in the order of `RELOAD_RESULTS`.
     reloads: [AtomicU64; RELOAD_RESULTS.len()],
+    /// Webhook events delivered (to every webhook that wants them).
+    pub events_delivered: AtomicU64,
+    /// Webhook events given up on: retried past `retry_for`, or dropped from a
+    /// full outbox.
+    pub events_failed: AtomicU64,
+    /// Delivery attempts a webhook refused or did not answer.
+    pub event_attempts_failed: AtomicU64,
+    /// Events waiting in the outbox, as the sender last saw it.
+    pub events_pending: AtomicU64,
 }
 
 /// How long a request took, and its upstream's part, for the histograms.
@@ -344,6 +353,18 @@ impl Metrics {
                 out,
                 "creditgate_policy_reloads_total{{result=\"{result}\"}} {}",
                 count.load(Ordering::Relaxed)
+            );
+        }
+        for (name, kind, help, value) in [
+            ("creditgate_events_delivered_total", "counter", "Webhook events delivered.", &self.events_delivered),
+            ("creditgate_events_failed_total", "counter", "Webhook events given up on: retried past retry_for, or dropped from a full outbox.", &self.events_failed),
+            ("creditgate_event_attempts_failed_total", "counter", "Webhook delivery attempts that failed (an answer other than 2xx, or none); each is retried.", &self.event_attempts_failed),
+            ("creditgate_events_pending", "gauge", "Webhook events waiting in the outbox.", &self.events_pending),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
             );
         }
         let _ = writeln!(

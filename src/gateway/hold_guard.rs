@@ -455,6 +455,14 @@ mod tests {
                 .record_response(account, key, response, now_ms)
                 .await
         }
+        async fn pay(
+            &self,
+            account: &str,
+            payment: &crate::ledger::Payment,
+            now_ms: u64,
+        ) -> Result<crate::store::AdminOutcome<crate::ledger::Paid>, StoreError> {
+            self.inner.pay(account, payment, now_ms).await
+        }
         fn set_catalog(&self, catalog: Arc<crate::ledger::Catalog>, limits: crate::ledger::Limits) {
             self.inner.set_catalog(catalog, limits)
         }

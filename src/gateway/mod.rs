@@ -18,6 +18,8 @@
 //! - `responses`: the gateway's own answers, replays, and the credit headers.
 //! - `idempotency`: `Idempotency-Key`s and the recorder of replayable responses.
 //! - `client_api`: balance, ledger and quote (a dry-run hold) for the caller.
+//! - `stripe`: `POST /webhooks/stripe`, Stripe's events verified and paid in.
+//! - `webhooks`: the sender of the outbox's events, signed, retried with backoff.
 //! - `body`: reading and re-arming request bodies; `usage`: metering responses.
 //! - `hold_guard`: a hold that ends exactly once; `live`: hot reload; `server`: the
 //!   Pingora services.
@@ -33,7 +35,9 @@ mod live;
 mod request;
 mod responses;
 mod server;
+pub mod stripe;
 mod usage;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,7 +91,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Resolves every upstream once, so the hot path never does DNS.
+    /// Resolves every upstream once, so the hot path never does DNS, and tells the
+    /// store which events to keep.
     pub fn new(
         policy: Arc<Policy>,
         store: Arc<dyn Store>,
@@ -125,6 +130,9 @@ impl Gateway {
             .iter()
             .map(|(name, p)| (name.clone(), header_value(&p.features.join(","))))
             .collect();
+        // The store keeps the events this policy's webhooks want (at start and
+        // on every reload), within its outbox bound.
+        store.set_events(policy.events.rules.clone(), policy.events.max_pending);
         Ok(Gateway {
             policy,
             store,
@@ -549,6 +557,14 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<Admitted, ApiError> {
+        // Stripe signs its events; it has no key of an account.
+        if self.policy.stripe.is_some() && session.req_header().uri.path() == stripe::PATH {
+            ctx.outcome = Some("stripe");
+            return self
+                .stripe_webhook(session, ctx)
+                .await
+                .map(|()| Admitted::Answered);
+        }
         let identity = Arc::new(self.authenticate(session.req_header()).await?);
         ctx.identity = Some(identity.clone());
         let account = identity.account.as_str();

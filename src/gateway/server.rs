@@ -110,12 +110,14 @@ pub async fn serve_live(
     let limits = ClientLimits::of(&gateway.policy().gateway);
     let sweeper = spawn_sweeper(&gateway, shutdown.clone());
     drop(gateway);
+    let sender = super::webhooks::spawn_sender(live.clone(), shutdown.clone());
     let app = Arc::new(pingora::proxy::http_proxy(
         &Arc::new(ServerConf::default()),
         LiveProxy(live),
     ));
     accept_within(listener, app, limits, shutdown).await;
     sweeper.abort();
+    sender.abort();
 }
 
 /// Serves any Pingora proxy on a bound listener until `shutdown` turns true, at
@@ -326,6 +328,7 @@ pub async fn run_server(
     let (stop, stopping) = watch::channel(false);
     let sweeper = spawn_sweeper(&gateway, stopping.clone());
     drop(gateway);
+    let sender = super::webhooks::spawn_sender(live.clone(), stopping.clone());
     let reloads = tokio::spawn(reload_on_hangup(live.clone(), policy_file, stopping));
     let app = Arc::new(pingora::proxy::http_proxy(
         &Arc::new(ServerConf::default()),
@@ -352,6 +355,7 @@ pub async fn run_server(
     let _ = stop.send(true);
     let _ = reloads.await;
     let _ = sweeper.await;
+    let _ = sender.await;
     // What the store still has queued (the ends of the last holds, on the sqlite
     // store) goes to disk before the process exits.
     if let Err(e) = live.current().store().flush().await {

@@ -122,6 +122,17 @@ pub struct Account {
     /// at most `METADATA_MAX_ENTRIES`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The balance the event rules last saw ([`Account::take_events`]); `None`
+    /// until they first look.
+    #[serde(default)]
+    pub(super) watched_balance: Option<Credits>,
+    /// The account's next event number (a part of the next event's id).
+    #[serde(default)]
+    pub(super) next_event: u64,
+    /// The last ledger entry the event rules looked at: each entry causes its
+    /// events once, even when the store takes the entries later.
+    #[serde(skip)]
+    pub(super) events_seen_seq: u64,
 }
 
 /// The most one account may ever be granted: a quarter of what a `u64` counts, in
@@ -205,6 +216,9 @@ impl Account {
             partial: false,
             next_seq: 1,
             metadata: BTreeMap::new(),
+            watched_balance: None,
+            next_event: 0,
+            events_seen_seq: 0,
         }
     }
 

@@ -89,7 +89,7 @@ const STRING_HEADER_SLACK: usize = 4;
 /// An account with no grants, holds, records, receipts or members, its id
 /// [`NAME_MAX_BYTES`] long and its plan names empty, remembering the most ended
 /// holds it does.
-pub const ACCOUNT_BASE_BYTES: usize = 1_072;
+pub const ACCOUNT_BASE_BYTES: usize = 1_116;
 
 /// One counted quota, its name empty.
 pub const QUOTA_BYTES: usize = 16;
@@ -246,6 +246,8 @@ mod tests {
         a.next_grant_id = u64::MAX / 4;
         a.next_hold_id = u64::MAX / 4;
         a.next_seq = u64::MAX / 4;
+        a.next_event = u64::MAX / 4;
+        a.watched_balance = Some(big());
         a.charged = big();
         a.expired = big();
         a.granted = Credits::from_millicredits(2 << 40);

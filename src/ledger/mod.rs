@@ -19,7 +19,9 @@
 //!   number of open holds. The hold and the quote both ask it.
 //! - [`adjust`]: an admin's signed adjustments (refunds, chargebacks).
 //! - [`onboard`]: an account opened with its members, keys, grants and metadata.
+//! - [`events`]: the events a transition causes (`balance.low`, `grant.created`…).
 //! - [`members`]: members and their active keys.
+//! - [`payments`]: what a paid checkout or invoice does (a grant once, a plan).
 //! - [`plan`]: plans, billing cycles, refills and plan changes.
 //! - [`limits`]: the caps on what one account's state holds, and its worst-case size.
 //! - [`seed`]: accounts the policy file lists, opened alike by every store.
@@ -39,12 +41,14 @@ mod admission;
 mod calendar;
 mod credits;
 mod ended;
+mod events;
 mod idempotency;
 mod journal;
 mod limits;
 mod members;
 mod money;
 mod onboard;
+mod payments;
 mod plan;
 mod seed;
 
@@ -56,6 +60,7 @@ pub use adjust::{AdjustRequest, ADJUST_KIND, REASON_MAX_BYTES};
 pub use admission::{entitle, features_allowed, Caller, HoldPlaced, HoldRejected, PREMIUM_FEATURE};
 pub use calendar::{cycle_bounds, day_of_month};
 pub use credits::{Credits, ParseCreditsError};
+pub use events::{Event, EventKind, EventRules, DEFAULT_MAX_PENDING_EVENTS};
 pub use idempotency::{IdempotencyRequest, Recorded};
 pub use journal::{Entry, EntryKind, Journal, USAGE_MAX_BYTES};
 pub use limits::{
@@ -71,6 +76,7 @@ pub use money::{
 pub use onboard::{
     OnboardKey, Onboarding, METADATA_KEY_MAX_BYTES, METADATA_MAX_ENTRIES, METADATA_VALUE_MAX_BYTES,
 };
+pub use payments::{Paid, Payment, PaymentAction};
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 

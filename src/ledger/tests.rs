@@ -1614,3 +1614,151 @@ fn a_disabled_feature_is_refused_and_premium_keeps_its_own_answer() {
     a.hold(&by("ann", "key_1", &[]), 0, &cat).unwrap();
     assert_eq!(a.members["ann"].terms(), terms);
 }
+
+fn all_events(low_balance: &[&str]) -> EventRules {
+    EventRules {
+        kinds: EventKind::ALL.into_iter().collect(),
+        low_balance: low_balance.iter().map(|t| c(t)).collect(),
+    }
+}
+
+fn kinds(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+#[test]
+fn a_threshold_fires_once_per_crossing_and_rearms_above_it() {
+    let rules = all_events(&["50", "10"]);
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("60"), 30, None, 0).unwrap();
+    // The first look only starts watching: nothing is announced of the past.
+    assert_eq!(kinds(&a.take_events(&rules, 0)), vec!["grant.created"]);
+    a.take_entries();
+    // A hold does not move the balance (available + held); its settle does.
+    let h = a.hold(&request("15"), 1, &Catalog::new()).unwrap();
+    assert!(a.take_events(&rules, 1).is_empty());
+    a.settle(h.hold_id, c("15"), 2, &limits()).unwrap();
+    let low = a.take_events(&rules, 2);
+    assert_eq!(kinds(&low), vec!["balance.low"]);
+    assert!(low[0].data.contains(r#""threshold":50"#), "{}", low[0].data);
+    assert!(low[0].data.contains(r#""balance":45"#), "{}", low[0].data);
+    // Further down, still above 10: nothing more.
+    let h = a.hold(&request("5"), 3, &Catalog::new()).unwrap();
+    a.settle(h.hold_id, c("5"), 3, &limits()).unwrap();
+    assert!(a.take_events(&rules, 3).is_empty());
+    // A released hold leaves the balance as it was: nothing fires or re-arms.
+    let h = a.hold(&request("39"), 4, &Catalog::new()).unwrap();
+    a.release(h.hold_id, 4).unwrap();
+    assert!(a.take_events(&rules, 4).is_empty());
+    // Through 10 and to 0 at once: both, in order.
+    let h = a.hold(&request("40"), 5, &Catalog::new()).unwrap();
+    a.settle(h.hold_id, c("40"), 5, &limits()).unwrap();
+    assert_eq!(
+        kinds(&a.take_events(&rules, 5)),
+        vec!["balance.low", "balance.depleted"]
+    );
+    // A grant above 50 re-arms both; the next fall through 50 fires again.
+    a.grant("topup", c("55"), 30, None, 6).unwrap();
+    assert_eq!(kinds(&a.take_events(&rules, 6)), vec!["grant.created"]);
+    let h = a.hold(&request("6"), 7, &Catalog::new()).unwrap();
+    a.settle(h.hold_id, c("6"), 7, &limits()).unwrap();
+    let again = a.take_events(&rules, 7);
+    assert_eq!(kinds(&again), vec!["balance.low"]);
+    // Ids are unique.
+    assert_ne!(again[0].id, low[0].id);
+}
+
+#[test]
+fn expiries_plan_changes_and_refills_are_events_and_unwanted_kinds_are_not() {
+    let catalog: Catalog = [
+        ("free".to_string(), PlanTerms::default()),
+        (
+            "pro".to_string(),
+            PlanTerms {
+                monthly_credits: c("100"),
+                ..PlanTerms::default()
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let rules = all_events(&[]);
+    let mut a = Account::new("a", "free");
+    a.grant("topup", c("10"), 30, None, 0).unwrap();
+    a.take_events(&rules, 0);
+    a.hold(&request("1"), 0, &catalog).unwrap();
+    a.apply_time(5_000, &catalog);
+    let expired = a.take_events(&rules, 5_000);
+    assert_eq!(kinds(&expired), vec!["hold.expired"]);
+    assert!(expired[0].data.contains(r#""request_id":"r""#));
+    a.change_plan("pro", Effective::Now, 6_000, &catalog)
+        .unwrap();
+    let changed = a.take_events(&rules, 6_000);
+    assert_eq!(kinds(&changed), vec!["plan.changed"]);
+    assert!(
+        changed[0]
+            .data
+            .contains(r#""effective":"now","from":"free","reference":null,"to":"pro""#),
+        "{}",
+        changed[0].data
+    );
+    let only_grants = EventRules {
+        kinds: [EventKind::GrantCreated].into_iter().collect(),
+        low_balance: vec![],
+    };
+    a.change_plan("free", Effective::PeriodEnd, 7_000, &catalog)
+        .unwrap();
+    assert!(a.take_events(&only_grants, 7_000).is_empty());
+}
+
+#[test]
+fn a_payment_grants_once_per_key_and_moves_the_plan_once_with_its_reference() {
+    let catalog: Catalog = [
+        ("free".to_string(), PlanTerms::default()),
+        (
+            "pro".to_string(),
+            PlanTerms {
+                monthly_credits: c("100"),
+                ..PlanTerms::default()
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let mut a = Account::new("a", "free");
+    let topup = |reference: &str| Payment {
+        reference: reference.into(),
+        action: PaymentAction::Grant {
+            key: "stripe:pi_1".into(),
+            kind: "topup".into(),
+            credits: c("500"),
+            priority: 30,
+        },
+    };
+    let first = a.pay(&topup("evt_1"), 0, &catalog, &limits()).unwrap();
+    assert!(matches!(first, Paid::Granted { created: true, .. }));
+    let again = a.pay(&topup("evt_2"), 0, &catalog, &limits()).unwrap();
+    assert!(matches!(again, Paid::Granted { created: false, .. }));
+    assert_eq!(a.available(), c("500"));
+    let entries = a.take_entries();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].request_id.as_deref(), Some("evt_1"));
+    let plan = Payment {
+        reference: "evt_3".into(),
+        action: PaymentAction::Plan { plan: "pro".into() },
+    };
+    assert_eq!(
+        a.pay(&plan, 1, &catalog, &limits()).unwrap(),
+        Paid::PlanChanged
+    );
+    assert_eq!(
+        a.pay(&plan, 2, &catalog, &limits()).unwrap(),
+        Paid::PlanKept
+    );
+    assert_eq!(a.plan, "pro");
+    let entries = a.take_entries();
+    assert!(entries
+        .iter()
+        .all(|e| e.request_id.as_deref() == Some("evt_3")));
+    assert!(entries.iter().any(|e| e.kind == EntryKind::PlanChange));
+}

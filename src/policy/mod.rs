@@ -15,13 +15,14 @@ mod raw;
 mod units;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use http::{HeaderName, HeaderValue, Method};
 
 use std::sync::Arc;
 
-use crate::ledger::{Catalog, Credits, Limits, PlanTerms};
+use crate::ledger::{Catalog, Credits, EventKind, EventRules, Limits, PlanTerms};
 
 pub use crate::ledger::{SeedAccount, SeedGrant, SeedKey};
 pub use evaluate::{Caller, Evaluation, Refused, Verdict};
@@ -100,8 +101,77 @@ pub struct Policy {
     /// policy declares in `[grant_kinds.NAME]`.
     pub grant_kinds: Vec<(String, u32)>,
     routes: matchit::Router<Route>,
+    /// `[events]`: thresholds and webhooks (none: no events are kept).
+    pub events: EventsConfig,
+    /// `[payments.stripe]`: `POST /webhooks/stripe` is served only when set.
+    pub stripe: Option<StripeConfig>,
     /// What `check` prints and `run` logs about a valid file, in file order.
     pub notes: Vec<PolicyNote>,
+}
+
+/// `[events]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// What the ledger decides: the kinds some webhook wants, the thresholds.
+    pub rules: EventRules,
+    pub webhooks: Vec<WebhookConfig>,
+    /// The first retry waits about this long; each next one twice as long (with
+    /// jitter), at most an hour.
+    pub retry_base_ms: u64,
+    /// How long an event is retried before it is dropped and counted failed.
+    pub retry_for_ms: u64,
+    /// One delivery attempt, connect to answer.
+    pub timeout_ms: u64,
+    /// Events waiting for delivery that the outbox keeps; past it the oldest are
+    /// dropped (and counted failed).
+    pub max_pending: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            rules: EventRules::default(),
+            webhooks: Vec::new(),
+            retry_base_ms: DEFAULT_RETRY_BASE_MS,
+            retry_for_ms: DEFAULT_RETRY_FOR_MS,
+            timeout_ms: DEFAULT_WEBHOOK_TIMEOUT_MS,
+            max_pending: DEFAULT_MAX_PENDING_EVENTS,
+        }
+    }
+}
+
+pub const DEFAULT_RETRY_BASE_MS: u64 = 5_000;
+pub const DEFAULT_RETRY_FOR_MS: u64 = 24 * 3_600_000;
+pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
+pub use crate::ledger::DEFAULT_MAX_PENDING_EVENTS;
+
+/// One `[[events.webhooks]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// The HMAC key of `creditgate-signature`.
+    pub secret: String,
+    pub events: std::collections::BTreeSet<EventKind>,
+}
+
+/// `[payments.stripe]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeConfig {
+    /// The endpoint's signing secret (`whsec_…`), the HMAC key as written.
+    pub webhook_secret: String,
+    /// Stripe price id → what it buys.
+    pub prices: BTreeMap<String, StripePrice>,
+}
+
+/// What one Stripe price buys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StripePrice {
+    Grant {
+        kind: String,
+        credits: Credits,
+        priority: u32,
+    },
+    Plan(String),
 }
 
 /// The operations sharing one path pattern, in file order.

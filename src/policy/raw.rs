@@ -28,6 +28,57 @@ pub struct RawPolicy {
     pub operations: Vec<Spanned<RawOperation>>,
     #[serde(default)]
     pub accounts: Vec<Spanned<RawAccount>>,
+    pub events: Option<Spanned<RawEvents>>,
+    #[serde(default)]
+    pub payments: RawPayments,
+}
+
+/// `[events]`: the `balance.low` thresholds, the webhooks, and how deliveries retry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvents {
+    #[serde(default)]
+    pub low_balance: Vec<Spanned<Value>>,
+    #[serde(default)]
+    pub webhooks: Vec<Spanned<RawWebhook>>,
+    pub retry_base: Option<Spanned<String>>,
+    pub retry_for: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub max_pending: Option<Spanned<i64>>,
+}
+
+/// `[[events.webhooks]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: Spanned<String>,
+    pub secret: Spanned<String>,
+    pub events: Option<Vec<Spanned<String>>>,
+}
+
+/// `[payments]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPayments {
+    pub stripe: Option<Spanned<RawStripe>>,
+}
+
+/// `[payments.stripe]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStripe {
+    pub webhook_secret: Spanned<String>,
+    #[serde(default)]
+    pub prices: BTreeMap<String, Spanned<RawStripePrice>>,
+}
+
+/// What one Stripe price buys: `{ grant = KIND, credits = N }` or `{ plan = NAME }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStripePrice {
+    pub grant: Option<Spanned<String>>,
+    pub credits: Option<Spanned<Value>>,
+    pub plan: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

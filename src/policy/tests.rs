@@ -1591,3 +1591,108 @@ fn store_settings_of_another_kind_or_out_of_bounds_are_refused() {
         );
     }
 }
+
+#[test]
+fn events_and_stripe_sections_are_read_and_checked() {
+    let good = format!(
+        "{GOOD}\n{}",
+        r#"
+[events]
+low_balance = [50, "10.5"]
+retry_base = "200ms"
+[[events.webhooks]]
+url = "https://hooks.example.com/creditgate"
+secret = "${BACKEND_KEY}"
+events = ["balance.low", "grant.created"]
+[[events.webhooks]]
+url = "http://127.0.0.1:9/all"
+secret = "s2"
+
+[payments.stripe]
+webhook_secret = "whsec_test"
+[payments.stripe.prices]
+"price_topup_500" = { grant = "topup", credits = 500 }
+"price_pro" = { plan = "pro" }
+"#
+    );
+    let policy = parse(&good).unwrap();
+    let events = &policy.events;
+    assert_eq!(
+        events.rules.low_balance,
+        vec![Credits::from_whole(50).unwrap(), "10.5".parse().unwrap()]
+    );
+    assert_eq!(events.retry_base_ms, 200);
+    assert_eq!(events.webhooks.len(), 2);
+    assert_eq!(events.webhooks[0].secret, "sk-backend");
+    assert_eq!(events.webhooks[0].events.len(), 2);
+    assert_eq!(
+        events.webhooks[1].events.len(),
+        crate::ledger::EventKind::ALL.len()
+    );
+    assert_eq!(
+        events.rules.kinds.len(),
+        crate::ledger::EventKind::ALL.len()
+    );
+    let stripe = policy.stripe.unwrap();
+    assert_eq!(stripe.webhook_secret, "whsec_test");
+    assert_eq!(
+        stripe.prices["price_topup_500"],
+        StripePrice::Grant {
+            kind: "topup".into(),
+            credits: Credits::from_whole(500).unwrap(),
+            priority: 30
+        }
+    );
+    assert_eq!(stripe.prices["price_pro"], StripePrice::Plan("pro".into()));
+
+    // No [events]: no kinds, so the ledger keeps no events.
+    assert!(parse(GOOD).unwrap().events.rules.kinds.is_empty());
+
+    let bad = format!(
+        "{GOOD}\n{}",
+        r#"
+[events]
+low_balance = [0, 5, 5]
+retry_for = "30d"
+colour = "red"
+"#
+    );
+    let found = errors(&bad);
+    assert!(
+        found.iter().any(|e| e.contains("unknown field `colour`")),
+        "{found:?}"
+    );
+    let bad = format!(
+        "{GOOD}\n{}",
+        r#"
+[events]
+low_balance = [0, 5, 5]
+retry_for = "30d"
+[[events.webhooks]]
+url = "ftp://x"
+secret = ""
+events = ["balance.lo"]
+
+[payments.stripe]
+webhook_secret = "${STRIPE_SECRET}"
+prices = { a = { grant = "gold", credits = 1 }, b = { plan = "platinum" }, c = { plan = "pro", credits = 3 }, d = { grant = "topup", credits = 0 } }
+"#
+    );
+    let found = errors(&bad).join("\n");
+    for expected in [
+        "a low_balance threshold must be above 0",
+        "low_balance lists 5 twice",
+        "retry_for must be at most 7d",
+        "must be an http:// or https:// URL",
+        "a webhook secret must not be empty",
+        "unknown event \"balance.lo\": the events are balance.low, balance.depleted",
+        "environment variable STRIPE_SECRET is not set",
+        "price \"a\": unknown grant kind \"gold\" (the kinds are bonus, plan, topup)",
+        "price \"b\": unknown plan \"platinum\"",
+        "price \"c\" must be { grant = KIND, credits = N } or { plan = NAME }",
+        "price \"d\": credits must be above 0",
+    ] {
+        assert!(found.contains(expected), "{expected:?} not in\n{found}");
+    }
+    assert!(found.starts_with("p.toml:"), "{found}");
+}

@@ -23,7 +23,8 @@
 //! file after a crash. Expired holds are released lazily on every access and by
 //! [`Store::sweep`], which the gateway runs in the background.
 
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -34,8 +35,8 @@ use super::{
     Store, StoreError,
 };
 use crate::ledger::{
-    Account, AccountRejected, Catalog, Credits, Effective, Entry, Hold, HoldRequest, Journal,
-    Limits, Millis, Onboarding, Recorded, Totals,
+    Account, AccountRejected, Catalog, Credits, Effective, Entry, Event, EventRules, Hold,
+    HoldRequest, Journal, Limits, Millis, Onboarding, Paid, Payment, Recorded, Totals,
 };
 
 #[derive(Clone, Debug)]
@@ -50,6 +51,8 @@ pub(super) struct KeyEntry {
 struct Rules {
     catalog: Arc<Catalog>,
     limits: Limits,
+    /// Which events the ledger keeps (`Store::set_events`).
+    events: Arc<EventRules>,
 }
 
 /// Where an account's new ledger entries go.
@@ -66,6 +69,9 @@ pub(super) enum Kept {
 pub(super) struct Unwritten {
     /// Not taken by the writer yet.
     pub(super) fresh: Vec<Entry>,
+    /// Events not taken by the writer yet: written to the outbox table in the
+    /// same transaction as the account, and handed to the sender after it.
+    pub(super) events: Vec<Event>,
     /// The entries the writer took for the commit it is writing: kept until that
     /// commit is done, so a ledger read that copies these and then reads the file
     /// misses none of them.
@@ -79,28 +85,101 @@ pub(super) struct Stored {
 }
 
 impl Stored {
+    /// An account as it is opened or loaded: what opening it wrote is filed, and
+    /// the event rules start watching its balance from here (opening it is not
+    /// announced).
     pub(super) fn new(account: Account, ledger: Kept) -> Self {
         let mut stored = Stored { account, ledger };
-        stored.file_entries();
+        stored.file_entries(&EventRules::default(), 0);
         stored
     }
 
-    /// Files the account's new ledger entries; returns whether there were any.
-    fn file_entries(&mut self) -> bool {
+    /// Files the account's new ledger entries and the events they caused (taken
+    /// first, from the same transitions); returns whether there were entries, and
+    /// the events for the memory store's outbox (the sqlite store's go to the
+    /// file with the account first).
+    fn file_entries(&mut self, rules: &EventRules, now_ms: Millis) -> (bool, Vec<Event>) {
+        let mut events = self.account.take_events(rules, now_ms);
         let fresh = self.account.take_entries();
-        let any = !fresh.is_empty();
+        let any = !fresh.is_empty() || !events.is_empty();
         match &mut self.ledger {
             Kept::Journal(journal) => journal.append(fresh),
-            Kept::Unwritten(unwritten) => unwritten.fresh.extend(fresh),
+            Kept::Unwritten(unwritten) => {
+                unwritten.fresh.extend(fresh);
+                unwritten.events.append(&mut events);
+            }
         }
-        any
+        (any, events)
     }
 
-    /// Applies time; returns how many holds expired and whether any ledger entry
-    /// was written.
-    fn apply_time(&mut self, now_ms: Millis, catalog: &Catalog) -> (usize, bool) {
+    /// Applies time; returns how many holds expired, whether any ledger entry
+    /// was written, and the events for the memory store's outbox.
+    fn apply_time(
+        &mut self,
+        now_ms: Millis,
+        catalog: &Catalog,
+        rules: &EventRules,
+    ) -> (usize, bool, Vec<Event>) {
         let expired = self.account.apply_time(now_ms, catalog).len();
-        (expired, self.file_entries())
+        let (filed, events) = self.file_entries(rules, now_ms);
+        (expired, filed, events)
+    }
+}
+
+/// Events waiting for delivery, oldest first, at most `max` (past it the oldest
+/// are dropped and counted). The memory store's only copy; the sqlite store's
+/// copy of its outbox table's committed rows.
+pub(super) struct Outbox {
+    events: BTreeMap<u64, Event>,
+    by_id: HashMap<String, u64>,
+    next: u64,
+    pub(super) max: usize,
+    pub(super) dropped: u64,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            events: BTreeMap::new(),
+            by_id: HashMap::new(),
+            next: 0,
+            max: crate::ledger::DEFAULT_MAX_PENDING_EVENTS,
+            dropped: 0,
+        }
+    }
+}
+
+impl Outbox {
+    /// Adds events; returns the ids of those dropped to stay within `max`.
+    pub(super) fn push(&mut self, events: impl IntoIterator<Item = Event>) -> Vec<String> {
+        for event in events {
+            if self.by_id.contains_key(&event.id) {
+                continue;
+            }
+            self.by_id.insert(event.id.clone(), self.next);
+            self.events.insert(self.next, event);
+            self.next += 1;
+        }
+        let mut dropped = Vec::new();
+        while self.events.len() > self.max.max(1) {
+            if let Some((_, event)) = self.events.pop_first() {
+                self.by_id.remove(&event.id);
+                dropped.push(event.id);
+            }
+        }
+        self.dropped += dropped.len() as u64;
+        dropped
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        match self.by_id.remove(id) {
+            Some(at) => self.events.remove(&at).is_some(),
+            None => false,
+        }
+    }
+
+    fn head(&self, limit: usize) -> Vec<Event> {
+        self.events.values().take(limit).cloned().collect()
     }
 }
 
@@ -110,6 +189,15 @@ pub(super) struct Tables {
     pub(super) accounts: DashMap<String, Stored>,
     pub(super) keys: DashMap<[u8; 32], KeyEntry>,
     pub(super) key_ids: DashMap<String, [u8; 32]>,
+    /// Events waiting for delivery (the sqlite store's: once committed).
+    pub(super) outbox: Mutex<Outbox>,
+}
+
+impl Tables {
+    /// The outbox; a panic elsewhere while holding it leaves it usable.
+    pub(super) fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Tables {
@@ -166,7 +254,11 @@ impl LocalStore {
     ) -> Self {
         LocalStore {
             tables,
-            rules: RwLock::new(Rules { catalog, limits }),
+            rules: RwLock::new(Rules {
+                catalog,
+                limits,
+                events: Arc::default(),
+            }),
             log,
         }
     }
@@ -227,7 +319,8 @@ impl LocalStore {
         let stored = entry.value_mut();
         stored.account.apply_time(now_ms, &rules.catalog);
         let out = apply(stored, &rules);
-        let filed = stored.file_entries();
+        let (filed, events) = stored.file_entries(&rules.events, now_ms);
+        self.memory_events(events);
         // Queued under the account's lock: the log's snapshot of the account,
         // taken after it dequeues this, has this call's change.
         let wait = commit == Commit::Wait;
@@ -295,6 +388,14 @@ impl LocalStore {
         .map(|(out, _)| out)
     }
 
+    /// Events the memory store's accounts caused: straight to its outbox (the
+    /// sqlite store's are empty here: they reach the outbox once committed).
+    fn memory_events(&self, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.tables.outbox().push(events);
+        }
+    }
+
     /// Applies time to one account in a walk over all of them, queueing it for
     /// the log when time wrote to its ledger; returns how many holds expired.
     fn tick_in_walk(
@@ -302,9 +403,10 @@ impl LocalStore {
         id: &str,
         stored: &mut Stored,
         now_ms: Millis,
-        catalog: &Catalog,
+        rules: &Rules,
     ) -> Result<usize, StoreError> {
-        let (expired, filed) = stored.apply_time(now_ms, catalog);
+        let (expired, filed, events) = stored.apply_time(now_ms, &rules.catalog, &rules.events);
+        self.memory_events(events);
         if filed {
             self.persist(|| Change::account(id), false)?;
         }
@@ -478,7 +580,7 @@ impl Store for LocalStore {
         let mut ended = 0;
         for mut stored in self.tables.accounts.iter_mut() {
             let (id, stored) = stored.pair_mut();
-            ended += self.tick_in_walk(id, stored, now_ms, &rules.catalog)?;
+            ended += self.tick_in_walk(id, stored, now_ms, &rules)?;
         }
         Ok(ended)
     }
@@ -503,7 +605,9 @@ impl Store for LocalStore {
         now_ms: Millis,
     ) -> Result<AdminOutcome<AccountView>, StoreError> {
         self.usable()?;
-        let Rules { catalog, limits } = self.rules();
+        let Rules {
+            catalog, limits, ..
+        } = self.rules();
         let Some(terms) = catalog.get(plan) else {
             return Ok(Err(AccountRejected::UnknownPlan));
         };
@@ -684,6 +788,7 @@ impl Store for LocalStore {
         let change = || Change {
             account: key.map(|k| k.account),
             keys: vec![hash],
+            delivered: Vec::new(),
         };
         self.persist(change, true)?.written().await?;
         Ok(Ok(()))
@@ -781,7 +886,7 @@ impl Store for LocalStore {
                 let mut all = Vec::new();
                 for mut stored in self.tables.accounts.iter_mut() {
                     let (id, stored) = stored.pair_mut();
-                    self.tick_in_walk(id, stored, now_ms, &rules.catalog)?;
+                    self.tick_in_walk(id, stored, now_ms, &rules)?;
                     all.extend(collect(&stored.account));
                     if all.len() >= limit {
                         all.truncate(limit);
@@ -832,16 +937,65 @@ impl Store for LocalStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.usable()?;
         // An empty change: its commit comes after everything queued before it.
-        let marker = || Change {
-            account: None,
-            keys: Vec::new(),
-        };
+        let marker = || Change::delivered(Vec::new());
         self.persist(marker, true)?.written().await
+    }
+
+    async fn pay(
+        &self,
+        account: &str,
+        payment: &Payment,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<Paid>, StoreError> {
+        self.write(account, now_ms, |a, rules| {
+            a.pay(payment, now_ms, &rules.catalog, &rules.limits)
+        })
+        .await
+    }
+
+    async fn pending_events(&self, limit: usize) -> Result<(Vec<Event>, usize), StoreError> {
+        self.usable()?;
+        let outbox = self.tables.outbox();
+        Ok((outbox.head(limit), outbox.events.len()))
+    }
+
+    async fn events_done(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.usable()?;
+        let removed: Vec<String> = {
+            let mut outbox = self.tables.outbox();
+            ids.iter().filter(|id| outbox.remove(id)).cloned().collect()
+        };
+        // Not waited for: a removal lost in a crash only delivers an event again.
+        if !removed.is_empty() {
+            self.persist(|| Change::delivered(removed), false)?;
+        }
+        Ok(())
+    }
+
+    fn set_events(&self, rules: EventRules, max_pending: usize) {
+        self.rules.write().unwrap_or_else(|e| e.into_inner()).events = Arc::new(rules);
+        let dropped = {
+            let mut outbox = self.tables.outbox();
+            outbox.max = max_pending;
+            outbox.push([])
+        };
+        if !dropped.is_empty() {
+            let _ = self.persist(|| Change::delivered(dropped), false);
+        }
+    }
+
+    fn events_dropped(&self) -> u64 {
+        self.tables.outbox().dropped
     }
 
     fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
-        *rules = Rules { catalog, limits };
+        let events = rules.events.clone();
+        *rules = Rules {
+            catalog,
+            limits,
+            events,
+        };
         drop(rules);
         for mut stored in self.tables.accounts.iter_mut() {
             if let Kept::Journal(journal) = &mut stored.ledger {

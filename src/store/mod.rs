@@ -25,8 +25,8 @@ use async_trait::async_trait;
 
 use crate::ledger::{
     Account, AccountRejected, AdjustRequest, Catalog, Credits, Effective, EndRejected, Entry,
-    Grant, GrantReceipt, Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest, Limits, Member,
-    MemberTerms, Millis, Onboarding, Recorded, SeedAccount, Totals,
+    Event, EventRules, Grant, GrantReceipt, Hold, HoldEnded, HoldPlaced, HoldRejected, HoldRequest,
+    Limits, Member, MemberTerms, Millis, Onboarding, Paid, Payment, Recorded, SeedAccount, Totals,
 };
 
 /// A new admin grant (the ledger's: the store passes it on as it is).
@@ -416,6 +416,37 @@ pub trait Store: Send + Sync + 'static {
     /// commits what it has queued); for a clean stop. The others write as they go.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Applies a payment (a paid Stripe checkout or invoice) to an account:
+    /// [`Account::pay`], answered once on disk.
+    async fn pay(
+        &self,
+        account: &str,
+        payment: &Payment,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<Paid>, StoreError>;
+
+    /// Events waiting in the outbox, oldest first (at most `limit`), and how many
+    /// wait in all. A store that keeps no outbox has none.
+    async fn pending_events(&self, _limit: usize) -> Result<(Vec<Event>, usize), StoreError> {
+        Ok((Vec::new(), 0))
+    }
+
+    /// Removes delivered (or given up) events from the outbox. A removal lost in
+    /// a crash delivers the event again: at least once.
+    async fn events_done(&self, _ids: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Which events the ledger keeps (none until called) and how many the outbox
+    /// keeps at most (past it the oldest are dropped; the count of those is
+    /// returned by [`Store::events_dropped`]).
+    fn set_events(&self, _rules: EventRules, _max_pending: usize) {}
+
+    /// Events dropped from a full outbox since the start.
+    fn events_dropped(&self) -> u64 {
+        0
     }
 
     /// Replaces the plans and the limits on an account's state (a policy reload).

@@ -49,16 +49,16 @@ use tokio::sync::oneshot;
 
 use super::local::{Kept, KeyEntry, LocalStore, Stored, Tables, Unwritten};
 use super::StoreError;
-use crate::ledger::{Account, Catalog, Credits, Entry, EntryKind, Limits};
+use crate::ledger::{Account, Catalog, Credits, Entry, EntryKind, Event, EventKind, Limits};
 
 /// The format this build writes. Files of an older format are migrated.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// Marks a file as a creditgate store ("CGDB").
 const APPLICATION_ID: i32 = 0x4347_4442;
 
 /// Step `i` takes a file from format `i` to `i + 1`; format 0 is an empty file.
-const MIGRATIONS: [&str; FORMAT as usize] = [FORMAT_1, FORMAT_2];
+const MIGRATIONS: [&str; FORMAT as usize] = [FORMAT_1, FORMAT_2, FORMAT_3];
 
 const FORMAT_1: &str = "
 CREATE TABLE accounts (
@@ -135,6 +135,22 @@ SELECT account,
             ELSE printf('%d.%03d', repaid / 1000, repaid % 1000) END AS repaid
 FROM ledger;
 ";
+
+/// Format 3: the events outbox — events waiting for delivery, written in the
+/// transaction of the account change that caused them, deleted once delivered.
+const FORMAT_3: &str = "
+CREATE TABLE outbox (
+    id TEXT PRIMARY KEY NOT NULL,
+    account TEXT NOT NULL,
+    type TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+";
+
+const PUT_EVENT: &str =
+    "INSERT OR IGNORE INTO outbox (id, account, type, at_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)";
+const DROP_EVENT: &str = "DELETE FROM outbox WHERE id = ?1";
 
 const PUT_STATE: &str = "INSERT INTO accounts (id, state, updated_at_ms) VALUES (?1, ?2, ?3)
      ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at_ms = excluded.updated_at_ms";
@@ -217,6 +233,7 @@ pub fn open(
                     connection: writer,
                     tables,
                     failure,
+                    dropped: Vec::new(),
                 }
                 .run(queued, commit_interval)
             })
@@ -332,6 +349,30 @@ fn load(connection: &Connection, path: &Path) -> Result<Tables, OpenError> {
             Stored::new(account, Kept::Unwritten(Unwritten::default())),
         );
     }
+    let mut events = connection
+        .prepare("SELECT id, account, type, at_ms, data FROM outbox ORDER BY rowid")
+        .map_err(sqlite)?;
+    let mut rows = events.query([]).map_err(sqlite)?;
+    let mut loaded = Vec::new();
+    while let Some(row) = rows.next().map_err(sqlite)? {
+        let kind: String = row.get(2).map_err(sqlite)?;
+        let id: String = row.get(0).map_err(sqlite)?;
+        let Some(kind) = EventKind::parse(&kind) else {
+            return Err(OpenError::Corrupt {
+                path: path.to_path_buf(),
+                account: row.get(1).map_err(sqlite)?,
+                detail: format!("event {id} has an unknown type {kind:?}"),
+            });
+        };
+        loaded.push(Event {
+            id,
+            account: row.get(1).map_err(sqlite)?,
+            kind,
+            at_ms: row.get::<_, i64>(3).map_err(sqlite)?.max(0) as u64,
+            data: row.get(4).map_err(sqlite)?,
+        });
+    }
+    tables.outbox().push(loaded);
     let mut keys = connection
         .prepare("SELECT key_sha256, key_id, account, member FROM keys")
         .map_err(sqlite)?;
@@ -353,6 +394,8 @@ fn load(connection: &Connection, path: &Path) -> Result<Tables, OpenError> {
 pub(super) struct Change {
     pub(super) account: Option<String>,
     pub(super) keys: Vec<[u8; 32]>,
+    /// Events delivered (or dropped): deleted from the outbox table.
+    pub(super) delivered: Vec<String>,
 }
 
 impl Change {
@@ -360,6 +403,15 @@ impl Change {
         Change {
             account: Some(id.to_string()),
             keys: Vec::new(),
+            delivered: Vec::new(),
+        }
+    }
+
+    pub(super) fn delivered(ids: Vec<String>) -> Change {
+        Change {
+            account: None,
+            keys: Vec::new(),
+            delivered: ids,
         }
     }
 
@@ -606,6 +658,7 @@ struct Snapshot {
     id: String,
     state: Vec<u8>,
     entries: Arc<Vec<Entry>>,
+    events: Vec<Event>,
 }
 
 /// The one thread that writes the file.
@@ -613,6 +666,8 @@ struct Writer {
     connection: Connection,
     tables: Arc<Tables>,
     failure: Arc<OnceLock<String>>,
+    /// Events a full outbox dropped, to delete with the next commit.
+    dropped: Vec<String>,
 }
 
 impl Writer {
@@ -668,9 +723,23 @@ impl Writer {
             .into_iter()
             .map(|h| (*h, self.tables.keys.get(h).map(|k| k.value().clone())))
             .collect();
-        self.write(&snapshots, &keys)
-            .map_err(|e| format!("the store file could not be written: {e}"))?;
+        let mut delivered: Vec<String> = std::mem::take(&mut self.dropped);
+        delivered.extend(
+            batch
+                .iter()
+                .flat_map(|q| q.change.delivered.iter().cloned()),
+        );
+        let written = self.write(&snapshots, &keys, &delivered);
+        if written.is_err() {
+            self.dropped = delivered;
+        }
+        written.map_err(|e| format!("the store file could not be written: {e}"))?;
         self.forget_taken(&snapshots);
+        // Committed: the sender may deliver them now. Those a full outbox drops
+        // are deleted from the file with the next commit.
+        let events = snapshots.into_iter().flat_map(|s| s.events);
+        let dropped = self.tables.outbox().push(events);
+        self.dropped.extend(dropped);
         Ok(())
     }
 
@@ -698,17 +767,21 @@ impl Writer {
         let mut state = Vec::with_capacity(STATE_BYTES_EXPECTED);
         rmp_serde::encode::write_named(&mut state, &stored.account)
             .map_err(|e| format!("account {id:?} cannot be encoded: {e}"))?;
-        let entries = match &mut stored.ledger {
+        let (entries, events) = match &mut stored.ledger {
             Kept::Unwritten(unwritten) => {
                 unwritten.taken = Arc::new(std::mem::take(&mut unwritten.fresh));
-                unwritten.taken.clone()
+                (
+                    unwritten.taken.clone(),
+                    std::mem::take(&mut unwritten.events),
+                )
             }
-            Kept::Journal(_) => Arc::default(),
+            Kept::Journal(_) => (Arc::default(), Vec::new()),
         };
         Ok(Some(Snapshot {
             id: id.to_string(),
             state,
             entries,
+            events,
         }))
     }
 
@@ -716,6 +789,7 @@ impl Writer {
         &mut self,
         snapshots: &[Snapshot],
         keys: &[([u8; 32], Option<KeyEntry>)],
+        delivered: &[String],
     ) -> rusqlite::Result<()> {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -747,6 +821,22 @@ impl Writer {
                         i64::from(e.debit),
                     ])?;
                 }
+            }
+            let mut put_event = tx.prepare_cached(PUT_EVENT)?;
+            for snapshot in snapshots {
+                for e in &snapshot.events {
+                    put_event.execute(params![
+                        e.id,
+                        e.account,
+                        e.kind.as_str(),
+                        int(e.at_ms),
+                        e.data
+                    ])?;
+                }
+            }
+            let mut drop_event = tx.prepare_cached(DROP_EVENT)?;
+            for id in delivered {
+                drop_event.execute(params![id])?;
             }
             let mut put_key = tx.prepare_cached(PUT_KEY)?;
             let mut drop_key = tx.prepare_cached(DROP_KEY)?;

@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod durability;
 mod edges;
+mod events;
 mod harness;
 mod llm;
 mod metering;

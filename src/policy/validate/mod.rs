@@ -17,6 +17,7 @@
 //! - [`accounts`] reads `[grant_kinds.NAME]` and `[[accounts]]`.
 
 mod accounts;
+mod events;
 mod gateway;
 mod operations;
 mod plans;
@@ -32,7 +33,7 @@ use toml::{Spanned, Value};
 
 use super::raw::RawPolicy;
 use super::units::parse_duration_ms;
-use super::{Micros, Policy, PolicyError, PolicyErrors, PolicyNote};
+use super::{Micros, Policy, PolicyError, PolicyErrors, PolicyNote, StoreConfig};
 use crate::ledger::Credits;
 
 struct Validator<'a> {
@@ -306,6 +307,16 @@ impl Validator<'_> {
             &grant_kinds,
             &accounts,
         );
+        let events = self.events(raw.events.as_ref());
+        if let (Some(section), StoreConfig::Redis { .. }) = (&raw.events, &store) {
+            if !events.webhooks.is_empty() {
+                self.note(
+                    section.span(),
+                    "the redis store keeps no events outbox yet: no webhook is sent",
+                );
+            }
+        }
+        let stripe = self.stripe(raw.payments.stripe.as_ref(), &plans, &grant_kinds);
         if !self.errors.is_empty() || operations.len() != raw.operations.len() {
             return None;
         }
@@ -318,6 +329,8 @@ impl Validator<'_> {
             accounts,
             grant_kinds,
             routes,
+            events,
+            stripe,
             notes: Vec::new(),
         })
     }

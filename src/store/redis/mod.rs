@@ -1198,6 +1198,18 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn pay(
+        &self,
+        account: &str,
+        payment: &crate::ledger::Payment,
+        now_ms: Millis,
+    ) -> Result<AdminOutcome<crate::ledger::Paid>, StoreError> {
+        self.transact(account, now_ms, Start::Fresh, |a, rules| {
+            a.pay(payment, now_ms, &rules.catalog, &rules.limits)
+        })
+        .await
+    }
+
     fn set_catalog(&self, catalog: Arc<Catalog>, limits: Limits) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         *rules = Rules { catalog, limits };
