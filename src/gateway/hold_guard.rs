@@ -94,9 +94,10 @@ impl HoldGuard {
             Err(e @ StoreError::Unavailable(_)) => {
                 tracing::error!(%request_id, hold = self.hold_id, "{what} failed, retried when the store is back (else the hold expires after hold_ttl): {e}")
             }
-            // Contended: the hold is still there, and its TTL ends it.
+            // Contended: nothing was written; a store that keeps ends to retry
+            // (Redis) tries again shortly; else the hold's TTL ends it.
             Err(e @ StoreError::Contended(_)) => {
-                tracing::error!(%request_id, hold = self.hold_id, "{what} failed, the hold will expire after hold_ttl: {e}")
+                tracing::error!(%request_id, hold = self.hold_id, "{what} failed, retried shortly (else the hold expires after hold_ttl): {e}")
             }
             // Corrupt (or gone): nothing ends the hold until the account is repaired.
             Err(e @ (StoreError::Corrupt(_) | StoreError::UnknownAccount(_))) => {

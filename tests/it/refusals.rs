@@ -520,6 +520,67 @@ async fn a_transition_that_loses_every_compare_and_set_is_contended() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_that_loses_every_compare_and_set_is_written_later_not_dropped() {
+    let redis = RedisServer::start();
+    let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());
+    let policy = Policy::parse(
+        &allow_policy(&redis.url(), "127.0.0.1:9"),
+        "redis.toml",
+        &env,
+    )
+    .unwrap();
+    let mine = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    let theirs = RedisStore::connect(&redis.url(), false, policy.catalog(), policy.limits())
+        .await
+        .unwrap();
+    let now = Clock::system().now_ms();
+    for seed in &policy.accounts {
+        mine.seed(seed, now).await.unwrap();
+    }
+    let placed = mine
+        .hold("shared", &hold_request("r1"), now)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = theirs.totals("shared", now).await.unwrap();
+    // Another replica changes the account: my settle, on my stale copy, loses.
+    let grant = GrantRequest {
+        idempotency_key: "g1".into(),
+        kind: "topup".into(),
+        credits: Credits::from_whole(5).unwrap(),
+        priority: 30,
+        expires_at_ms: None,
+    };
+    theirs.grant("shared", &grant, now).await.unwrap().unwrap();
+    let charge = Credits::from_whole(1).unwrap();
+    match mine
+        .settle("shared", placed.hold_id, charge, None, now)
+        .await
+    {
+        Err(StoreError::Contended(_)) => {}
+        other => panic!("expected Contended, got {other:?}"),
+    }
+    // Kept and written by the store itself, once: the delivered answer is charged.
+    let mut totals = theirs.totals("shared", now).await.unwrap();
+    for _ in 0..250 {
+        if totals.held.is_zero() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        totals = theirs.totals("shared", now).await.unwrap();
+    }
+    assert!(totals.held.is_zero(), "the settle was dropped: {totals:?}");
+    assert_eq!(
+        totals.charged,
+        before.charged.checked_add(charge).unwrap(),
+        "charged exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_state_of_the_wrong_shape_is_corrupt_and_no_answer_is_unavailable() {
     let mut redis = RedisServer::start();
     let env = |name: &str| (name == "ALICE_KEY").then(|| ALICE_KEY.to_string());

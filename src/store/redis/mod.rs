@@ -339,6 +339,12 @@ impl RedisStore {
                         self.pending.push_front(end);
                         return Err(e);
                     }
+                    // Other replicas changed the account on every attempt: kept, and
+                    // tried again by the monitor's next round (Redis itself is up).
+                    Err(StoreError::Contended(_)) => {
+                        self.pending.push(end);
+                        break;
+                    }
                     Ok(Ok(ended)) => tracing::warn!(
                         account = %end.account,
                         hold = end.hold_id,
@@ -397,13 +403,16 @@ impl RedisStore {
         Ok(ended.await?.0)
     }
 
-    /// An end that failed as unavailable is kept to write when Redis is back.
+    /// An end that failed as unavailable or contended is kept to write later.
     fn keep_to_retry(
         &self,
         outcome: Result<EndOutcome, StoreError>,
         end: PendingEnd,
     ) -> Result<EndOutcome, StoreError> {
-        if let Err(StoreError::Unavailable(_)) = &outcome {
+        // Neither kind wrote anything: Redis was down, or other replicas changed the
+        // account on every attempt. Dropped, either would leave a delivered answer
+        // uncharged (its hold expiring); kept, it is written once, later.
+        if let Err(StoreError::Unavailable(_) | StoreError::Contended(_)) = &outcome {
             self.pending.push(end);
         }
         outcome
