@@ -1966,3 +1966,73 @@ fn a_refund_of_spent_credits_goes_into_debt_within_the_overdraft_or_not_at_all()
     assert_eq!(a.debt(), c("3"));
     a.check_invariant().unwrap();
 }
+
+#[test]
+fn member_limit_reached_fires_once_per_cycle_when_the_charges_reach_the_limit() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    let terms = MemberTerms {
+        monthly_limit: Some(c("2")),
+        ..MemberTerms::default()
+    };
+    a.add_member_with("ann", &terms, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.add_member_with("bob", &terms, &cat).unwrap();
+    a.add_key("bob", "key_2").unwrap();
+    let only = EventRules {
+        kinds: [EventKind::MemberLimitReached].into_iter().collect(),
+        low_balance: vec![],
+    };
+    a.take_events(&only, 0);
+    let spend = |a: &mut Account, member: &str, key: &str, charge: &str, at: Millis| {
+        let h = a.hold(&by(member, key, &[]), at, &cat).unwrap();
+        a.settle(h.hold_id, c(charge), at, &limits()).unwrap();
+    };
+    // Holding up to the limit is not reaching it: charges are.
+    let h1 = a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    let h2 = a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    assert!(a.take_events(&only, 1).is_empty());
+    a.settle(h1.hold_id, c("1"), 2, &limits()).unwrap();
+    assert!(a.take_events(&only, 2).is_empty());
+    a.settle(h2.hold_id, c("1"), 3, &limits()).unwrap();
+    let reached = a.take_events(&only, 3);
+    assert_eq!(kinds(&reached), vec!["member_limit.reached"]);
+    assert_eq!(reached[0].data, r#"{"limit":2,"member":"ann","used":2}"#);
+    // Once: further transitions (bob spending under his limit) say nothing of ann.
+    spend(&mut a, "bob", "key_2", "0.5", 4);
+    assert!(a.take_events(&only, 4).is_empty());
+    // A higher limit re-arms it: reached again, told again.
+    a.set_member_terms(
+        "ann",
+        &MemberTerms {
+            monthly_limit: Some(c("3")),
+            ..MemberTerms::default()
+        },
+    )
+    .unwrap();
+    assert!(a.take_events(&only, 5).is_empty());
+    spend(&mut a, "ann", "key_1", "1", 6);
+    let again = a.take_events(&only, 6);
+    assert_eq!(kinds(&again), vec!["member_limit.reached"]);
+    assert!(again[0].data.contains(r#""used":3"#), "{}", again[0].data);
+    // The refill re-arms it: the next cycle's reaching is told too.
+    let next = a.next_refill_ms;
+    a.apply_time(next, &cat);
+    assert!(a.take_events(&only, next).is_empty());
+    for _ in 0..3 {
+        spend(&mut a, "ann", "key_1", "1", next + 1);
+    }
+    assert_eq!(
+        kinds(&a.take_events(&only, next + 1)),
+        vec!["member_limit.reached"]
+    );
+    // Not wanted: decided all the same, never told.
+    a.apply_time(a.next_refill_ms, &cat);
+    a.take_events(&only, a.next_refill_ms);
+    let at = a.cycle_start_ms + 1;
+    for _ in 0..3 {
+        spend(&mut a, "ann", "key_1", "1", at);
+    }
+    assert!(a.take_events(&EventRules::default(), at).is_empty());
+    assert!(a.take_events(&only, at).is_empty());
+}

@@ -409,6 +409,49 @@ async fn stripe_checkouts_grant_once_bad_signatures_change_nothing_invoices_move
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reaching_its_monthly_limit_sends_one_member_limit_reached() {
+    let receiver = Receiver::start(0).await;
+    let url = receiver.url.clone();
+    let gw = start_policy(
+        |backend| policy(backend, 300, &url, r#"["member_limit.reached"]"#),
+        |_| None,
+    )
+    .await;
+    let limited = gw
+        .admin(Method::PATCH, "/admin/accounts/acme/members/alice")
+        .json(&json!({"monthly_limit": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 200, "{}", limited.text().await.unwrap());
+    // Three requests of 1 reach the limit; the fourth is refused.
+    for _ in 0..3 {
+        let resp = gw.post("/v1/op").json(&json!({})).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let refused = gw.post("/v1/op").json(&json!({})).send().await.unwrap();
+    assert_eq!(refused.status(), 402);
+    let got = receiver.wait_for(1).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "member_limit.reached");
+    assert_eq!(event["account"], "acme");
+    assert_eq!(
+        event["data"],
+        json!({"member": "alice", "limit": 3, "used": 3})
+    );
+    let store = gw.store.clone();
+    eventually(move || {
+        let store = store.clone();
+        async move {
+            use creditgate::store::Store;
+            store.pending_events(10).await.unwrap().1 == 0
+        }
+    })
+    .await;
+    assert_eq!(receiver.deliveries().len(), 1, "once");
+}
+
 /// Stripe's `charge.refunded` for a charge of `amount` of which `amount_refunded`
 /// is refunded so far, its payment intent's metadata naming the account.
 fn charge_refunded(id: &str, payment_intent: &str, amount: u64, amount_refunded: u64) -> String {
