@@ -335,26 +335,29 @@ impl Gateway {
                     other => invalid("payment", format!("was refused: {other:?}")),
                 })?;
                 let (effect, credits) = match &paid {
-                    Paid::Granted { created: true, .. } => ("granted", None),
-                    Paid::Granted { created: false, .. } => ("already_granted", None),
-                    Paid::PlanChanged => ("plan_changed", None),
-                    Paid::PlanKept => ("plan_kept", None),
-                    Paid::Refunded { credits, .. } => ("refunded", Some(*credits)),
-                    Paid::AlreadyRefunded { .. } => ("already_refunded", None),
-                    Paid::UnknownPayment => ("", None),
+                    Paid::Granted { created: true, .. } => (Some("granted"), None),
+                    Paid::Granted { created: false, .. } => (Some("already_granted"), None),
+                    Paid::PlanChanged => (Some("plan_changed"), None),
+                    Paid::PlanKept => (Some("plan_kept"), None),
+                    Paid::Refunded { credits, .. } => (Some("refunded"), Some(*credits)),
+                    Paid::AlreadyRefunded { .. } => (Some("already_refunded"), None),
+                    Paid::UnknownPayment => (None, None),
                 };
-                if effect.is_empty() {
-                    let why = "not a payment creditgate granted";
-                    tracing::info!(stripe_event = %payment.reference, account, why, "stripe refund ignored");
-                    json!({"received": true, "ignored": why})
-                } else {
-                    tracing::info!(stripe_event = %payment.reference, account, effect, "stripe payment");
-                    let mut answer =
-                        json!({"received": true, "account": account, "effect": effect});
-                    if let Some(credits) = credits {
-                        answer["credits"] = credits.to_json();
+                match effect {
+                    Some(effect) => {
+                        tracing::info!(stripe_event = %payment.reference, account, effect, "stripe payment");
+                        let mut answer =
+                            json!({"received": true, "account": account, "effect": effect});
+                        if let Some(credits) = credits {
+                            answer["credits"] = credits.to_json();
+                        }
+                        answer
                     }
-                    answer
+                    None => {
+                        let why = "not a payment creditgate granted";
+                        tracing::info!(stripe_event = %payment.reference, account, why, "stripe refund ignored");
+                        json!({"received": true, "ignored": why})
+                    }
                 }
             }
         };

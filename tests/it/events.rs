@@ -368,8 +368,10 @@ async fn stripe_checkouts_grant_once_bad_signatures_change_nothing_invoices_move
     assert_eq!(account["plan"], "creator", "{account}");
     assert_eq!(gw.totals("acme").await.available, credits("1500"));
 
-    // The events of both: one grant.created, one plan.changed, with the Stripe ids.
-    let got = receiver.wait_for(2).await;
+    // The events of both: one grant.created, one plan.changed, with the Stripe ids
+    // (the sender delivers concurrently: in either order).
+    let mut got = receiver.wait_for(2).await;
+    got.sort_by_key(|d| d.json()["type"].as_str().unwrap_or_default().to_string());
     let kinds: Vec<Value> = got.iter().map(|d| d.json()["type"].clone()).collect();
     assert_eq!(kinds, vec![json!("grant.created"), json!("plan.changed")]);
     assert_eq!(got[0].json()["data"]["reference"], "evt_checkout_1");
