@@ -12,6 +12,11 @@
 //! - `invoice.paid` with `subscription_details.metadata.creditgate_account` (or
 //!   under `parent`, as newer API versions put it) and a line whose price maps to
 //!   a plan → that plan, now, unless the account is on it already (renewals);
+//! - `charge.refunded` with `metadata.creditgate_account` (the checkout's
+//!   `payment_intent_data.metadata`, which Stripe copies to the charge) → a debit
+//!   of the payment intent's grant in proportion to `amount_refunded` / `amount`
+//!   (a running total: only what was not debited yet); a payment intent, or an
+//!   account, creditgate did not grant is 200, ignored;
 //! - anything else → 200, ignored.
 //!
 //! Every ledger entry a payment writes carries the Stripe event's id. Nothing here
@@ -219,6 +224,37 @@ fn wanted(config: &StripeConfig, event: &Value) -> Result<Wanted, ApiError> {
                 },
             })
         }
+        "charge.refunded" => {
+            // The checkout's `payment_intent_data.metadata` is on the charge:
+            // Stripe copies a payment intent's metadata to its charge.
+            let (Some(account), Some(intent)) = (
+                text(object, "/metadata/creditgate_account"),
+                text(object, "/payment_intent"),
+            ) else {
+                return Ok(Wanted::Ignore("no creditgate metadata"));
+            };
+            let amount = |field: &str| {
+                object
+                    .get(field)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| invalid(field, "must be a whole number at least 0"))
+            };
+            let (amount, amount_refunded) = (amount("amount")?, amount("amount_refunded")?);
+            if amount == 0 {
+                return Ok(Wanted::Ignore("nothing was paid"));
+            }
+            Ok(Wanted::Pay {
+                account: account.to_string(),
+                payment: Payment {
+                    reference: id.to_string(),
+                    action: PaymentAction::Refund {
+                        key: format!("stripe:{intent}"),
+                        amount,
+                        amount_refunded,
+                    },
+                },
+            })
+        }
         _ => Ok(Wanted::Ignore("not an event creditgate acts on")),
     }
 }
@@ -254,34 +290,75 @@ impl Gateway {
             .map_err(|e| invalid("Stripe-Signature", e.message()))?;
         let event: Value = serde_json::from_slice(&payload)
             .map_err(|e| invalid("body", format!("is not a Stripe event: {e}")))?;
+        let event_id = text(&event, "/id").unwrap_or_default().to_string();
         let answer = match wanted(config, &event)? {
-            Wanted::Ignore(why) => json!({"received": true, "ignored": why}),
+            Wanted::Ignore(why) => {
+                tracing::info!(stripe_event = %event_id, why, "stripe event ignored");
+                json!({"received": true, "ignored": why})
+            }
             Wanted::Pay { account, payment } => {
-                let paid = self
-                    .store
-                    .pay(&account, &payment, self.now_ms())
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::UnknownAccount(_) => invalid(
+                let refund = matches!(payment.action, PaymentAction::Refund { .. });
+                let paid = match self.store.pay(&account, &payment, self.now_ms()).await {
+                    // A refund for an account creditgate does not have was not
+                    // paid to it: nothing to take back.
+                    Err(StoreError::UnknownAccount(_)) if refund => Ok(Paid::UnknownPayment),
+                    Err(StoreError::UnknownAccount(_)) => {
+                        return Err(invalid(
                             "metadata.creditgate_account",
                             format!("{account:?} is not an account"),
-                        ),
-                        other => ApiError::store(other),
-                    })?
-                    .map_err(|rejected| match rejected {
-                        AccountRejected::UnknownPlan => {
-                            invalid("price", "names a plan the policy no longer has")
-                        }
-                        other => invalid("payment", format!("was refused: {other:?}")),
-                    })?;
-                let effect = match paid {
-                    Paid::Granted { created: true, .. } => "granted",
-                    Paid::Granted { created: false, .. } => "already_granted",
-                    Paid::PlanChanged => "plan_changed",
-                    Paid::PlanKept => "plan_kept",
+                        ))
+                    }
+                    Err(other) => return Err(ApiError::store(other)),
+                    Ok(paid) => paid,
+                }
+                .map_err(|rejected| match rejected {
+                    AccountRejected::UnknownPlan => {
+                        invalid("price", "names a plan the policy no longer has")
+                    }
+                    AccountRejected::InsufficientCredits {
+                        required,
+                        available,
+                        overdraft_room,
+                    } => {
+                        tracing::warn!(
+                            stripe_event = %payment.reference, account,
+                            "stripe refund refused: debiting {required} credits passes the overdraft limit"
+                        );
+                        invalid(
+                            "payment",
+                            format!(
+                                "the refund would debit {required} credits; the account has \
+                                 {available} available and {overdraft_room} of overdraft room"
+                            ),
+                        )
+                    }
+                    other => invalid("payment", format!("was refused: {other:?}")),
+                })?;
+                let (effect, credits) = match &paid {
+                    Paid::Granted { created: true, .. } => (Some("granted"), None),
+                    Paid::Granted { created: false, .. } => (Some("already_granted"), None),
+                    Paid::PlanChanged => (Some("plan_changed"), None),
+                    Paid::PlanKept => (Some("plan_kept"), None),
+                    Paid::Refunded { credits, .. } => (Some("refunded"), Some(*credits)),
+                    Paid::AlreadyRefunded { .. } => (Some("already_refunded"), None),
+                    Paid::UnknownPayment => (None, None),
                 };
-                tracing::info!(stripe_event = %payment.reference, account, effect, "stripe payment");
-                json!({"received": true, "account": account, "effect": effect})
+                match effect {
+                    Some(effect) => {
+                        tracing::info!(stripe_event = %payment.reference, account, effect, "stripe payment");
+                        let mut answer =
+                            json!({"received": true, "account": account, "effect": effect});
+                        if let Some(credits) = credits {
+                            answer["credits"] = credits.to_json();
+                        }
+                        answer
+                    }
+                    None => {
+                        let why = "not a payment creditgate granted";
+                        tracing::info!(stripe_event = %payment.reference, account, why, "stripe refund ignored");
+                        json!({"received": true, "ignored": why})
+                    }
+                }
             }
         };
         if let Err(e) = self.write_json(session, ctx, 200, answer).await {

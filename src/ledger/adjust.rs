@@ -52,28 +52,13 @@ impl Account {
                 false => Err(AccountRejected::IdempotencyKeyReused),
             };
         }
-        let (grant_id, repaid) = if request.debit {
-            self.debit(request.credits, catalog)?;
-            (0, Credits::ZERO)
-        } else {
-            self.add_grant(
-                ADJUST_KIND,
-                request.credits,
-                default_priority(ADJUST_KIND),
-                None,
-            )
-            .map_err(|_| AccountRejected::GrantOverflow)?
-        };
-        self.record(
-            now_ms,
-            EntryKind::Adjust,
+        let grant_id = self.apply_adjustment(
             request.credits,
-            None,
-            None,
-            Some(request.reason.clone()),
-        );
-        self.note_repaid(repaid);
-        self.note_debit(request.debit);
+            request.debit,
+            &request.reason,
+            now_ms,
+            catalog,
+        )?;
         let receipt = GrantReceipt {
             grant_id,
             kind: ADJUST_KIND.to_string(),
@@ -82,11 +67,44 @@ impl Account {
             expires_at_ms: None,
             granted_at_ms: now_ms,
             debit: request.debit,
+            refunded: Credits::ZERO,
         };
         self.keep_receipt(&request.idempotency_key, receipt.clone(), limits);
+        Ok((receipt, true))
+    }
+
+    /// The one way an adjustment changes an account, whoever asks (an admin's
+    /// [`Account::adjust`], a payment's refund): adds an `adjust` grant or debits
+    /// (available, then debt within the overdraft limit, or nothing at all), with
+    /// its `adjust` ledger entry. Returns the grant's id (0 for a debit).
+    pub(super) fn apply_adjustment(
+        &mut self,
+        credits: Credits,
+        debit: bool,
+        reason: &str,
+        now_ms: Millis,
+        catalog: &Catalog,
+    ) -> Result<u64, AccountRejected> {
+        let (grant_id, repaid) = if debit {
+            self.debit(credits, catalog)?;
+            (0, Credits::ZERO)
+        } else {
+            self.add_grant(ADJUST_KIND, credits, default_priority(ADJUST_KIND), None)
+                .map_err(|_| AccountRejected::GrantOverflow)?
+        };
+        self.record(
+            now_ms,
+            EntryKind::Adjust,
+            credits,
+            None,
+            None,
+            Some(reason.to_string()),
+        );
+        self.note_repaid(repaid);
+        self.note_debit(debit);
         self.prune_spent_grants();
         self.debug_check();
-        Ok((receipt, true))
+        Ok(grant_id)
     }
 
     /// Takes `credits` away: from what is available, then as debt within the

@@ -13,6 +13,10 @@
 //! that recomputes on conflict), exactly one transition sees each crossing, however
 //! many requests run at once and on however many replicas.
 //!
+//! `member_limit.reached` is decided the same way: once when what a member was
+//! charged this cycle reaches its monthly limit, re-armed by the refill (or by a
+//! limit raised above what it was charged).
+//!
 //! No IO, no clock: `now_ms` is an argument, and the event's id is derived from
 //! the account, its event counter and the time.
 
@@ -35,15 +39,17 @@ pub enum EventKind {
     GrantCreated,
     PlanChanged,
     HoldExpired,
+    MemberLimitReached,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::BalanceLow,
         EventKind::BalanceDepleted,
         EventKind::GrantCreated,
         EventKind::PlanChanged,
         EventKind::HoldExpired,
+        EventKind::MemberLimitReached,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +59,7 @@ impl EventKind {
             EventKind::GrantCreated => "grant.created",
             EventKind::PlanChanged => "plan.changed",
             EventKind::HoldExpired => "hold.expired",
+            EventKind::MemberLimitReached => "member_limit.reached",
         }
     }
 
@@ -97,6 +104,26 @@ fn text(s: Option<&str>) -> serde_json::Value {
 }
 
 impl Account {
+    /// The members whose spending this cycle reached their monthly limit since
+    /// the last call — `(member, limit, used)` — each marked so that it is not
+    /// found again until its spending is below the limit (the refill, or a
+    /// higher limit), which re-arms it.
+    fn members_reaching_their_limit(&mut self) -> Vec<(String, Credits, Credits)> {
+        let mut reached = Vec::new();
+        for (name, m) in self.members.iter_mut() {
+            match (m.limit_reached(), m.limit_reached_sent) {
+                (true, false) => {
+                    m.limit_reached_sent = true;
+                    let limit = m.monthly_limit.unwrap_or(Credits::ZERO);
+                    reached.push((name.clone(), limit, m.used));
+                }
+                (false, true) => m.limit_reached_sent = false,
+                _ => {}
+            }
+        }
+        reached
+    }
+
     /// The balance the `balance.low` thresholds watch: available plus held.
     pub fn event_balance(&self) -> Credits {
         plus(self.available(), self.held())
@@ -111,6 +138,7 @@ impl Account {
     pub fn take_events(&mut self, rules: &EventRules, now_ms: Millis) -> Vec<Event> {
         let balance = self.event_balance();
         let before = self.watched_balance.replace(balance);
+        let reached = self.members_reaching_their_limit();
         if rules.kinds.is_empty() {
             self.events_seen_seq = self.next_seq.saturating_sub(1);
             return Vec::new();
@@ -195,6 +223,16 @@ impl Account {
                     ]),
                 ));
             }
+        }
+        for (member, limit, used) in reached {
+            found.push((
+                EventKind::MemberLimitReached,
+                data(&[
+                    ("member", text(Some(&member))),
+                    ("limit", limit.to_json()),
+                    ("used", used.to_json()),
+                ]),
+            ));
         }
         found
             .into_iter()

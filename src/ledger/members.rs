@@ -35,6 +35,10 @@ pub struct Member {
     /// Held by the member's open holds.
     #[serde(default, skip_serializing_if = "Credits::is_zero_ref")]
     pub held: Credits,
+    /// `member_limit.reached` was decided for this cycle's spending: not again
+    /// until `used` is below the limit (the refill, or a higher limit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub limit_reached_sent: bool,
 }
 
 /// Most features one member may have disabled.
@@ -77,6 +81,7 @@ impl Member {
             disabled_features: Vec::new(),
             used: Credits::ZERO,
             held: Credits::ZERO,
+            limit_reached_sent: false,
         };
         member.set_terms(terms);
         member
@@ -114,6 +119,13 @@ impl Member {
     pub fn disables(&self, feature: &str) -> bool {
         (self.premium_disabled && feature == PREMIUM_FEATURE)
             || self.disabled_features.iter().any(|f| f == feature)
+    }
+
+    /// Whether what the member was charged this cycle reached its monthly limit
+    /// (a limit of 0 is never reached: nothing can be charged under it).
+    pub fn limit_reached(&self) -> bool {
+        self.monthly_limit
+            .is_some_and(|limit| !limit.is_zero() && self.used >= limit)
     }
 
     /// What the member may still hold this cycle; `None` without a limit.
@@ -198,6 +210,7 @@ impl Account {
     pub(super) fn reset_member_use(&mut self) {
         for m in self.members.values_mut() {
             m.used = Credits::ZERO;
+            m.limit_reached_sent = false;
         }
     }
 

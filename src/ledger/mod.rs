@@ -76,7 +76,7 @@ pub use money::{
 pub use onboard::{
     OnboardKey, Onboarding, METADATA_KEY_MAX_BYTES, METADATA_MAX_ENTRIES, METADATA_VALUE_MAX_BYTES,
 };
-pub use payments::{Paid, Payment, PaymentAction};
+pub use payments::{refunded_credits, Paid, Payment, PaymentAction};
 pub use plan::{plan_in_force, Catalog, Effective, PlanTerms};
 pub use seed::{seed_key_id, SeedAccount, SeedGrant, SeedKey};
 

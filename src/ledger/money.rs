@@ -36,6 +36,10 @@ pub struct GrantReceipt {
     /// (`grant_id` 0).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debit: bool,
+    /// Of a paid grant: what refunds of its payment have debited so far (never
+    /// more than `credits`).
+    #[serde(default, skip_serializing_if = "Credits::is_zero_ref")]
+    pub refunded: Credits,
 }
 
 /// A lot of credits added to an account.
@@ -218,6 +222,7 @@ impl Account {
             expires_at_ms: request.expires_at_ms,
             granted_at_ms: now_ms,
             debit: false,
+            refunded: Credits::ZERO,
         };
         self.keep_receipt(key, receipt.clone(), limits);
         Ok((receipt, true))

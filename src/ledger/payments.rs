@@ -5,6 +5,12 @@
 //! Stripe payment intent) through the admin grants' receipts, and a plan change
 //! by being the plan already. Every ledger entry it writes carries its reference
 //! (the provider's event id) as the entry's `request_id`.
+//!
+//! A refund takes back what its payment's grant granted, in proportion to the
+//! amount refunded, through the adjustments' own path (so debt and the overdraft
+//! limit are as for an admin's negative adjustment). The grant's receipt keeps what
+//! refunds have debited, so a refund in parts debits only the difference and a
+//! redelivered one debits nothing.
 
 use super::{Account, AccountRejected, Catalog, Credits, Effective, GrantReceipt, GrantRequest};
 use super::{Limits, Millis};
@@ -21,6 +27,14 @@ pub enum PaymentAction {
     },
     /// The plan, effective now unless the account is on it already.
     Plan { plan: String },
+    /// A refund of the payment whose grant was made under `key`: of `amount`
+    /// paid (in the currency's smallest unit), `amount_refunded` is refunded in
+    /// all so far (a running total, as Stripe sends it).
+    Refund {
+        key: String,
+        amount: u64,
+        amount_refunded: u64,
+    },
 }
 
 /// One payment applied to one account.
@@ -43,6 +57,32 @@ pub enum Paid {
     PlanChanged,
     /// The account was on the plan already: nothing changed.
     PlanKept,
+    /// A refund debited `credits` now (a negative adjustment); `refunded` is what
+    /// the payment's refunds have debited in all, `granted` what its grant granted.
+    Refunded {
+        credits: Credits,
+        refunded: Credits,
+        granted: Credits,
+    },
+    /// The refund's total was debited already (a redelivery, or an older event
+    /// arriving after a newer one): nothing changed.
+    AlreadyRefunded { refunded: Credits, granted: Credits },
+    /// No grant of this account was made under the refund's key (not a payment
+    /// creditgate granted, or one older than the receipts kept): nothing changed.
+    UnknownPayment,
+}
+
+/// The credits a refund of `amount_refunded` out of `amount` takes back from a
+/// grant of `granted`: proportional, rounded down, so that refunds in parts never
+/// take more than was granted; a full refund takes exactly what was granted.
+pub fn refunded_credits(granted: Credits, amount: u64, amount_refunded: u64) -> Credits {
+    if amount == 0 || amount_refunded >= amount {
+        return granted;
+    }
+    let share =
+        u128::from(granted.millicredits()) * u128::from(amount_refunded) / u128::from(amount);
+    // `share` < `granted` because `amount_refunded` < `amount`.
+    Credits::from_millicredits(u64::try_from(share).unwrap_or(granted.millicredits()))
 }
 
 impl Account {
@@ -81,6 +121,37 @@ impl Account {
                 self.change_plan(plan, Effective::Now, now_ms, catalog)?;
                 self.note_reference(written, &payment.reference);
                 Ok(Paid::PlanChanged)
+            }
+            PaymentAction::Refund {
+                key,
+                amount,
+                amount_refunded,
+            } => {
+                let Some(receipt) = self.receipt(key).filter(|r| !r.debit) else {
+                    return Ok(Paid::UnknownPayment);
+                };
+                let granted = receipt.credits;
+                let before = receipt.refunded;
+                let total = refunded_credits(granted, *amount, *amount_refunded);
+                let now = total.saturating_sub(before);
+                if now.is_zero() {
+                    return Ok(Paid::AlreadyRefunded {
+                        refunded: before,
+                        granted,
+                    });
+                }
+                let written = self.fresh.len();
+                let reason = format!("refund of {key}");
+                self.apply_adjustment(now, true, &reason, now_ms, catalog)?;
+                self.note_reference(written, &payment.reference);
+                if let Some(receipt) = self.grant_receipts.get_mut(key) {
+                    receipt.refunded = total;
+                }
+                Ok(Paid::Refunded {
+                    credits: now,
+                    refunded: total,
+                    granted,
+                })
             }
         }
     }

@@ -1762,3 +1762,277 @@ fn a_payment_grants_once_per_key_and_moves_the_plan_once_with_its_reference() {
         .all(|e| e.request_id.as_deref() == Some("evt_3")));
     assert!(entries.iter().any(|e| e.kind == EntryKind::PlanChange));
 }
+
+fn paid_topup(a: &mut Account, catalog: &Catalog, intent: &str, credits: &str) {
+    let topup = Payment {
+        reference: "evt_paid".into(),
+        action: PaymentAction::Grant {
+            key: format!("stripe:{intent}"),
+            kind: "topup".into(),
+            credits: c(credits),
+            priority: 30,
+        },
+    };
+    a.pay(&topup, 0, catalog, &limits()).unwrap();
+    a.take_entries();
+}
+
+fn refund(event: &str, intent: &str, amount: u64, amount_refunded: u64) -> Payment {
+    Payment {
+        reference: event.into(),
+        action: PaymentAction::Refund {
+            key: format!("stripe:{intent}"),
+            amount,
+            amount_refunded,
+        },
+    }
+}
+
+#[test]
+fn refunded_credits_round_down_and_a_full_refund_takes_exactly_the_grant() {
+    assert_eq!(refunded_credits(c("500"), 1000, 1000), c("500"));
+    assert_eq!(refunded_credits(c("500"), 1000, 5000), c("500"));
+    assert_eq!(refunded_credits(c("500"), 1000, 0), Credits::ZERO);
+    assert_eq!(refunded_credits(c("500"), 1000, 300), c("150"));
+    // 1 millicredit × 1/3 rounds down to nothing; 10 × 2/3 to 6.
+    assert_eq!(refunded_credits(c("0.001"), 3, 1), Credits::ZERO);
+    assert_eq!(refunded_credits(c("0.01"), 3, 2), c("0.006"));
+    assert_eq!(refunded_credits(c("500"), 0, 0), c("500"));
+    let huge = Credits::from_millicredits(u64::MAX);
+    assert_eq!(
+        refunded_credits(huge, u64::MAX, u64::MAX - 1),
+        Credits::from_millicredits(u64::MAX - 1)
+    );
+}
+
+#[test]
+fn a_full_refund_debits_the_grant_once_with_its_event_id() {
+    let catalog = catalog();
+    let mut a = open("free", None, 0);
+    a.take_entries();
+    let start = a.available();
+    paid_topup(&mut a, &catalog, "pi_1", "500");
+    let first = a.pay(
+        &refund("evt_r1", "pi_1", 1000, 1000),
+        1,
+        &catalog,
+        &limits(),
+    );
+    assert_eq!(
+        first.unwrap(),
+        Paid::Refunded {
+            credits: c("500"),
+            refunded: c("500"),
+            granted: c("500")
+        }
+    );
+    assert_eq!(a.available(), start);
+    let entries = a.take_entries();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].kind, EntryKind::Adjust);
+    assert!(entries[0].debit);
+    assert_eq!(entries[0].credits, c("500"));
+    assert_eq!(entries[0].request_id.as_deref(), Some("evt_r1"));
+    // Redelivered, or sent again under another event: nothing more.
+    for event in ["evt_r1", "evt_r2"] {
+        assert_eq!(
+            a.pay(&refund(event, "pi_1", 1000, 1000), 2, &catalog, &limits())
+                .unwrap(),
+            Paid::AlreadyRefunded {
+                refunded: c("500"),
+                granted: c("500")
+            }
+        );
+    }
+    assert!(a.take_entries().is_empty());
+    assert_eq!(a.available(), start);
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn partial_refunds_debit_only_the_difference_and_never_more_than_granted() {
+    let catalog = catalog();
+    let mut a = open("free", None, 0);
+    a.take_entries();
+    let start = a.available();
+    paid_topup(&mut a, &catalog, "pi_1", "10");
+    // 999 paid; refunded 333, then 666 (running totals), then all of it.
+    let steps = [(333, "3.333"), (666, "3.333"), (999, "3.334")];
+    for (i, (total, debited)) in steps.into_iter().enumerate() {
+        let paid = a
+            .pay(
+                &refund(&format!("evt_{i}"), "pi_1", 999, total),
+                1,
+                &catalog,
+                &limits(),
+            )
+            .unwrap();
+        assert!(
+            matches!(paid, Paid::Refunded { credits, .. } if credits == c(debited)),
+            "{paid:?}"
+        );
+    }
+    assert_eq!(a.available(), start);
+    // An older event arriving after a newer one changes nothing.
+    assert!(matches!(
+        a.pay(&refund("evt_0", "pi_1", 999, 333), 2, &catalog, &limits())
+            .unwrap(),
+        Paid::AlreadyRefunded { .. }
+    ));
+    let debited: u64 = a
+        .take_entries()
+        .iter()
+        .map(|e| e.credits.millicredits())
+        .sum();
+    assert_eq!(debited, c("10").millicredits());
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn a_refund_of_an_unknown_payment_changes_nothing() {
+    let catalog = catalog();
+    let mut a = open("free", None, 0);
+    paid_topup(&mut a, &catalog, "pi_1", "10");
+    let before = a.totals();
+    assert_eq!(
+        a.pay(
+            &refund("evt_r", "pi_other", 100, 100),
+            1,
+            &catalog,
+            &limits()
+        )
+        .unwrap(),
+        Paid::UnknownPayment
+    );
+    // An adjustment's key is not a payment either.
+    a.adjust(
+        &AdjustRequest {
+            idempotency_key: "stripe:pi_adj".into(),
+            credits: c("1"),
+            debit: true,
+            reason: "x".into(),
+        },
+        1,
+        &catalog,
+        &limits(),
+    )
+    .unwrap();
+    a.take_entries();
+    assert_eq!(
+        a.pay(&refund("evt_r", "pi_adj", 100, 100), 1, &catalog, &limits())
+            .unwrap(),
+        Paid::UnknownPayment
+    );
+    assert!(a.take_entries().is_empty());
+    assert_eq!(a.totals().granted, before.granted);
+}
+
+#[test]
+fn a_refund_of_spent_credits_goes_into_debt_within_the_overdraft_or_not_at_all() {
+    let catalog: Catalog = [
+        ("free".to_string(), PlanTerms::default()),
+        (
+            "tab".to_string(),
+            PlanTerms {
+                overdraft_limit: c("5"),
+                ..PlanTerms::default()
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let mut a = Account::new("a", "free");
+    paid_topup(&mut a, &catalog, "pi_1", "10");
+    let hold = a.hold(&request("8"), 0, &catalog).unwrap();
+    a.settle(hold.hold_id, c("8"), 1, &limits()).unwrap();
+    // 2 available, 10 to take back, no overdraft: refused whole.
+    let refused = a.pay(&refund("evt_r", "pi_1", 100, 100), 2, &catalog, &limits());
+    assert!(matches!(
+        refused,
+        Err(AccountRejected::InsufficientCredits { .. })
+    ));
+    assert_eq!(a.available(), c("2"));
+    a.plan = "tab".into();
+    // 8 into debt passes a limit of 5 too; half of it (5: 2 then 3 of debt) fits.
+    assert!(a
+        .pay(&refund("evt_r", "pi_1", 100, 100), 2, &catalog, &limits())
+        .is_err());
+    assert!(matches!(
+        a.pay(&refund("evt_r2", "pi_1", 100, 50), 3, &catalog, &limits())
+            .unwrap(),
+        Paid::Refunded { credits, .. } if credits == c("5")
+    ));
+    assert_eq!(a.available(), Credits::ZERO);
+    assert_eq!(a.debt(), c("3"));
+    a.check_invariant().unwrap();
+}
+
+#[test]
+fn member_limit_reached_fires_once_per_cycle_when_the_charges_reach_the_limit() {
+    let cat = featured();
+    let mut a = open("team", None, 0);
+    let terms = MemberTerms {
+        monthly_limit: Some(c("2")),
+        ..MemberTerms::default()
+    };
+    a.add_member_with("ann", &terms, &cat).unwrap();
+    a.add_key("ann", "key_1").unwrap();
+    a.add_member_with("bob", &terms, &cat).unwrap();
+    a.add_key("bob", "key_2").unwrap();
+    let only = EventRules {
+        kinds: [EventKind::MemberLimitReached].into_iter().collect(),
+        low_balance: vec![],
+    };
+    a.take_events(&only, 0);
+    let spend = |a: &mut Account, member: &str, key: &str, charge: &str, at: Millis| {
+        let h = a.hold(&by(member, key, &[]), at, &cat).unwrap();
+        a.settle(h.hold_id, c(charge), at, &limits()).unwrap();
+    };
+    // Holding up to the limit is not reaching it: charges are.
+    let h1 = a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    let h2 = a.hold(&by("ann", "key_1", &[]), 1, &cat).unwrap();
+    assert!(a.take_events(&only, 1).is_empty());
+    a.settle(h1.hold_id, c("1"), 2, &limits()).unwrap();
+    assert!(a.take_events(&only, 2).is_empty());
+    a.settle(h2.hold_id, c("1"), 3, &limits()).unwrap();
+    let reached = a.take_events(&only, 3);
+    assert_eq!(kinds(&reached), vec!["member_limit.reached"]);
+    assert_eq!(reached[0].data, r#"{"limit":2,"member":"ann","used":2}"#);
+    // Once: further transitions (bob spending under his limit) say nothing of ann.
+    spend(&mut a, "bob", "key_2", "0.5", 4);
+    assert!(a.take_events(&only, 4).is_empty());
+    // A higher limit re-arms it: reached again, told again.
+    a.set_member_terms(
+        "ann",
+        &MemberTerms {
+            monthly_limit: Some(c("3")),
+            ..MemberTerms::default()
+        },
+    )
+    .unwrap();
+    assert!(a.take_events(&only, 5).is_empty());
+    spend(&mut a, "ann", "key_1", "1", 6);
+    let again = a.take_events(&only, 6);
+    assert_eq!(kinds(&again), vec!["member_limit.reached"]);
+    assert!(again[0].data.contains(r#""used":3"#), "{}", again[0].data);
+    // The refill re-arms it: the next cycle's reaching is told too.
+    let next = a.next_refill_ms;
+    a.apply_time(next, &cat);
+    assert!(a.take_events(&only, next).is_empty());
+    for _ in 0..3 {
+        spend(&mut a, "ann", "key_1", "1", next + 1);
+    }
+    assert_eq!(
+        kinds(&a.take_events(&only, next + 1)),
+        vec!["member_limit.reached"]
+    );
+    // Not wanted: decided all the same, never told.
+    a.apply_time(a.next_refill_ms, &cat);
+    a.take_events(&only, a.next_refill_ms);
+    let at = a.cycle_start_ms + 1;
+    for _ in 0..3 {
+        spend(&mut a, "ann", "key_1", "1", at);
+    }
+    assert!(a.take_events(&EventRules::default(), at).is_empty());
+    assert!(a.take_events(&only, at).is_empty());
+}

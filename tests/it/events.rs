@@ -368,8 +368,10 @@ async fn stripe_checkouts_grant_once_bad_signatures_change_nothing_invoices_move
     assert_eq!(account["plan"], "creator", "{account}");
     assert_eq!(gw.totals("acme").await.available, credits("1500"));
 
-    // The events of both: one grant.created, one plan.changed, with the Stripe ids.
-    let got = receiver.wait_for(2).await;
+    // The events of both: one grant.created, one plan.changed, with the Stripe ids
+    // (the sender delivers concurrently: in either order).
+    let mut got = receiver.wait_for(2).await;
+    got.sort_by_key(|d| d.json()["type"].as_str().unwrap_or_default().to_string());
     let kinds: Vec<Value> = got.iter().map(|d| d.json()["type"].clone()).collect();
     assert_eq!(kinds, vec![json!("grant.created"), json!("plan.changed")]);
     assert_eq!(got[0].json()["data"]["reference"], "evt_checkout_1");
@@ -407,6 +409,154 @@ async fn stripe_checkouts_grant_once_bad_signatures_change_nothing_invoices_move
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reaching_its_monthly_limit_sends_one_member_limit_reached() {
+    let receiver = Receiver::start(0).await;
+    let url = receiver.url.clone();
+    let gw = start_policy(
+        |backend| policy(backend, 300, &url, r#"["member_limit.reached"]"#),
+        |_| None,
+    )
+    .await;
+    let limited = gw
+        .admin(Method::PATCH, "/admin/accounts/acme/members/alice")
+        .json(&json!({"monthly_limit": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 200, "{}", limited.text().await.unwrap());
+    // Three requests of 1 reach the limit; the fourth is refused.
+    for _ in 0..3 {
+        let resp = gw.post("/v1/op").json(&json!({})).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let refused = gw.post("/v1/op").json(&json!({})).send().await.unwrap();
+    assert_eq!(refused.status(), 402);
+    let got = receiver.wait_for(1).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "member_limit.reached");
+    assert_eq!(event["account"], "acme");
+    assert_eq!(
+        event["data"],
+        json!({"member": "alice", "limit": 3, "used": 3})
+    );
+    let store = gw.store.clone();
+    eventually(move || {
+        let store = store.clone();
+        async move {
+            use creditgate::store::Store;
+            store.pending_events(10).await.unwrap().1 == 0
+        }
+    })
+    .await;
+    assert_eq!(receiver.deliveries().len(), 1, "once");
+}
+
+/// Stripe's `charge.refunded` for a charge of `amount` of which `amount_refunded`
+/// is refunded so far, its payment intent's metadata naming the account.
+fn charge_refunded(id: &str, payment_intent: &str, amount: u64, amount_refunded: u64) -> String {
+    json!({
+        "id": id,
+        "object": "event",
+        "type": "charge.refunded",
+        "data": {"object": {
+            "id": format!("ch_{payment_intent}"),
+            "object": "charge",
+            "payment_intent": payment_intent,
+            "amount": amount,
+            "amount_refunded": amount_refunded,
+            "refunded": amount_refunded == amount,
+            "metadata": {"creditgate_account": "acme"}
+        }}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_refunds_debit_the_paid_grant_in_proportion_once_per_amount() {
+    let receiver = Receiver::start(0).await;
+    let url = receiver.url.clone();
+    let gw = start_policy(
+        |backend| policy(backend, 0, &url, r#"["grant.created"]"#),
+        |_| None,
+    )
+    .await;
+    let t = gw.now_ms() / 1_000;
+    let send = |payload: String| {
+        let gw = &gw;
+        async move {
+            let resp = to_stripe_endpoint(gw, &payload, &stripe_header(t, &payload)).await;
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    // Two paid top-ups of 500 credits (20.00 each).
+    send(checkout("evt_checkout_1", "pi_1")).await;
+    send(checkout("evt_checkout_2", "pi_2")).await;
+    assert_eq!(gw.totals("acme").await.available, credits("1000"));
+
+    // pi_1 refunded in full: its 500 credits, once however often it is delivered.
+    let full = charge_refunded("evt_refund_1", "pi_1", 2000, 2000);
+    let body = send(full.clone()).await;
+    assert_eq!(body["effect"], "refunded", "{body}");
+    assert_eq!(body["credits"], json!(500));
+    for _ in 0..2 {
+        assert_eq!(send(full.clone()).await["effect"], "already_refunded");
+    }
+    assert_eq!(gw.totals("acme").await.available, credits("500"));
+
+    // pi_2 refunded 5.00 of 20.00, then the rest: 125, then 375.
+    let body = send(charge_refunded("evt_refund_2", "pi_2", 2000, 500)).await;
+    assert_eq!(body["credits"], json!(125), "{body}");
+    assert_eq!(gw.totals("acme").await.available, credits("375"));
+    let body = send(charge_refunded("evt_refund_3", "pi_2", 2000, 2000)).await;
+    assert_eq!(body["credits"], json!(375), "{body}");
+    // The partial one delivered late changes nothing.
+    let body = send(charge_refunded("evt_refund_2", "pi_2", 2000, 500)).await;
+    assert_eq!(body["effect"], "already_refunded");
+    let totals = gw.totals("acme").await;
+    assert_eq!(totals.available, credits("0"));
+    assert_eq!(totals.granted, credits("1000"));
+    assert_eq!(totals.charged, credits("1000"));
+
+    // A payment creditgate did not grant, an account it does not have, a charge
+    // without creditgate's metadata: 200, ignored, nothing changed.
+    let unknown = charge_refunded("evt_refund_4", "pi_unknown", 2000, 2000);
+    let body = send(unknown.clone()).await;
+    assert!(body["ignored"].is_string(), "{body}");
+    let elsewhere = unknown.replace("\"acme\"", "\"nobody\"");
+    assert!(send(elsewhere).await["ignored"].is_string());
+    let bare = unknown.replace("creditgate_account", "other");
+    assert!(send(bare).await["ignored"].is_string());
+    assert_eq!(gw.totals("acme").await.charged, credits("1000"));
+
+    // Each debit is an adjust entry with its Stripe event id.
+    let ledger: Value = gw
+        .admin(Method::GET, "/admin/accounts/acme/ledger")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let refunds: Vec<(Value, Value)> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "adjust")
+        .map(|e| (e["request_id"].clone(), e["credits"].clone()))
+        .collect();
+    assert_eq!(
+        refunds,
+        vec![
+            (json!("evt_refund_3"), json!(-375)),
+            (json!("evt_refund_2"), json!(-125)),
+            (json!("evt_refund_1"), json!(-500)),
+        ],
+        "{ledger}"
+    );
 }
 
 fn run_python(python: &Path, input: &str) -> Vec<String> {
