@@ -619,9 +619,12 @@ async fn an_export_of_100000_entries_streams_in_bounded_memory_and_resumes_by_si
         started.elapsed()
     );
     // Nine tenths of the export (over 20 MiB) move through the process while
-    // its memory stays where the first pages put it.
+    // its memory stays near where the first pages put it: a process that kept
+    // the export would grow by more than those nine tenths. (The margin is wide:
+    // RSS on a shared machine moves by megabytes — allocator and SQLite caches —
+    // and a tighter bound failed now and then under the full suite's load.)
     assert!(
-        (grown as usize) < bytes / 1024 / 8,
+        (grown as usize) < bytes / 1024 / 2,
         "memory grew by {grown} KiB over the last nine tenths of an export of {} KiB",
         bytes / 1024
     );
